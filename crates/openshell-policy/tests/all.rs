@@ -1,0 +1,3 @@
+//! One integration-test binary for openshell-policy.
+
+mod suite;

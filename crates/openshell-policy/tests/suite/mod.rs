@@ -1,0 +1,4 @@
+mod errors;
+mod parse;
+mod rego;
+mod shipped;

@@ -1,0 +1,395 @@
+//! The Rego decision engine, end to end through DecisionEngine.
+
+use openshell_policy::{
+    Decision, DecisionEngine, DecisionInput, Enforcement, ExecInfo, HttpRequest, NetworkTarget,
+    Policy,
+};
+use pretty_assertions::assert_eq;
+
+const POLICY: &str = r#"
+version: 1
+network_policies:
+  pypi:
+    endpoints:
+      - { host: pypi.org, port: 443 }
+      - { host: "*.pythonhosted.org", port: 443 }
+    binaries:
+      - { path: /usr/bin/python3 }
+      - { path: "/opt/venv/*/bin/pip" }
+  github:
+    endpoints:
+      - host: api.github.com
+        port: 443
+        protocol: rest
+        access: read-only
+      - host: github.com
+        port: 443
+        protocol: rest
+        rules:
+          - allow: { method: GET, path: "/**/info/refs*" }
+          - allow: { method: POST, path: "/**/git-upload-pack" }
+        deny_rules:
+          - { method: "*", path: "/secret/**" }
+    binaries:
+      - { path: /usr/bin/git }
+  telemetry:
+    endpoints:
+      - host: telemetry.example.com
+        port: 443
+        enforcement: audit
+        access: read-only
+    binaries:
+      - { path: /usr/bin/agent }
+"#;
+
+fn engine() -> DecisionEngine {
+    let policy = Policy::from_yaml("policy.yaml", POLICY).unwrap_or_else(|e| panic!("{e}"));
+    DecisionEngine::new(&policy.network).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn input(bin: &str, ancestors: &[&str], host: &str, port: u16) -> DecisionInput {
+    DecisionInput {
+        exec: ExecInfo {
+            path: bin.to_string(),
+            ancestors: ancestors.iter().map(|a| a.to_string()).collect(),
+        },
+        network: NetworkTarget {
+            host: host.to_string(),
+            port,
+        },
+        request: None,
+    }
+}
+
+fn with_request(mut i: DecisionInput, method: &str, path: &str) -> DecisionInput {
+    i.request = Some(HttpRequest {
+        method: method.to_string(),
+        path: path.to_string(),
+    });
+    i
+}
+
+fn decide(e: &mut DecisionEngine, i: &DecisionInput) -> Decision {
+    e.decide(i)
+        .unwrap_or_else(|err| panic!("decide failed: {err:?}"))
+}
+
+fn allowed(policy: &str, reason: &str) -> Decision {
+    Decision {
+        allow: true,
+        policy: Some(policy.to_string()),
+        enforcement: Enforcement::Enforce,
+        reason: reason.to_string(),
+        missing: vec![],
+        closest_policy: None,
+        suggestion: None,
+        allowed_ips: vec![],
+    }
+}
+
+fn denied(missing: &[&str], closest: &str, reason: &str, suggestion: &str) -> Decision {
+    Decision {
+        allow: false,
+        policy: None,
+        enforcement: Enforcement::Enforce,
+        reason: reason.to_string(),
+        missing: missing.iter().map(|m| m.to_string()).collect(),
+        closest_policy: Some(closest.to_string()),
+        suggestion: Some(suggestion.to_string()),
+        allowed_ips: vec![],
+    }
+}
+
+#[test]
+fn allowed_host_port_binary() {
+    let mut e = engine();
+    assert_eq!(
+        decide(&mut e, &input("/usr/bin/python3", &[], "pypi.org", 443)),
+        allowed(
+            "pypi",
+            "connection to pypi.org:443 by /usr/bin/python3 allowed by policy pypi"
+        )
+    );
+}
+
+#[test]
+fn wrong_host_is_denied_with_closest_policy() {
+    let mut e = engine();
+    assert_eq!(
+        decide(&mut e, &input("/usr/bin/python3", &[], "evil.example", 443)),
+        denied(
+            &["host"],
+            "pypi",
+            "denied: no policy allows connection to evil.example:443 by /usr/bin/python3; closest policy pypi is missing host",
+            "add an endpoint { host: evil.example, port: 443 } to network_policies.pypi",
+        )
+    );
+}
+
+#[test]
+fn right_host_wrong_binary() {
+    let mut e = engine();
+    assert_eq!(
+        decide(&mut e, &input("/usr/bin/curl", &["/usr/bin/bash"], "pypi.org", 443)),
+        denied(
+            &["binary"],
+            "pypi",
+            "denied: no policy allows connection to pypi.org:443 by /usr/bin/curl; closest policy pypi is missing binary",
+            "add binaries: [{ path: /usr/bin/curl }] to network_policies.pypi",
+        )
+    );
+}
+
+#[test]
+fn ancestor_binary_allows() {
+    let mut e = engine();
+    let d = decide(
+        &mut e,
+        &input(
+            "/usr/bin/curl",
+            &["/usr/bin/bash", "/usr/bin/python3"],
+            "pypi.org",
+            443,
+        ),
+    );
+    assert_eq!(
+        d,
+        allowed(
+            "pypi",
+            "connection to pypi.org:443 by /usr/bin/curl allowed by policy pypi"
+        )
+    );
+}
+
+#[test]
+fn binary_glob() {
+    let mut e = engine();
+    let ok = decide(
+        &mut e,
+        &input("/opt/venv/py312/bin/pip", &[], "pypi.org", 443),
+    );
+    assert_eq!((ok.allow, ok.policy), (true, Some("pypi".to_string())));
+    // "*" does not cross "/".
+    let no = decide(
+        &mut e,
+        &input("/opt/venv/a/b/bin/pip", &[], "pypi.org", 443),
+    );
+    assert_eq!((no.allow, no.missing), (false, vec!["binary".to_string()]));
+}
+
+#[test]
+fn glob_host() {
+    let mut e = engine();
+    let cases = [
+        ("files.pythonhosted.org", true),
+        ("pythonhosted.org", false),
+        ("a.b.pythonhosted.org", false),
+        ("files.pythonhosted.org.evil.com", false),
+    ];
+    for (host, allow) in cases {
+        let d = decide(&mut e, &input("/usr/bin/python3", &[], host, 443));
+        assert_eq!(d.allow, allow, "{host}");
+    }
+}
+
+#[test]
+fn host_is_case_insensitive_and_trailing_dot_ignored() {
+    let mut e = engine();
+    for host in ["PyPI.ORG", "pypi.org.", "FILES.PythonHosted.org."] {
+        let d = decide(&mut e, &input("/usr/bin/python3", &[], host, 443));
+        assert_eq!(
+            (d.allow, d.policy),
+            (true, Some("pypi".to_string())),
+            "{host}"
+        );
+    }
+}
+
+#[test]
+fn wrong_port() {
+    let mut e = engine();
+    assert_eq!(
+        decide(&mut e, &input("/usr/bin/python3", &[], "pypi.org", 80)),
+        denied(
+            &["port"],
+            "pypi",
+            "denied: no policy allows connection to pypi.org:80 by /usr/bin/python3; closest policy pypi is missing port",
+            "add port 80 to the endpoint for pypi.org in network_policies.pypi",
+        )
+    );
+}
+
+#[test]
+fn l7_read_only_allows_get_denies_post() {
+    let mut e = engine();
+    let base = input("/usr/bin/git", &[], "api.github.com", 443);
+    let get = decide(&mut e, &with_request(base.clone(), "get", "/repos/x"));
+    assert_eq!(
+        get,
+        allowed(
+            "github",
+            "GET /repos/x to api.github.com:443 by /usr/bin/git allowed by policy github"
+        )
+    );
+    assert_eq!(
+        decide(&mut e, &with_request(base.clone(), "POST", "/repos/x")),
+        denied(
+            &["method"],
+            "github",
+            "denied: no policy allows POST /repos/x to api.github.com:443 by /usr/bin/git; closest policy github is missing method",
+            "allow method POST for api.github.com in network_policies.github (access or rules)",
+        )
+    );
+    // A CONNECT (no request) to an L7 endpoint is allowed at L4.
+    assert!(decide(&mut e, &base).allow);
+}
+
+#[test]
+fn l7_rules_method_and_path() {
+    let mut e = engine();
+    let base = input("/usr/bin/git", &[], "github.com", 443);
+    let cases = [
+        ("GET", "/org/repo.git/info/refs", true, vec![]),
+        ("POST", "/org/repo.git/git-upload-pack", true, vec![]),
+        (
+            "POST",
+            "/org/repo.git/git-receive-pack",
+            false,
+            vec!["path"],
+        ),
+        ("DELETE", "/org/repo.git/info/refs", false, vec!["method"]),
+        ("GET", "/secret/x/info/refs", false, vec!["path"]),
+    ];
+    for (method, path, allow, missing) in cases {
+        let d = decide(&mut e, &with_request(base.clone(), method, path));
+        let missing: Vec<String> = missing.into_iter().map(String::from).collect();
+        assert_eq!((d.allow, d.missing), (allow, missing), "{method} {path}");
+    }
+}
+
+#[test]
+fn audit_enforcement_allows_and_says_so() {
+    let mut e = engine();
+    let base = input("/usr/bin/agent", &[], "telemetry.example.com", 443);
+    assert_eq!(
+        decide(&mut e, &with_request(base.clone(), "POST", "/v1/events")),
+        Decision {
+            allow: true,
+            policy: Some("telemetry".to_string()),
+            enforcement: Enforcement::Audit,
+            reason: "audit: POST /v1/events to telemetry.example.com:443 would be denied by policy telemetry (missing method); allowed because the endpoint is in audit mode".to_string(),
+            missing: vec!["method".to_string()],
+            closest_policy: Some("telemetry".to_string()),
+            suggestion: Some("allow method POST for telemetry.example.com in network_policies.telemetry (access or rules)".to_string()),
+            allowed_ips: vec![],
+        }
+    );
+    let get = decide(&mut e, &with_request(base.clone(), "GET", "/v1/config"));
+    assert_eq!((get.allow, get.enforcement), (true, Enforcement::Audit));
+    // Audit never opens the binary check.
+    let other = decide(
+        &mut e,
+        &with_request(
+            input("/usr/bin/curl", &[], "telemetry.example.com", 443),
+            "GET",
+            "/",
+        ),
+    );
+    assert_eq!(
+        (other.allow, other.missing),
+        (false, vec!["binary".to_string()])
+    );
+}
+
+#[test]
+fn no_policies_denies_with_reason() {
+    let policy = Policy::from_yaml("p.yaml", "version: 1\n").unwrap_or_else(|e| panic!("{e}"));
+    let mut e = DecisionEngine::new(&policy.network).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        decide(&mut e, &input("/usr/bin/curl", &[], "example.com", 443)),
+        Decision {
+            allow: false,
+            policy: None,
+            enforcement: Enforcement::Enforce,
+            reason: "denied: no network policies with endpoints are defined, so all egress is denied (connection to example.com:443 by /usr/bin/curl)".to_string(),
+            missing: vec!["host".to_string(), "port".to_string(), "binary".to_string()],
+            closest_policy: None,
+            suggestion: Some("add a network_policies entry with endpoint { host: example.com, port: 443 } and binaries: [{ path: /usr/bin/curl }]".to_string()),
+            allowed_ips: vec![],
+        }
+    );
+}
+
+#[test]
+fn hostless_endpoint_returns_allowed_ips() {
+    let text = "version: 1\nnetwork_policies:\n  db:\n    endpoints: [{ port: 5432, allowed_ips: [10.0.0.0/8] }]\n    binaries: [{ path: /usr/bin/psql }]\n";
+    let policy = Policy::from_yaml("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    let mut e = DecisionEngine::new(&policy.network).unwrap_or_else(|e| panic!("{e}"));
+    let d = decide(&mut e, &input("/usr/bin/psql", &[], "db.internal", 5432));
+    assert_eq!(
+        (d.allow, d.policy, d.allowed_ips),
+        (true, Some("db".to_string()), vec!["10.0.0.0/8".to_string()])
+    );
+}
+
+#[test]
+fn engine_clone_is_independent() {
+    let mut a = engine();
+    let mut b = a.clone();
+    let i = input("/usr/bin/python3", &[], "pypi.org", 443);
+    assert_eq!(decide(&mut a, &i), decide(&mut b, &i));
+}
+
+#[test]
+fn hundred_policies_evaluate() {
+    let mut text = String::from("version: 1\nnetwork_policies:\n");
+    for n in 0..100 {
+        text.push_str(&format!(
+            "  p{n:03}:\n    endpoints: [{{ host: \"*.h{n}.example\", port: {} }}]\n    binaries: [{{ path: /usr/bin/b{n} }}]\n",
+            1000 + n
+        ));
+    }
+    let policy = Policy::from_yaml("many.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(policy.network.len(), 100);
+    let mut e = DecisionEngine::new(&policy.network).unwrap_or_else(|e| panic!("{e}"));
+    for n in [0u16, 42, 99] {
+        let d = decide(
+            &mut e,
+            &input(
+                &format!("/usr/bin/b{n}"),
+                &[],
+                &format!("api.h{n}.example"),
+                1000 + n,
+            ),
+        );
+        assert_eq!((d.allow, d.policy), (true, Some(format!("p{n:03}"))));
+    }
+    let d = decide(&mut e, &input("/usr/bin/b5", &[], "api.h5.example", 1006));
+    assert_eq!(
+        (d.allow, d.missing, d.closest_policy),
+        (false, vec!["port".to_string()], Some("p005".to_string()))
+    );
+}
+
+#[test]
+fn odd_decision_inputs_deny_or_error_without_panic() {
+    let mut e = engine();
+    for host in [
+        "",
+        ".",
+        "\u{0}",
+        "pypi.org\u{0}",
+        "*",
+        "**",
+        "xn--bcher-kva.example",
+    ] {
+        let i = with_request(
+            input("/usr/bin/python3", &[], host, 443),
+            "GET\u{0}",
+            "\u{0}",
+        );
+        if let Ok(d) = e.decide(&i) {
+            assert!(!d.allow, "{host:?} allowed: {d:?}");
+        }
+    }
+}

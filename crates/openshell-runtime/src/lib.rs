@@ -1,0 +1,331 @@
+//! Sandbox backends behind one API.
+//!
+//! A caller describes a workload with a [`SpawnConfig`] (program, arguments, environment, working
+//! directory, stdio, the validated policy and resource limits) and picks a backend with
+//! [`RuntimeKind`]. [`spawn`] returns a [`SandboxedProcess`], an enum with one arm per backend and
+//! the same methods on each: [`SandboxedProcess::id`], [`SandboxedProcess::wait`],
+//! [`SandboxedProcess::signal`], [`SandboxedProcess::kill`], streamed stdout/stderr, and
+//! [`SandboxedProcess::exec`] of another command inside the running sandbox.
+//!
+//! The process backend re-executes the hosting binary as a small helper (see [`helper`]); a binary
+//! that uses this crate must call [`helper::run_if_helper`] first thing in `main`.
+
+#![cfg_attr(not(target_os = "linux"), allow(unused))]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use openshell_policy::Policy;
+
+pub mod helper;
+#[cfg(target_os = "linux")]
+pub mod process;
+
+#[cfg(target_os = "linux")]
+pub use process::{ProcessError, ProcessSandbox};
+
+/// Which isolation backend runs the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RuntimeKind {
+    /// A Linux child in its own namespaces with Landlock, seccomp and cgroup limits.
+    #[default]
+    Process,
+    /// A microVM (Cargo feature `vm`).
+    Vm,
+}
+
+impl RuntimeKind {
+    /// Whether this build carries the backend.
+    pub fn is_available(self) -> bool {
+        match self {
+            RuntimeKind::Process => cfg!(target_os = "linux"),
+            RuntimeKind::Vm => false,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Process => "process",
+            RuntimeKind::Vm => "vm",
+        }
+    }
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Error for an unknown runtime name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown runtime {0:?}, expected process or vm")]
+pub struct UnknownRuntime(String);
+
+impl FromStr for RuntimeKind {
+    type Err = UnknownRuntime;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "process" => Ok(RuntimeKind::Process),
+            "vm" => Ok(RuntimeKind::Vm),
+            other => Err(UnknownRuntime(other.to_owned())),
+        }
+    }
+}
+
+/// How the workload's standard streams are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StdioMode {
+    /// The workload shares the caller's stdin, stdout and stderr.
+    #[default]
+    Inherit,
+    /// stdin, stdout and stderr are pipes the caller reads and writes as they are produced.
+    Piped,
+    /// stdin, stdout and stderr are one pseudo-terminal; the caller gets the master side.
+    Pty { rows: u16, cols: u16 },
+    /// stdin reads nothing; stdout and stderr are discarded.
+    Null,
+}
+
+/// Resource limits, applied on every backend. `None` leaves a resource unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Resources {
+    pub memory_mib: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+}
+
+impl Resources {
+    pub fn from_policy(policy: &Policy) -> Self {
+        Resources {
+            memory_mib: policy.resources.memory_mib,
+            cpus: policy.resources.cpus,
+            pids: policy.resources.pids,
+        }
+    }
+}
+
+/// Everything needed to start a workload in a sandbox.
+#[derive(Debug, Clone)]
+pub struct SpawnConfig {
+    /// The program: an absolute path, or a name looked up in the workload's `PATH` inside the
+    /// sandbox.
+    pub program: String,
+    pub args: Vec<String>,
+    /// The workload's whole environment: nothing of the supervisor's environment is passed on.
+    pub env: BTreeMap<String, String>,
+    /// Working directory inside the sandbox (absolute).
+    pub workdir: PathBuf,
+    pub stdio: StdioMode,
+    /// The validated policy. Its static sections (filesystem, landlock, process) are enforced by
+    /// the backend.
+    pub policy: Arc<Policy>,
+    pub resources: Resources,
+    /// Hostname inside the sandbox.
+    pub hostname: String,
+}
+
+impl SpawnConfig {
+    /// A config with the defaults a user would expect: resources from the policy, hostname
+    /// `openshell`, inherited stdio, no environment.
+    pub fn new(program: impl Into<String>, policy: Arc<Policy>, workdir: PathBuf) -> Self {
+        let resources = Resources::from_policy(&policy);
+        SpawnConfig {
+            program: program.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            workdir,
+            stdio: StdioMode::Inherit,
+            policy,
+            resources,
+            hostname: "openshell".to_owned(),
+        }
+    }
+}
+
+/// A command to run inside an already running sandbox.
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: PathBuf,
+    pub stdio: StdioMode,
+}
+
+/// How a sandboxed process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// The shell convention: the exit code, or 128+N for death by signal N.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signaled(s) => 128 + s,
+        }
+    }
+
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signaled(s) => write!(f, "signal {s}"),
+        }
+    }
+}
+
+/// Errors of the runtime API.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the {0} backend is not part of this build; rebuild with `cargo build --release -p openshell-sandbox --features vm`")]
+    BackendNotBuilt(RuntimeKind),
+    #[cfg(target_os = "linux")]
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+}
+
+/// The standard streams of a sandboxed process the caller asked to pipe.
+#[derive(Debug, Default)]
+pub struct Stdio {
+    pub stdin: Option<tokio::process::ChildStdin>,
+    pub stdout: Option<tokio::process::ChildStdout>,
+    pub stderr: Option<tokio::process::ChildStderr>,
+    /// The master side of the pseudo-terminal, for [`StdioMode::Pty`].
+    pub pty: Option<std::os::fd::OwnedFd>,
+}
+
+/// A workload running in a sandbox, whatever the backend.
+#[derive(Debug)]
+pub enum SandboxedProcess {
+    #[cfg(target_os = "linux")]
+    Process(ProcessSandbox),
+}
+
+/// Start `config` under `kind`.
+pub async fn spawn(
+    kind: RuntimeKind,
+    config: SpawnConfig,
+) -> Result<SandboxedProcess, RuntimeError> {
+    match kind {
+        #[cfg(target_os = "linux")]
+        RuntimeKind::Process => Ok(SandboxedProcess::Process(
+            ProcessSandbox::spawn(config).await?,
+        )),
+        #[cfg(not(target_os = "linux"))]
+        RuntimeKind::Process => Err(RuntimeError::BackendNotBuilt(kind)),
+        RuntimeKind::Vm => {
+            let _ = config;
+            Err(RuntimeError::BackendNotBuilt(kind))
+        }
+    }
+}
+
+impl SandboxedProcess {
+    /// The sandbox's identifier (unique on this host while it runs).
+    pub fn id(&self) -> &str {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedProcess::Process(p) => p.id(),
+        }
+    }
+
+    /// Which backend runs it.
+    pub fn kind(&self) -> RuntimeKind {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedProcess::Process(_) => RuntimeKind::Process,
+        }
+    }
+
+    /// Take the piped standard streams (once).
+    pub fn take_stdio(&mut self) -> Stdio {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedProcess::Process(p) => p.take_stdio(),
+        }
+    }
+
+    /// Wait for the workload to end. The sandbox is torn down when this returns.
+    pub async fn wait(&mut self) -> Result<ExitStatus, RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedProcess::Process(p) => Ok(p.wait().await?),
+        }
+    }
+
+    /// Send `signal` to the workload. Never blocks.
+    pub fn signal(&self, signal: i32) -> Result<(), RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedProcess::Process(p) => Ok(p.signal(signal)?),
+        }
+    }
+
+    /// Kill the workload and everything else in the sandbox. Never blocks.
+    pub fn kill(&self) -> Result<(), RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedProcess::Process(p) => Ok(p.kill()?),
+        }
+    }
+
+    /// Run another command inside this running sandbox, with the same namespaces and
+    /// restrictions as the workload.
+    pub async fn exec(&self, config: ExecConfig) -> Result<SandboxedExec, RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedProcess::Process(p) => Ok(SandboxedExec::Process(p.exec(config).await?)),
+        }
+    }
+}
+
+/// A command started with [`SandboxedProcess::exec`].
+#[derive(Debug)]
+pub enum SandboxedExec {
+    #[cfg(target_os = "linux")]
+    Process(process::ProcessExec),
+}
+
+impl SandboxedExec {
+    pub fn take_stdio(&mut self) -> Stdio {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedExec::Process(p) => p.take_stdio(),
+        }
+    }
+
+    pub async fn wait(&mut self) -> Result<ExitStatus, RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedExec::Process(p) => Ok(p.wait().await?),
+        }
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<(), RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedExec::Process(p) => Ok(p.signal(signal)?),
+        }
+    }
+
+    pub fn kill(&self) -> Result<(), RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedExec::Process(p) => Ok(p.kill()?),
+        }
+    }
+}

@@ -1,0 +1,574 @@
+//! The helper program: code that runs in the re-executed hosting binary, never in the supervisor.
+//!
+//! Every helper is a freshly exec'd, single-threaded process (no async runtime survives a fork),
+//! so it may fork and allocate freely. There are three roles:
+//!
+//! - **holder**: started by the supervisor with new mount, UTS, IPC, network and pid namespaces
+//!   (unshared just before its execve, so it is the namespaces' first member but stays in the
+//!   host pid namespace). It forks init, reports init's host pid, then waits. When init ends,
+//!   or when the supervisor disappears (its lifeline pipe reaches end-of-file), it kills init,
+//!   removes the sandbox's cgroup and reports the end. It is what makes cleanup hold after the
+//!   supervisor is killed with SIGKILL.
+//! - **init**: pid 1 of the sandbox. It waits for the supervisor's go (cgroup and veth ready),
+//!   makes mounts private, mounts a fresh /proc, sets the hostname, configures the network, then
+//!   launches the workload, forwards signals to it, reaps orphans and reports its exit status.
+//!   When init exits the kernel kills everything left in the pid namespace.
+//! - **exec**: joins a running sandbox's namespaces and launches one more command in it.
+//!
+//! Launching (shared by init and exec) forks a child that, in this order: joins the cgroup,
+//! starts a session (PTY mode), changes directory, drops to the policy's user and group, clears
+//! every capability and the bounding set, sets no_new_privs and RLIMIT_CORE=0, applies Landlock,
+//! applies seccomp, and calls execve. Any failure is reported and the child exits without exec:
+//! the workload never runs unrestricted.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{ForkResult, Gid, Pid, Uid};
+
+use super::protocol::{
+    ExecPlan, FromHelper, LaunchPlan, RestrictionReport, SpawnPlan, ToHelper, WaitReport,
+    CONTROL_FD, LIFELINE_FD,
+};
+use super::{cgroup, landlock, net, seccomp, sys};
+
+/// The control channel as seen from a helper.
+struct Control {
+    reader: BufReader<UnixStream>,
+}
+
+impl Control {
+    fn from_fd() -> Control {
+        let fd = take_fd(CONTROL_FD);
+        Control {
+            reader: BufReader::new(UnixStream::from(fd)),
+        }
+    }
+
+    /// Read one message. Ordering guarantees no read-ahead: the supervisor only writes its next
+    /// message after an answer to this one.
+    fn recv(&mut self) -> Option<ToHelper> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => serde_json::from_str(&line).ok(),
+        }
+    }
+
+    fn send(&mut self, msg: &FromHelper) {
+        let Ok(mut bytes) = serde_json::to_vec(msg) else {
+            return;
+        };
+        bytes.push(b'\n');
+        // A supervisor that went away cannot be told; the lifeline handles that case.
+        let _ = self.reader.get_mut().write_all(&bytes);
+    }
+
+    fn fail(&mut self, stage: &str, message: String) -> ! {
+        self.send(&FromHelper::Failed {
+            stage: stage.to_owned(),
+            message,
+        });
+        std::process::exit(125);
+    }
+}
+
+fn take_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: the supervisor placed `fd` (CONTROL_FD or LIFELINE_FD) in this process with dup2
+    // before execve; this function is called once per descriptor, so ownership is unique.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Entry point of every helper role; never returns.
+pub fn helper_main() -> ! {
+    let mut ctl = Control::from_fd();
+    match ctl.recv() {
+        Some(ToHelper::Spawn(plan)) => holder(ctl, plan),
+        Some(ToHelper::Exec(plan)) => exec_helper(ctl, plan),
+        Some(ToHelper::Go) => ctl.fail("protocol", "unexpected go before a plan".into()),
+        None => std::process::exit(125),
+    }
+}
+
+fn errno_text(e: nix::Error) -> String {
+    std::io::Error::from(e).to_string()
+}
+
+/// The signals init and the exec helper forward to the workload.
+const FORWARDED: [Signal; 8] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+    Signal::SIGCONT,
+];
+
+fn blocked_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    set.add(Signal::SIGCHLD);
+    set
+}
+
+fn wait_report(status: WaitStatus) -> Option<WaitReport> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(WaitReport::Code(code)),
+        WaitStatus::Signaled(_, sig, _) => Some(WaitReport::Signal(sig as i32)),
+        _ => None,
+    }
+}
+
+fn null_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..3 {
+            let _ = sys::dup_onto(null.as_fd(), fd);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// holder
+
+fn holder(mut ctl: Control, plan: SpawnPlan) -> ! {
+    let lifeline = take_fd(LIFELINE_FD);
+    let mask = blocked_set();
+    if let Err(e) = mask.thread_block() {
+        ctl.fail("signals", errno_text(e));
+    }
+    let sfd = match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+        Ok(s) => s,
+        Err(e) => ctl.fail("signals", errno_text(e)),
+    };
+    let init = match sys::fork_single_threaded() {
+        Ok(ForkResult::Child) => {
+            drop(lifeline);
+            drop(sfd);
+            init_main(ctl, plan)
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => ctl.fail("fork init", errno_text(e)),
+    };
+    ctl.send(&FromHelper::InitPid { pid: init.as_raw() });
+    null_stdio();
+
+    let mut init_status = None;
+    let mut killed = false;
+    while init_status.is_none() {
+        let mut fds = [
+            PollFd::new(lifeline.as_fd(), PollFlags::POLLIN),
+            PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+        ];
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        let lifeline_gone = fds[0].revents().is_some_and(|r| !r.is_empty());
+        if lifeline_gone && !killed {
+            // The supervisor is gone: nobody will wait for this sandbox.
+            let _ = kill(init, Signal::SIGKILL);
+            killed = true;
+        }
+        while let Ok(Some(_)) = sfd.read_signal() {}
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(status) if status.pid() == Some(init) => {
+                    init_status = wait_report(status);
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+    let left = cgroup::remove_dirs(&plan.cgroup_dirs, std::time::Duration::from_secs(5));
+    if !left.is_empty() {
+        ctl.send(&FromHelper::Failed {
+            stage: "cgroup cleanup".into(),
+            message: format!("could not remove {left:?}"),
+        });
+    }
+    if let Some(status) = init_status {
+        ctl.send(&FromHelper::SandboxEnded(status));
+    }
+    std::process::exit(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// init
+
+fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
+    // If the holder dies, so does init, and with it the whole pid namespace.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        ctl.fail("pdeathsig", errno_text(e));
+    }
+    match ctl.recv() {
+        Some(ToHelper::Go) => {}
+        _ => std::process::exit(125),
+    }
+    if let Err(e) =
+        mount::<str, str, str, str>(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)
+    {
+        ctl.fail("mount", format!("making mounts private: {}", errno_text(e)));
+    }
+    if let Err(e) = mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    ) {
+        ctl.fail(
+            "mount",
+            format!("mounting a fresh /proc: {}", errno_text(e)),
+        );
+    }
+    if let Err(e) = nix::unistd::sethostname(&plan.hostname) {
+        ctl.fail("hostname", errno_text(e));
+    }
+    if let Err(e) =
+        net::configure_sandbox_side(&plan.net.ifname, plan.net.address, plan.net.prefix_len)
+    {
+        ctl.fail("network", error_chain(&e));
+    }
+    let sfd = match SignalFd::with_flags(
+        &blocked_set(),
+        SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+    ) {
+        Ok(s) => s,
+        Err(e) => ctl.fail("signals", errno_text(e)),
+    };
+    let workload = match launch(&mut ctl, &plan.launch) {
+        Ok(pid) => pid,
+        Err((stage, message)) => ctl.fail(&stage, message),
+    };
+    ctl.send(&FromHelper::Running {
+        pid: workload.as_raw(),
+    });
+    null_stdio();
+    let status = supervise(workload, &sfd, None);
+    ctl.send(&FromHelper::WorkloadExited(status));
+    std::process::exit(0);
+}
+
+/// Forward signals to `workload`, reap every child, and return the workload's status.
+fn supervise(workload: Pid, sfd: &SignalFd, lifeline: Option<&OwnedFd>) -> WaitReport {
+    let mut lifeline_open = lifeline.is_some();
+    loop {
+        let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+        if let (Some(l), true) = (lifeline, lifeline_open) {
+            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        }
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        if fds
+            .get(1)
+            .and_then(|f| f.revents())
+            .is_some_and(|r| !r.is_empty())
+        {
+            let _ = kill(workload, Signal::SIGKILL);
+            lifeline_open = false;
+        }
+        while let Ok(Some(info)) = sfd.read_signal() {
+            let signo = info.ssi_signo as i32;
+            if signo == Signal::SIGCHLD as i32 {
+                continue;
+            }
+            if let Ok(sig) = Signal::try_from(signo) {
+                let _ = kill(workload, sig);
+            }
+        }
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(status) if status.pid() == Some(workload) => {
+                    if let Some(report) = wait_report(status) {
+                        return report;
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// exec
+
+fn exec_helper(mut ctl: Control, plan: ExecPlan) -> ! {
+    let lifeline = take_fd(LIFELINE_FD);
+    let mask = blocked_set();
+    if let Err(e) = mask.thread_block() {
+        ctl.fail("signals", errno_text(e));
+    }
+    let sfd = match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+        Ok(s) => s,
+        Err(e) => ctl.fail("signals", errno_text(e)),
+    };
+    // The mount namespace last: after it, /proc is the sandbox's.
+    let kinds = [
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ];
+    let mut fds = Vec::new();
+    for (name, flag) in kinds {
+        let path = format!("/proc/{}/ns/{name}", plan.init_pid);
+        match std::fs::File::open(&path) {
+            Ok(f) => fds.push((f, flag)),
+            Err(e) => ctl.fail("join sandbox", format!("{path}: {e}")),
+        }
+    }
+    for (f, flag) in &fds {
+        if let Err(e) = nix::sched::setns(f.as_fd(), *flag) {
+            ctl.fail("join sandbox", format!("setns {flag:?}: {}", errno_text(e)));
+        }
+    }
+    drop(fds);
+    let workload = match launch(&mut ctl, &plan.launch) {
+        Ok(pid) => pid,
+        Err((stage, message)) => ctl.fail(&stage, message),
+    };
+    ctl.send(&FromHelper::Running {
+        pid: workload.as_raw(),
+    });
+    null_stdio();
+    let status = supervise(workload, &sfd, Some(&lifeline));
+    ctl.send(&FromHelper::WorkloadExited(status));
+    std::process::exit(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// launch
+
+type StageError = (String, String);
+
+fn stage(stage: &str) -> impl FnOnce(String) -> StageError + '_ {
+    move |m| (stage.to_owned(), m)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+/// Fork the workload, wait until it has exec'd (or failed), report, and return its pid.
+fn launch(ctl: &mut Control, plan: &LaunchPlan) -> Result<Pid, StageError> {
+    let filter = seccomp::compile().map_err(|e| ("seccomp".to_owned(), error_chain(&e)))?;
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ("pipe".to_owned(), errno_text(e)))?;
+    match sys::fork_single_threaded().map_err(|e| ("fork".to_owned(), errno_text(e)))? {
+        ForkResult::Child => {
+            drop(read_end);
+            let mut report = std::fs::File::from(write_end);
+            let (stage, message, code) = restrict_and_exec(plan, &filter, &mut report);
+            let line =
+                serde_json::to_string(&FromHelper::Failed { stage, message }).unwrap_or_default();
+            let _ = writeln!(report, "F{line}");
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => {
+            drop(write_end);
+            let mut text = String::new();
+            let _ = std::fs::File::from(read_end).read_to_string(&mut text);
+            let mut restricted = false;
+            for line in text.lines() {
+                if let Some(json) = line.strip_prefix('R') {
+                    if let Ok(report) = serde_json::from_str::<RestrictionReport>(json) {
+                        restricted = true;
+                        ctl.send(&FromHelper::Restricted(report));
+                    }
+                } else if let Some(json) = line.strip_prefix('F') {
+                    let _ = waitpid(child, None);
+                    return Err(match serde_json::from_str::<FromHelper>(json) {
+                        Ok(FromHelper::Failed { stage, message }) => (stage, message),
+                        _ => ("launch".into(), "unreadable failure report".into()),
+                    });
+                }
+            }
+            if !restricted {
+                let _ = waitpid(child, None);
+                return Err((
+                    "launch".into(),
+                    "the workload process ended before exec".into(),
+                ));
+            }
+            Ok(child)
+        }
+    }
+}
+
+/// In the forked child: restrict, then exec. Returns only on failure, with the exit code to use.
+fn restrict_and_exec(
+    plan: &LaunchPlan,
+    filter: &seccomp::CompiledFilter,
+    report: &mut std::fs::File,
+) -> (String, String, i32) {
+    match restrict(plan, filter) {
+        Ok(mut rr) => {
+            rr.uid = plan.uid;
+            rr.gid = plan.gid;
+            let line = serde_json::to_string(&rr).unwrap_or_default();
+            if writeln!(report, "R{line}").is_err() {
+                return ("report".into(), "cannot report restrictions".into(), 125);
+            }
+            let err = exec(plan);
+            let code = if err == nix::Error::ENOENT { 127 } else { 126 };
+            (
+                "exec".into(),
+                format!("{}: {}", plan.program, errno_text(err)),
+                code,
+            )
+        }
+        Err((stage, message)) => (stage, message, 125),
+    }
+}
+
+fn restrict(
+    plan: &LaunchPlan,
+    filter: &seccomp::CompiledFilter,
+) -> Result<RestrictionReport, StageError> {
+    // Default dispositions and an empty mask: the workload must not inherit the helper's.
+    for signo in 1..32 {
+        if let Ok(sig) = Signal::try_from(signo) {
+            if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+                let _ = reset_signal(sig);
+            }
+        }
+    }
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(|e| ("signals".to_owned(), errno_text(e)))?;
+
+    for file in &plan.join_cgroups {
+        std::fs::write(file, "0")
+            .map_err(|e| ("cgroup".to_owned(), format!("{}: {e}", file.display())))?;
+    }
+    if plan.pty {
+        nix::unistd::setsid().map_err(|e| ("pty".to_owned(), errno_text(e)))?;
+        // fd 0 is the PTY slave the supervisor set up.
+        let stdin = std::io::stdin();
+        sys::set_controlling_tty(stdin.as_fd()).map_err(|e| ("pty".to_owned(), errno_text(e)))?;
+    }
+    nix::unistd::chdir(&plan.cwd).map_err(|e| {
+        (
+            "workdir".to_owned(),
+            format!("{}: {}", plan.cwd.display(), errno_text(e)),
+        )
+    })?;
+
+    drop_privileges(plan).map_err(stage("privileges"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| ("no_new_privs".to_owned(), errno_text(e)))?;
+    let outcome =
+        landlock::restrict(&plan.landlock).map_err(|e| ("landlock".to_owned(), error_chain(&e)))?;
+    seccomp::apply(filter).map_err(|e| ("seccomp".to_owned(), error_chain(&e)))?;
+    sys::cloexec_from(3).map_err(|e| ("descriptors".to_owned(), errno_text(e)))?;
+    Ok(RestrictionReport {
+        landlock_abi: outcome.abi,
+        landlock_status: outcome.status.to_owned(),
+        landlock_rights: outcome.rights,
+        landlock_skipped: outcome.skipped,
+        seccomp_rules: filter.rules,
+        no_new_privs: nix::sys::prctl::get_no_new_privs().unwrap_or(false),
+        uid: plan.uid,
+        gid: plan.gid,
+    })
+}
+
+fn reset_signal(sig: Signal) -> nix::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler};
+    let action = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    sys::sigaction(sig, &action).map(drop)
+}
+
+fn drop_privileges(plan: &LaunchPlan) -> Result<(), String> {
+    let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63);
+    sys::drop_bounding_set(last_cap)
+        .map_err(|e| format!("dropping the bounding set: {}", errno_text(e)))?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+        .map_err(|e| format!("RLIMIT_CORE: {}", errno_text(e)))?;
+    let gid = Gid::from_raw(plan.gid);
+    let uid = Uid::from_raw(plan.uid);
+    nix::unistd::setgroups(&[gid]).map_err(|e| format!("setgroups: {}", errno_text(e)))?;
+    nix::unistd::setresgid(gid, gid, gid)
+        .map_err(|e| format!("setresgid {}: {}", plan.gid, errno_text(e)))?;
+    nix::unistd::setresuid(uid, uid, uid)
+        .map_err(|e| format!("setresuid {}: {}", plan.uid, errno_text(e)))?;
+    sys::clear_ambient_caps()
+        .map_err(|e| format!("clearing ambient capabilities: {}", errno_text(e)))?;
+    sys::clear_all_caps().map_err(|e| format!("clearing capabilities: {}", errno_text(e)))?;
+    let caps =
+        sys::effective_caps().map_err(|e| format!("reading capabilities: {}", errno_text(e)))?;
+    if caps != 0 {
+        return Err(format!(
+            "capabilities still present after dropping: {caps:#x}"
+        ));
+    }
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("dumpable: {}", errno_text(e)))?;
+    Ok(())
+}
+
+fn exec(plan: &LaunchPlan) -> nix::Error {
+    use std::ffi::CString;
+    let to_c = |s: &str| CString::new(s.as_bytes()).map_err(|_| nix::Error::EINVAL);
+    let argv: Result<Vec<CString>, _> = plan.argv.iter().map(|a| to_c(a)).collect();
+    let env: Result<Vec<CString>, _> = plan
+        .env
+        .iter()
+        .map(|(k, v)| to_c(&format!("{k}={v}")))
+        .collect();
+    let (Ok(argv), Ok(env), Ok(program)) = (argv, env, to_c(&plan.program)) else {
+        return nix::Error::EINVAL;
+    };
+    if plan.program.contains('/') {
+        return match nix::unistd::execve(&program, &argv, &env) {
+            Err(e) => e,
+            Ok(never) => match never {},
+        };
+    }
+    // Search the workload's PATH, as execvpe would, but with the workload's environment.
+    let path = plan
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    let mut last = nix::Error::ENOENT;
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(&plan.program);
+        let Ok(c) = CString::new(candidate.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        match nix::unistd::execve(&c, &argv, &env) {
+            Err(nix::Error::ENOENT) | Err(nix::Error::ENOTDIR) => {}
+            Err(e) => last = e,
+            Ok(never) => match never {},
+        }
+    }
+    last
+}

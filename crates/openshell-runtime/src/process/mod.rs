@@ -1,0 +1,709 @@
+//! The process backend: a Linux child in its own pid, mount, IPC, UTS and network namespaces,
+//! restricted by a dropped identity, Landlock and seccomp, and limited by a cgroup.
+//!
+//! The supervisor side lives here; what runs inside the sandbox lives in [`child`]. See
+//! `ARCHITECTURE.md` for the start-up sequence and the invariants.
+
+pub mod cgroup;
+pub mod child;
+pub mod landlock;
+pub mod net;
+pub mod protocol;
+pub mod seccomp;
+mod sys;
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sched::CloneFlags;
+use nix::unistd::{Group, User};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tracing::{debug, info, warn};
+
+use crate::helper::HELPER_ARG;
+use crate::{ExecConfig, ExitStatus, SpawnConfig, Stdio, StdioMode};
+use openshell_policy::{LandlockCompatibility, Policy};
+use protocol::{
+    ExecPlan, FromHelper, LandlockPlan, LaunchPlan, NetPlan, RestrictionReport, SpawnPlan,
+    ToHelper, WaitReport, CONTROL_FD, LIFELINE_FD,
+};
+
+/// Errors of the process backend.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("the process backend needs root (it creates namespaces, a veth pair and a cgroup)")]
+    NeedsRoot,
+    #[error("process.run_as_user: user {0:?} does not exist on this host")]
+    NoSuchUser(String),
+    #[error("process.run_as_group: group {0:?} does not exist on this host")]
+    NoSuchGroup(String),
+    #[error("looking up user or group {name:?}")]
+    Lookup {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("workdir {0}: must be an absolute path to an existing directory")]
+    BadWorkdir(PathBuf),
+    #[error("invalid {what}: contains a NUL byte")]
+    Nul { what: &'static str },
+    #[error("creating the sandbox cgroup")]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("setting up the sandbox network")]
+    Net(#[from] net::NetError),
+    #[error("{op}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sandbox setup failed at {stage}: {message}")]
+    Setup {
+        stage: String,
+        message: String,
+        /// The exit status a shell would report for this failure (127: not found, 126: not
+        /// executable, 125: the sandbox itself failed).
+        exit_code: i32,
+    },
+    #[error("the sandbox helper ended unexpectedly")]
+    HelperLost,
+    #[error("the process has already exited")]
+    NotRunning,
+    #[error("sending signal {signal}")]
+    Signal {
+        signal: i32,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> ProcessError {
+    move |source| ProcessError::Io { op, source }
+}
+
+/// The executable re-run as the helper. `/proc/self/exe` still works if the file is replaced.
+fn helper_exe() -> PathBuf {
+    std::env::var_os("OPENSHELL_HELPER_EXE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
+}
+
+/// The supervisor's end of a helper's control channel.
+#[derive(Debug)]
+struct Control {
+    lines: Lines<BufReader<OwnedReadHalf>>,
+    writer: OwnedWriteHalf,
+}
+
+impl Control {
+    async fn send(&mut self, msg: &ToHelper) -> Result<(), ProcessError> {
+        let mut bytes = serde_json::to_vec(msg).map_err(|e| ProcessError::Io {
+            op: "encoding a control message",
+            source: e.into(),
+        })?;
+        bytes.push(b'\n');
+        self.writer
+            .write_all(&bytes)
+            .await
+            .map_err(io("writing to the sandbox helper"))
+    }
+
+    /// The next message, or `None` once the helper has closed the channel. Cancel-safe.
+    async fn recv(&mut self) -> Option<FromHelper> {
+        loop {
+            match self.lines.next_line().await {
+                Ok(Some(line)) => match serde_json::from_str(&line) {
+                    Ok(msg) => return Some(msg),
+                    Err(e) => {
+                        warn!(error = %e, "ignoring an unreadable message from the sandbox helper")
+                    }
+                },
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// A started helper process with its channels.
+#[derive(Debug)]
+struct Helper {
+    child: tokio::process::Child,
+    ctl: Control,
+    /// The write end of the lifeline pipe; dropping it tells the helper the supervisor is gone.
+    _lifeline: OwnedFd,
+    stdio: Stdio,
+}
+
+fn stdio_for(
+    mode: StdioMode,
+) -> Result<
+    (
+        std::process::Stdio,
+        std::process::Stdio,
+        std::process::Stdio,
+        Option<OwnedFd>,
+    ),
+    ProcessError,
+> {
+    use std::process::Stdio as S;
+    Ok(match mode {
+        StdioMode::Inherit => (S::inherit(), S::inherit(), S::inherit(), None),
+        StdioMode::Piped => (S::piped(), S::piped(), S::piped(), None),
+        StdioMode::Null => (S::null(), S::null(), S::null(), None),
+        StdioMode::Pty { rows, cols } => {
+            let pty = nix::pty::openpty(None, None).map_err(|e| ProcessError::Io {
+                op: "opening a pseudo-terminal",
+                source: e.into(),
+            })?;
+            sys::set_window_size(pty.master.as_fd(), rows, cols).map_err(|e| ProcessError::Io {
+                op: "setting the terminal size",
+                source: e.into(),
+            })?;
+            let dup = |fd: &OwnedFd| fd.try_clone().map_err(io("duplicating the terminal"));
+            let (a, b) = (dup(&pty.slave)?, dup(&pty.slave)?);
+            (S::from(pty.slave), S::from(a), S::from(b), Some(pty.master))
+        }
+    })
+}
+
+/// Start the helper binary with the control socket at fd 3 and the lifeline at fd 4.
+/// `unshare` is applied in the child just before execve.
+fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Helper, ProcessError> {
+    let (ours, theirs) = StdUnixStream::pair().map_err(io("creating the control socket"))?;
+    let (life_r, life_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ProcessError::Io {
+            op: "creating the lifeline pipe",
+            source: e.into(),
+        })?;
+    let (stdin, stdout, stderr, pty) = stdio_for(stdio)?;
+    let mut cmd = tokio::process::Command::new(helper_exe());
+    cmd.arg(HELPER_ARG)
+        .env_clear()
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr)
+        .kill_on_drop(false);
+    let theirs_fd = theirs.as_raw_fd();
+    let life_fd = life_r.as_raw_fd();
+    sys::pre_exec(&mut cmd, move || {
+        sys::place_fds(&[(theirs_fd, CONTROL_FD), (life_fd, LIFELINE_FD)])?;
+        nix::unistd::setsid().map_err(std::io::Error::from)?;
+        if !unshare.is_empty() {
+            nix::sched::unshare(unshare).map_err(std::io::Error::from)?;
+        }
+        Ok(())
+    });
+    let mut child = cmd.spawn().map_err(io("starting the sandbox helper"))?;
+    drop(theirs);
+    drop(life_r);
+    ours.set_nonblocking(true)
+        .map_err(io("configuring the control socket"))?;
+    let stream = UnixStream::from_std(ours).map_err(io("registering the control socket"))?;
+    let (r, w) = stream.into_split();
+    let stdio = Stdio {
+        stdin: child.stdin.take(),
+        stdout: child.stdout.take(),
+        stderr: child.stderr.take(),
+        pty,
+    };
+    Ok(Helper {
+        child,
+        ctl: Control {
+            lines: BufReader::new(r).lines(),
+            writer: w,
+        },
+        _lifeline: life_w,
+        stdio,
+    })
+}
+
+/// The identity and restrictions every process in one sandbox gets.
+#[derive(Debug, Clone)]
+struct Identity {
+    uid: u32,
+    gid: u32,
+    user: String,
+    home: PathBuf,
+    landlock: LandlockPlan,
+}
+
+impl Identity {
+    fn resolve(policy: &Policy, workdir: &Path) -> Result<Identity, ProcessError> {
+        let user_name = policy
+            .process
+            .run_as_user
+            .clone()
+            .unwrap_or_else(|| "nobody".to_owned());
+        let user = User::from_name(&user_name)
+            .map_err(|source| ProcessError::Lookup {
+                name: user_name.clone(),
+                source,
+            })?
+            .ok_or_else(|| ProcessError::NoSuchUser(user_name.clone()))?;
+        let gid = match &policy.process.run_as_group {
+            Some(name) => {
+                Group::from_name(name)
+                    .map_err(|source| ProcessError::Lookup {
+                        name: name.clone(),
+                        source,
+                    })?
+                    .ok_or_else(|| ProcessError::NoSuchGroup(name.clone()))?
+                    .gid
+            }
+            None => user.gid,
+        };
+        let fs = &policy.filesystem;
+        let mut read_write: Vec<PathBuf> = fs
+            .read_write
+            .iter()
+            .map(|p| p.as_path().to_owned())
+            .collect();
+        if fs.include_workdir {
+            read_write.push(workdir.to_owned());
+        }
+        Ok(Identity {
+            uid: user.uid.as_raw(),
+            gid: gid.as_raw(),
+            user: user.name,
+            home: user.dir,
+            landlock: LandlockPlan {
+                read_only: fs
+                    .read_only
+                    .iter()
+                    .map(|p| p.as_path().to_owned())
+                    .collect(),
+                read_write,
+                hard_requirement: policy.landlock.compatibility
+                    == LandlockCompatibility::HardRequirement,
+            },
+        })
+    }
+
+    fn launch(
+        &self,
+        program: &str,
+        args: &[String],
+        env: &BTreeMap<String, String>,
+        workdir: &Path,
+        stdio: StdioMode,
+        join_cgroups: Vec<PathBuf>,
+    ) -> Result<LaunchPlan, ProcessError> {
+        if !workdir.is_absolute() {
+            return Err(ProcessError::BadWorkdir(workdir.to_owned()));
+        }
+        let mut full_env = env.clone();
+        let defaults = [
+            (
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+            ),
+            ("HOME", self.home.display().to_string()),
+            ("USER", self.user.clone()),
+            ("LOGNAME", self.user.clone()),
+        ];
+        for (k, v) in defaults {
+            full_env.entry(k.to_owned()).or_insert(v);
+        }
+        let mut argv = Vec::with_capacity(args.len() + 1);
+        argv.push(program.to_owned());
+        argv.extend(args.iter().cloned());
+        for s in argv.iter().chain(full_env.keys()).chain(full_env.values()) {
+            if s.contains('\0') {
+                return Err(ProcessError::Nul {
+                    what: "argument or environment",
+                });
+            }
+        }
+        Ok(LaunchPlan {
+            program: program.to_owned(),
+            argv,
+            env: full_env.into_iter().collect(),
+            cwd: workdir.to_owned(),
+            uid: self.uid,
+            gid: self.gid,
+            pty: matches!(stdio, StdioMode::Pty { .. }),
+            join_cgroups,
+            landlock: self.landlock.clone(),
+        })
+    }
+}
+
+fn setup_error(stage: String, message: String) -> ProcessError {
+    let exit_code = if stage == "exec" {
+        if message.ends_with(&std::io::Error::from_raw_os_error(libc::ENOENT).to_string()) {
+            127
+        } else {
+            126
+        }
+    } else {
+        125
+    };
+    ProcessError::Setup {
+        stage,
+        message,
+        exit_code,
+    }
+}
+
+/// Log what was enforced (one structured event per process launched).
+fn log_restrictions(sandbox: &str, r: &RestrictionReport) {
+    let rights = r.landlock_rights.join(",");
+    if r.landlock_status == "fully_enforced" {
+        info!(
+            event = "sandbox.restricted",
+            sandbox,
+            landlock_abi = r.landlock_abi,
+            landlock_status = %r.landlock_status,
+            landlock_rights = %rights,
+            seccomp_rules = r.seccomp_rules,
+            no_new_privs = r.no_new_privs,
+            uid = r.uid,
+            gid = r.gid,
+            "restrictions applied"
+        );
+    } else {
+        warn!(
+            event = "sandbox.restricted",
+            sandbox,
+            landlock_abi = r.landlock_abi,
+            landlock_status = %r.landlock_status,
+            landlock_rights = %rights,
+            seccomp_rules = r.seccomp_rules,
+            no_new_privs = r.no_new_privs,
+            uid = r.uid,
+            gid = r.gid,
+            "landlock is not fully enforced (compatibility: best_effort)"
+        );
+    }
+    for (path, reason) in &r.landlock_skipped {
+        warn!(event = "sandbox.landlock_skipped", sandbox, path = %path, reason = %reason,
+              "policy path skipped (compatibility: best_effort)");
+    }
+}
+
+/// Wait for `Running` (after an optional `Restricted`), or fail.
+async fn await_running(ctl: &mut Control, sandbox: &str) -> Result<i32, ProcessError> {
+    loop {
+        match ctl.recv().await {
+            Some(FromHelper::Restricted(report)) => log_restrictions(sandbox, &report),
+            Some(FromHelper::Running { pid }) => return Ok(pid),
+            Some(FromHelper::Failed { stage, message }) => return Err(setup_error(stage, message)),
+            Some(other) => debug!(?other, "unexpected message while starting"),
+            None => return Err(ProcessError::HelperLost),
+        }
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A workload running in a process sandbox.
+#[derive(Debug)]
+pub struct ProcessSandbox {
+    id: String,
+    holder: Helper,
+    init_pid: i32,
+    init_pidfd: OwnedFd,
+    cgroup: cgroup::Cgroup,
+    edge: Arc<net::EdgeNamespace>,
+    identity: Identity,
+    workload_status: Option<WaitReport>,
+    status: Option<ExitStatus>,
+}
+
+impl ProcessSandbox {
+    /// Create the sandbox and start the workload. Returns once the workload has exec'd under its
+    /// restrictions, or with the reason it never started.
+    pub async fn spawn(config: SpawnConfig) -> Result<ProcessSandbox, ProcessError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(ProcessError::NeedsRoot);
+        }
+        if !config.workdir.is_absolute() || !config.workdir.is_dir() {
+            return Err(ProcessError::BadWorkdir(config.workdir.clone()));
+        }
+        let identity = Identity::resolve(&config.policy, &config.workdir)?;
+        let launch = identity.launch(
+            &config.program,
+            &config.args,
+            &config.env,
+            &config.workdir,
+            config.stdio,
+            Vec::new(),
+        )?;
+        let id = format!(
+            "{:x}-{:x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let cgroup = cgroup::Cgroup::create(&id, &config.resources)?;
+        match Self::start(id.clone(), config, identity, launch, cgroup).await {
+            Ok(sandbox) => Ok(sandbox),
+            Err((e, cgroup)) => {
+                if let Some(cgroup) = cgroup {
+                    cgroup.remove(Duration::from_secs(2));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(
+        id: String,
+        config: SpawnConfig,
+        identity: Identity,
+        launch: LaunchPlan,
+        cgroup: cgroup::Cgroup,
+    ) -> Result<ProcessSandbox, (ProcessError, Option<cgroup::Cgroup>)> {
+        let flags = CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWPID;
+        let mut holder = match start_helper(config.stdio, flags) {
+            Ok(h) => h,
+            Err(e) => return Err((e, Some(cgroup))),
+        };
+        let plan = SpawnPlan {
+            hostname: config.hostname.clone(),
+            net: NetPlan {
+                ifname: net::SANDBOX_IF.to_owned(),
+                address: net::SANDBOX_ADDR,
+                prefix_len: net::PREFIX_LEN,
+            },
+            cgroup_dirs: cgroup.dirs.clone(),
+            launch,
+        };
+        // From here on the holder owns the cgroup's removal; on failure we kill it and wait, so
+        // the cgroup is gone when this returns.
+        let result = async {
+            holder.ctl.send(&ToHelper::Spawn(plan)).await?;
+            let init_pid = match holder.ctl.recv().await {
+                Some(FromHelper::InitPid { pid }) => pid,
+                Some(FromHelper::Failed { stage, message }) => {
+                    return Err(setup_error(stage, message))
+                }
+                _ => return Err(ProcessError::HelperLost),
+            };
+            let init_pidfd =
+                sys::pidfd_open(nix::unistd::Pid::from_raw(init_pid)).map_err(|e| {
+                    ProcessError::Io {
+                        op: "opening a pidfd for the sandbox init",
+                        source: e.into(),
+                    }
+                })?;
+            cgroup.add(init_pid)?;
+            let edge = net::EdgeNamespace::create(init_pid).await?;
+            holder.ctl.send(&ToHelper::Go).await?;
+            let _workload = await_running(&mut holder.ctl, &id).await?;
+            Ok((init_pid, init_pidfd, edge))
+        }
+        .await;
+        match result {
+            Ok((init_pid, init_pidfd, edge)) => {
+                info!(event = "sandbox.started", sandbox = %id, runtime = "process", init_pid,
+                      program = %config.program, "workload started");
+                Ok(ProcessSandbox {
+                    id,
+                    holder,
+                    init_pid,
+                    init_pidfd,
+                    cgroup,
+                    edge: Arc::new(edge),
+                    identity,
+                    workload_status: None,
+                    status: None,
+                })
+            }
+            Err(e) => {
+                let _ = holder.child.start_kill();
+                let _ = holder.child.wait().await;
+                Err((e, Some(cgroup)))
+            }
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The sandbox init's pid on the host.
+    pub fn init_pid(&self) -> i32 {
+        self.init_pid
+    }
+
+    /// The per-sandbox edge network namespace (where the egress proxy listens).
+    pub fn edge(&self) -> Arc<net::EdgeNamespace> {
+        self.edge.clone()
+    }
+
+    pub fn take_stdio(&mut self) -> Stdio {
+        std::mem::take(&mut self.holder.stdio)
+    }
+
+    /// Wait for the workload to end and the sandbox to be torn down. Cancel-safe.
+    pub async fn wait(&mut self) -> Result<ExitStatus, ProcessError> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let mut ended = None;
+        while let Some(msg) = self.holder.ctl.recv().await {
+            match msg {
+                FromHelper::WorkloadExited(r) => self.workload_status = Some(r),
+                FromHelper::SandboxEnded(r) => {
+                    ended = Some(r);
+                    break;
+                }
+                FromHelper::Failed { stage, message } => {
+                    warn!(sandbox = %self.id, %stage, %message, "sandbox teardown problem")
+                }
+                other => debug!(?other, "unexpected message"),
+            }
+        }
+        let _ = self.holder.child.wait().await;
+        // The holder removes the cgroup; this only matters if the holder itself was killed.
+        self.cgroup.remove(Duration::from_millis(500));
+        let report = self
+            .workload_status
+            .or(ended)
+            .unwrap_or(WaitReport::Signal(libc::SIGKILL));
+        let status = match report {
+            WaitReport::Code(c) => ExitStatus::Code(c),
+            WaitReport::Signal(s) => ExitStatus::Signaled(s),
+        };
+        info!(event = "sandbox.exited", sandbox = %self.id, %status, "workload ended");
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    /// Send `signal` to the workload (through init, which forwards it). Never blocks.
+    pub fn signal(&self, signal: i32) -> Result<(), ProcessError> {
+        if self.status.is_some() {
+            return Err(ProcessError::NotRunning);
+        }
+        sys::pidfd_send_signal(self.init_pidfd.as_fd(), signal)
+            .map_err(|source| ProcessError::Signal { signal, source })
+    }
+
+    /// Kill init, and with it every process in the sandbox. Never blocks.
+    pub fn kill(&self) -> Result<(), ProcessError> {
+        match sys::pidfd_send_signal(self.init_pidfd.as_fd(), libc::SIGKILL) {
+            Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
+            Err(source) => Err(ProcessError::Signal {
+                signal: libc::SIGKILL,
+                source,
+            }),
+        }
+    }
+
+    /// Run another command in this sandbox with the workload's namespaces, cgroup, identity and
+    /// restrictions.
+    pub async fn exec(&self, config: ExecConfig) -> Result<ProcessExec, ProcessError> {
+        if self.status.is_some() {
+            return Err(ProcessError::NotRunning);
+        }
+        let launch = self.identity.launch(
+            &config.program,
+            &config.args,
+            &config.env,
+            &config.workdir,
+            config.stdio,
+            self.cgroup.procs_files(),
+        )?;
+        let mut helper = start_helper(config.stdio, CloneFlags::empty())?;
+        let plan = ExecPlan {
+            init_pid: self.init_pid,
+            launch,
+        };
+        let started = async {
+            helper.ctl.send(&ToHelper::Exec(plan)).await?;
+            let pid = await_running(&mut helper.ctl, &self.id).await?;
+            // A command that already ended has no pidfd; signals then report NotRunning.
+            match sys::pidfd_open(nix::unistd::Pid::from_raw(pid)) {
+                Ok(fd) => Ok(Some(fd)),
+                Err(nix::Error::ESRCH) => Ok(None),
+                Err(e) => Err(ProcessError::Io {
+                    op: "opening a pidfd for the exec'd process",
+                    source: e.into(),
+                }),
+            }
+        }
+        .await;
+        match started {
+            Ok(pidfd) => {
+                info!(event = "sandbox.exec", sandbox = %self.id, program = %config.program, "command started in the sandbox");
+                Ok(ProcessExec {
+                    helper,
+                    pidfd,
+                    status: None,
+                })
+            }
+            Err(e) => {
+                let _ = helper.child.start_kill();
+                let _ = helper.child.wait().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A command started inside a running process sandbox.
+#[derive(Debug)]
+pub struct ProcessExec {
+    helper: Helper,
+    pidfd: Option<OwnedFd>,
+    status: Option<ExitStatus>,
+}
+
+impl ProcessExec {
+    pub fn take_stdio(&mut self) -> Stdio {
+        std::mem::take(&mut self.helper.stdio)
+    }
+
+    pub async fn wait(&mut self) -> Result<ExitStatus, ProcessError> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let mut report = None;
+        while let Some(msg) = self.helper.ctl.recv().await {
+            if let FromHelper::WorkloadExited(r) = msg {
+                report = Some(r);
+                break;
+            }
+        }
+        let _ = self.helper.child.wait().await;
+        let status = match report {
+            Some(WaitReport::Code(c)) => ExitStatus::Code(c),
+            Some(WaitReport::Signal(s)) => ExitStatus::Signaled(s),
+            None => ExitStatus::Signaled(libc::SIGKILL),
+        };
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<(), ProcessError> {
+        let (None, Some(pidfd)) = (self.status, &self.pidfd) else {
+            return Err(ProcessError::NotRunning);
+        };
+        sys::pidfd_send_signal(pidfd.as_fd(), signal)
+            .map_err(|source| ProcessError::Signal { signal, source })
+    }
+
+    pub fn kill(&self) -> Result<(), ProcessError> {
+        let Some(pidfd) = &self.pidfd else {
+            return Ok(());
+        };
+        match sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL) {
+            Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
+            Err(source) => Err(ProcessError::Signal {
+                signal: libc::SIGKILL,
+                source,
+            }),
+        }
+    }
+}

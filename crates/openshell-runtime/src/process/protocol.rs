@@ -1,0 +1,111 @@
+//! Messages between the supervisor and its helpers: JSON, one message per line, over a Unix
+//! stream socket that the helper finds at [`CONTROL_FD`].
+//!
+//! The supervisor writes first (a plan), the helper answers with progress reports. At any
+//! moment only one helper process writes to the socket, so lines never interleave.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The control socket's descriptor number in a helper.
+pub const CONTROL_FD: i32 = 3;
+/// The read end of the lifeline pipe: it reaches end-of-file when the supervisor is gone.
+pub const LIFELINE_FD: i32 = 4;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToHelper {
+    /// Start a new sandbox (first message to a fresh namespace holder).
+    Spawn(SpawnPlan),
+    /// Run a command inside a running sandbox (first message to an exec helper).
+    Exec(ExecPlan),
+    /// Cgroup placement and the network are ready: init may start the workload.
+    Go,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpawnPlan {
+    pub hostname: String,
+    pub net: NetPlan,
+    /// Per-hierarchy cgroup directories the namespace holder removes once init is gone.
+    pub cgroup_dirs: Vec<PathBuf>,
+    pub launch: LaunchPlan,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetPlan {
+    /// Name of the sandbox side of the veth pair.
+    pub ifname: String,
+    pub address: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecPlan {
+    /// Host pid of the sandbox's init, whose namespaces the command joins.
+    pub init_pid: i32,
+    pub launch: LaunchPlan,
+}
+
+/// What the last process before `execve` does: everything it needs, resolved by the supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LaunchPlan {
+    pub program: String,
+    /// Full argv, argv[0] included.
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub pty: bool,
+    /// `cgroup.procs` files to join before restricting (exec into a running sandbox).
+    pub join_cgroups: Vec<PathBuf>,
+    pub landlock: LandlockPlan,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LandlockPlan {
+    pub read_only: Vec<PathBuf>,
+    pub read_write: Vec<PathBuf>,
+    /// `hard_requirement`: anything that cannot be enforced is an error.
+    pub hard_requirement: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FromHelper {
+    /// The namespace holder forked init; this is init's pid on the host.
+    InitPid { pid: i32 },
+    /// The workload's restrictions are in place; it is about to call execve.
+    Restricted(RestrictionReport),
+    /// execve succeeded.
+    Running { pid: i32 },
+    /// Setting up failed; the workload never started.
+    Failed { stage: String, message: String },
+    /// The workload ended.
+    WorkloadExited(WaitReport),
+    /// init ended (after the workload, or killed); the sandbox is gone and cleaned up.
+    SandboxEnded(WaitReport),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WaitReport {
+    Code(i32),
+    Signal(i32),
+}
+
+/// What was enforced, for the supervisor's structured log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestrictionReport {
+    /// Landlock ABI of the running kernel (0: none).
+    pub landlock_abi: i32,
+    /// "fully_enforced", "partially_enforced" or "not_enforced".
+    pub landlock_status: String,
+    /// Filesystem access rights handled by the ruleset.
+    pub landlock_rights: Vec<String>,
+    /// Policy paths that were skipped under best_effort, with the reason.
+    pub landlock_skipped: Vec<(String, String)>,
+    pub seccomp_rules: usize,
+    pub no_new_privs: bool,
+    pub uid: u32,
+    pub gid: u32,
+}

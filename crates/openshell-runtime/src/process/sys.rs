@@ -1,0 +1,232 @@
+//! Every `unsafe` block and raw system call of the process backend, each with its invariant.
+//!
+//! Return codes are turned into `Result` at once with `Errno::result`.
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::unistd::{ForkResult, Pid};
+
+/// `fork(2)`.
+///
+/// Only called from the helper program, which is single-threaded (it was just exec'd and starts
+/// no threads), so the child may allocate and run arbitrary code.
+pub fn fork_single_threaded() -> nix::Result<ForkResult> {
+    // SAFETY: the helper process is single-threaded (see the module docs of `child`), so no lock
+    // can be held by another thread at fork time.
+    unsafe { nix::unistd::fork() }
+}
+
+/// Drop every capability from the bounding set, `0..=last_cap`.
+pub fn drop_bounding_set(last_cap: u32) -> nix::Result<()> {
+    for cap in 0..=last_cap {
+        // SAFETY: PR_CAPBSET_DROP takes a capability number and no pointers.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        match Errno::result(r) {
+            Ok(_) => {}
+            // A capability the kernel does not know: nothing to drop.
+            Err(Errno::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Clear the ambient capability set.
+pub fn clear_ambient_caps() -> nix::Result<()> {
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Empty the effective, permitted and inheritable sets of the calling thread.
+pub fn clear_all_caps() -> nix::Result<()> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: header and data point to live, correctly sized structures for version 3 (two
+    // CapData entries); the kernel only reads them.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
+/// Read the calling thread's effective capability set (low and high words).
+pub fn effective_caps() -> nix::Result<u64> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: header and data point to live, correctly sized structures for version 3; the
+    // kernel writes two CapData entries.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    Errno::result(r)?;
+    Ok(u64::from(data[0].effective) | (u64::from(data[1].effective) << 32))
+}
+
+/// `pidfd_open(2)`: a descriptor that names `pid` for as long as the descriptor lives.
+pub fn pidfd_open(pid: Pid) -> nix::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags, no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    let fd = Errno::result(r)?;
+    let fd = RawFd::try_from(fd).map_err(|_| Errno::EBADF)?;
+    // SAFETY: the kernel just returned this new descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `pidfd_send_signal(2)`.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> nix::Result<()> {
+    // SAFETY: a null siginfo is allowed (the kernel fills it as for kill(2)); the descriptor is
+    // borrowed and so open for the duration of the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
+/// The Landlock ABI version of the running kernel, or 0 when Landlock is unavailable.
+pub fn landlock_abi() -> i32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_ulong = 1;
+    // SAFETY: with a null attribute pointer and size 0, the VERSION flag only returns a number.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    i32::try_from(r).unwrap_or(0).max(0)
+}
+
+/// Make `fd` (a terminal) the calling process's controlling terminal. The caller must be a
+/// session leader without one.
+pub fn set_controlling_tty(fd: BorrowedFd<'_>) -> nix::Result<()> {
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal), no pointers.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSCTTY as _, 0) };
+    Errno::result(r).map(drop)
+}
+
+/// Set the window size of the terminal `fd`.
+pub fn set_window_size(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> nix::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize structure, which lives on this stack frame.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TIOCSWINSZ as _,
+            &ws as *const libc::winsize,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
+/// Mark every descriptor from `first` upwards close-on-exec.
+pub fn cloexec_from(first: u32) -> nix::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range takes plain integers; with CLOEXEC it only sets a flag.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    Errno::result(r).map(drop)
+}
+
+/// Install `f` to run in the forked child of `command` before it calls execve.
+///
+/// `f` must only make async-signal-safe calls: the supervisor is multi-threaded.
+pub fn pre_exec<F>(command: &mut tokio::process::Command, f: F)
+where
+    F: FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+{
+    // SAFETY: every closure passed here (see `process::mod`) only calls setsid, dup2, prctl and
+    // unshare through thin wrappers: async-signal-safe system calls that do not allocate.
+    unsafe {
+        command.pre_exec(f);
+    }
+}
+
+/// `sigaction(2)`.
+pub fn sigaction(
+    signal: nix::sys::signal::Signal,
+    action: &nix::sys::signal::SigAction,
+) -> nix::Result<nix::sys::signal::SigAction> {
+    // SAFETY: only SIG_DFL and SIG_IGN are installed through this wrapper (see `child`), never a
+    // Rust handler, so no handler can run with broken invariants.
+    unsafe { nix::sys::signal::sigaction(signal, action) }
+}
+
+/// In a pre-exec child: make `pairs[i].0` available at `pairs[i].1` without close-on-exec.
+///
+/// Sources are first moved above every target, so a source that happens to sit on another
+/// pair's target is never clobbered. Only async-signal-safe calls (fcntl, dup2).
+pub fn place_fds(pairs: &[(RawFd, RawFd)]) -> std::io::Result<()> {
+    const HIGH: RawFd = 64;
+    let mut moved = [0 as RawFd; 4];
+    for (i, (src, _)) in pairs.iter().enumerate().take(moved.len()) {
+        // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor this process owns; no pointers.
+        let r = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, HIGH) };
+        moved[i] = Errno::result(r)?;
+    }
+    for (i, (_, dst)) in pairs.iter().enumerate().take(moved.len()) {
+        // SAFETY: dup2 of an open descriptor onto a small target number; the new descriptor has
+        // close-on-exec cleared, which is the point.
+        let r = unsafe { libc::dup2(moved[i], *dst) };
+        Errno::result(r)?;
+    }
+    Ok(())
+}
+
+/// `dup2(fd, target)` for a standard stream number (0, 1 or 2) in a helper.
+pub fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> nix::Result<()> {
+    // SAFETY: `target` is a standard stream of this single-threaded helper; replacing it closes
+    // the old descriptor, which no Rust object in the helper owns.
+    let r = unsafe { libc::dup2(fd.as_raw_fd(), target) };
+    Errno::result(r).map(drop)
+}

@@ -1,0 +1,115 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use openshell_runtime::RuntimeKind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "openshell-sandbox",
+    version,
+    about = "Run a command in a sandbox under a policy",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the seccomp table (each denied system call and why) and exit.
+    Seccomp,
+}
+
+/// The default form: `openshell-sandbox [OPTIONS] [-- COMMAND...]`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Isolation backend.
+    #[arg(long, env = "OPENSHELL_RUNTIME", default_value = "process", value_parser = parse_runtime)]
+    pub runtime: RuntimeKind,
+
+    /// Policy file (OpenShell v1 YAML). Without it, the built-in restrictive default applies.
+    #[arg(long, env = "OPENSHELL_POLICY", value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+
+    /// Working directory inside the sandbox (default: the current directory).
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
+
+    /// Set an environment variable for the workload (repeatable). The workload gets nothing else
+    /// of this process's environment but TERM, LANG and LC_ALL.
+    #[arg(long = "env", value_name = "KEY=VAL")]
+    pub env: Vec<EnvVar>,
+
+    /// Kill the sandbox after this many seconds and exit with status 124.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+
+    /// Memory limit in MiB (overrides the policy's resources.memory_mib).
+    #[arg(long, value_name = "MIB")]
+    pub memory_mib: Option<u64>,
+
+    /// CPU limit in CPUs (overrides resources.cpus).
+    #[arg(long, value_name = "CPUS")]
+    pub cpus: Option<f64>,
+
+    /// Process limit (overrides resources.pids).
+    #[arg(long, value_name = "N")]
+    pub pids: Option<u64>,
+
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive (default: warn, or
+    /// RUST_LOG).
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Write logs to this file instead of stderr.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+
+    /// Validate the policy, print the effective policy, and exit 0 (valid) or 1 (invalid).
+    #[arg(long)]
+    pub check_policy: bool,
+
+    /// The command to run, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
+    RuntimeKind::from_str(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct EnvVar {
+    pub key: String,
+    pub value: String,
+}
+
+impl FromStr for EnvVar {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => Ok(EnvVar {
+                key: k.to_owned(),
+                value: v.to_owned(),
+            }),
+            _ => Err(format!("expected KEY=VAL, got {s:?}")),
+        }
+    }
+}

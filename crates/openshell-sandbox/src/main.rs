@@ -1,0 +1,212 @@
+//! `openshell-sandbox`: run a command in a sandbox under a policy.
+
+mod cli;
+mod logging;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use openshell_policy::Policy;
+use openshell_runtime::{ExitStatus, RuntimeError, RuntimeKind, SpawnConfig, StdioMode};
+use tokio::signal::unix::{signal, SignalKind};
+
+use cli::{Cli, Command, RunArgs};
+
+/// The restrictive default policy, used when no `--policy` is given.
+const DEFAULT_POLICY: &str = include_str!("../../../policies/default.yaml");
+
+/// Exit status when the sandbox itself fails (the convention of `docker run` and `env`).
+const EXIT_SANDBOX_FAILED: u8 = 125;
+/// Exit status when `--timeout` expires (the convention of `timeout(1)`).
+const EXIT_TIMEOUT: u8 = 124;
+
+fn main() -> ExitCode {
+    // Must come first: the process backend re-executes this binary as its in-sandbox helper.
+    openshell_runtime::helper::run_if_helper();
+
+    let cli = Cli::parse();
+    let run = match cli.command {
+        Some(Command::Seccomp) => return print_seccomp_table(),
+        None => cli.run,
+    };
+    let _guard = match logging::init(
+        run.log_level.as_deref(),
+        run.log_format,
+        run.log_file.as_deref(),
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::from(EXIT_SANDBOX_FAILED);
+        }
+    };
+    match run_main(run) {
+        Ok(code) => code,
+        Err(e) => {
+            report_error(&e);
+            let code = e
+                .downcast_ref::<RuntimeError>()
+                .and_then(|e| match e {
+                    RuntimeError::Process(openshell_runtime::ProcessError::Setup {
+                        exit_code,
+                        ..
+                    }) => u8::try_from(*exit_code).ok(),
+                    _ => None,
+                })
+                .unwrap_or(EXIT_SANDBOX_FAILED);
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Print the error chain once, on stderr.
+fn report_error(e: &anyhow::Error) {
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("openshell-sandbox: error: {e:#}");
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn print_seccomp_table() -> ExitCode {
+    for row in openshell_runtime::process::seccomp::DENIED {
+        let what = match row.matches {
+            openshell_runtime::process::seccomp::Match::Always => "always".to_owned(),
+            openshell_runtime::process::seccomp::Match::AnyBit { arg, mask } => {
+                format!("arg{arg} & {mask:#x}")
+            }
+            openshell_runtime::process::seccomp::Match::Domain(d) => format!("domain {d}"),
+            openshell_runtime::process::seccomp::Match::DomainType(d, t) => {
+                format!("domain {d} type {t}")
+            }
+        };
+        println!(
+            "{:<24} {:<22} {}",
+            row.name.trim_start_matches("SYS_"),
+            what,
+            row.reason
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn load_policy(path: Option<&Path>) -> anyhow::Result<Policy> {
+    match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading policy {}", path.display()))?;
+            Ok(Policy::from_yaml(&path.display().to_string(), &text)?)
+        }
+        None => Ok(Policy::from_yaml(
+            "<built-in default policy>",
+            DEFAULT_POLICY,
+        )?),
+    }
+}
+
+fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
+    let policy = load_policy(run.policy.as_deref())?;
+    if run.check_policy {
+        #[allow(clippy::print_stdout)]
+        {
+            print!("{}", policy.to_yaml());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let runtime: RuntimeKind = run.runtime;
+    if !runtime.is_available() {
+        return Err(RuntimeError::BackendNotBuilt(runtime).into());
+    }
+    let Some((program, args)) = run.command.split_first() else {
+        anyhow::bail!("no command given: usage: openshell-sandbox [OPTIONS] -- COMMAND [ARGS...]");
+    };
+    let workdir = match run.workdir {
+        Some(dir) => dir,
+        None => std::env::current_dir().context("reading the current directory")?,
+    };
+    let workdir = std::path::absolute(&workdir).unwrap_or(workdir);
+
+    let mut env = BTreeMap::new();
+    for key in ["TERM", "LANG", "LC_ALL"] {
+        if let Ok(value) = std::env::var(key) {
+            env.insert(key.to_owned(), value);
+        }
+    }
+    for kv in &run.env {
+        env.insert(kv.key.clone(), kv.value.clone());
+    }
+    let mut config = SpawnConfig::new(program.clone(), Arc::new(policy), workdir);
+    config.args = args.to_vec();
+    config.env = env;
+    config.stdio = StdioMode::Inherit;
+    if let Some(m) = run.memory_mib {
+        config.resources.memory_mib = Some(m);
+    }
+    if let Some(c) = run.cpus {
+        config.resources.cpus = Some(c);
+    }
+    if let Some(p) = run.pids {
+        config.resources.pids = Some(p);
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(supervise(runtime, config, run.timeout))
+}
+
+async fn supervise(
+    kind: RuntimeKind,
+    config: SpawnConfig,
+    timeout: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+
+    let mut sandbox = openshell_runtime::spawn(kind, config).await?;
+    let deadline = async {
+        match timeout {
+            Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut timed_out = false;
+    let status = loop {
+        tokio::select! {
+            status = sandbox.wait() => break status?,
+            _ = sigint.recv() => forward(&sandbox, libc::SIGINT),
+            _ = sigterm.recv() => forward(&sandbox, libc::SIGTERM),
+            _ = sighup.recv() => forward(&sandbox, libc::SIGHUP),
+            _ = &mut deadline, if !timed_out => {
+                tracing::warn!(event = "sandbox.timeout", sandbox = sandbox.id(), seconds = timeout.unwrap_or(0),
+                               "timeout expired; killing the sandbox");
+                timed_out = true;
+                sandbox.kill()?;
+            }
+        }
+    };
+    if timed_out {
+        return Ok(ExitCode::from(EXIT_TIMEOUT));
+    }
+    Ok(ExitCode::from(exit_byte(status)))
+}
+
+fn forward(sandbox: &openshell_runtime::SandboxedProcess, sig: i32) {
+    tracing::debug!(signal = sig, "forwarding signal to the workload");
+    if let Err(e) = sandbox.signal(sig) {
+        tracing::warn!(error = %e, signal = sig, "could not forward signal");
+    }
+}
+
+fn exit_byte(status: ExitStatus) -> u8 {
+    u8::try_from(status.code() & 0xff).unwrap_or(EXIT_SANDBOX_FAILED)
+}
