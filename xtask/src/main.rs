@@ -1,1 +1,70 @@
-fn main() {}
+//! Project chores, run as `cargo xtask <COMMAND>` (alias in `.cargo/config.toml`).
+//!
+//! A plain binary with few dependencies, in the style of rust-analyzer's xtask: it installs the
+//! system packages the tests and benchmarks need, runs the CI checks and runs the benchmarks.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod bench;
+mod ci;
+mod deps;
+mod util;
+
+use anyhow::{bail, Context, Result};
+
+const USAGE: &str = "\
+usage: cargo xtask <COMMAND>
+
+commands:
+  deps                     install the Debian packages tests and benchmarks need (when missing)
+  bench [NAME...] [--runs N] [--list]
+                           build openshell-sandbox in release, then run the named benchmarks
+                           (default: all; --list names them) with N runs each (default 100)
+  ci                       cargo fmt --check, cargo clippy -D warnings, cargo test --workspace
+                           (run `cargo xtask deps` first on a fresh machine)
+  help                     print this message";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let Some(cmd) = args.next() else {
+        println!("{USAGE}");
+        bail!("no command given");
+    };
+    let rest: Vec<String> = args.collect();
+    match cmd.as_str() {
+        "deps" => {
+            no_args("deps", &rest)?;
+            deps::ensure()
+        }
+        "bench" => {
+            let opts = bench::Opts::parse(&rest).context("bench: bad arguments")?;
+            bench::run(&opts)
+        }
+        "ci" => {
+            no_args("ci", &rest)?;
+            ci::run_all()
+        }
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => {
+            eprintln!("{USAGE}");
+            bail!("unknown command {other:?}")
+        }
+    }
+}
+
+fn no_args(cmd: &str, rest: &[String]) -> Result<()> {
+    if let Some(first) = rest.first() {
+        bail!("{cmd}: unexpected argument {first:?}");
+    }
+    Ok(())
+}

@@ -110,7 +110,14 @@ fn load_policy(path: Option<&Path>) -> anyhow::Result<Policy> {
 }
 
 fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
-    let policy = load_policy(run.policy.as_deref())?;
+    let policy = match load_policy(run.policy.as_deref()) {
+        Ok(p) => p,
+        Err(e) if run.check_policy => {
+            report_error(&e);
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => return Err(e),
+    };
     if run.check_policy {
         #[allow(clippy::print_stdout)]
         {

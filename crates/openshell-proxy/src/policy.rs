@@ -1,0 +1,135 @@
+//! The live network policy: a compiled [`DecisionEngine`] and its generation
+//! number behind an atomic swap.
+
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use openshell_policy::{
+    Decision, DecisionEngine, DecisionInput, Policy, PolicyError, RegoError, StaticSectionChanged,
+};
+
+/// Why a policy update was refused. The previous policy stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// The new text is not a valid policy.
+    #[error("invalid policy")]
+    Parse(#[source] PolicyError),
+    /// The new policy changes a section fixed at start.
+    #[error("policy update refused")]
+    StaticChanged(#[source] StaticSectionChanged),
+    /// The network section did not compile into a decision engine.
+    #[error("cannot compile network policies")]
+    Compile(#[source] RegoError),
+}
+
+/// One compiled policy generation.
+pub(crate) struct Snapshot {
+    pub(crate) generation: u64,
+    policy: Policy,
+    template: DecisionEngine,
+    /// Engines ready for use: `DecisionEngine::decide` needs `&mut`, so each
+    /// concurrent decision takes one (cloning the template when empty).
+    pool: Mutex<Vec<DecisionEngine>>,
+}
+
+const POOL_MAX: usize = 16;
+
+impl Snapshot {
+    fn build(policy: Policy, generation: u64) -> Result<Self, UpdateError> {
+        let template = DecisionEngine::new(&policy.network).map_err(UpdateError::Compile)?;
+        Ok(Self {
+            generation,
+            policy,
+            template,
+            pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Evaluate one input with an engine of this generation.
+    pub(crate) fn decide(&self, input: &DecisionInput) -> Result<Decision, RegoError> {
+        let pooled = self.pool.lock().ok().and_then(|mut p| p.pop());
+        let mut engine = pooled.unwrap_or_else(|| self.template.clone());
+        let result = engine.decide(input);
+        if let Ok(mut pool) = self.pool.lock() {
+            if pool.len() < POOL_MAX {
+                pool.push(engine);
+            }
+        }
+        result
+    }
+}
+
+/// Handle to the network policy in force. Cloning is cheap and every clone
+/// sees the same policy; [`PolicyHandle::update`] swaps it atomically, so a
+/// decision always uses one whole generation.
+#[derive(Clone)]
+pub struct PolicyHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    current: ArcSwap<Snapshot>,
+    /// Serialises updates so generations increase in swap order.
+    update_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for PolicyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyHandle")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyHandle {
+    /// Compile the policy the sandbox starts with (generation 1).
+    pub fn new(policy: Policy) -> Result<Self, UpdateError> {
+        let snapshot = Snapshot::build(policy, 1)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                current: ArcSwap::from_pointee(snapshot),
+                update_lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Validate and compile `new`, then swap it in. Refused (keeping the
+    /// current policy) when a static section differs from the one in force
+    /// or the network section does not compile. Returns the new generation.
+    pub fn update(&self, new: &Policy) -> Result<u64, UpdateError> {
+        let _guard = self
+            .inner
+            .update_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = self.inner.current.load_full();
+        current
+            .policy
+            .check_static_unchanged(new)
+            .map_err(UpdateError::StaticChanged)?;
+        let generation = current.generation + 1;
+        let snapshot = Snapshot::build(new.clone(), generation)?;
+        self.inner.current.store(Arc::new(snapshot));
+        Ok(generation)
+    }
+
+    /// Parse policy YAML (`source_name` labels errors) and [`update`](Self::update).
+    pub fn update_yaml(&self, source_name: &str, text: &str) -> Result<u64, UpdateError> {
+        let policy = Policy::from_yaml(source_name, text).map_err(UpdateError::Parse)?;
+        self.update(&policy)
+    }
+
+    /// The generation in force (1 for the initial policy).
+    pub fn generation(&self) -> u64 {
+        self.inner.current.load().generation
+    }
+
+    /// A copy of the policy in force.
+    pub fn policy(&self) -> Policy {
+        self.inner.current.load().policy.clone()
+    }
+
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.current.load_full()
+    }
+}

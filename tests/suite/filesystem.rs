@@ -1,0 +1,98 @@
+//! Landlock from filesystem_policy: writes and reads outside the policy fail; checked from
+//! outside by looking at the files.
+
+use pretty_assertions::assert_eq;
+
+use super::common::*;
+
+const EACCES: i32 = 13;
+
+#[test]
+fn writes_land_only_where_the_policy_allows() {
+    if !can_run("writes_land_only_where_the_policy_allows") {
+        return;
+    }
+    for backend in backends() {
+        let s = Scratch::new("");
+        let inside = s.work.join("allowed.txt");
+        let outside = s.outside.join("forbidden.txt");
+        let etc = "/etc/openshell-forbidden.txt";
+        let results: Vec<(String, i32)> = [inside.to_str().unwrap(), outside.to_str().unwrap(), etc]
+            .into_iter()
+            .map(|p| (p.to_owned(), code(&s.run(backend, &[], &[PROBE, "write", p]))))
+            .collect();
+        assert_eq!(
+            (backend, results),
+            (
+                backend,
+                vec![
+                    (inside.display().to_string(), 0),
+                    (outside.display().to_string(), EACCES),
+                    (etc.to_owned(), EACCES)
+                ]
+            )
+        );
+        assert!(inside.exists(), "{backend}: the allowed write happened");
+        assert!(!outside.exists(), "{backend}: nothing written outside the policy");
+        assert!(!std::path::Path::new(etc).exists(), "{backend}: nothing written to a read-only path");
+    }
+}
+
+#[test]
+fn reads_outside_the_policy_fail() {
+    if !can_run("reads_outside_the_policy_fail") {
+        return;
+    }
+    for backend in backends() {
+        let s = Scratch::new("");
+        let secret = s.outside.join("secret");
+        std::fs::write(&secret, "s3cret").expect("write");
+        chmod(&secret, 0o644);
+        let out = s.run(backend, &[], &[PROBE, "read", secret.to_str().unwrap()]);
+        assert_eq!((backend, code(&out)), (backend, EACCES), "{}", stderr(&out));
+        let out = s.run(backend, &[], &["/bin/cat", "/etc/hostname"]);
+        assert_eq!((backend, code(&out)), (backend, 0), "read_only paths stay readable: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn hard_requirement_refuses_a_missing_path() {
+    if !can_run("hard_requirement_refuses_a_missing_path") {
+        return;
+    }
+    for backend in backends() {
+        let s = Scratch::new("");
+        let text = std::fs::read_to_string(&s.policy)
+            .expect("read")
+            .replace("read_write: [/dev/null]", "read_write: [/dev/null, /nonexistent/openshell-path]");
+        std::fs::write(&s.policy, text).expect("write");
+        let out = s.run(backend, &[], &["/bin/sh", "-c", "touch ran"]);
+        assert_eq!((backend, code(&out)), (backend, 125));
+        assert!(stderr(&out).contains("/nonexistent/openshell-path"), "{}", stderr(&out));
+        assert!(!s.work.join("ran").exists(), "{backend}: the workload never started");
+    }
+}
+
+#[test]
+fn best_effort_skips_a_missing_path_but_keeps_landlock() {
+    if !can_run("best_effort_skips_a_missing_path_but_keeps_landlock") {
+        return;
+    }
+    for backend in backends() {
+        let s = Scratch::new("");
+        let text = std::fs::read_to_string(&s.policy)
+            .expect("read")
+            .replace("read_write: [/dev/null]", "read_write: [/dev/null, /nonexistent/openshell-path]")
+            .replace("hard_requirement", "best_effort");
+        std::fs::write(&s.policy, text).expect("write");
+        let outside = s.outside.join("x");
+        let out = s.run(backend, &[], &[PROBE, "write", outside.to_str().unwrap()]);
+        assert_eq!((backend, code(&out)), (backend, EACCES), "{}", stderr(&out));
+        assert!(!outside.exists());
+        let err = stderr(&out);
+        assert!(
+            err.contains("sandbox.landlock_skipped") && err.contains("/nonexistent/openshell-path"),
+            "{backend}: the skip is reported: {err}"
+        );
+    }
+}

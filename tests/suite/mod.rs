@@ -1,0 +1,11 @@
+mod common;
+
+mod api;
+mod bad_input;
+mod cleanup;
+mod filesystem;
+mod identity;
+mod lifecycle;
+mod limits;
+mod network;
+mod seccomp;

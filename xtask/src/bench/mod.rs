@@ -1,0 +1,318 @@
+//! `cargo xtask bench [NAME...] [--runs N]`: benchmarks that report, never assert.
+//!
+//! Each benchmark is a function in its own module, registered in [`BENCHES`]. Before any of them
+//! runs, the release `openshell-sandbox` is built and the system packages are ensured. A benchmark
+//! measures with hyperfine ([`hyperfine`]), prints a table, writes its figures to
+//! `target/bench/<name>.json` and says whether its targets hold. Missing a target never fails
+//! the command; a command that cannot run does.
+
+mod spawn;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::util::{self, project_root};
+
+/// One benchmark: `cargo xtask bench <name>`.
+struct Bench {
+    name: &'static str,
+    about: &'static str,
+    run: fn(&Ctx) -> Result<()>,
+}
+
+/// All benchmarks, in the order `cargo xtask bench` runs them. Add proxy, ssh, ... here.
+const BENCHES: &[Bench] = &[Bench {
+    name: "spawn",
+    about: "spawn -> exit of /bin/true: openshell-sandbox vs bubblewrap",
+    run: spawn::run,
+}];
+
+const DEFAULT_RUNS: u32 = 100;
+const DEFAULT_WARMUP: u32 = 5;
+
+/// Parsed `bench` arguments.
+pub struct Opts {
+    names: Vec<String>,
+    runs: u32,
+    list: bool,
+}
+
+impl Opts {
+    pub fn parse(args: &[String]) -> Result<Opts> {
+        let mut opts = Opts {
+            names: Vec::new(),
+            runs: DEFAULT_RUNS,
+            list: false,
+        };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let runs = if arg == "--runs" {
+                Some(args.next().context("--runs needs a value")?.as_str())
+            } else {
+                arg.strip_prefix("--runs=")
+            };
+            if let Some(runs) = runs {
+                opts.runs = runs
+                    .parse()
+                    .ok()
+                    .filter(|&n: &u32| n >= 2)
+                    .with_context(|| format!("--runs: expected an integer >= 2, got {runs:?}"))?;
+            } else if arg == "--list" {
+                opts.list = true;
+            } else if arg.starts_with('-') {
+                bail!("unknown option {arg:?} (options: --runs N, --list)");
+            } else if BENCHES.iter().any(|b| b.name == arg) {
+                opts.names.push(arg.clone());
+            } else {
+                bail!("unknown benchmark {arg:?} (available: {})", bench_names());
+            }
+        }
+        Ok(opts)
+    }
+}
+
+fn bench_names() -> String {
+    BENCHES
+        .iter()
+        .map(|b| b.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What every benchmark gets.
+pub struct Ctx {
+    /// Workspace root; benchmarks run their commands from here.
+    root: PathBuf,
+    /// Measured runs per command.
+    runs: u32,
+    /// Warmup runs per command.
+    warmup: u32,
+}
+
+impl Ctx {
+    /// Writes a benchmark's figures to `target/bench/<name>.json` and returns the path.
+    fn write_report(&self, name: &str, report: &Value) -> Result<PathBuf> {
+        let dir = self.root.join("target").join("bench");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("{name}.json"));
+        let text = serde_json::to_string_pretty(report)? + "\n";
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+pub fn run(opts: &Opts) -> Result<()> {
+    if opts.list {
+        for b in BENCHES {
+            println!("{:<10} {}", b.name, b.about);
+        }
+        return Ok(());
+    }
+    let selected: Vec<&Bench> = if opts.names.is_empty() {
+        BENCHES.iter().collect()
+    } else {
+        BENCHES
+            .iter()
+            .filter(|b| opts.names.iter().any(|n| n == b.name))
+            .collect()
+    };
+    let root = project_root();
+
+    // The measured binary lives at target/release/openshell-sandbox under the workspace, whatever
+    // CARGO_TARGET_DIR the caller has set, so the command the report names is the one measured.
+    println!("=== build openshell-sandbox (release) ===");
+    util::run(
+        util::cargo()
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "openshell-sandbox",
+                "--target-dir",
+            ])
+            .arg(root.join("target")),
+    )
+    .context("cannot build openshell-sandbox")?;
+    println!("\n=== deps ===");
+    crate::deps::ensure()?;
+
+    let ctx = Ctx {
+        root,
+        runs: opts.runs,
+        warmup: DEFAULT_WARMUP,
+    };
+    for b in selected {
+        println!("\n=== bench {}: {} ===", b.name, b.about);
+        (b.run)(&ctx).with_context(|| format!("bench {}", b.name))?;
+    }
+    Ok(())
+}
+
+/// One command for hyperfine: a short name and the command line (split on whitespace by
+/// hyperfine, no shell, so keep arguments free of spaces and quotes).
+struct Cmd {
+    name: &'static str,
+    line: String,
+}
+
+/// Timing of one command, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    median_ms: f64,
+    p95_ms: f64,
+    mean_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+    runs: usize,
+}
+
+impl Stats {
+    fn to_json(self) -> Value {
+        serde_json::json!({
+            "median_ms": round3(self.median_ms),
+            "p95_ms": round3(self.p95_ms),
+            "mean_ms": round3(self.mean_ms),
+            "min_ms": round3(self.min_ms),
+            "max_ms": round3(self.max_ms),
+            "runs": self.runs,
+        })
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Runs each command once to check that it works (showing its output if not), then measures
+/// all of them side by side in one hyperfine run without a shell, and returns their statistics
+/// in the same order.
+fn hyperfine(ctx: &Ctx, cmds: &[Cmd]) -> Result<Vec<Stats>> {
+    for c in cmds {
+        smoke(&ctx.root, c)?;
+    }
+
+    let json_path =
+        std::env::temp_dir().join(format!("xtask-hyperfine-{}.json", std::process::id()));
+    let _cleanup = RemoveOnDrop(&json_path);
+    let mut cmd = Command::new("hyperfine");
+    cmd.current_dir(&ctx.root)
+        .stdin(Stdio::null())
+        .args(["--shell=none", "--style=basic"])
+        .args(["--warmup", &ctx.warmup.to_string()])
+        .args(["--runs", &ctx.runs.to_string()])
+        .arg("--export-json")
+        .arg(&json_path);
+    for c in cmds {
+        cmd.args(["--command-name", c.name]);
+    }
+    for c in cmds {
+        cmd.arg(&c.line);
+    }
+    util::run(&mut cmd)?;
+
+    let text = std::fs::read_to_string(&json_path)
+        .with_context(|| format!("cannot read hyperfine output {}", json_path.display()))?;
+    let doc: Value = serde_json::from_str(&text).context("hyperfine output is not JSON")?;
+    let results = doc["results"]
+        .as_array()
+        .context("hyperfine output has no results array")?;
+    ensure!(
+        results.len() == cmds.len(),
+        "hyperfine reported {} results for {} commands",
+        results.len(),
+        cmds.len()
+    );
+    results
+        .iter()
+        .zip(cmds)
+        .map(|(r, c)| {
+            let times: Vec<f64> = r["times"]
+                .as_array()
+                .and_then(|t| t.iter().map(Value::as_f64).collect())
+                .with_context(|| {
+                    format!("{}: no numeric times array in hyperfine output", c.name)
+                })?;
+            stats(&times).with_context(|| format!("{}: no timings", c.name))
+        })
+        .collect()
+}
+
+/// Runs a command once, outside hyperfine, so a broken command fails with its own output.
+fn smoke(root: &Path, c: &Cmd) -> Result<()> {
+    let mut parts = c.line.split_whitespace();
+    let program = parts.next().context("empty command line")?;
+    let out = Command::new(program)
+        .args(parts)
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("{}: cannot start `{}`", c.name, c.line))?;
+    if !out.status.success() {
+        bail!(
+            "{}: `{}` failed ({}):\n{}{}",
+            c.name,
+            c.line,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Statistics over wall-clock times in seconds. The median averages the two middle values for an
+/// even count; p95 is the nearest-rank percentile (the smallest time with at least 95% of the
+/// runs at or below it).
+fn stats(times_s: &[f64]) -> Option<Stats> {
+    if times_s.is_empty() {
+        return None;
+    }
+    let mut ms: Vec<f64> = times_s.iter().map(|t| t * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    let n = ms.len();
+    let median_ms = if n % 2 == 1 {
+        ms[n / 2]
+    } else {
+        (ms[n / 2 - 1] + ms[n / 2]) / 2.0
+    };
+    // ceil(0.95 * n) computed in integers: the 1-based rank of the p95 sample.
+    let rank = (95 * n).div_ceil(100);
+    Some(Stats {
+        median_ms,
+        p95_ms: ms[rank.max(1) - 1],
+        mean_ms: ms.iter().sum::<f64>() / n as f64,
+        min_ms: ms[0],
+        max_ms: ms[n - 1],
+        runs: n,
+    })
+}
+
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stats;
+
+    #[test]
+    fn median_and_p95() {
+        let times: Vec<f64> = (1..=20).rev().map(|i| f64::from(i) / 1000.0).collect();
+        let s = stats(&times).unwrap();
+        assert_eq!(
+            (s.median_ms, s.p95_ms, s.min_ms, s.max_ms),
+            (10.5, 19.0, 1.0, 20.0)
+        );
+        let s = stats(&[0.003, 0.001, 0.002]).unwrap();
+        assert_eq!((s.median_ms, s.p95_ms, s.runs), (2.0, 3.0, 3));
+        assert!(stats(&[]).is_none());
+    }
+}

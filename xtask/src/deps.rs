@@ -1,0 +1,104 @@
+//! `cargo xtask deps`: install the Debian packages the tests and benchmarks need.
+//!
+//! Idempotent: packages already installed are left alone, and when nothing is missing no
+//! `apt-get` runs at all.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{is_root, on_path, run};
+
+/// Debian packages the tests and benchmarks use, each with what it is for.
+const PACKAGES: &[(&str, &str)] = &[
+    ("bubblewrap", "peer sandbox for the spawn benchmark"),
+    ("hyperfine", "benchmark driver"),
+    ("curl", "HTTP client"),
+    ("wget", "HTTP client"),
+    ("iproute2", "`ip`, for network namespaces"),
+    ("busybox-static", "static userland for workloads"),
+    ("python3", "test servers and scripts"),
+    ("openssh-client", "ssh client"),
+    ("tinyproxy", "HTTP proxy"),
+];
+
+/// Installs whatever of [`PACKAGES`] is missing.
+pub fn ensure() -> Result<()> {
+    if !on_path("dpkg-query") || !on_path("apt-get") {
+        bail!(
+            "dpkg-query or apt-get not found: this command supports Debian and derivatives; \
+             install these packages by other means: {}",
+            names(PACKAGES.iter().map(|(p, _)| *p))
+        );
+    }
+    let mut missing = Vec::new();
+    for &(pkg, _) in PACKAGES {
+        if !installed(pkg)? {
+            missing.push(pkg);
+        }
+    }
+    if missing.is_empty() {
+        println!("deps: all {} packages present", PACKAGES.len());
+        return Ok(());
+    }
+    println!("deps: installing {}", names(missing.iter().copied()));
+    for &(pkg, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        println!("  {pkg:<16} {why}");
+    }
+
+    // Root runs apt-get directly; anyone else goes through non-interactive sudo.
+    let sudo = !is_root()?;
+    if sudo && !on_path("sudo") {
+        bail!(
+            "not root and sudo not found: run as root, or install: {}",
+            names(missing.iter().copied())
+        );
+    }
+    let apt = |args: &[&str]| {
+        let mut cmd = if sudo {
+            let mut c = Command::new("sudo");
+            c.args(["-n", "--preserve-env=DEBIAN_FRONTEND", "apt-get"]);
+            c
+        } else {
+            Command::new("apt-get")
+        };
+        cmd.args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null());
+        cmd
+    };
+    run(&mut apt(&["update"])).context("apt-get update failed")?;
+    let mut install = apt(&["install", "-y", "--no-install-recommends"]);
+    install.args(&missing);
+    run(&mut install).context("apt-get install failed")?;
+
+    let still_missing: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|p| !installed(p).unwrap_or(false))
+        .collect();
+    if !still_missing.is_empty() {
+        bail!(
+            "still not installed after apt-get: {}",
+            names(still_missing.into_iter())
+        );
+    }
+    println!("deps: installed {}", names(missing.into_iter()));
+    Ok(())
+}
+
+/// Whether dpkg reports the package as fully installed.
+fn installed(pkg: &str) -> Result<bool> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run dpkg-query for {pkg}"))?;
+    // Exit status 1 means "no such package"; anything else reports the status.
+    Ok(out.status.success() && out.stdout.as_slice() == b"install ok installed")
+}
+
+fn names<'a>(pkgs: impl Iterator<Item = &'a str>) -> String {
+    pkgs.collect::<Vec<_>>().join(" ")
+}
