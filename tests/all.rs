@@ -4,4 +4,6 @@
 //! Needs root, Landlock and network namespaces. Where one is missing the test says why it skips;
 //! with `CI=true` such a skip is a failure.
 
+#![allow(clippy::print_stderr)] // skips say why on stderr
+
 mod suite;

@@ -19,7 +19,10 @@ fn use_cli_as_helper() {
 }
 
 fn kinds() -> Vec<RuntimeKind> {
-    backends().into_iter().map(|b| b.parse().expect("runtime")).collect()
+    backends()
+        .into_iter()
+        .map(|b| b.parse().expect("runtime"))
+        .collect()
 }
 
 fn config(s: &Scratch, program: &str, args: &[&str], stdio: StdioMode) -> SpawnConfig {
@@ -32,7 +35,11 @@ fn config(s: &Scratch, program: &str, args: &[&str], stdio: StdioMode) -> SpawnC
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 #[test]
@@ -44,18 +51,29 @@ fn output_is_streamed_while_the_workload_runs() {
     rt().block_on(async {
         for kind in kinds() {
             let s = Scratch::new("");
-            let c = config(&s, "/bin/sh", &["-c", "echo first; sleep 600; echo never"], StdioMode::Piped);
+            let c = config(
+                &s,
+                "/bin/sh",
+                &["-c", "echo first; sleep 600; echo never"],
+                StdioMode::Piped,
+            );
             let mut sandbox = openshell_runtime::spawn(kind, c).await.expect("spawn");
             let stdio = sandbox.take_stdio();
             let mut lines = BufReader::new(stdio.stdout.expect("stdout")).lines();
             let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await;
-            assert_eq!(first.expect("no timeout").expect("read"), Some("first".to_owned()));
+            assert_eq!(
+                first.expect("no timeout").expect("read"),
+                Some("first".to_owned())
+            );
             // Still running: the line arrived before the workload ended.
             sandbox.signal(0).expect("still running");
             sandbox.kill().expect("kill");
             let status = sandbox.wait().await.expect("wait");
             assert_eq!((kind, status), (kind, ExitStatus::Signaled(9)));
-            assert!(sandbox.signal(libc::SIGTERM).is_err(), "signal after exit is an error, not a panic");
+            assert!(
+                sandbox.signal(libc::SIGTERM).is_err(),
+                "signal after exit is an error, not a panic"
+            );
         }
     });
 }
@@ -109,7 +127,15 @@ fn pty_mode_gives_the_workload_a_terminal() {
     rt().block_on(async {
         for kind in kinds() {
             let s = Scratch::new("");
-            let c = config(&s, "/bin/sh", &["-c", "tty; stty size"], StdioMode::Pty { rows: 33, cols: 101 });
+            let c = config(
+                &s,
+                "/bin/sh",
+                &["-c", "tty; stty size"],
+                StdioMode::Pty {
+                    rows: 33,
+                    cols: 101,
+                },
+            );
             let mut sandbox = openshell_runtime::spawn(kind, c).await.expect("spawn");
             let master = sandbox.take_stdio().pty.expect("pty master");
             let status = sandbox.wait().await.expect("wait");

@@ -10,7 +10,11 @@ fn unknown_policy_field_names_file_line_and_field() {
     // Pure validation: needs no privileges.
     let dir = tempfile::tempdir().expect("tempdir");
     let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, "version: 1\nfilesystem_policy:\n  read_onyl: [/usr]\n").expect("write");
+    std::fs::write(
+        &policy,
+        "version: 1\nfilesystem_policy:\n  read_onyl: [/usr]\n",
+    )
+    .expect("write");
     let marker = dir.path().join("ran");
     let out = std::process::Command::new(SANDBOX)
         .arg("--policy")
@@ -30,23 +34,56 @@ fn unknown_policy_field_names_file_line_and_field() {
 fn check_policy_prints_the_effective_policy_or_fails_with_1() {
     let dir = tempfile::tempdir().expect("tempdir");
     let good = dir.path().join("good.yaml");
-    std::fs::write(&good, "version: 1\nfilesystem_policy:\n  read_only: [/usr//lib/./]\n").expect("write");
-    let out = std::process::Command::new(SANDBOX).arg("--policy").arg(&good).arg("--check-policy").output().expect("run");
+    std::fs::write(
+        &good,
+        "version: 1\nfilesystem_policy:\n  read_only: [/usr//lib/./]\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(SANDBOX)
+        .arg("--policy")
+        .arg(&good)
+        .arg("--check-policy")
+        .output()
+        .expect("run");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert!(stdout(&out).contains("/usr/lib"), "normalised path in {}", stdout(&out));
+    assert!(
+        stdout(&out).contains("/usr/lib"),
+        "normalised path in {}",
+        stdout(&out)
+    );
 
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(&bad, "version: 1\nnetwork_policies:\n  x:\n    endpoints: [{host: a.example, port: 0}]\n").expect("write");
-    let out = std::process::Command::new(SANDBOX).arg("--policy").arg(&bad).arg("--check-policy").output().expect("run");
+    std::fs::write(
+        &bad,
+        "version: 1\nnetwork_policies:\n  x:\n    endpoints: [{host: a.example, port: 0}]\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(SANDBOX)
+        .arg("--policy")
+        .arg(&bad)
+        .arg("--check-policy")
+        .output()
+        .expect("run");
     assert_eq!(code(&out), 1);
-    assert!(stderr(&out).contains(":4:"), "line of the bad port: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains(":4:"),
+        "line of the bad port: {}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn shipped_policies_are_valid() {
     for name in ["default.yaml", "developer.yaml"] {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies").join(name);
-        let out = std::process::Command::new(SANDBOX).arg("--policy").arg(&path).arg("--check-policy").output().expect("run");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../policies")
+            .join(name);
+        let out = std::process::Command::new(SANDBOX)
+            .arg("--policy")
+            .arg(&path)
+            .arg("--check-policy")
+            .output()
+            .expect("run");
         assert_eq!((name, code(&out)), (name, 0), "{}", stderr(&out));
     }
 }
@@ -64,7 +101,12 @@ fn vm_runtime_without_the_feature_says_how_to_build_it() {
         .env("OPENSHELL_RUNTIME", "qemu")
         .output()
         .expect("run");
-    assert_eq!(code(&out), 2, "clap rejects an unknown runtime: {}", stderr(&out));
+    assert_eq!(
+        code(&out),
+        2,
+        "clap rejects an unknown runtime: {}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -29,11 +29,18 @@ fn sigkill_of_the_supervisor_leaves_nothing_behind() {
     for backend in backends() {
         let s = Scratch::new("resources:\n  pids: 64\n");
         let mut child = s
-            .command(backend, &[], &["/bin/sh", "-c", "sleep 600 & touch ready; wait"])
+            .command(
+                backend,
+                &[],
+                &["/bin/sh", "-c", "sleep 600 & touch ready; wait"],
+            )
             .spawn()
             .expect("spawn");
         let supervisor = child.id();
-        assert!(wait_until(Duration::from_secs(20), || s.work.join("ready").exists()), "{backend}: ready");
+        assert!(
+            wait_until(Duration::from_secs(20), || s.work.join("ready").exists()),
+            "{backend}: ready"
+        );
         let cgroups = sandbox_cgroups(supervisor);
         assert!(!cgroups.is_empty(), "{backend}: the sandbox has a cgroup");
         let members: Vec<i32> = std::fs::read_to_string(cgroups[0].join("cgroup.procs"))
@@ -41,7 +48,10 @@ fn sigkill_of_the_supervisor_leaves_nothing_behind() {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect();
-        assert!(members.len() >= 2, "{backend}: init, the shell and sleep are in the cgroup: {members:?}");
+        assert!(
+            members.len() >= 2,
+            "{backend}: init, the shell and sleep are in the cgroup: {members:?}"
+        );
         let sandbox_netns = netns_of(members[0]).expect("netns");
         let helpers: Vec<i32> = pids_with_cmdline("__openshell-helper")
             .into_iter()
@@ -53,21 +63,32 @@ fn sigkill_of_the_supervisor_leaves_nothing_behind() {
             .collect();
         assert_eq!(helpers.len(), 1, "{backend}: one namespace holder");
 
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor as i32), nix::sys::signal::SIGKILL)
-            .expect("kill");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(supervisor as i32),
+            nix::sys::signal::SIGKILL,
+        )
+        .expect("kill");
         let _ = child.wait();
 
-        let alive = |pids: &[i32]| pids.iter().any(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        let alive = |pids: &[i32]| {
+            pids.iter()
+                .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        };
         assert!(
-            wait_until(Duration::from_secs(15), || !alive(&members) && !alive(&helpers)),
+            wait_until(Duration::from_secs(15), || !alive(&members)
+                && !alive(&helpers)),
             "{backend}: every sandbox process and helper is gone"
         );
         assert!(
-            wait_until(Duration::from_secs(15), || cgroups.iter().all(|d| !d.exists())),
+            wait_until(Duration::from_secs(15), || cgroups
+                .iter()
+                .all(|d| !d.exists())),
             "{backend}: the cgroup is removed: {cgroups:?}"
         );
         assert!(
-            wait_until(Duration::from_secs(15), || !any_process_in_netns(&sandbox_netns)),
+            wait_until(Duration::from_secs(15), || !any_process_in_netns(
+                &sandbox_netns
+            )),
             "{backend}: no process holds the sandbox network namespace (it and its veth are gone)"
         );
     }

@@ -31,7 +31,14 @@ fn missing_capability() -> Option<String> {
 pub fn landlock_abi() -> i64 {
     // SAFETY: landlock_create_ruleset with a null attribute, size 0 and the VERSION flag only
     // returns a number.
-    let r = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u8>(), 0usize, 1u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    };
     r.max(0)
 }
 
@@ -58,13 +65,19 @@ pub struct Scratch {
 }
 
 fn target_dir() -> PathBuf {
-    Path::new(PROBE).parent().expect("probe has a parent").to_owned()
+    Path::new(PROBE)
+        .parent()
+        .expect("probe has a parent")
+        .to_owned()
 }
 
 impl Scratch {
     /// Policy body lines after `version: 1`; `{work}` and `{target}` are substituted.
     pub fn new(extra: &str) -> Scratch {
-        let root = tempfile::Builder::new().prefix("openshell-test-").tempdir().expect("tempdir");
+        let root = tempfile::Builder::new()
+            .prefix("openshell-test-")
+            .tempdir()
+            .expect("tempdir");
         let work = root.path().join("work");
         let outside = root.path().join("outside");
         for d in [&work, &outside] {
@@ -73,7 +86,12 @@ impl Scratch {
         }
         chmod(root.path(), 0o755);
         let policy = root.path().join("policy.yaml");
-        let scratch = Scratch { _root: root, work, outside, policy };
+        let scratch = Scratch {
+            _root: root,
+            work,
+            outside,
+            policy,
+        };
         scratch.write_policy(extra);
         scratch
     }
@@ -106,7 +124,9 @@ impl Scratch {
     }
 
     pub fn run(&self, backend: &str, flags: &[&str], cmd: &[&str]) -> Output {
-        self.command(backend, flags, cmd).output().expect("run openshell-sandbox")
+        self.command(backend, flags, cmd)
+            .output()
+            .expect("run openshell-sandbox")
     }
 }
 
@@ -146,14 +166,19 @@ pub fn sandbox_cgroups(supervisor: u32) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![PathBuf::from("/sys/fs/cgroup")];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if !e.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
             let name = e.file_name().to_string_lossy().into_owned();
-            let ours = name.strip_prefix("openshell-").unwrap_or(&name).starts_with(&prefix);
+            let ours = name
+                .strip_prefix("openshell-")
+                .unwrap_or(&name)
+                .starts_with(&prefix);
             if ours && (name.starts_with("openshell-") || dir.ends_with("openshell")) {
                 found.push(p);
             } else if p.components().count() < 9 {
@@ -168,8 +193,12 @@ pub fn sandbox_cgroups(supervisor: u32) -> Vec<PathBuf> {
 pub fn pids_with_cmdline(needle: &str) -> Vec<i32> {
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(needle) {
             pids.push(pid);

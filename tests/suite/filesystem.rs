@@ -17,10 +17,16 @@ fn writes_land_only_where_the_policy_allows() {
         let inside = s.work.join("allowed.txt");
         let outside = s.outside.join("forbidden.txt");
         let etc = "/etc/openshell-forbidden.txt";
-        let results: Vec<(String, i32)> = [inside.to_str().unwrap(), outside.to_str().unwrap(), etc]
-            .into_iter()
-            .map(|p| (p.to_owned(), code(&s.run(backend, &[], &[PROBE, "write", p]))))
-            .collect();
+        let results: Vec<(String, i32)> =
+            [inside.to_str().unwrap(), outside.to_str().unwrap(), etc]
+                .into_iter()
+                .map(|p| {
+                    (
+                        p.to_owned(),
+                        code(&s.run(backend, &[], &[PROBE, "write", p])),
+                    )
+                })
+                .collect();
         assert_eq!(
             (backend, results),
             (
@@ -33,8 +39,14 @@ fn writes_land_only_where_the_policy_allows() {
             )
         );
         assert!(inside.exists(), "{backend}: the allowed write happened");
-        assert!(!outside.exists(), "{backend}: nothing written outside the policy");
-        assert!(!std::path::Path::new(etc).exists(), "{backend}: nothing written to a read-only path");
+        assert!(
+            !outside.exists(),
+            "{backend}: nothing written outside the policy"
+        );
+        assert!(
+            !std::path::Path::new(etc).exists(),
+            "{backend}: nothing written to a read-only path"
+        );
     }
 }
 
@@ -51,7 +63,12 @@ fn reads_outside_the_policy_fail() {
         let out = s.run(backend, &[], &[PROBE, "read", secret.to_str().unwrap()]);
         assert_eq!((backend, code(&out)), (backend, EACCES), "{}", stderr(&out));
         let out = s.run(backend, &[], &["/bin/cat", "/etc/hostname"]);
-        assert_eq!((backend, code(&out)), (backend, 0), "read_only paths stay readable: {}", stderr(&out));
+        assert_eq!(
+            (backend, code(&out)),
+            (backend, 0),
+            "read_only paths stay readable: {}",
+            stderr(&out)
+        );
     }
 }
 
@@ -62,14 +79,22 @@ fn hard_requirement_refuses_a_missing_path() {
     }
     for backend in backends() {
         let s = Scratch::new("");
-        let text = std::fs::read_to_string(&s.policy)
-            .expect("read")
-            .replace("read_write: [/dev/null]", "read_write: [/dev/null, /nonexistent/openshell-path]");
+        let text = std::fs::read_to_string(&s.policy).expect("read").replace(
+            "read_write: [/dev/null]",
+            "read_write: [/dev/null, /nonexistent/openshell-path]",
+        );
         std::fs::write(&s.policy, text).expect("write");
         let out = s.run(backend, &[], &["/bin/sh", "-c", "touch ran"]);
         assert_eq!((backend, code(&out)), (backend, 125));
-        assert!(stderr(&out).contains("/nonexistent/openshell-path"), "{}", stderr(&out));
-        assert!(!s.work.join("ran").exists(), "{backend}: the workload never started");
+        assert!(
+            stderr(&out).contains("/nonexistent/openshell-path"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            !s.work.join("ran").exists(),
+            "{backend}: the workload never started"
+        );
     }
 }
 
@@ -82,7 +107,10 @@ fn best_effort_skips_a_missing_path_but_keeps_landlock() {
         let s = Scratch::new("");
         let text = std::fs::read_to_string(&s.policy)
             .expect("read")
-            .replace("read_write: [/dev/null]", "read_write: [/dev/null, /nonexistent/openshell-path]")
+            .replace(
+                "read_write: [/dev/null]",
+                "read_write: [/dev/null, /nonexistent/openshell-path]",
+            )
             .replace("hard_requirement", "best_effort");
         std::fs::write(&s.policy, text).expect("write");
         let outside = s.outside.join("x");

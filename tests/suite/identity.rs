@@ -22,10 +22,20 @@ fn runs_as_policy_user_without_capabilities() {
         let out = s.run(backend, &[], &["/bin/cat", "/proc/self/status"]);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
         let st = stdout(&out);
-        let got: Vec<(&str, String)> = ["Uid", "Gid", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp"]
-            .into_iter()
-            .map(|k| (k, status_field(&st, k)))
-            .collect();
+        let got: Vec<(&str, String)> = [
+            "Uid",
+            "Gid",
+            "CapInh",
+            "CapPrm",
+            "CapEff",
+            "CapBnd",
+            "CapAmb",
+            "NoNewPrivs",
+            "Seccomp",
+        ]
+        .into_iter()
+        .map(|k| (k, status_field(&st, k)))
+        .collect();
         let zero = "0000000000000000".to_owned();
         let expected = vec![
             ("Uid", "65534\t65534\t65534\t65534".to_owned()),
@@ -52,17 +62,27 @@ fn own_pid_namespace_hostname_and_fresh_proc() {
         let out = s.run(
             backend,
             &[],
-            &["/bin/sh", "-c", "echo $$; hostname; ls /proc | grep -c '^[0-9]'"],
+            &[
+                "/bin/sh",
+                "-c",
+                "echo $$; hostname; ls /proc | grep -c '^[0-9]'",
+            ],
         );
         assert_eq!(code(&out), 0, "{}", stderr(&out));
         let text = stdout(&out);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         let pid: i32 = lines[0].parse().expect("pid");
-        assert!(pid < 10, "{backend}: the shell is one of the first pids of a new namespace, got {pid}");
+        assert!(
+            pid < 10,
+            "{backend}: the shell is one of the first pids of a new namespace, got {pid}"
+        );
         assert_eq!(lines[1], "openshell");
         let visible: usize = lines[2].parse().expect("count");
-        assert!(visible < 10, "{backend}: /proc shows only the sandbox's processes, got {visible}");
+        assert!(
+            visible < 10,
+            "{backend}: /proc shows only the sandbox's processes, got {visible}"
+        );
     }
 }
 
@@ -73,13 +93,25 @@ fn missing_user_is_a_clear_error_and_nothing_runs() {
     }
     for backend in backends() {
         let s = Scratch::new("");
-        let text = std::fs::read_to_string(&s.policy).expect("read").replace("run_as_user: nobody", "run_as_user: no-such-user-xyz");
+        let text = std::fs::read_to_string(&s.policy)
+            .expect("read")
+            .replace("run_as_user: nobody", "run_as_user: no-such-user-xyz");
         std::fs::write(&s.policy, text).expect("write");
         let out = s.run(backend, &[], &["/bin/sh", "-c", "touch ran"]);
         assert_eq!(code(&out), 125);
-        assert!(stderr(&out).contains("no-such-user-xyz"), "{}", stderr(&out));
-        assert!(!s.work.join("ran").exists(), "{backend}: the workload never started");
+        assert!(
+            stderr(&out).contains("no-such-user-xyz"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            !s.work.join("ran").exists(),
+            "{backend}: the workload never started"
+        );
         let passwd = std::fs::read_to_string("/etc/passwd").expect("passwd");
-        assert!(!passwd.contains("no-such-user-xyz"), "nothing was created on the host");
+        assert!(
+            !passwd.contains("no-such-user-xyz"),
+            "nothing was created on the host"
+        );
     }
 }

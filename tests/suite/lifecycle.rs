@@ -28,9 +28,19 @@ fn death_by_signal_is_128_plus_n() {
     for backend in backends() {
         let s = Scratch::new("");
         let out = s.run(backend, &[], &["/bin/sh", "-c", "kill -TERM $$"]);
-        assert_eq!((backend, code(&out)), (backend, 128 + 15), "{}", stderr(&out));
+        assert_eq!(
+            (backend, code(&out)),
+            (backend, 128 + 15),
+            "{}",
+            stderr(&out)
+        );
         let out = s.run(backend, &[], &["/bin/sh", "-c", "kill -KILL $$"]);
-        assert_eq!((backend, code(&out)), (backend, 128 + 9), "{}", stderr(&out));
+        assert_eq!(
+            (backend, code(&out)),
+            (backend, 128 + 9),
+            "{}",
+            stderr(&out)
+        );
     }
 }
 
@@ -41,10 +51,20 @@ fn timeout_kills_and_exits_124() {
     }
     for backend in backends() {
         let s = Scratch::new("");
-        let out = s.run(backend, &["--timeout", "1"], &["/bin/sh", "-c", "touch started; sleep 600; touch finished"]);
+        let out = s.run(
+            backend,
+            &["--timeout", "1"],
+            &["/bin/sh", "-c", "touch started; sleep 600; touch finished"],
+        );
         assert_eq!((backend, code(&out)), (backend, 124), "{}", stderr(&out));
-        assert!(s.work.join("started").exists(), "{backend}: the workload ran");
-        assert!(!s.work.join("finished").exists(), "{backend}: the workload was killed");
+        assert!(
+            s.work.join("started").exists(),
+            "{backend}: the workload ran"
+        );
+        assert!(
+            !s.work.join("finished").exists(),
+            "{backend}: the workload was killed"
+        );
     }
 }
 
@@ -55,10 +75,15 @@ fn stdout_and_stderr_are_the_workloads_own() {
     }
     for backend in backends() {
         let s = Scratch::new("");
-        let out = s.run(backend, &["--log-level", "info"], &["/bin/sh", "-c", "echo out; echo err >&2"]);
+        let out = s.run(
+            backend,
+            &["--log-level", "info"],
+            &["/bin/sh", "-c", "echo out; echo err >&2"],
+        );
         assert_eq!((backend, stdout(&out)), (backend, "out\n".to_owned()));
         let err = stderr(&out);
-        let (logs, workload): (Vec<&str>, Vec<&str>) = err.lines().partition(|l| l.starts_with("openshell: "));
+        let (logs, workload): (Vec<&str>, Vec<&str>) =
+            err.lines().partition(|l| l.starts_with("openshell: "));
         assert_eq!((backend, workload), (backend, vec!["err"]));
         assert!(
             logs.iter().any(|l| l.contains("sandbox.restricted")),
@@ -78,13 +103,23 @@ fn sigterm_is_forwarded_to_the_workload() {
             .command(
                 backend,
                 &[],
-                &["/bin/sh", "-c", "trap 'exit 42' TERM; touch ready; while :; do sleep 0.05; done"],
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "trap 'exit 42' TERM; touch ready; while :; do sleep 0.05; done",
+                ],
             )
             .spawn()
             .expect("spawn");
-        assert!(wait_until(Duration::from_secs(20), || s.work.join("ready").exists()), "{backend}: ready");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM)
-            .expect("kill");
+        assert!(
+            wait_until(Duration::from_secs(20), || s.work.join("ready").exists()),
+            "{backend}: ready"
+        );
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::SIGTERM,
+        )
+        .expect("kill");
         let status = child.wait().expect("wait");
         assert_eq!((backend, status.code()), (backend, Some(42)));
     }
@@ -98,10 +133,23 @@ fn env_is_explicit() {
     for backend in backends() {
         let s = Scratch::new("");
         let out = s
-            .command(backend, &["--env", "GREETING=hi"], &["/bin/sh", "-c", "echo \"$GREETING|$SECRET_TOKEN|$USER|$HOME\""])
+            .command(
+                backend,
+                &["--env", "GREETING=hi"],
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "echo \"$GREETING|$SECRET_TOKEN|$USER|$HOME\"",
+                ],
+            )
             .env("SECRET_TOKEN", "leak")
             .output()
             .expect("run");
-        assert_eq!((backend, stdout(&out)), (backend, "hi||nobody|/nonexistent\n".to_owned()), "{}", stderr(&out));
+        assert_eq!(
+            (backend, stdout(&out)),
+            (backend, "hi||nobody|/nonexistent\n".to_owned()),
+            "{}",
+            stderr(&out)
+        );
     }
 }

@@ -14,7 +14,13 @@ fn pids_limit_stops_a_fork_bomb() {
     for backend in backends() {
         let s = Scratch::new("resources:\n  pids: 24\n");
         let out = s.run(backend, &[], &[PROBE, "fork", "200"]);
-        assert_eq!((backend, code(&out)), (backend, 0), "fork was refused: {} {}", stdout(&out), stderr(&out));
+        assert_eq!(
+            (backend, code(&out)),
+            (backend, 0),
+            "fork was refused: {} {}",
+            stdout(&out),
+            stderr(&out)
+        );
     }
 }
 
@@ -26,7 +32,13 @@ fn memory_limit_kills_a_memory_bomb() {
     for backend in backends() {
         let s = Scratch::new("resources:\n  memory_mib: 64\n");
         let out = s.run(backend, &[], &[PROBE, "alloc", "1024"]);
-        assert_eq!((backend, code(&out)), (backend, 128 + 9), "OOM-killed: {} {}", stdout(&out), stderr(&out));
+        assert_eq!(
+            (backend, code(&out)),
+            (backend, 128 + 9),
+            "OOM-killed: {} {}",
+            stdout(&out),
+            stderr(&out)
+        );
         // Under the limit the same program completes.
         let out = s.run(backend, &[], &[PROBE, "alloc", "16"]);
         assert_eq!((backend, code(&out)), (backend, 0), "{}", stderr(&out));
@@ -41,10 +53,17 @@ fn cpu_limit_is_written_to_the_sandbox_cgroup() {
     for backend in backends().into_iter().filter(|b| *b == "process") {
         let s = Scratch::new("resources:\n  cpus: 0.5\n");
         let mut child = s
-            .command(backend, &["--memory-mib", "256"], &["/bin/sh", "-c", "touch ready; sleep 600"])
+            .command(
+                backend,
+                &["--memory-mib", "256"],
+                &["/bin/sh", "-c", "touch ready; sleep 600"],
+            )
             .spawn()
             .expect("spawn");
-        assert!(wait_until(Duration::from_secs(20), || s.work.join("ready").exists()));
+        assert!(wait_until(Duration::from_secs(20), || s
+            .work
+            .join("ready")
+            .exists()));
         let dirs = sandbox_cgroups(child.id());
         let read = |name: &str| {
             dirs.iter()
@@ -56,7 +75,14 @@ fn cpu_limit_is_written_to_the_sandbox_cgroup() {
         let _ = child.kill();
         let _ = child.wait();
         let cpu = cpu.expect("a cpu limit file");
-        assert!(cpu == "50000 100000" || cpu == "50000", "cpu quota is half a CPU: {cpu}");
-        assert_eq!(mem.as_deref(), Some("268435456"), "--memory-mib overrides the policy");
+        assert!(
+            cpu == "50000 100000" || cpu == "50000",
+            "cpu quota is half a CPU: {cpu}"
+        );
+        assert_eq!(
+            mem.as_deref(),
+            Some("268435456"),
+            "--memory-mib overrides the policy"
+        );
     }
 }

@@ -27,7 +27,14 @@ fn only_route_is_to_the_edge() {
         // eth0 10.200.0.0/30, no gateway; no default route (destination 00000000).
         assert_eq!(
             (backend, routes),
-            (backend, vec![vec!["eth0".to_owned(), "0000C80A".to_owned(), "00000000".to_owned()]])
+            (
+                backend,
+                vec![vec![
+                    "eth0".to_owned(),
+                    "0000C80A".to_owned(),
+                    "00000000".to_owned()
+                ]]
+            )
         );
     }
 }
@@ -54,7 +61,12 @@ fn host_services_and_other_destinations_are_unreachable() {
         ];
         let got: Vec<(String, i32)> = targets
             .iter()
-            .map(|t| (t.clone(), code(&s.run(backend, &[], &[PROBE, "connect", t]))))
+            .map(|t| {
+                (
+                    t.clone(),
+                    code(&s.run(backend, &[], &[PROBE, "connect", t])),
+                )
+            })
             .collect();
         assert_eq!(
             (backend, got),
@@ -67,7 +79,13 @@ fn host_services_and_other_destinations_are_unreachable() {
                 ]
             )
         );
-        assert!(any.accept().is_err(), "{backend}: the host service saw no connection");
-        assert!(lo2.accept().is_err(), "{backend}: the host loopback service saw no connection");
+        assert!(
+            any.accept().is_err(),
+            "{backend}: the host service saw no connection"
+        );
+        assert!(
+            lo2.accept().is_err(),
+            "{backend}: the host loopback service saw no connection"
+        );
     }
 }

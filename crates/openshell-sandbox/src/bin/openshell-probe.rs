@@ -89,11 +89,34 @@ fn syscall(name: &str) -> Option<std::io::Result<()>> {
         "iopl" => raw(SYS_iopl, with(&[3])),
         "ioperm" => raw(SYS_ioperm, with(&[0, 1, 1])),
         "socket-packet" => raw(SYS_socket, with(&[AF_PACKET as c_long, SOCK_RAW as c_long])),
-        "socket-vsock" => raw(SYS_socket, with(&[AF_VSOCK as c_long, SOCK_STREAM as c_long])),
-        "socket-raw" => raw(SYS_socket, with(&[AF_INET as c_long, SOCK_RAW as c_long, IPPROTO_ICMP as c_long])),
-        "socket-raw6" => raw(SYS_socket, with(&[AF_INET6 as c_long, (SOCK_RAW | SOCK_CLOEXEC) as c_long, IPPROTO_ICMPV6 as c_long])),
-        "socket-tcp" => raw(SYS_socket, with(&[AF_INET as c_long, SOCK_STREAM as c_long])),
-        "socket-unix" => raw(SYS_socket, with(&[AF_UNIX as c_long, SOCK_STREAM as c_long])),
+        "socket-vsock" => raw(
+            SYS_socket,
+            with(&[AF_VSOCK as c_long, SOCK_STREAM as c_long]),
+        ),
+        "socket-raw" => raw(
+            SYS_socket,
+            with(&[
+                AF_INET as c_long,
+                SOCK_RAW as c_long,
+                IPPROTO_ICMP as c_long,
+            ]),
+        ),
+        "socket-raw6" => raw(
+            SYS_socket,
+            with(&[
+                AF_INET6 as c_long,
+                (SOCK_RAW | SOCK_CLOEXEC) as c_long,
+                IPPROTO_ICMPV6 as c_long,
+            ]),
+        ),
+        "socket-tcp" => raw(
+            SYS_socket,
+            with(&[AF_INET as c_long, SOCK_STREAM as c_long]),
+        ),
+        "socket-unix" => raw(
+            SYS_socket,
+            with(&[AF_UNIX as c_long, SOCK_STREAM as c_long]),
+        ),
         "fork" => clone_with(0),
         _ => return None,
     })
@@ -102,7 +125,16 @@ fn syscall(name: &str) -> Option<std::io::Result<()>> {
 /// `clone(flags | SIGCHLD)`; the child exits at once.
 fn clone_with(flags: libc::c_int) -> std::io::Result<()> {
     // SAFETY: clone without CLONE_VM behaves like fork; the child only calls _exit.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_long, 0, 0, 0, 0) };
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_long,
+            0,
+            0,
+            0,
+            0,
+        )
+    };
     match pid {
         0 => {
             // SAFETY: _exit is async-signal-safe and ends the forked child.
