@@ -108,6 +108,31 @@ impl Resources {
     }
 }
 
+/// What the runtime hands the egress layer for one sandbox, before the workload starts.
+pub struct EgressAttachment {
+    pub sandbox_id: String,
+    /// The proxy's entry point for this sandbox: a TCP listener the sandbox can reach (process
+    /// backend: bound in the sandbox's edge network namespace).
+    pub listener: std::net::TcpListener,
+    /// Host pid of a process in the sandbox's network namespace (its init).
+    pub init_pid: i32,
+    /// The host pids of the sandbox's processes right now.
+    pub members: Arc<dyn Fn() -> Vec<i32> + Send + Sync>,
+}
+
+/// Kept alive for as long as the sandbox runs; dropping it stops serving the sandbox.
+pub type EgressGuard = Box<dyn std::any::Any + Send + Sync>;
+
+/// The egress layer (the proxy), seen from the runtime.
+pub trait Egress: Send + Sync + fmt::Debug {
+    /// Start serving one sandbox. Called before the workload starts; an error stops the sandbox.
+    fn attach(&self, attachment: EgressAttachment) -> Result<EgressGuard, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// Where the workload finds the proxy (inside its network namespace).
+pub const PROXY_ADDR: std::net::SocketAddr =
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 200, 0, 1), 3128));
+
 /// Everything needed to start a workload in a sandbox.
 #[derive(Debug, Clone)]
 pub struct SpawnConfig {
@@ -126,6 +151,10 @@ pub struct SpawnConfig {
     pub resources: Resources,
     /// Hostname inside the sandbox.
     pub hostname: String,
+    /// The egress proxy. Without it the sandbox has no way out at all; with it the workload
+    /// gets HTTP_PROXY, HTTPS_PROXY, ALL_PROXY (and lowercase) pointing at it, and NO_PROXY for
+    /// loopback.
+    pub egress: Option<Arc<dyn Egress>>,
 }
 
 impl SpawnConfig {
@@ -142,6 +171,7 @@ impl SpawnConfig {
             policy,
             resources,
             hostname: "openshell".to_owned(),
+            egress: None,
         }
     }
 }

@@ -72,6 +72,8 @@ pub enum ProcessError {
         /// executable, 125: the sandbox itself failed).
         exit_code: i32,
     },
+    #[error("attaching the egress proxy")]
+    Egress(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the sandbox helper ended unexpectedly")]
     HelperLost,
     #[error("the process has already exited")]
@@ -401,6 +403,15 @@ async fn await_running(ctl: &mut Control, sandbox: &str) -> Result<i32, ProcessE
     }
 }
 
+/// The pids listed in the first readable `cgroup.procs` file.
+fn read_pids(procs: &[PathBuf]) -> Vec<i32> {
+    procs
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A workload running in a process sandbox.
@@ -412,6 +423,8 @@ pub struct ProcessSandbox {
     init_pidfd: OwnedFd,
     cgroup: cgroup::Cgroup,
     edge: Arc<net::EdgeNamespace>,
+    /// Keeps the proxy serving this sandbox.
+    _egress: Option<crate::EgressGuard>,
     identity: Identity,
     workload_status: Option<WaitReport>,
     status: Option<ExitStatus>,
@@ -428,10 +441,20 @@ impl ProcessSandbox {
             return Err(ProcessError::BadWorkdir(config.workdir.clone()));
         }
         let identity = Identity::resolve(&config.policy, &config.workdir)?;
+        let mut env = config.env.clone();
+        if config.egress.is_some() {
+            let url = format!("http://{}", crate::PROXY_ADDR);
+            for key in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"] {
+                env.entry(key.to_owned()).or_insert_with(|| url.clone());
+            }
+            for key in ["NO_PROXY", "no_proxy"] {
+                env.entry(key.to_owned()).or_insert_with(|| "localhost,127.0.0.1,::1".to_owned());
+            }
+        }
         let launch = identity.launch(
             &config.program,
             &config.args,
-            &config.env,
+            &env,
             &config.workdir,
             config.stdio,
             Vec::new(),
@@ -499,13 +522,28 @@ impl ProcessSandbox {
                 })?;
             cgroup.add(init_pid)?;
             let edge = net::EdgeNamespace::create(init_pid).await?;
+            let egress = match &config.egress {
+                Some(egress) => {
+                    let listener = edge.bind_tcp(crate::PROXY_ADDR).await?;
+                    let procs = cgroup.procs_files();
+                    let members = Arc::new(move || read_pids(&procs));
+                    let attachment = crate::EgressAttachment {
+                        sandbox_id: id.clone(),
+                        listener,
+                        init_pid,
+                        members,
+                    };
+                    Some(egress.attach(attachment).map_err(ProcessError::Egress)?)
+                }
+                None => None,
+            };
             holder.ctl.send(&ToHelper::Go).await?;
             let _workload = await_running(&mut holder.ctl, &id).await?;
-            Ok((init_pid, init_pidfd, edge))
+            Ok((init_pid, init_pidfd, edge, egress))
         }
         .await;
         match result {
-            Ok((init_pid, init_pidfd, edge)) => {
+            Ok((init_pid, init_pidfd, edge, egress)) => {
                 info!(event = "sandbox.started", sandbox = %id, runtime = "process", init_pid,
                       program = %config.program, "workload started");
                 Ok(ProcessSandbox {
@@ -515,6 +553,7 @@ impl ProcessSandbox {
                     init_pidfd,
                     cgroup,
                     edge: Arc::new(edge),
+                    _egress: egress,
                     identity,
                     workload_status: None,
                     status: None,
