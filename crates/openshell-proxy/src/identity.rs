@@ -173,8 +173,14 @@ mod tests {
     #[test]
     fn preamble_rejects() {
         let cases: Vec<(&[u8], &str)> = vec![
-            (b"HELLO {}", "caller preamble must start with \"OPENSHELL-CALLER \""),
-            (b"OPENSHELL-CALLER {", "caller preamble is not valid caller json"),
+            (
+                b"HELLO {}",
+                "caller preamble must start with \"OPENSHELL-CALLER \"",
+            ),
+            (
+                b"OPENSHELL-CALLER {",
+                "caller preamble is not valid caller json",
+            ),
             (
                 b"OPENSHELL-CALLER {\"pid\":1,\"exe\":\"curl\"}",
                 "caller preamble: exe must be an absolute path",
@@ -194,7 +200,12 @@ mod tests {
         ];
         for (line, want) in cases {
             let got = parse_preamble(line).map(|_| ()).map_err(|e| e.to_string());
-            assert_eq!(got, Err(want.to_string()), "{}", String::from_utf8_lossy(line));
+            assert_eq!(
+                got,
+                Err(want.to_string()),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 }

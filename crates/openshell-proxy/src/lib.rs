@@ -1,1 +1,71 @@
+//! OpenShell egress proxy.
+//!
+//! Every connection a sandbox makes off-box arrives here and is decided by
+//! the Rego policy ([`openshell_policy::DecisionEngine`]) by destination and
+//! by the executable that opened it.
+//!
+//! # Entry points (one per backend)
+//! - [`Proxy::serve_tcp`]: the process backend binds a listener inside the
+//!   sandbox's edge network namespace (10.200.0.1:3128) and hands it over;
+//!   callers are found through the host's /proc ([`procfs::ProcfsResolver`]).
+//! - [`Proxy::serve_unix`]: the vm backend maps a Unix socket into the guest;
+//!   the guest agent starts each connection with one caller preamble line
+//!   (`OPENSHELL-CALLER {"pid":..,"exe":..,"ancestors":[..]}\n`, at most
+//!   [`identity::PREAMBLE_MAX`] bytes, validated, refused with 400 when
+//!   malformed) and then relays the client's bytes.
+//!
+//! # Requests
+//! - `CONNECT host:port`: decided without L7 input (cached per caller,
+//!   destination and policy generation), then tunnelled.
+//! - `METHOD http://host[:port]/path`: decided with `{method, path}`, sent
+//!   upstream in origin form with hop-by-hop headers removed and
+//!   `Connection: close` (one request per connection; the client connection
+//!   is closed after the response). `https://` in forward form gets 400.
+//! - Malformed heads get 400 (431 when too large, 408 when too slow) and the
+//!   connection is closed: bad CONNECT targets, duplicate Host,
+//!   Content-Length with Transfer-Encoding, conflicting Content-Length,
+//!   transfer codings other than `chunked`, dot segments in paths.
+//! - After an allow, the name is resolved once and the first address that
+//!   passes the SSRF rules is the one connected to: loopback, RFC 1918,
+//!   link-local (including 169.254.169.254), ULA, CGNAT, unspecified,
+//!   multicast, broadcast and reserved ranges are refused unless the
+//!   endpoint's `allowed_ips` covers the address; with `allowed_ips` set, the
+//!   address must lie inside it.
+//! - A deny is a 403 with a JSON body: `error`, `host`, `port`, `binary`,
+//!   `missing`, `closest_policy`, `suggestion`, `reason`.
+//! - Each decision is one `tracing` event with target `openshell::decision`
+//!   (fields `sandbox src host port binary pid ancestors action policy
+//!   reason generation method path cached`) and, with an audit log, the same
+//!   as one JSON line.
+//!
+//! # Live policy
+//! [`PolicyHandle::update`] swaps the compiled policy atomically; the next
+//! decision uses the new generation (the CONNECT cache is keyed by
+//! generation). [`watch::watch_file`] and [`watch::poll_url`] feed it.
+//! Invalid documents and changed static sections are refused and logged, and
+//! the last good policy stays in force.
+//!
+//! **Open connections are not re-decided**: a CONNECT tunnel, or a forwarded
+//! request in flight, was decided when it was opened and stays open after a
+//! policy change, until either side closes it. Only new connections (and new
+//! forwarded requests, which each use a new connection) see the change.
+//! Stopping a listener's task (aborting the handle from `serve_*`) closes its
+//! open connections.
+//!
+//! # Logging levels
+//! `info`: decisions and policy updates. `warn`: refused updates, failed
+//! fetches, connection limit reached. `debug`: malformed requests and relay
+//! errors (the client already got its answer).
 
+mod decision;
+mod http;
+pub mod identity;
+pub mod policy;
+pub mod procfs;
+mod server;
+pub mod ssrf;
+pub mod watch;
+
+pub use identity::{Caller, FixedIdentity, IdentityError, IdentityResolver};
+pub use policy::{PolicyHandle, UpdateError};
+pub use server::{Proxy, ProxyConfig, ProxyError, SandboxContext, ServeGuard};

@@ -1,0 +1,632 @@
+//! Request heads (parsed by httparse), their validation, the forward-form
+//! rewrite and message bodies.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Most header lines accepted in one request head.
+const MAX_HEADERS: usize = 128;
+
+/// A request head that cannot be served: the status and a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status} {message}")]
+pub(crate) struct Reject {
+    pub(crate) status: u16,
+    pub(crate) message: String,
+}
+
+impl Reject {
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+        }
+    }
+
+    fn too_large(message: impl Into<String>) -> Self {
+        Self {
+            status: 431,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why reading a head ended without one.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// The client closed (or failed) before sending a whole head; nothing to answer.
+    Closed,
+    /// Answer with this status and close.
+    Reject(Reject),
+}
+
+/// What the request asks the proxy to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// `CONNECT host:port`.
+    Connect { host: String, port: u16 },
+    /// `GET http://host[:port]/path?query`.
+    Forward {
+        host: String,
+        port: u16,
+        /// `host[:port]` as sent, for the Host header upstream.
+        authority: String,
+        /// Origin-form request target (`/path?query`).
+        origin: String,
+        /// Path without query, for L7 rules.
+        path: String,
+    },
+}
+
+impl Target {
+    pub(crate) fn host(&self) -> &str {
+        match self {
+            Target::Connect { host, .. } | Target::Forward { host, .. } => host,
+        }
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        match self {
+            Target::Connect { port, .. } | Target::Forward { port, .. } => *port,
+        }
+    }
+}
+
+/// How the request body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Body {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A validated request head.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    pub(crate) method: String,
+    pub(crate) target: Target,
+    pub(crate) headers: Vec<(String, Vec<u8>)>,
+    pub(crate) body: Body,
+    /// Bytes of the buffer the head occupied.
+    pub(crate) len: usize,
+}
+
+/// Read until `buf` holds a whole head, at most `limit` bytes, within `timeout`.
+pub(crate) async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Head, ReadError> {
+    let read = async {
+        let mut chunk = vec![0u8; 8192];
+        loop {
+            if !buf.is_empty() {
+                match parse_head(buf) {
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) => {}
+                    Err(reject) => return Err(ReadError::Reject(reject)),
+                }
+            }
+            if buf.len() >= limit {
+                return Err(ReadError::Reject(Reject::too_large(format!(
+                    "request header fields too large (limit {limit} bytes)"
+                ))));
+            }
+            let want = chunk.len().min(limit - buf.len());
+            let n = stream
+                .read(&mut chunk[..want])
+                .await
+                .map_err(|_| ReadError::Closed)?;
+            if n == 0 {
+                return Err(ReadError::Closed);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Err(ReadError::Reject(Reject {
+            status: 408,
+            message: "request head not received in time".into(),
+        })),
+    }
+}
+
+/// Parse and validate a head; `Ok(None)` when more bytes are needed.
+pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Reject::too_large(format!(
+                "more than {MAX_HEADERS} header fields"
+            )))
+        }
+        Err(e) => return Err(Reject::bad(format!("malformed request: {e}"))),
+    };
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Err(Reject::bad("malformed request line"));
+    };
+    let headers: Vec<(String, Vec<u8>)> = req
+        .headers
+        .iter()
+        .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+        .collect();
+    let body = body_framing(&headers)?;
+    let target = if method == "CONNECT" {
+        if body != Body::None {
+            return Err(Reject::bad("CONNECT must not have a body"));
+        }
+        let (host, port) = parse_authority(target, None)?;
+        Target::Connect { host, port }
+    } else {
+        parse_absolute(target)?
+    };
+    if headers.iter().filter(|(n, _)| n == "host").count() > 1 {
+        return Err(Reject::bad("duplicate Host header"));
+    }
+    Ok(Some(Head {
+        method: method.to_string(),
+        target,
+        headers,
+        body,
+        len,
+    }))
+}
+
+fn body_framing(headers: &[(String, Vec<u8>)]) -> Result<Body, Reject> {
+    let lengths: Vec<&[u8]> = headers
+        .iter()
+        .filter(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    let encodings: Vec<&[u8]> = headers
+        .iter()
+        .filter(|(n, _)| n == "transfer-encoding")
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    if !lengths.is_empty() && !encodings.is_empty() {
+        return Err(Reject::bad(
+            "Content-Length together with Transfer-Encoding",
+        ));
+    }
+    if !encodings.is_empty() {
+        let only_chunked = encodings.len() == 1
+            && std::str::from_utf8(encodings[0])
+                .map(|v| v.trim().eq_ignore_ascii_case("chunked"))
+                .unwrap_or(false);
+        if !only_chunked {
+            return Err(Reject::bad("unsupported Transfer-Encoding (only chunked)"));
+        }
+        return Ok(Body::Chunked);
+    }
+    let mut value: Option<u64> = None;
+    for raw in lengths {
+        let text = std::str::from_utf8(raw).unwrap_or("").trim();
+        if text.is_empty() || text.len() > 19 || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Reject::bad("invalid Content-Length"));
+        }
+        let n: u64 = text
+            .parse()
+            .map_err(|_| Reject::bad("invalid Content-Length"))?;
+        match value {
+            Some(prev) if prev != n => {
+                return Err(Reject::bad("conflicting Content-Length headers"));
+            }
+            _ => value = Some(n),
+        }
+    }
+    Ok(match value {
+        None | Some(0) => Body::None,
+        Some(n) => Body::Length(n),
+    })
+}
+
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        && !host.starts_with('.')
+        && !host.contains("..")
+}
+
+/// `host:port`, `[v6]:port`, or without port when `default_port` is given.
+pub(crate) fn parse_authority(
+    text: &str,
+    default_port: Option<u16>,
+) -> Result<(String, u16), Reject> {
+    let bad = || Reject::bad(format!("invalid target {text:?}: expected host:port"));
+    if text.contains('@') {
+        return Err(Reject::bad("user information in the target is not allowed"));
+    }
+    let (host, port_text) = if let Some(rest) = text.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']').ok_or_else(bad)?;
+        let ip: std::net::Ipv6Addr = v6.parse().map_err(|_| bad())?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or_else(bad)?),
+        };
+        (ip.to_string(), port)
+    } else {
+        match text.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (text.to_string(), None),
+        }
+    };
+    if host.parse::<std::net::Ipv6Addr>().is_err() && !valid_host(&host) {
+        return Err(bad());
+    }
+    let port = match port_text {
+        Some(p) => {
+            if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            p.parse::<u16>().map_err(|_| bad())?
+        }
+        None => default_port.ok_or_else(bad)?,
+    };
+    if port == 0 {
+        return Err(bad());
+    }
+    Ok((host, port))
+}
+
+fn parse_absolute(target: &str) -> Result<Target, Reject> {
+    let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
+    if lower.starts_with("https://") {
+        return Err(Reject::bad(
+            "https:// URLs must be tunnelled: use CONNECT (set HTTPS_PROXY)",
+        ));
+    }
+    if !lower.starts_with("http://") {
+        if target.contains("://") {
+            return Err(Reject::bad("only http:// URLs can be forwarded"));
+        }
+        return Err(Reject::bad(
+            "not a proxy request: send an absolute http:// URL or CONNECT",
+        ));
+    }
+    let rest = &target[7..];
+    if rest.contains('#') {
+        return Err(Reject::bad("fragment in request target"));
+    }
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(split);
+    let (host, port) = parse_authority(authority, Some(80))?;
+    let origin = if tail.is_empty() {
+        "/".to_string()
+    } else if tail.starts_with('?') {
+        format!("/{tail}")
+    } else {
+        tail.to_string()
+    };
+    let path = origin.split('?').next().unwrap_or("/").to_string();
+    if path
+        .split('/')
+        .map(|seg| seg.replace("%2e", ".").replace("%2E", "."))
+        .any(|seg| seg == "." || seg == "..")
+    {
+        return Err(Reject::bad("dot segments in the request path"));
+    }
+    Ok(Target::Forward {
+        host,
+        port,
+        authority: authority.to_string(),
+        origin,
+        path,
+    })
+}
+
+/// Headers never forwarded (hop-by-hop, proxy-only, and Host, which is
+/// rewritten from the URL).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+];
+
+/// The origin-form head sent upstream: one request per upstream connection,
+/// ending with `Connection: close`.
+pub(crate) fn rewrite_forward(head: &Head) -> Vec<u8> {
+    let Target::Forward {
+        authority, origin, ..
+    } = &head.target
+    else {
+        return Vec::new();
+    };
+    let named: Vec<String> = head
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "connection" || n == "proxy-connection")
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(
+        format!("{} {origin} HTTP/1.1\r\nHost: {authority}\r\n", head.method).as_bytes(),
+    );
+    for (name, value) in &head.headers {
+        if HOP_BY_HOP.contains(&name.as_str()) || named.iter().any(|n| n == name) {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    out
+}
+
+/// A plain-text error response that closes the connection.
+pub(crate) fn error_response(status: u16, message: &str) -> Vec<u8> {
+    let body = format!("{message}\n");
+    format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        reason_phrase(status),
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A JSON response that closes the connection.
+pub(crate) fn json_response(status: u16, body: &serde_json::Value) -> Vec<u8> {
+    let body = format!("{body}\n");
+    format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        reason_phrase(status),
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// Errors while relaying a body.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    #[error("i/o while relaying the body")]
+    Io(#[from] std::io::Error),
+    #[error("client closed before the body ended")]
+    Truncated,
+    #[error("malformed chunked body")]
+    Chunked,
+}
+
+/// Copy exactly the request body (framed by `body`) from the client to
+/// upstream. `buffered` holds bytes already read after the head.
+pub(crate) async fn forward_body<R, W>(
+    client: &mut R,
+    buffered: &[u8],
+    body: Body,
+    upstream: &mut W,
+) -> Result<(), BodyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match body {
+        Body::None => Ok(()),
+        Body::Length(n) => {
+            let take = buffered.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+            upstream.write_all(&buffered[..take]).await?;
+            let rest = n - take as u64;
+            let copied = tokio::io::copy(&mut (&mut *client).take(rest), upstream).await?;
+            if copied != rest {
+                return Err(BodyError::Truncated);
+            }
+            Ok(())
+        }
+        Body::Chunked => forward_chunked(client, buffered.to_vec(), upstream).await,
+    }
+}
+
+async fn fill<R: AsyncRead + Unpin>(client: &mut R, buf: &mut Vec<u8>) -> Result<(), BodyError> {
+    let mut chunk = [0u8; 8192];
+    let n = client.read(&mut chunk).await?;
+    if n == 0 {
+        return Err(BodyError::Truncated);
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// Relay a chunked body chunk by chunk (checking the framing so nothing
+/// after the last chunk reaches upstream), then its trailer section.
+async fn forward_chunked<R, W>(
+    client: &mut R,
+    mut buf: Vec<u8>,
+    upstream: &mut W,
+) -> Result<(), BodyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    const MAX_LINE: usize = 4096;
+    loop {
+        let (line_len, size) = loop {
+            match httparse::parse_chunk_size(&buf) {
+                Ok(httparse::Status::Complete((idx, size))) => break (idx, size),
+                Ok(httparse::Status::Partial) if buf.len() < MAX_LINE => {
+                    fill(client, &mut buf).await?;
+                }
+                _ => return Err(BodyError::Chunked),
+            }
+        };
+        upstream.write_all(&buf[..line_len]).await?;
+        buf.drain(..line_len);
+        if size == 0 {
+            break;
+        }
+        // Chunk data, then exactly CRLF.
+        let mut remaining = size;
+        while remaining > 0 {
+            if buf.is_empty() {
+                fill(client, &mut buf).await?;
+            }
+            let take = buf
+                .len()
+                .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+            upstream.write_all(&buf[..take]).await?;
+            buf.drain(..take);
+            remaining -= take as u64;
+        }
+        while buf.len() < 2 {
+            fill(client, &mut buf).await?;
+        }
+        if &buf[..2] != b"\r\n" {
+            return Err(BodyError::Chunked);
+        }
+        upstream.write_all(b"\r\n").await?;
+        buf.drain(..2);
+    }
+    // Trailer section: header lines until an empty line.
+    loop {
+        let Some(pos) = buf.windows(2).position(|w| w == b"\r\n") else {
+            if buf.len() >= MAX_LINE {
+                return Err(BodyError::Chunked);
+            }
+            fill(client, &mut buf).await?;
+            continue;
+        };
+        upstream.write_all(&buf[..pos + 2]).await?;
+        let empty = pos == 0;
+        buf.drain(..pos + 2);
+        if empty {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    fn reject_of(raw: &str) -> Option<Reject> {
+        parse_head(raw.as_bytes()).err()
+    }
+
+    #[test]
+    fn connect_targets() {
+        assert_eq!(
+            parse_authority("example.com:443", None),
+            Ok(("example.com".to_string(), 443))
+        );
+        assert_eq!(
+            parse_authority("[::1]:8080", None),
+            Ok(("::1".to_string(), 8080))
+        );
+        for bad in [
+            "example.com",
+            "example.com:0",
+            "example.com:99999",
+            ":443",
+            "exa mple.com:443",
+            "a@b:443",
+            "[::1:443",
+            "example.com:+44",
+            "",
+        ] {
+            assert!(parse_authority(bad, None).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn forward_targets() {
+        let head = parse_head(b"GET http://Example.com:8080/a/b?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()
+            .flatten()
+            .map(|h| h.target);
+        assert_eq!(
+            head,
+            Some(Target::Forward {
+                host: "Example.com".into(),
+                port: 8080,
+                authority: "Example.com:8080".into(),
+                origin: "/a/b?q=1".into(),
+                path: "/a/b".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn rejects() {
+        let cases = [
+            ("GET https://a.com/ HTTP/1.1\r\n\r\n", 400),
+            ("GET /index.html HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("CONNECT a.com HTTP/1.1\r\n\r\n", 400),
+            ("GET http://a.com/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            (
+                "POST http://a.com/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
+            (
+                "POST http://a.com/ HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                400,
+            ),
+            ("GET http://a.com/x/../y HTTP/1.1\r\n\r\n", 400),
+            ("GET http://a.com/x/%2e%2E/y HTTP/1.1\r\n\r\n", 400),
+            ("\x16\x03\x01\x02\x00garbage\r\n\r\n", 400),
+        ];
+        for (raw, status) in cases {
+            assert_eq!(reject_of(raw).map(|r| r.status), Some(status), "{raw:?}");
+        }
+        assert!(parse_head(
+            b"POST http://a.com/ HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn rewrite_strips_hop_by_hop() {
+        let raw = b"GET http://a.com:81/p?q HTTP/1.1\r\nHost: evil\r\nProxy-Connection: keep-alive\r\nConnection: X-Secret\r\nX-Secret: 1\r\nProxy-Authorization: Basic x\r\nAccept: */*\r\n\r\n";
+        let head = parse_head(raw).ok().flatten();
+        let out = head.map(|h| String::from_utf8_lossy(&rewrite_forward(&h)).into_owned());
+        assert_eq!(
+            out.as_deref(),
+            Some("GET /p?q HTTP/1.1\r\nHost: a.com:81\r\naccept: */*\r\nConnection: close\r\n\r\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn chunked_body_stops_at_last_chunk() {
+        let input: &[u8] = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nGET http://smuggled/ HTTP/1.1\r\n\r\n";
+        let mut client = &input[3..];
+        let mut out = Vec::new();
+        let result = forward_body(&mut client, &input[..3], Body::Chunked, &mut out).await;
+        assert!(result.is_ok());
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\n"
+        );
+    }
+}

@@ -1,0 +1,3 @@
+//! Integration tests of the egress proxy: one binary, modules in `suite/`.
+
+mod suite;

@@ -1,0 +1,6 @@
+mod connect;
+mod forward;
+mod live;
+mod malformed;
+mod support;
+mod unix;
