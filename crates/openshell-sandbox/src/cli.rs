@@ -38,6 +38,23 @@ pub struct RunArgs {
     #[arg(long, env = "OPENSHELL_POLICY", value_name = "FILE")]
     pub policy: Option<PathBuf>,
 
+    /// Poll this http:// URL for policy updates (ETag / If-None-Match). Without --policy, the
+    /// initial policy is fetched from it too. Only network_policies may change live.
+    #[arg(long, env = "OPENSHELL_POLICY_URL", value_name = "URL")]
+    pub policy_url: Option<String>,
+
+    /// How often to poll --policy-url, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub policy_poll_interval: f64,
+
+    /// Append every egress decision as one JSON line to this file.
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+
+    /// Most concurrent proxied connections per sandbox.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_connections: usize,
+
     /// Working directory inside the sandbox (default: the current directory).
     #[arg(long, value_name = "DIR")]
     pub workdir: Option<PathBuf>,

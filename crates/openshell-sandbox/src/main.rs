@@ -1,6 +1,7 @@
 //! `openshell-sandbox`: run a command in a sandbox under a policy.
 
 mod cli;
+mod egress;
 mod logging;
 
 use std::collections::BTreeMap;
@@ -110,7 +111,24 @@ fn load_policy(path: Option<&Path>) -> anyhow::Result<Policy> {
 }
 
 fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
-    let policy = match load_policy(run.policy.as_deref()) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let policy = if run.policy.is_none() && run.policy_url.is_some() {
+        let url = run.policy_url.clone().unwrap_or_default();
+        rt.block_on(async {
+            let text = openshell_proxy::watch::fetch_text(&url).await?;
+            let policy = Policy::from_yaml(&url, &text)?;
+            openshell_policy::DecisionEngine::new(&policy.network)
+                .context("compiling network_policies into the Rego engine")?;
+            anyhow::Ok(policy)
+        })
+    } else {
+        load_policy(run.policy.as_deref())
+    };
+    let policy = match policy {
         Ok(p) => p,
         Err(e) if run.check_policy => {
             report_error(&e);
@@ -147,7 +165,17 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     for kv in &run.env {
         env.insert(kv.key.clone(), kv.value.clone());
     }
+    let handle =
+        openshell_proxy::PolicyHandle::new(policy.clone()).context("loading the network policy")?;
+    let proxy_config = openshell_proxy::ProxyConfig {
+        max_connections: run.max_connections,
+        audit_log: run.audit_log.clone(),
+        ..Default::default()
+    };
+    let proxy = openshell_proxy::Proxy::new(proxy_config, handle.clone())
+        .context("starting the egress proxy")?;
     let mut config = SpawnConfig::new(program.clone(), Arc::new(policy), workdir);
+    config.egress = Some(Arc::new(egress::ProxyEgress { proxy }));
     config.args = args.to_vec();
     config.env = env;
     config.stdio = StdioMode::Inherit;
@@ -161,12 +189,30 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
         config.resources.pids = Some(p);
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(supervise(runtime, config, run.timeout))
+    rt.block_on(async {
+        // Live updates: only network_policies may change; anything else is refused and the
+        // last good policy stays.
+        let _file_watch = match &run.policy {
+            Some(path) => Some(openshell_proxy::watch::watch_file(path, handle.clone())?),
+            None => None,
+        };
+        let _url_poll = match &run.policy_url {
+            Some(url) => {
+                let interval = Duration::from_secs_f64(run.policy_poll_interval.max(0.05));
+                Some(openshell_proxy::watch::poll_url(
+                    url,
+                    interval,
+                    handle.clone(),
+                )?)
+            }
+            None => None,
+        };
+        let code = supervise(runtime, config, run.timeout).await;
+        for task in [_file_watch, _url_poll].into_iter().flatten() {
+            task.abort();
+        }
+        code
+    })
 }
 
 async fn supervise(
