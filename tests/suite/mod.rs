@@ -3,6 +3,7 @@ mod common;
 mod api;
 mod bad_input;
 mod cleanup;
+mod egress;
 mod filesystem;
 mod identity;
 mod lifecycle;
