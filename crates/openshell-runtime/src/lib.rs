@@ -126,12 +126,17 @@ pub type EgressGuard = Box<dyn std::any::Any + Send + Sync>;
 /// The egress layer (the proxy), seen from the runtime.
 pub trait Egress: Send + Sync + fmt::Debug {
     /// Start serving one sandbox. Called before the workload starts; an error stops the sandbox.
-    fn attach(&self, attachment: EgressAttachment) -> Result<EgressGuard, Box<dyn std::error::Error + Send + Sync>>;
+    fn attach(
+        &self,
+        attachment: EgressAttachment,
+    ) -> Result<EgressGuard, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// Where the workload finds the proxy (inside its network namespace).
-pub const PROXY_ADDR: std::net::SocketAddr =
-    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 200, 0, 1), 3128));
+pub const PROXY_ADDR: std::net::SocketAddr = std::net::SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::new(10, 200, 0, 1),
+    3128,
+));
 
 /// Everything needed to start a workload in a sandbox.
 #[derive(Debug, Clone)]
