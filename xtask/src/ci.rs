@@ -18,9 +18,14 @@ pub fn run_all() -> Result<()> {
         "warnings",
     ]))?;
     section("cargo test");
-    run(cargo().args(["test", "--workspace"]))?;
+    test(&[])?;
     println!("\nci: all checks passed");
     Ok(())
+}
+
+/// The project's test command, `cargo test --workspace`, with extra arguments appended.
+pub fn test(extra: &[String]) -> Result<()> {
+    run(cargo().args(["test", "--workspace"]).args(extra))
 }
 
 fn section(name: &str) {

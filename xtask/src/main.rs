@@ -20,6 +20,7 @@ commands:
   bench [NAME...] [--runs N] [--list]
                            build openshell-sandbox in release, then run the named benchmarks
                            (default: all; --list names them) with N runs each (default 100)
+  test [ARGS...]           deps, then `cargo test --workspace [ARGS...]` (the README's command)
   ci                       cargo fmt --check, cargo clippy -D warnings, cargo test --workspace
                            (run `cargo xtask deps` first on a fresh machine)
   help                     print this message";
@@ -46,6 +47,10 @@ fn run() -> Result<()> {
         "bench" => {
             let opts = bench::Opts::parse(&rest).context("bench: bad arguments")?;
             bench::run(&opts)
+        }
+        "test" => {
+            deps::ensure()?;
+            ci::test(&rest)
         }
         "ci" => {
             no_args("ci", &rest)?;

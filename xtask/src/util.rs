@@ -21,14 +21,23 @@ pub fn cargo() -> Command {
     cmd
 }
 
-/// A readable rendering of a command line, for logs and error messages.
+/// A rendering of a command line, for logs and error messages, that a shell would read back as
+/// the same arguments.
 pub fn display(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for arg in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&arg.to_string_lossy());
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|arg| quote(&arg.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
     }
-    s
 }
 
 /// Prints the command, runs it with inherited stdio and fails unless it exits 0.
@@ -65,4 +74,19 @@ pub fn is_root() -> Result<bool> {
         .and_then(|ids| ids.split_whitespace().nth(1))
         .context("no Uid line in /proc/self/status")?;
     Ok(euid == "0")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    #[test]
+    fn display_quotes_what_a_shell_would_split() {
+        let mut cmd = Command::new("hyperfine");
+        cmd.args(["--runs", "3", "bwrap --ro-bind / / true", "it's", ""]);
+        assert_eq!(
+            super::display(&cmd),
+            r"hyperfine --runs 3 'bwrap --ro-bind / / true' 'it'\''s' ''"
+        );
+    }
 }

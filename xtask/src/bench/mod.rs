@@ -183,6 +183,18 @@ impl Stats {
     }
 }
 
+/// What the figures depend on besides the code: CPU count and load when the benchmark ran.
+fn machine() -> Value {
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<f64> = loadavg
+        .split_whitespace()
+        .take(3)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    serde_json::json!({ "cpus": cpus, "loadavg": load })
+}
+
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }

@@ -36,7 +36,19 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let median_ok = ours.median_ms <= TARGET_MEDIAN_MS;
     let ratio_ok = ratio <= TARGET_RATIO;
 
+    let machine = super::machine();
     println!();
+    println!(
+        "machine: {} cpus, load average {} (figures are noisy on a busy machine)",
+        machine["cpus"],
+        machine["loadavg"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| format!("{:.2}", l.as_f64().unwrap_or(f64::NAN)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!(
         "spawn -> exit of /bin/true ({} runs each, {} warmup, from {})",
         ctx.runs,
@@ -52,12 +64,12 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     }
     println!("  ratio ours/bwrap: {ratio:.2} (median), {ratio_p95:.2} (p95)");
     println!(
-        "  target median <= {TARGET_MEDIAN_MS} ms: {} ({:.2} ms)",
+        "  target median <= {TARGET_MEDIAN_MS:.0} ms: {} ({:.2} ms)",
         verdict(median_ok),
         ours.median_ms
     );
     println!(
-        "  target ratio <= {TARGET_RATIO}: {} ({ratio:.2})",
+        "  target ratio <= {TARGET_RATIO:.1}: {} ({ratio:.2})",
         verdict(ratio_ok)
     );
 
@@ -66,6 +78,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         "workload": "/bin/true",
         "runs": ctx.runs,
         "warmup": ctx.warmup,
+        "machine": machine,
         "ours": { "command": OURS, "stats": ours.to_json() },
         "bwrap": { "command": BWRAP, "stats": bwrap.to_json() },
         "ratio_median": super::round3(ratio),
