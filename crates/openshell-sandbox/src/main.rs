@@ -46,7 +46,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SANDBOX_FAILED);
         }
     };
-    match run_main(run) {
+    tracing::debug!("supervisor started");
+    let result = run_main(run);
+    tracing::debug!("supervisor done");
+    match result {
         Ok(code) => code,
         Err(e) => {
             report_error(&e);

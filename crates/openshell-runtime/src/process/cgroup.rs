@@ -207,16 +207,21 @@ impl Cgroup {
 
     /// Move `pid` into the cgroup.
     pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
-        for file in self.procs_files() {
-            write(&file, &pid.to_string())?;
-        }
-        Ok(())
+        add_to(&self.procs_files(), pid)
     }
 
     /// Remove the directories; see [`remove_dirs`].
     pub fn remove(&self, patience: Duration) {
         remove_dirs(&self.dirs, patience);
     }
+}
+
+/// Write `pid` into each `cgroup.procs` file.
+pub fn add_to(procs_files: &[PathBuf], pid: i32) -> Result<(), CgroupError> {
+    for file in procs_files {
+        write(file, &pid.to_string())?;
+    }
+    Ok(())
 }
 
 fn cpu_quota(cpus: f64, period: u64) -> u64 {

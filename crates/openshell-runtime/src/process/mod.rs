@@ -403,6 +403,25 @@ async fn await_running(ctl: &mut Control, sandbox: &str) -> Result<i32, ProcessE
     }
 }
 
+fn procs_files(cgroup: &Option<cgroup::Cgroup>) -> Vec<PathBuf> {
+    cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default()
+}
+
+/// Host pids of the processes in `init_pid`'s pid namespace (init included).
+fn pidns_members(init_pid: i32) -> Vec<i32> {
+    let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|l| l == ns))
+        .collect()
+}
+
 /// The pids listed in the first readable `cgroup.procs` file.
 fn read_pids(procs: &[PathBuf]) -> Vec<i32> {
     procs
@@ -421,7 +440,7 @@ pub struct ProcessSandbox {
     holder: Helper,
     init_pid: i32,
     init_pidfd: OwnedFd,
-    cgroup: cgroup::Cgroup,
+    cgroup: Option<cgroup::Cgroup>,
     edge: Arc<net::EdgeNamespace>,
     /// Keeps the proxy serving this sandbox.
     _egress: Option<crate::EgressGuard>,
@@ -472,7 +491,15 @@ impl ProcessSandbox {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let cgroup = cgroup::Cgroup::create(&id, &config.resources)?;
+        // No limits, no cgroup: on cgroup v1 hosts, moving a process into a cgroup costs an RCU
+        // grace period (about 10 ms here), and the pid namespace already bounds the sandbox's
+        // lifetime.
+        let r = &config.resources;
+        let cgroup = if r.memory_mib.is_some() || r.cpus.is_some() || r.pids.is_some() {
+            Some(cgroup::Cgroup::create(&id, &config.resources)?)
+        } else {
+            None
+        };
         match Self::start(id.clone(), config, identity, launch, cgroup).await {
             Ok(sandbox) => Ok(sandbox),
             Err((e, cgroup)) => {
@@ -489,7 +516,7 @@ impl ProcessSandbox {
         config: SpawnConfig,
         identity: Identity,
         launch: LaunchPlan,
-        cgroup: cgroup::Cgroup,
+        cgroup: Option<cgroup::Cgroup>,
     ) -> Result<ProcessSandbox, (ProcessError, Option<cgroup::Cgroup>)> {
         let flags = CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWUTS
@@ -498,8 +525,9 @@ impl ProcessSandbox {
             | CloneFlags::CLONE_NEWPID;
         let mut holder = match start_helper(config.stdio, flags) {
             Ok(h) => h,
-            Err(e) => return Err((e, Some(cgroup))),
+            Err(e) => return Err((e, cgroup)),
         };
+        debug!(sandbox = %id, "holder started");
         let plan = SpawnPlan {
             hostname: config.hostname.clone(),
             net: NetPlan {
@@ -507,7 +535,7 @@ impl ProcessSandbox {
                 address: net::SANDBOX_ADDR,
                 prefix_len: net::PREFIX_LEN,
             },
-            cgroup_dirs: cgroup.dirs.clone(),
+            cgroup_dirs: cgroup.as_ref().map(|c| c.dirs.clone()).unwrap_or_default(),
             launch,
         };
         // From here on the holder owns the cgroup's removal; on failure we kill it and wait, so
@@ -521,6 +549,7 @@ impl ProcessSandbox {
                 }
                 _ => return Err(ProcessError::HelperLost),
             };
+            debug!(sandbox = %id, init_pid, "init forked");
             let init_pidfd =
                 sys::pidfd_open(nix::unistd::Pid::from_raw(init_pid)).map_err(|e| {
                     ProcessError::Io {
@@ -528,13 +557,25 @@ impl ProcessSandbox {
                         source: e.into(),
                     }
                 })?;
-            cgroup.add(init_pid)?;
-            let edge = net::EdgeNamespace::create(init_pid).await?;
+            // Both steps cost a kernel-wide synchronisation (cgroup v1 migration, namespace
+            // device registration): run them side by side.
+            let dirs = procs_files(&cgroup);
+            let add = tokio::task::spawn_blocking(move || cgroup::add_to(&dirs, init_pid));
+            let (added, edge) = tokio::join!(add, net::EdgeNamespace::create(init_pid));
+            added.map_err(|_| ProcessError::HelperLost)??;
+            let edge = edge?;
+            debug!(sandbox = %id, "cgroup and network ready");
             let egress = match &config.egress {
                 Some(egress) => {
                     let listener = edge.bind_tcp(crate::PROXY_ADDR).await?;
-                    let procs = cgroup.procs_files();
-                    let members = Arc::new(move || read_pids(&procs));
+                    let procs = procs_files(&cgroup);
+                    let members = Arc::new(move || {
+                        if procs.is_empty() {
+                            pidns_members(init_pid)
+                        } else {
+                            read_pids(&procs)
+                        }
+                    });
                     let attachment = crate::EgressAttachment {
                         sandbox_id: id.clone(),
                         listener,
@@ -546,6 +587,7 @@ impl ProcessSandbox {
                 None => None,
             };
             holder.ctl.send(&ToHelper::Go).await?;
+            debug!(sandbox = %id, "go sent");
             let _workload = await_running(&mut holder.ctl, &id).await?;
             Ok((init_pid, init_pidfd, edge, egress))
         }
@@ -570,7 +612,7 @@ impl ProcessSandbox {
             Err(e) => {
                 let _ = holder.child.start_kill();
                 let _ = holder.child.wait().await;
-                Err((e, Some(cgroup)))
+                Err((e, cgroup))
             }
         }
     }
@@ -614,7 +656,9 @@ impl ProcessSandbox {
         }
         let _ = self.holder.child.wait().await;
         // The holder removes the cgroup; this only matters if the holder itself was killed.
-        self.cgroup.remove(Duration::from_millis(500));
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.remove(Duration::from_millis(500));
+        }
         let report = self
             .workload_status
             .or(ended)
@@ -660,7 +704,7 @@ impl ProcessSandbox {
             &config.env,
             &config.workdir,
             config.stdio,
-            self.cgroup.procs_files(),
+            procs_files(&self.cgroup),
         )?;
         let mut helper = start_helper(config.stdio, CloneFlags::empty())?;
         let plan = ExecPlan {

@@ -18,7 +18,8 @@ use std::os::fd::AsFd;
 
 use futures::TryStreamExt;
 use nix::sched::CloneFlags;
-use rtnetlink::{LinkUnspec, LinkVeth};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
 
 pub const EDGE_IF: &str = "veth0";
 pub const SANDBOX_IF: &str = "eth0";
@@ -153,23 +154,21 @@ async fn configure_edge(sandbox_pid: i32) -> Result<(), NetError> {
     })?;
     let conn = tokio::spawn(connection);
     let result = async {
+        // The peer is created directly in the sandbox's namespace: moving a device between
+        // namespaces afterwards costs a network-wide synchronisation (tens of milliseconds).
+        let peer = LinkUnspec::new_with_name(SANDBOX_IF)
+            .setns_by_pid(sandbox_pid as u32)
+            .build();
+        let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(EDGE_IF.to_owned())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
         handle
             .link()
-            .add(LinkVeth::new(EDGE_IF, SANDBOX_IF).build())
+            .add(veth)
             .execute()
             .await
             .map_err(nl("creating the veth pair"))?;
-        let peer = link_index(&handle, SANDBOX_IF).await?;
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(peer)
-                    .setns_by_pid(sandbox_pid as u32)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("moving the veth end into the sandbox"))?;
         let edge = link_index(&handle, EDGE_IF).await?;
         handle
             .address()
