@@ -1,11 +1,15 @@
-//! Decisions: the CONNECT cache, the structured event and the audit log line.
+//! Decisions: the Rego call with the CONNECT cache ([`Decider`]), the
+//! structured event and the audit log line.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use openshell_policy::Decision;
+use openshell_policy::{Decision, DecisionInput, ExecInfo, HttpRequest, NetworkTarget, RegoError};
+
+use crate::identity::Caller;
+use crate::policy::PolicyHandle;
 
 /// Most cached decisions; the cache is emptied when full (old generations
 /// are dead entries anyway).
@@ -38,6 +42,102 @@ impl DecisionCache {
                 map.clear();
             }
             map.insert(key, decision);
+        }
+    }
+}
+
+/// The Rego step of the proxy: the live policy and the CONNECT decision
+/// cache, exactly as the proxy uses them for every connection and request
+/// (public so benchmarks measure the proxy's own path).
+pub struct Decider {
+    policy: PolicyHandle,
+    cache: DecisionCache,
+}
+
+/// What [`Decider::decide`] found.
+#[derive(Debug)]
+pub struct Decided {
+    /// The engine's answer, or why evaluation failed.
+    pub decision: Result<Decision, RegoError>,
+    /// The answer came from the CONNECT cache.
+    pub cached: bool,
+    /// Policy generation the decision was made with.
+    pub generation: u64,
+}
+
+impl std::fmt::Debug for Decider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decider")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Decider {
+    /// A decider with an empty cache.
+    pub fn new(policy: PolicyHandle) -> Self {
+        Self {
+            policy,
+            cache: DecisionCache::default(),
+        }
+    }
+
+    /// The policy handle decisions are made with.
+    pub fn policy(&self) -> &PolicyHandle {
+        &self.policy
+    }
+
+    /// Decide `caller` reaching `host:port` with the policy in force.
+    /// `host` must already be normalised
+    /// ([`openshell_policy::types::normalise_host`]). Without `request` (a
+    /// CONNECT tunnel) the answer is cached per caller, destination and
+    /// policy generation; requests with L7 input always run Rego.
+    pub fn decide(
+        &self,
+        caller: &Caller,
+        host: &str,
+        port: u16,
+        request: Option<HttpRequest>,
+    ) -> Decided {
+        let snapshot = self.policy.snapshot();
+        let generation = snapshot.generation;
+        let key = request.is_none().then(|| CacheKey {
+            binary: caller.exe.clone(),
+            ancestors: caller.ancestors.clone(),
+            host: host.to_string(),
+            port,
+            generation,
+        });
+        if let Some(decision) = key.as_ref().and_then(|k| self.cache.get(k)) {
+            return Decided {
+                decision: Ok(decision),
+                cached: true,
+                generation,
+            };
+        }
+        let input = DecisionInput {
+            exec: ExecInfo {
+                path: caller.exe.to_string_lossy().into_owned(),
+                ancestors: caller
+                    .ancestors
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect(),
+            },
+            network: NetworkTarget {
+                host: host.to_string(),
+                port,
+            },
+            request,
+        };
+        let decision = snapshot.decide(&input);
+        if let (Ok(d), Some(k)) = (&decision, key) {
+            self.cache.insert(k, d.clone());
+        }
+        Decided {
+            decision,
+            cached: false,
+            generation,
         }
     }
 }

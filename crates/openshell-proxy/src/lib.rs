@@ -66,6 +66,7 @@ mod server;
 pub mod ssrf;
 pub mod watch;
 
+pub use decision::{Decided, Decider};
 pub use identity::{Caller, FixedIdentity, IdentityError, IdentityResolver};
 pub use policy::{PolicyHandle, UpdateError};
 pub use server::{Proxy, ProxyConfig, ProxyError, SandboxContext, ServeGuard};

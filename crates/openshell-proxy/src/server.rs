@@ -6,15 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openshell_policy::types::normalise_host;
-use openshell_policy::{
-    Decision, DecisionInput, Enforcement, ExecInfo, HttpRequest, IpNet, NetworkTarget,
-};
+use openshell_policy::{Decision, Enforcement, HttpRequest, IpNet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::decision::{deny_body, Action, AuditLog, CacheKey, DecisionCache, Record};
+use crate::decision::{deny_body, Action, AuditLog, Decided, Decider, Record};
 use crate::http::{self, Head, ReadError, Target};
 use crate::identity::{parse_preamble, Caller, IdentityError, IdentityResolver, PREAMBLE_MAX};
 use crate::policy::PolicyHandle;
@@ -92,15 +90,14 @@ impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
             .field("config", &self.inner.config)
-            .field("policy", &self.inner.policy)
+            .field("policy", self.inner.decider.policy())
             .finish_non_exhaustive()
     }
 }
 
 struct Inner {
     config: ProxyConfig,
-    policy: PolicyHandle,
-    cache: DecisionCache,
+    decider: Decider,
     audit: Option<AuditLog>,
 }
 
@@ -133,8 +130,7 @@ impl Proxy {
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
-                policy,
-                cache: DecisionCache::default(),
+                decider: Decider::new(policy),
                 audit,
             }),
         })
@@ -142,7 +138,7 @@ impl Proxy {
 
     /// The policy handle this proxy decides with.
     pub fn policy(&self) -> &PolicyHandle {
-        &self.inner.policy
+        self.inner.decider.policy()
     }
 
     /// Serve one sandbox's TCP listener (the process backend's edge address).
@@ -507,46 +503,29 @@ impl Inner {
     }
 
     async fn decide(&self, head: &Head, caller: Result<&Caller, &IdentityError>) -> Outcome {
-        let snapshot = self.policy.snapshot();
-        let generation = snapshot.generation;
-        let deny = |reason: String, decision: Decision, status: u16| Outcome {
-            decision,
-            action: Action::Deny,
-            reason,
-            addr: None,
-            status,
-            cached: false,
-            generation,
-        };
         let caller = match caller {
             Ok(caller) => caller,
-            Err(IdentityError::BinaryChanged { .. }) => {
-                let reason = "binary content changed since first seen".to_string();
-                return deny(
-                    reason.clone(),
-                    denied(reason, vec!["binary".into()], None),
-                    403,
-                );
-            }
             Err(error) => {
-                let reason = format!("cannot identify the calling process: {error}");
-                return deny(
-                    reason.clone(),
-                    denied(reason, vec!["binary".into()], None),
-                    403,
-                );
+                let generation = self.decider.policy().generation();
+                let reason = match error {
+                    IdentityError::BinaryChanged { .. } => {
+                        "binary content changed since first seen".to_string()
+                    }
+                    error => format!("cannot identify the calling process: {error}"),
+                };
+                return Outcome {
+                    decision: denied(reason.clone(), vec!["binary".into()], None),
+                    action: Action::Deny,
+                    reason,
+                    addr: None,
+                    status: 403,
+                    cached: false,
+                    generation,
+                };
             }
         };
         let host = normalise_host(head.target.host());
         let port = head.target.port();
-        let exec = ExecInfo {
-            path: caller.exe.to_string_lossy().into_owned(),
-            ancestors: caller
-                .ancestors
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect(),
-        };
         let request = match &head.target {
             Target::Forward { path, .. } => Some(HttpRequest {
                 method: head.method.clone(),
@@ -554,39 +533,25 @@ impl Inner {
             }),
             Target::Connect { .. } => None,
         };
-        let key = request.is_none().then(|| CacheKey {
-            binary: caller.exe.clone(),
-            ancestors: caller.ancestors.clone(),
-            host: host.clone(),
-            port,
-            generation: snapshot.generation,
-        });
-        let cached = key.as_ref().and_then(|k| self.cache.get(k));
-        let was_cached = cached.is_some();
-        let decision = match cached {
-            Some(d) => d,
-            None => {
-                let input = DecisionInput {
-                    exec,
-                    network: NetworkTarget {
-                        host: host.clone(),
-                        port,
-                    },
-                    request,
+        let Decided {
+            decision,
+            cached: was_cached,
+            generation,
+        } = self.decider.decide(caller, &host, port, request);
+        let decision = match decision {
+            Ok(d) => d,
+            Err(error) => {
+                tracing::error!(target: "openshell::proxy", error = %error, "policy evaluation failed");
+                let reason = "policy evaluation failed".to_string();
+                return Outcome {
+                    decision: denied(reason.clone(), Vec::new(), None),
+                    action: Action::Deny,
+                    reason,
+                    addr: None,
+                    status: 403,
+                    cached: false,
+                    generation,
                 };
-                match snapshot.decide(&input) {
-                    Ok(d) => {
-                        if let Some(k) = key {
-                            self.cache.insert(k, d.clone());
-                        }
-                        d
-                    }
-                    Err(error) => {
-                        tracing::error!(target: "openshell::proxy", error = %error, "policy evaluation failed");
-                        let reason = "policy evaluation failed".to_string();
-                        return deny(reason.clone(), denied(reason, Vec::new(), None), 403);
-                    }
-                }
             }
         };
         if !decision.allow {

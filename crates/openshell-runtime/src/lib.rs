@@ -23,6 +23,8 @@ use openshell_policy::Policy;
 pub mod helper;
 #[cfg(target_os = "linux")]
 pub mod process;
+#[cfg(target_os = "linux")]
+pub mod vm_protocol;
 
 #[cfg(target_os = "linux")]
 pub use process::{ProcessError, ProcessSandbox};

@@ -358,7 +358,8 @@ fn exec_helper(mut ctl: Control, plan: ExecPlan) -> ! {
 // ---------------------------------------------------------------------------------------------
 // launch
 
-type StageError = (String, String);
+/// (stage, message) of a failed step.
+pub type StageError = (String, String);
 
 fn stage(stage: &str) -> impl FnOnce(String) -> StageError + '_ {
     move |m| (stage.to_owned(), m)
@@ -377,6 +378,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Fork the workload, wait until it has exec'd (or failed), report, and return its pid.
 fn launch(ctl: &mut Control, plan: &LaunchPlan) -> Result<Pid, StageError> {
+    let (pid, report) = launch_restricted(plan, None)?;
+    ctl.send(&FromHelper::Restricted(report));
+    Ok(Pid::from_raw(pid))
+}
+
+/// Fork a child that restricts itself as `plan` says and execs; return its pid (in the caller's
+/// pid namespace) and what it enforced once execve has succeeded. With `stdio`, the child's
+/// standard streams are those three descriptors.
+///
+/// The caller must be single-threaded (the guest agent and the helpers are).
+pub fn launch_restricted(
+    plan: &LaunchPlan,
+    stdio: Option<[RawFd; 3]>,
+) -> Result<(i32, RestrictionReport), StageError> {
     let filter = seccomp::compile().map_err(|e| ("seccomp".to_owned(), error_chain(&e)))?;
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ("pipe".to_owned(), errno_text(e)))?;
@@ -384,6 +399,13 @@ fn launch(ctl: &mut Control, plan: &LaunchPlan) -> Result<Pid, StageError> {
         ForkResult::Child => {
             drop(read_end);
             let mut report = std::fs::File::from(write_end);
+            if let Some(fds) = stdio {
+                for (target, fd) in fds.into_iter().enumerate() {
+                    if fd != target as RawFd {
+                        let _ = sys::dup_raw_onto(fd, target as RawFd);
+                    }
+                }
+            }
             let (stage, message, code) = restrict_and_exec(plan, &filter, &mut report);
             let line =
                 serde_json::to_string(&FromHelper::Failed { stage, message }).unwrap_or_default();
@@ -394,12 +416,11 @@ fn launch(ctl: &mut Control, plan: &LaunchPlan) -> Result<Pid, StageError> {
             drop(write_end);
             let mut text = String::new();
             let _ = std::fs::File::from(read_end).read_to_string(&mut text);
-            let mut restricted = false;
+            let mut restricted = None;
             for line in text.lines() {
                 if let Some(json) = line.strip_prefix('R') {
                     if let Ok(report) = serde_json::from_str::<RestrictionReport>(json) {
-                        restricted = true;
-                        ctl.send(&FromHelper::Restricted(report));
+                        restricted = Some(report);
                     }
                 } else if let Some(json) = line.strip_prefix('F') {
                     let _ = waitpid(child, None);
@@ -409,14 +430,16 @@ fn launch(ctl: &mut Control, plan: &LaunchPlan) -> Result<Pid, StageError> {
                     });
                 }
             }
-            if !restricted {
-                let _ = waitpid(child, None);
-                return Err((
-                    "launch".into(),
-                    "the workload process ended before exec".into(),
-                ));
+            match restricted {
+                Some(report) => Ok((child.as_raw(), report)),
+                None => {
+                    let _ = waitpid(child, None);
+                    Err((
+                        "launch".into(),
+                        "the workload process ended before exec".into(),
+                    ))
+                }
             }
-            Ok(child)
         }
     }
 }

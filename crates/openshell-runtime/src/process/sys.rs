@@ -230,3 +230,12 @@ pub fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> nix::Result<()> {
     let r = unsafe { libc::dup2(fd.as_raw_fd(), target) };
     Errno::result(r).map(drop)
 }
+
+/// `dup2(fd, target)` in a freshly forked, single-threaded child, for descriptors the parent
+/// passed by number (the guest agent's pipes and PTYs).
+pub fn dup_raw_onto(fd: RawFd, target: RawFd) -> nix::Result<()> {
+    // SAFETY: dup2 validates `fd` itself (EBADF); replacing `target` in a child that is about to
+    // exec closes a descriptor no Rust object in the child relies on.
+    let r = unsafe { libc::dup2(fd, target) };
+    Errno::result(r).map(drop)
+}

@@ -1,0 +1,297 @@
+//! The host ↔ guest-agent protocol of the vm backend, over vsock.
+//!
+//! Every byte between host and guest travels over vsock; nothing else connects them.
+//!
+//! - **Control** ([`AGENT_PORT`]): the host dials the agent once per session. Its first frame is a
+//!   [`Request`]; the agent answers with [`Event`]s and data frames. One connection carries one
+//!   process (the workload, or one `exec`), or one port forward.
+//! - **Egress** ([`EGRESS_PORT`]): the agent listens on 127.0.0.1:3128 inside the guest and, for
+//!   each connection, dials the host on this port, sends one caller preamble line (see
+//!   `openshell_proxy::identity`) naming the binary it resolved from the guest's /proc, then relays
+//!   bytes. The host side is the egress proxy's Unix listener.
+//!
+//! Frames are length-prefixed because a guest's half-close does not reach the host as EOF over
+//! vhost-user vsock: `u32` big-endian length of what follows, one kind byte, the payload.
+//! Payloads written by the agent are at most [`MAX_GUEST_WRITE`] bytes (larger single writes
+//! stall the vhost-device-vsock TX path with this guest kernel). Every frame is validated; a bad
+//! one ends the connection, never the agent.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::process::protocol::{LaunchPlan, RestrictionReport, WaitReport};
+
+/// vsock port the agent listens on for control connections.
+pub const AGENT_PORT: u32 = 1024;
+/// vsock port on the host (CID 2) the agent dials for egress.
+pub const EGRESS_PORT: u32 = 3128;
+/// The address the workload's proxy variables point at inside the guest.
+pub const GUEST_PROXY_ADDR: &str = "127.0.0.1:3128";
+/// Largest frame accepted (header excluded).
+pub const MAX_FRAME: usize = 1 << 20;
+/// Largest payload the agent writes in one frame.
+pub const MAX_GUEST_WRITE: usize = 30_000;
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// A JSON [`Request`] (host→guest) or [`Event`] (guest→host).
+    Json = 1,
+    /// Bytes for the process's stdin (or the PTY).
+    Stdin = 2,
+    /// Bytes the process wrote to stdout (or the PTY).
+    Stdout = 3,
+    /// Bytes the process wrote to stderr.
+    Stderr = 4,
+    /// The host closed stdin.
+    StdinEof = 5,
+    /// stdout reached end-of-file.
+    StdoutEof = 6,
+    /// stderr reached end-of-file.
+    StderrEof = 7,
+    /// Raw bytes of a port forward.
+    Data = 8,
+}
+
+impl Kind {
+    pub fn from_byte(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Json,
+            2 => Kind::Stdin,
+            3 => Kind::Stdout,
+            4 => Kind::Stderr,
+            5 => Kind::StdinEof,
+            6 => Kind::StdoutEof,
+            7 => Kind::StderrEof,
+            8 => Kind::Data,
+            _ => return None,
+        })
+    }
+}
+
+/// How a process's stdio is connected inside the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestStdio {
+    Piped,
+    Pty { rows: u16, cols: u16 },
+    Null,
+}
+
+/// One virtio-fs share to mount in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMount {
+    /// The virtio-fs tag.
+    pub tag: String,
+    /// Where it appears in the guest (the same path as on the host).
+    pub path: String,
+    pub readonly: bool,
+}
+
+/// What the host asks of the agent (first frame of a control connection).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Finish setting up the guest: mounts, hostname, limits. Sent once, before anything else.
+    Setup {
+        hostname: String,
+        mounts: Vec<GuestMount>,
+        pids_limit: Option<u64>,
+    },
+    /// Start a process. `main`: the workload, whose end powers the VM off.
+    Spawn {
+        launch: LaunchPlan,
+        stdio: GuestStdio,
+        main: bool,
+    },
+    /// While a process runs: deliver a signal.
+    Signal { signal: i32 },
+    /// While a PTY process runs: resize its terminal.
+    Resize { rows: u16, cols: u16 },
+    /// Connect to a TCP port on the guest's loopback and relay [`Kind::Data`] frames.
+    Forward { port: u16 },
+}
+
+/// What the agent reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Event {
+    /// Setup done.
+    Ready,
+    /// The process's restrictions are in place (just before execve).
+    Restricted(RestrictionReport),
+    /// execve succeeded; `pid` is the guest pid.
+    Running { pid: i32 },
+    /// The request failed; nothing runs.
+    Failed { stage: String, message: String },
+    /// The process ended.
+    Exited(WaitReport),
+    /// A forward is connected.
+    Connected,
+}
+
+/// Errors reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed json frame")]
+    Json(#[source] serde_json::Error),
+    #[error("connection")]
+    Io(#[source] std::io::Error),
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn json<T: Serialize>(value: &T) -> Frame {
+        Frame {
+            kind: Kind::Json,
+            payload: serde_json::to_vec(value).unwrap_or_default(),
+        }
+    }
+
+    pub fn empty(kind: Kind) -> Frame {
+        Frame {
+            kind,
+            payload: Vec::new(),
+        }
+    }
+
+    pub fn decode_json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, FrameError> {
+        serde_json::from_slice(&self.payload).map_err(FrameError::Json)
+    }
+
+    /// Header and payload as one buffer.
+    pub fn encode(&self) -> Vec<u8> {
+        let len = self.payload.len() + 1;
+        let mut out = Vec::with_capacity(4 + len);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// Validate a frame header; returns the number of bytes that follow it (kind + payload).
+pub fn check_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    if len > MAX_FRAME + 1 {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decode the bytes after a header.
+pub fn decode_body(body: Vec<u8>) -> Result<Frame, FrameError> {
+    let (&kind, payload) = body.split_first().ok_or(FrameError::Empty)?;
+    let kind = Kind::from_byte(kind).ok_or(FrameError::UnknownKind(kind))?;
+    Ok(Frame {
+        kind,
+        payload: payload.to_vec(),
+    })
+}
+
+/// Blocking read of one frame; `Ok(None)` at a clean end-of-stream.
+pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, FrameError> {
+    let mut header = [0u8; 4];
+    match r.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(FrameError::Io(e)),
+    }
+    let len = check_len(header)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(FrameError::Io)?;
+    decode_body(body).map(Some)
+}
+
+/// Blocking write of one frame.
+pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<(), FrameError> {
+    w.write_all(&frame.encode()).map_err(FrameError::Io)
+}
+
+/// Async read of one frame; `Ok(None)` at a clean end-of-stream.
+pub async fn read_frame_async<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<Frame>, FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 4];
+    match r.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(FrameError::Io(e)),
+    }
+    let len = check_len(header)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(FrameError::Io)?;
+    decode_body(body).map(Some)
+}
+
+/// Async write of one frame.
+pub async fn write_frame_async<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &Frame,
+) -> Result<(), FrameError> {
+    use tokio::io::AsyncWriteExt;
+    w.write_all(&frame.encode()).await.map_err(FrameError::Io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let frames = vec![
+            Frame::json(&Event::Running { pid: 7 }),
+            Frame {
+                kind: Kind::Stdout,
+                payload: b"hello".to_vec(),
+            },
+            Frame::empty(Kind::StdoutEof),
+        ];
+        let mut wire = Vec::new();
+        for f in &frames {
+            write_frame(&mut wire, f).expect("write");
+        }
+        let mut r = &wire[..];
+        let mut back = Vec::new();
+        while let Some(f) = read_frame(&mut r).expect("read") {
+            back.push(f);
+        }
+        assert_eq!(back, frames);
+    }
+
+    #[test]
+    fn bad_frames_are_errors_not_panics() {
+        let cases: Vec<(&[u8], &str)> = vec![
+            (&[0, 0, 0, 0], "empty frame"),
+            (&[0xff, 0xff, 0xff, 0xff], "exceeds the limit"),
+            (&[0, 0, 0, 1, 99], "unknown frame kind 99"),
+        ];
+        for (bytes, expected) in cases {
+            let mut r = bytes;
+            let err = read_frame(&mut r).expect_err("rejected");
+            assert!(err.to_string().contains(expected), "{err}");
+        }
+        let mut truncated: &[u8] = &[0, 0, 0, 5, 1, b'{'];
+        assert!(read_frame(&mut truncated).is_err());
+        let f = Frame {
+            kind: Kind::Json,
+            payload: b"{not json".to_vec(),
+        };
+        assert!(f.decode_json::<Request>().is_err());
+    }
+}
