@@ -113,13 +113,25 @@ impl Resources {
 /// What the runtime hands the egress layer for one sandbox, before the workload starts.
 pub struct EgressAttachment {
     pub sandbox_id: String,
-    /// The proxy's entry point for this sandbox: a TCP listener the sandbox can reach (process
-    /// backend: bound in the sandbox's edge network namespace).
-    pub listener: std::net::TcpListener,
-    /// Host pid of a process in the sandbox's network namespace (its init).
-    pub init_pid: i32,
-    /// The host pids of the sandbox's processes right now.
-    pub members: Arc<dyn Fn() -> Vec<i32> + Send + Sync>,
+    pub listener: EgressListener,
+}
+
+/// The proxy's entry point for one sandbox.
+pub enum EgressListener {
+    /// Process backend: a listener bound in the sandbox's edge network namespace; callers are
+    /// identified from the host's view of the sandbox's processes.
+    Tcp {
+        listener: std::net::TcpListener,
+        /// Host pid of a process in the sandbox's network namespace (its init).
+        init_pid: i32,
+        /// The host pids of the sandbox's processes right now.
+        members: Arc<dyn Fn() -> Vec<i32> + Send + Sync>,
+    },
+    /// vm backend: the host end of the guest's egress vsock port; each connection starts with
+    /// the guest agent's caller preamble.
+    Unix {
+        listener: std::os::unix::net::UnixListener,
+    },
 }
 
 /// Kept alive for as long as the sandbox runs; dropping it stops serving the sandbox.
@@ -235,14 +247,32 @@ pub enum RuntimeError {
     Process(#[from] ProcessError),
 }
 
+/// A stream the workload writes (its stdout or stderr), whatever the backend.
+pub type OutputStream = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+/// The workload's stdin, whatever the backend.
+pub type InputStream = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
 /// The standard streams of a sandboxed process the caller asked to pipe.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Stdio {
-    pub stdin: Option<tokio::process::ChildStdin>,
-    pub stdout: Option<tokio::process::ChildStdout>,
-    pub stderr: Option<tokio::process::ChildStderr>,
-    /// The master side of the pseudo-terminal, for [`StdioMode::Pty`].
+    pub stdin: Option<InputStream>,
+    pub stdout: Option<OutputStream>,
+    pub stderr: Option<OutputStream>,
+    /// The terminal for [`StdioMode::Pty`]: read the workload's output from it and write its
+    /// input to it. A PTY master on the process backend; a stream socket bridged to the guest's
+    /// PTY on the vm backend (resize with `resize`).
     pub pty: Option<std::os::fd::OwnedFd>,
+}
+
+impl fmt::Debug for Stdio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stdio")
+            .field("stdin", &self.stdin.is_some())
+            .field("stdout", &self.stdout.is_some())
+            .field("stderr", &self.stderr.is_some())
+            .field("pty", &self.pty)
+            .finish()
+    }
 }
 
 /// A workload running in a sandbox, whatever the backend.

@@ -117,7 +117,10 @@ pub async fn echo_server(ip: &str) -> Result<SocketAddr, BoxError> {
 
 /// Send `CONNECT target` to `proxy` and read the response head; returns the
 /// status and the open stream. Nothing follows the head until we send.
-pub async fn connect_via(proxy: SocketAddr, target: SocketAddr) -> Result<(u16, TcpStream), BoxError> {
+pub async fn connect_via(
+    proxy: SocketAddr,
+    target: SocketAddr,
+) -> Result<(u16, TcpStream), BoxError> {
     let mut s = TcpStream::connect(proxy).await?;
     s.set_nodelay(true)?;
     let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");

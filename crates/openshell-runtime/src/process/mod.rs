@@ -210,9 +210,18 @@ fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Helper, Process
     let stream = UnixStream::from_std(ours).map_err(io("registering the control socket"))?;
     let (r, w) = stream.into_split();
     let stdio = Stdio {
-        stdin: child.stdin.take(),
-        stdout: child.stdout.take(),
-        stderr: child.stderr.take(),
+        stdin: child
+            .stdin
+            .take()
+            .map(|s| Box::new(s) as crate::InputStream),
+        stdout: child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as crate::OutputStream),
+        stderr: child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as crate::OutputStream),
         pty,
     };
     Ok(Helper {
@@ -578,9 +587,11 @@ impl ProcessSandbox {
                     });
                     let attachment = crate::EgressAttachment {
                         sandbox_id: id.clone(),
-                        listener,
-                        init_pid,
-                        members,
+                        listener: crate::EgressListener::Tcp {
+                            listener,
+                            init_pid,
+                            members,
+                        },
                     };
                     Some(egress.attach(attachment).map_err(ProcessError::Egress)?)
                 }
