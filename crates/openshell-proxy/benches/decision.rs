@@ -31,6 +31,7 @@ const SAMPLES_CACHED: usize = 20_000;
 /// [`UNCACHED_BUDGET`] after warmup.
 const SAMPLES_UNCACHED: usize = 20_000;
 const UNCACHED_BUDGET: Duration = Duration::from_secs(8);
+const UNCACHED_WARMUP: usize = 20;
 
 struct Query {
     caller: Caller,
@@ -172,7 +173,7 @@ fn main() -> Result<(), BoxError> {
         }
     }
     eprintln!("decision: uncached (DecisionEngine::decide)");
-    let uncached = sample(WARMUP / 10, SAMPLES_UNCACHED, UNCACHED_BUDGET, |n| {
+    let uncached = sample(UNCACHED_WARMUP, SAMPLES_UNCACHED, UNCACHED_BUDGET, |n| {
         let d = engine.decide(black_box(&inputs[n % inputs.len()]))?;
         black_box(d);
         Ok(())
@@ -205,18 +206,29 @@ fn main() -> Result<(), BoxError> {
     // Forwarded plain HTTP: L7 input, Rego every time, through the proxy's
     // engine pool.
     eprintln!("decision: forward (Decider::decide with L7 input)");
-    let forward = sample(WARMUP / 10, SAMPLES_UNCACHED, UNCACHED_BUDGET, |n| {
+    let forward = sample(UNCACHED_WARMUP, SAMPLES_UNCACHED, UNCACHED_BUDGET, |n| {
         let q = &queries[n % queries.len()];
         let d = decider.decide(&q.caller, &q.host, q.port, get());
         black_box(d.decision?);
         Ok(())
     })?;
 
+    // Sample n ran query n % len (the sampler restarts its count after warmup).
+    let split = |samples: &[Duration], allow: bool| -> Vec<Duration> {
+        samples
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| queries[n % queries.len()].expect_allow == allow)
+            .map(|(_, d)| *d)
+            .collect()
+    };
     let report = serde_json::json!({
         "policies": POLICIES,
         "queries": queries.len(),
         "allowed_queries": queries.iter().filter(|q| q.expect_allow).count(),
         "uncached": summary_us(&uncached),
+        "uncached_allowed": summary_us(&split(&uncached, true)),
+        "uncached_denied": summary_us(&split(&uncached, false)),
         "cached": summary_us(&cached),
         "forward_uncached": summary_us(&forward),
     });

@@ -30,6 +30,8 @@ const HANDLE_UPDATES: usize = 50;
 const CALLER: &str = "/usr/bin/curl";
 /// Give up on one file update after this long.
 const UPDATE_LIMIT: Duration = Duration::from_secs(10);
+/// Quiet time before each file update.
+const PAUSE: Duration = Duration::from_millis(200);
 
 /// The document with the benchmark's policy allowing `binary`.
 fn doc(base: &str, port: u16, binary: &str) -> String {
@@ -92,6 +94,9 @@ async fn run() -> Result<(), BoxError> {
     let mut file_to_connect = Vec::new();
     let mut attempts = Vec::new();
     for n in 1..=FILE_UPDATES {
+        // Let the watcher go idle (late events of the previous rename end
+        // their settle delay), so each update starts from rest.
+        tokio::time::sleep(PAUSE).await;
         let which = n % 2;
         std::fs::write(&tmp, &texts[which])?;
         let generation = handle.generation();

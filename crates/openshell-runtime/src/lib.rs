@@ -23,8 +23,13 @@ use openshell_policy::Policy;
 pub mod helper;
 #[cfg(target_os = "linux")]
 pub mod process;
+#[cfg(all(target_os = "linux", feature = "vm"))]
+pub mod vm;
 #[cfg(target_os = "linux")]
 pub mod vm_protocol;
+
+#[cfg(all(feature = "vm", not(target_os = "linux")))]
+compile_error!("the vm backend needs Linux (vsock, virtio-fs helpers, qemu)");
 
 #[cfg(target_os = "linux")]
 pub use process::{ProcessError, ProcessSandbox};
@@ -44,7 +49,7 @@ impl RuntimeKind {
     pub fn is_available(self) -> bool {
         match self {
             RuntimeKind::Process => cfg!(target_os = "linux"),
-            RuntimeKind::Vm => false,
+            RuntimeKind::Vm => cfg!(feature = "vm"),
         }
     }
 
@@ -170,6 +175,8 @@ pub struct SpawnConfig {
     pub resources: Resources,
     /// Hostname inside the sandbox.
     pub hostname: String,
+    /// The vm backend's engine (`--vm-engine`); ignored by the process backend.
+    pub vm_engine: VmEngine,
     /// The egress proxy. Without it the sandbox has no way out at all; with it the workload
     /// gets HTTP_PROXY, HTTPS_PROXY, ALL_PROXY (and lowercase) pointing at it, and NO_PROXY for
     /// loopback.
@@ -190,6 +197,7 @@ impl SpawnConfig {
             policy,
             resources,
             hostname: "openshell".to_owned(),
+            vm_engine: VmEngine::Auto,
             egress: None,
         }
     }
@@ -237,6 +245,28 @@ impl fmt::Display for ExitStatus {
     }
 }
 
+/// `--vm-engine auto|krun|qemu`: which engine boots a vm sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VmEngine {
+    /// krun where KVM runs standard guests, qemu otherwise (the choice is logged).
+    #[default]
+    Auto,
+    Krun,
+    Qemu,
+}
+
+impl FromStr for VmEngine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(VmEngine::Auto),
+            "krun" => Ok(VmEngine::Krun),
+            "qemu" => Ok(VmEngine::Qemu),
+            other => Err(format!("unknown vm engine {other:?}, expected auto, krun or qemu")),
+        }
+    }
+}
+
 /// Errors of the runtime API.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -245,6 +275,9 @@ pub enum RuntimeError {
     #[cfg(target_os = "linux")]
     #[error(transparent)]
     Process(#[from] ProcessError),
+    #[cfg(all(target_os = "linux", feature = "vm"))]
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
 }
 
 /// A stream the workload writes (its stdout or stderr), whatever the backend.
@@ -280,6 +313,8 @@ impl fmt::Debug for Stdio {
 pub enum SandboxedProcess {
     #[cfg(target_os = "linux")]
     Process(ProcessSandbox),
+    #[cfg(all(target_os = "linux", feature = "vm"))]
+    Vm(vm::VmSandbox),
 }
 
 /// Start `config` under `kind`.
@@ -294,6 +329,16 @@ pub async fn spawn(
         )),
         #[cfg(not(target_os = "linux"))]
         RuntimeKind::Process => Err(RuntimeError::BackendNotBuilt(kind)),
+        #[cfg(all(target_os = "linux", feature = "vm"))]
+        RuntimeKind::Vm => {
+            let engine = match config.vm_engine {
+                VmEngine::Auto => vm::engine::EngineChoice::Auto,
+                VmEngine::Krun => vm::engine::EngineChoice::Krun,
+                VmEngine::Qemu => vm::engine::EngineChoice::Qemu,
+            };
+            Ok(SandboxedProcess::Vm(vm::VmSandbox::spawn(config, engine).await?))
+        }
+        #[cfg(not(all(target_os = "linux", feature = "vm")))]
         RuntimeKind::Vm => {
             let _ = config;
             Err(RuntimeError::BackendNotBuilt(kind))
@@ -307,6 +352,8 @@ impl SandboxedProcess {
         match self {
             #[cfg(target_os = "linux")]
             SandboxedProcess::Process(p) => p.id(),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedProcess::Vm(v) => v.id(),
         }
     }
 
@@ -315,6 +362,8 @@ impl SandboxedProcess {
         match self {
             #[cfg(target_os = "linux")]
             SandboxedProcess::Process(_) => RuntimeKind::Process,
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedProcess::Vm(_) => RuntimeKind::Vm,
         }
     }
 
@@ -323,6 +372,8 @@ impl SandboxedProcess {
         match self {
             #[cfg(target_os = "linux")]
             SandboxedProcess::Process(p) => p.take_stdio(),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedProcess::Vm(v) => v.take_stdio(),
         }
     }
 
@@ -331,6 +382,8 @@ impl SandboxedProcess {
         match self {
             #[cfg(target_os = "linux")]
             SandboxedProcess::Process(p) => Ok(p.wait().await?),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedProcess::Vm(v) => Ok(v.wait().await?),
         }
     }
 
@@ -339,6 +392,8 @@ impl SandboxedProcess {
         match self {
             #[cfg(target_os = "linux")]
             SandboxedProcess::Process(p) => Ok(p.signal(signal)?),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedProcess::Vm(v) => Ok(v.signal(signal)?),
         }
     }
 
@@ -347,6 +402,8 @@ impl SandboxedProcess {
         match self {
             #[cfg(target_os = "linux")]
             SandboxedProcess::Process(p) => Ok(p.kill()?),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedProcess::Vm(v) => Ok(v.kill()?),
         }
     }
 
@@ -356,6 +413,8 @@ impl SandboxedProcess {
         match self {
             #[cfg(target_os = "linux")]
             SandboxedProcess::Process(p) => Ok(SandboxedExec::Process(p.exec(config).await?)),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedProcess::Vm(v) => Ok(SandboxedExec::Vm(v.exec(config).await?)),
         }
     }
 }
@@ -365,6 +424,8 @@ impl SandboxedProcess {
 pub enum SandboxedExec {
     #[cfg(target_os = "linux")]
     Process(process::ProcessExec),
+    #[cfg(all(target_os = "linux", feature = "vm"))]
+    Vm(vm::VmExec),
 }
 
 impl SandboxedExec {
@@ -372,6 +433,8 @@ impl SandboxedExec {
         match self {
             #[cfg(target_os = "linux")]
             SandboxedExec::Process(p) => p.take_stdio(),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedExec::Vm(p) => p.take_stdio(),
         }
     }
 
@@ -379,6 +442,8 @@ impl SandboxedExec {
         match self {
             #[cfg(target_os = "linux")]
             SandboxedExec::Process(p) => Ok(p.wait().await?),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedExec::Vm(p) => Ok(p.wait().await?),
         }
     }
 
@@ -386,6 +451,8 @@ impl SandboxedExec {
         match self {
             #[cfg(target_os = "linux")]
             SandboxedExec::Process(p) => Ok(p.signal(signal)?),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedExec::Vm(p) => Ok(p.signal(signal)?),
         }
     }
 
@@ -393,6 +460,8 @@ impl SandboxedExec {
         match self {
             #[cfg(target_os = "linux")]
             SandboxedExec::Process(p) => Ok(p.kill()?),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedExec::Vm(p) => Ok(p.kill()?),
         }
     }
 }

@@ -34,6 +34,11 @@ pub struct RunArgs {
     #[arg(long, env = "OPENSHELL_RUNTIME", default_value = "process", value_parser = parse_runtime)]
     pub runtime: RuntimeKind,
 
+    /// Engine of the vm backend: krun where KVM runs standard guests, qemu (KVM or TCG) where it
+    /// cannot; `auto` picks and logs why.
+    #[arg(long, env = "OPENSHELL_VM_ENGINE", default_value = "auto", value_parser = parse_engine)]
+    pub vm_engine: openshell_runtime::VmEngine,
+
     /// Policy file (OpenShell v1 YAML). Without it, the built-in restrictive default applies.
     #[arg(long, env = "OPENSHELL_POLICY", value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -100,6 +105,10 @@ pub struct RunArgs {
     /// The command to run, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+fn parse_engine(s: &str) -> Result<openshell_runtime::VmEngine, String> {
+    openshell_runtime::VmEngine::from_str(s)
 }
 
 fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {

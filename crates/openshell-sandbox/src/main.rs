@@ -46,25 +46,31 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SANDBOX_FAILED);
         }
     };
-    tracing::debug!("supervisor started");
-    let result = run_main(run);
-    tracing::debug!("supervisor done");
-    match result {
+    match run_main(run) {
         Ok(code) => code,
         Err(e) => {
             report_error(&e);
             let code = e
                 .downcast_ref::<RuntimeError>()
-                .and_then(|e| match e {
-                    RuntimeError::Process(openshell_runtime::ProcessError::Setup {
-                        exit_code,
-                        ..
-                    }) => u8::try_from(*exit_code).ok(),
-                    _ => None,
-                })
+                .and_then(setup_exit_code)
                 .unwrap_or(EXIT_SANDBOX_FAILED);
             ExitCode::from(code)
         }
+    }
+}
+
+/// The shell-convention exit status of a workload that could not start (126, 127), if any.
+fn setup_exit_code(e: &RuntimeError) -> Option<u8> {
+    use openshell_runtime::ProcessError;
+    let process = match e {
+        RuntimeError::Process(p) => p,
+        #[cfg(feature = "vm")]
+        RuntimeError::Vm(openshell_runtime::vm::VmError::Process(p)) => p,
+        _ => return None,
+    };
+    match process {
+        ProcessError::Setup { exit_code, .. } => u8::try_from(*exit_code).ok(),
+        _ => None,
     }
 }
 
@@ -179,6 +185,7 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
         .context("starting the egress proxy")?;
     let mut config = SpawnConfig::new(program.clone(), Arc::new(policy), workdir);
     config.egress = Some(Arc::new(egress::ProxyEgress { proxy }));
+    config.vm_engine = run.vm_engine;
     config.args = args.to_vec();
     config.env = env;
     config.stdio = StdioMode::Inherit;

@@ -10,7 +10,7 @@ pub mod landlock;
 pub mod net;
 pub mod protocol;
 pub mod seccomp;
-mod sys;
+pub(crate) mod sys;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -237,16 +237,16 @@ fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Helper, Process
 
 /// The identity and restrictions every process in one sandbox gets.
 #[derive(Debug, Clone)]
-struct Identity {
+pub(crate) struct Identity {
     uid: u32,
     gid: u32,
     user: String,
     home: PathBuf,
-    landlock: LandlockPlan,
+    pub(crate) landlock: LandlockPlan,
 }
 
 impl Identity {
-    fn resolve(policy: &Policy, workdir: &Path) -> Result<Identity, ProcessError> {
+    pub(crate) fn resolve(policy: &Policy, workdir: &Path) -> Result<Identity, ProcessError> {
         let user_name = policy
             .process
             .run_as_user
@@ -297,7 +297,7 @@ impl Identity {
         })
     }
 
-    fn launch(
+    pub(crate) fn launch(
         &self,
         program: &str,
         args: &[String],
@@ -346,7 +346,7 @@ impl Identity {
     }
 }
 
-fn setup_error(stage: String, message: String) -> ProcessError {
+pub(crate) fn setup_error(stage: String, message: String) -> ProcessError {
     let exit_code = if stage == "exec" {
         if message.ends_with(&std::io::Error::from_raw_os_error(libc::ENOENT).to_string()) {
             127
@@ -364,7 +364,7 @@ fn setup_error(stage: String, message: String) -> ProcessError {
 }
 
 /// Log what was enforced (one structured event per process launched).
-fn log_restrictions(sandbox: &str, r: &RestrictionReport) {
+pub(crate) fn log_restrictions(sandbox: &str, r: &RestrictionReport) {
     let rights = r.landlock_rights.join(",");
     if r.landlock_status == "fully_enforced" {
         info!(

@@ -1,0 +1,61 @@
+//! Every `unsafe` block of the guest agent, each with its invariant.
+//!
+//! Return codes are turned into `Result` at once with `Errno::result`.
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::SockFlag;
+
+/// `accept4(2)` on a listening socket, returning the connection as an owned descriptor.
+pub fn accept(listener: BorrowedFd<'_>, flags: SockFlag) -> nix::Result<OwnedFd> {
+    let raw = nix::sys::socket::accept4(listener.as_raw_fd(), flags)?;
+    // SAFETY: accept4 succeeded, so `raw` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+nix::ioctl_write_ptr_bad!(tiocswinsz, libc::TIOCSWINSZ, libc::winsize);
+
+/// Set a terminal's window size (`TIOCSWINSZ`), on the PTY master or slave.
+pub fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> nix::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: `fd` is a live descriptor for the duration of the call and `ws` is a valid winsize
+    // that the kernel only reads.
+    unsafe { tiocswinsz(fd.as_raw_fd(), &ws) }.map(drop)
+}
+
+/// Set `IFF_UP` on a network interface through `SIOCGIFFLAGS`/`SIOCSIFFLAGS` on `sock` (any
+/// AF_INET datagram socket).
+pub fn interface_up(sock: BorrowedFd<'_>, name: &str) -> nix::Result<()> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: ifreq is a plain C struct (integers, arrays and a union of integers and pointers
+    // that the kernel fills); all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `sock` is a live socket; `req` is a valid ifreq with a NUL-terminated name that
+    // the kernel reads and writes in place.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    Errno::result(r)?;
+    // SAFETY: SIOCGIFFLAGS succeeded, so the union holds `ifru_flags`.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: as above; the kernel only reads `req`.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+    Errno::result(r).map(drop)
+}
+
+/// Whether descriptor `fd` is open in this process.
+pub fn fd_is_open(fd: i32) -> bool {
+    // SAFETY: F_GETFD takes no pointer and only queries the descriptor table.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}

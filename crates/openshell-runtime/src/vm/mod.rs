@@ -1,0 +1,771 @@
+//! The vm backend (Cargo feature `vm`): the workload runs in a microVM with our guest kernel and
+//! guest agent, and every host↔guest byte travels over vsock. The guest has no network device.
+//!
+//! Per sandbox, under the guest directory's `run/<id>/`:
+//! - `root/`: the guest's root directory (mount points for every share, the agent), shared
+//!   read-only over virtio-fs;
+//! - one virtiofsd per share: the policy's directories at the same paths as on the host,
+//!   read-only where the policy says;
+//! - vhost-device-vsock with `vsock.sock` (host dials the agent) and `vsock.sock_3128` (the
+//!   guest's egress, served by the proxy; bound before boot);
+//! - QEMU (`qemu.rs`), and the guest agent inside, which applies the same privilege drop,
+//!   Landlock and seccomp as the process backend.
+
+pub mod engine;
+pub mod guest;
+pub mod qemu;
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::process::Child;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::process::protocol::{LaunchPlan, WaitReport};
+use crate::process::{log_restrictions, setup_error, Identity, ProcessError};
+use crate::vm_protocol::{self as proto, Event, Frame, GuestMount, GuestStdio, Kind, Request};
+use crate::{ExecConfig, ExitStatus, SpawnConfig, Stdio, StdioMode};
+use engine::{EngineChoice, Share, VmDescription};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    #[error(transparent)]
+    Artifact(#[from] guest::MissingArtifact),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("filesystem_policy: {path}: {reason} (compatibility: hard_requirement)")]
+    Share { path: String, reason: String },
+    #[error("{op}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting {what}: {message}")]
+    Helper { what: &'static str, message: String },
+    #[error("the guest agent did not answer within {0:?}; console: {1}")]
+    AgentTimeout(Duration, String),
+    #[error("the guest agent closed the connection")]
+    AgentLost,
+    #[error("talking to the guest agent")]
+    Frame(#[source] proto::FrameError),
+    #[error("attaching the egress proxy")]
+    Egress(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the process has already exited")]
+    NotRunning,
+}
+
+fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let op = op.into();
+    move |source| VmError::Io { op, source }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Remove `run/<id>` directories left by supervisors that no longer exist (one killed with
+/// SIGKILL cannot clean up its own).
+fn collect_stale_boxes(run: &Path) {
+    let Ok(entries) = std::fs::read_dir(run) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.split('-').next().and_then(|p| i32::from_str_radix(p, 16).ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// The shares for a policy: every directory in read_only / read_write (and the workdir),
+/// at the same path in the guest. Virtual filesystems and device files are the guest's own.
+fn shares_for(identity: &Identity, workdir: &Path) -> Result<(Vec<Share>, Vec<(String, String)>), VmError> {
+    let mut shares: Vec<Share> = Vec::new();
+    let mut skipped = Vec::new();
+    let plan = &identity.landlock;
+    let entries = plan
+        .read_only
+        .iter()
+        .map(|p| (p.clone(), true))
+        .chain(plan.read_write.iter().map(|p| (p.clone(), false)))
+        .chain(std::iter::once((workdir.to_owned(), false)));
+    for (path, readonly) in entries {
+        let text = path.display().to_string();
+        if ["/proc", "/sys", "/dev"].iter().any(|v| path.starts_with(v)) {
+            continue;
+        }
+        match std::fs::symlink_metadata(&path) {
+            // Merged-usr symlinks (/bin -> usr/bin) exist in the guest root too.
+            Ok(m) if m.file_type().is_symlink() => continue,
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                skipped.push((text, "not a directory: only directories are shared into the VM".into()));
+                continue;
+            }
+            Err(e) if plan.hard_requirement => {
+                return Err(VmError::Share {
+                    path: text,
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) => {
+                skipped.push((text, e.to_string()));
+                continue;
+            }
+        }
+        // A path listed twice keeps its most permissive entry (as Landlock's union does).
+        if let Some(existing) = shares.iter_mut().find(|s| s.host_path == path) {
+            existing.readonly &= readonly;
+            continue;
+        }
+        shares.push(Share {
+            tag: format!("s{}", shares.len()),
+            guest_path: text,
+            host_path: path,
+            readonly,
+        });
+    }
+    // Parents are mounted before their children.
+    shares.sort_by_key(|s| s.host_path.components().count());
+    Ok((shares, skipped))
+}
+
+/// Build the per-sandbox guest root: the cached rootfs's layout, the agent, and a mount point
+/// for every share.
+fn build_root(cached: &Path, root: &Path, shares: &[Share]) -> Result<(), VmError> {
+    copy_tree(cached, root).map_err(io(format!("copying the guest root to {}", root.display())))?;
+    for share in shares {
+        let target = root.join(share.guest_path.trim_start_matches('/'));
+        // Never follow a symlink of the root out of it.
+        if target.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+            continue;
+        }
+        std::fs::create_dir_all(&target).map_err(io(format!("creating mount point {}", target.display())))?;
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let src = e.path();
+        let dst = to.join(e.file_name());
+        let ft = e.file_type()?;
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else if ft.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else if std::fs::hard_link(&src, &dst).is_err() {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+/// Dial the agent's control port through vhost-device-vsock (`CONNECT <port>` → `OK <n>`).
+async fn dial_agent(uds: &Path) -> std::io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(uds).await?;
+    stream.write_all(format!("CONNECT {}\n", proto::AGENT_PORT).as_bytes()).await?;
+    let mut line = Vec::new();
+    loop {
+        let mut byte = [0u8; 1];
+        if stream.read(&mut byte).await? == 0 {
+            return Err(std::io::ErrorKind::ConnectionRefused.into());
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+        if line.len() > 64 {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+    }
+    if line.starts_with(b"OK") {
+        Ok(stream)
+    } else {
+        Err(std::io::ErrorKind::ConnectionRefused.into())
+    }
+}
+
+/// A process in the guest, as seen from the host.
+struct Session {
+    to_agent: mpsc::UnboundedSender<Frame>,
+    exited: watch::Receiver<Option<WaitReport>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
+type Sink = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Where a session's output goes and where its input comes from, plus what the caller gets.
+fn stdio_plumbing(mode: StdioMode) -> Result<(GuestStdio, Option<Sink>, Option<Sink>, Option<crate::OutputStream>, Stdio), VmError> {
+    let pipe = || -> Result<(tokio::net::unix::pipe::Sender, tokio::net::unix::pipe::Receiver), VmError> {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(|e| VmError::Io {
+                op: "creating a pipe".into(),
+                source: e.into(),
+            })?;
+        let tx = tokio::net::unix::pipe::Sender::from_owned_fd(w).map_err(io("registering a pipe"))?;
+        let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(r).map_err(io("registering a pipe"))?;
+        Ok((tx, rx))
+    };
+    Ok(match mode {
+        StdioMode::Inherit => {
+            // Our stdin is read on a detached thread: a blocking read must never hold up exit.
+            let (tx, rx) = pipe()?;
+            std::thread::spawn(move || {
+                let mut tx = tx.into_blocking_fd().ok().map(std::fs::File::from);
+                let mut buf = [0u8; 16384];
+                loop {
+                    match std::io::Read::read(&mut std::io::stdin(), &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let Some(f) = tx.as_mut() else { break };
+                            if std::io::Write::write_all(f, &buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+            (
+                GuestStdio::Piped,
+                Some(Box::new(tokio::io::stdout())),
+                Some(Box::new(tokio::io::stderr())),
+                Some(Box::new(rx)),
+                Stdio::default(),
+            )
+        }
+        StdioMode::Null => (GuestStdio::Null, None, None, None, Stdio::default()),
+        StdioMode::Piped => {
+            let (in_tx, in_rx) = pipe()?;
+            let (out_tx, out_rx) = pipe()?;
+            let (err_tx, err_rx) = pipe()?;
+            (
+                GuestStdio::Piped,
+                Some(Box::new(out_tx)),
+                Some(Box::new(err_tx)),
+                Some(Box::new(in_rx)),
+                Stdio {
+                    stdin: Some(Box::new(in_tx)),
+                    stdout: Some(Box::new(out_rx)),
+                    stderr: Some(Box::new(err_rx)),
+                    pty: None,
+                },
+            )
+        }
+        StdioMode::Pty { rows, cols } => {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io("creating the terminal bridge"))?;
+            ours.set_nonblocking(true).map_err(io("configuring the terminal bridge"))?;
+            let ours = UnixStream::from_std(ours).map_err(io("registering the terminal bridge"))?;
+            let (r, w) = ours.into_split();
+            (
+                GuestStdio::Pty { rows, cols },
+                Some(Box::new(w)),
+                None,
+                Some(Box::new(r)),
+                Stdio {
+                    pty: Some(OwnedFd::from(theirs)),
+                    ..Stdio::default()
+                },
+            )
+        }
+    })
+}
+
+/// Start one process in the guest over a fresh control connection.
+async fn start_session(uds: &Path, sandbox: &str, launch: LaunchPlan, mode: StdioMode, main: bool) -> Result<(Session, Stdio), VmError> {
+    let (guest_stdio, stdout, stderr, stdin, caller_stdio) = stdio_plumbing(mode)?;
+    let stream = dial_agent(uds).await.map_err(io("connecting to the guest agent"))?;
+    let (mut reader, mut writer) = stream.into_split();
+    proto::write_frame_async(
+        &mut writer,
+        &Frame::json(&Request::Spawn {
+            launch,
+            stdio: guest_stdio,
+            main,
+        }),
+    )
+    .await
+    .map_err(VmError::Frame)?;
+    loop {
+        let frame = proto::read_frame_async(&mut reader).await.map_err(VmError::Frame)?.ok_or(VmError::AgentLost)?;
+        if frame.kind != Kind::Json {
+            continue;
+        }
+        match frame.decode_json::<Event>().map_err(VmError::Frame)? {
+            Event::Restricted(report) => log_restrictions(sandbox, &report),
+            Event::Running { pid } => {
+                debug!(sandbox, pid, "guest process running");
+                break;
+            }
+            Event::Failed { stage, message } => return Err(VmError::Process(setup_error(stage, message))),
+            other => debug!(?other, "unexpected event while starting"),
+        }
+    }
+
+    let (to_agent, mut outbox) = mpsc::unbounded_channel::<Frame>();
+    let (exit_tx, exited) = watch::channel(None);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(async move {
+        while let Some(frame) = outbox.recv().await {
+            if proto::write_frame_async(&mut writer, &frame).await.is_err() {
+                break;
+            }
+        }
+    }));
+    if let Some(mut input) = stdin {
+        let to_agent = to_agent.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 16384];
+            loop {
+                match input.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let frame = Frame {
+                            kind: Kind::Stdin,
+                            payload: buf[..n].to_vec(),
+                        };
+                        if to_agent.send(frame).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = to_agent.send(Frame::empty(Kind::StdinEof));
+        }));
+    } else if guest_stdio == GuestStdio::Piped {
+        let _ = to_agent.send(Frame::empty(Kind::StdinEof));
+    }
+    tasks.push(tokio::spawn(async move {
+        let mut stdout = stdout;
+        let mut stderr = stderr;
+        let mut report = None;
+        while let Ok(Some(frame)) = proto::read_frame_async(&mut reader).await {
+            match frame.kind {
+                Kind::Stdout => {
+                    if let Some(s) = stdout.as_mut() {
+                        let _ = s.write_all(&frame.payload).await;
+                        let _ = s.flush().await;
+                    }
+                }
+                Kind::Stderr => {
+                    if let Some(s) = stderr.as_mut() {
+                        let _ = s.write_all(&frame.payload).await;
+                        let _ = s.flush().await;
+                    }
+                }
+                Kind::StdoutEof => {
+                    if let Some(mut s) = stdout.take() {
+                        let _ = s.shutdown().await;
+                    }
+                }
+                Kind::StderrEof => {
+                    if let Some(mut s) = stderr.take() {
+                        let _ = s.shutdown().await;
+                    }
+                }
+                Kind::Json => {
+                    if let Ok(Event::Exited(r)) = frame.decode_json::<Event>() {
+                        report = Some(r);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        drop(stdout);
+        drop(stderr);
+        let _ = exit_tx.send(Some(report.unwrap_or(WaitReport::Signal(libc::SIGKILL))));
+    }));
+    Ok((
+        Session {
+            to_agent,
+            exited,
+            tasks,
+        },
+        caller_stdio,
+    ))
+}
+
+impl Session {
+    async fn wait(&mut self) -> WaitReport {
+        loop {
+            if let Some(r) = *self.exited.borrow() {
+                return r;
+            }
+            if self.exited.changed().await.is_err() {
+                return self.exited.borrow().unwrap_or(WaitReport::Signal(libc::SIGKILL));
+            }
+        }
+    }
+
+    fn signal(&self, signal: i32) -> Result<(), VmError> {
+        if self.exited.borrow().is_some() {
+            return Err(VmError::NotRunning);
+        }
+        self.to_agent.send(Frame::json(&Request::Signal { signal })).map_err(|_| VmError::NotRunning)
+    }
+}
+
+fn status_of(r: WaitReport) -> ExitStatus {
+    match r {
+        WaitReport::Code(c) => ExitStatus::Code(c),
+        WaitReport::Signal(s) => ExitStatus::Signaled(s),
+    }
+}
+
+/// A workload running in a microVM.
+#[derive(Debug)]
+pub struct VmSandbox {
+    id: String,
+    box_dir: PathBuf,
+    vsock_uds: PathBuf,
+    qemu: Child,
+    helpers: Vec<Child>,
+    main: Session,
+    stdio: Stdio,
+    identity: Identity,
+    _egress: Option<crate::EgressGuard>,
+    status: Option<ExitStatus>,
+}
+
+impl VmSandbox {
+    pub async fn spawn(config: SpawnConfig, choice: EngineChoice) -> Result<VmSandbox, VmError> {
+        let decision = engine::decide(choice, engine::kvm_support())?;
+        let artifacts = guest::Artifacts::locate()?;
+        if !config.workdir.is_absolute() || !config.workdir.is_dir() {
+            return Err(ProcessError::BadWorkdir(config.workdir.clone()).into());
+        }
+        let identity = Identity::resolve(&config.policy, &config.workdir)?;
+        let mut env = config.env.clone();
+        if config.egress.is_some() {
+            let url = format!("http://{}", proto::GUEST_PROXY_ADDR);
+            for key in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"] {
+                env.entry(key.to_owned()).or_insert_with(|| url.clone());
+            }
+            for key in ["NO_PROXY", "no_proxy"] {
+                env.entry(key.to_owned()).or_insert_with(|| "localhost,127.0.0.1,::1".to_owned());
+            }
+        }
+        let launch = identity.launch(&config.program, &config.args, &env, &config.workdir, config.stdio, Vec::new())?;
+
+        let id = format!("{:x}-{:x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let run = guest::guest_dir().join("run");
+        collect_stale_boxes(&run);
+        let box_dir = run.join(&id);
+        std::fs::create_dir_all(&box_dir).map_err(io(format!("creating {}", box_dir.display())))?;
+        match Self::boot(&id, &box_dir, config, identity, launch, artifacts, decision).await {
+            Ok(vm) => Ok(vm),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&box_dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(
+        id: &str,
+        box_dir: &Path,
+        config: SpawnConfig,
+        identity: Identity,
+        launch: LaunchPlan,
+        artifacts: guest::Artifacts,
+        decision: engine::EngineDecision,
+    ) -> Result<VmSandbox, VmError> {
+        let (mut shares, skipped) = shares_for(&identity, &config.workdir)?;
+        for (path, reason) in &skipped {
+            warn!(event = "sandbox.vm_share_skipped", sandbox = id, %path, %reason, "policy path not shared into the VM");
+        }
+        let root = box_dir.join("root");
+        build_root(&artifacts.rootfs, &root, &shares)?;
+        shares.insert(
+            0,
+            Share {
+                tag: "root".into(),
+                host_path: root.clone(),
+                guest_path: "/".into(),
+                readonly: true,
+            },
+        );
+        let vcpus = config.resources.cpus.map(|c| c.ceil().max(1.0) as u32).unwrap_or(1);
+        let memory_mib = config.resources.memory_mib.unwrap_or(512).max(128);
+        let vsock_uds = box_dir.join("vsock.sock");
+        let vm = VmDescription {
+            kernel: artifacts.kernel.clone(),
+            root: root.clone(),
+            shares: shares.clone(),
+            vsock_uds: vsock_uds.clone(),
+            vcpus,
+            memory_mib,
+            cmdline: qemu::kernel_cmdline(qemu::host_tsc_khz()),
+        };
+        info!(event = "sandbox.vm_engine", sandbox = id, engine = "qemu", reason = %decision.reason, vcpus, memory_mib, "vm engine chosen");
+
+        // Guest→host listeners exist before boot.
+        let egress = match &config.egress {
+            Some(egress) => {
+                let path = PathBuf::from(format!("{}_{}", vsock_uds.display(), proto::EGRESS_PORT));
+                let listener = std::os::unix::net::UnixListener::bind(&path).map_err(io(format!("binding {}", path.display())))?;
+                Some(
+                    egress
+                        .attach(crate::EgressAttachment {
+                            sandbox_id: id.to_owned(),
+                            listener: crate::EgressListener::Unix { listener },
+                        })
+                        .map_err(VmError::Egress)?,
+                )
+            }
+            None => None,
+        };
+
+        let mut helpers = Vec::new();
+        let vhost_vsock = box_dir.join("vhost-vsock.sock");
+        let mut vsockd = qemu::start(&artifacts.vsock_daemon, &qemu::vsock_daemon_args(&vhost_vsock, &vsock_uds), &box_dir.join("vsock.log"))
+            .map_err(|e| VmError::Helper {
+                what: "vhost-device-vsock",
+                message: e.to_string(),
+            })?;
+        let mut fs_sockets = Vec::new();
+        let mut fsds = Vec::new();
+        for share in &shares {
+            let socket = box_dir.join(format!("fs-{}.sock", share.tag));
+            let child = qemu::start(
+                &artifacts.virtiofsd,
+                &qemu::virtiofsd_args(&socket, &share.host_path, share.readonly),
+                &box_dir.join(format!("fs-{}.log", share.tag)),
+            )
+            .map_err(|e| VmError::Helper {
+                what: "virtiofsd",
+                message: e.to_string(),
+            })?;
+            fs_sockets.push(socket);
+            fsds.push(child);
+        }
+        let limit = Duration::from_secs(10);
+        let waited = qemu::wait_for_socket(&vhost_vsock, &mut vsockd, limit).await;
+        helpers.push(vsockd);
+        waited.map_err(|message| VmError::Helper {
+            what: "vhost-device-vsock",
+            message,
+        })?;
+        for (socket, mut child) in fs_sockets.iter().zip(fsds) {
+            let waited = qemu::wait_for_socket(socket, &mut child, limit).await;
+            helpers.push(child);
+            waited.map_err(|message| VmError::Helper {
+                what: "virtiofsd",
+                message,
+            })?;
+        }
+        let console = box_dir.join("console.log");
+        let args = qemu::qemu_args(&vm, decision.accel, &vhost_vsock, &fs_sockets, &console);
+        let mut qemu_child = qemu::start(&artifacts.qemu, &args, &box_dir.join("qemu.log")).map_err(|e| VmError::Helper {
+            what: "qemu",
+            message: e.to_string(),
+        })?;
+
+        // Wait for the agent, bounded, watching QEMU.
+        let boot_limit = Duration::from_secs(60);
+        let started = std::time::Instant::now();
+        let mut setup = loop {
+            if let Ok(stream) = dial_agent(&vsock_uds).await {
+                break stream;
+            }
+            if let Ok(Some(status)) = qemu_child.try_wait() {
+                let log = std::fs::read_to_string(box_dir.join("qemu.log")).unwrap_or_default();
+                return Err(VmError::Helper {
+                    what: "qemu",
+                    message: format!("exited with {status} before the agent answered: {log}"),
+                });
+            }
+            if started.elapsed() > boot_limit {
+                let _ = qemu_child.start_kill();
+                return Err(VmError::AgentTimeout(boot_limit, console_tail(&console)));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        debug!(sandbox = id, ms = started.elapsed().as_millis() as u64, "guest agent answered");
+        let mounts = shares
+            .iter()
+            .skip(1)
+            .map(|s| GuestMount {
+                tag: s.tag.clone(),
+                path: s.guest_path.clone(),
+                readonly: s.readonly,
+            })
+            .collect();
+        proto::write_frame_async(
+            &mut setup,
+            &Frame::json(&Request::Setup {
+                hostname: config.hostname.clone(),
+                mounts,
+                pids_limit: config.resources.pids,
+            }),
+        )
+        .await
+        .map_err(VmError::Frame)?;
+        match proto::read_frame_async(&mut setup).await.map_err(VmError::Frame)? {
+            Some(f) if f.kind == Kind::Json => match f.decode_json::<Event>().map_err(VmError::Frame)? {
+                Event::Ready => {}
+                Event::Failed { stage, message } => return Err(VmError::Process(setup_error(stage, message))),
+                other => {
+                    return Err(VmError::Helper {
+                        what: "guest agent",
+                        message: format!("unexpected answer to setup: {other:?}"),
+                    })
+                }
+            },
+            _ => return Err(VmError::AgentLost),
+        }
+        let (main, stdio) = start_session(&vsock_uds, id, launch, config.stdio, true).await?;
+        info!(event = "sandbox.started", sandbox = id, runtime = "vm", program = %config.program, "workload started");
+        Ok(VmSandbox {
+            id: id.to_owned(),
+            box_dir: box_dir.to_owned(),
+            vsock_uds,
+            qemu: qemu_child,
+            helpers,
+            main,
+            stdio,
+            identity,
+            _egress: egress,
+            status: None,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn take_stdio(&mut self) -> Stdio {
+        std::mem::take(&mut self.stdio)
+    }
+
+    /// Wait for the workload; the VM powers off after it and is torn down here.
+    pub async fn wait(&mut self) -> Result<ExitStatus, VmError> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        let report = tokio::select! {
+            r = self.main.wait() => Some(r),
+            _ = self.qemu.wait() => None,
+        };
+        let report = match report {
+            Some(r) => r,
+            // QEMU ended first (killed): the workload died with the VM.
+            None => self.main.exited.borrow().unwrap_or(WaitReport::Signal(libc::SIGKILL)),
+        };
+        // The agent powers off after the workload; do not wait long for it.
+        if tokio::time::timeout(Duration::from_secs(10), self.qemu.wait()).await.is_err() {
+            let _ = self.qemu.start_kill();
+            let _ = self.qemu.wait().await;
+        }
+        for helper in &mut self.helpers {
+            let _ = helper.start_kill();
+            let _ = helper.wait().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.box_dir);
+        let status = status_of(report);
+        info!(event = "sandbox.exited", sandbox = %self.id, %status, "workload ended");
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<(), VmError> {
+        if self.status.is_some() {
+            return Err(VmError::NotRunning);
+        }
+        if signal == 0 {
+            return match self.main.exited.borrow().is_none() {
+                true => Ok(()),
+                false => Err(VmError::NotRunning),
+            };
+        }
+        self.main.signal(signal)
+    }
+
+    /// Kill the VM (and with it everything in it). Never blocks.
+    pub fn kill(&self) -> Result<(), VmError> {
+        if let Some(pid) = self.qemu.id() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+        }
+        Ok(())
+    }
+
+    pub async fn exec(&self, config: ExecConfig) -> Result<VmExec, VmError> {
+        if self.status.is_some() {
+            return Err(VmError::NotRunning);
+        }
+        let launch = self.identity.launch(&config.program, &config.args, &config.env, &config.workdir, config.stdio, Vec::new())?;
+        let (session, stdio) = start_session(&self.vsock_uds, &self.id, launch, config.stdio, false).await?;
+        info!(event = "sandbox.exec", sandbox = %self.id, program = %config.program, "command started in the sandbox");
+        Ok(VmExec {
+            session,
+            stdio,
+            status: None,
+        })
+    }
+}
+
+fn console_tail(console: &Path) -> String {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// A command started inside a running VM sandbox.
+#[derive(Debug)]
+pub struct VmExec {
+    session: Session,
+    stdio: Stdio,
+    status: Option<ExitStatus>,
+}
+
+impl VmExec {
+    pub fn take_stdio(&mut self) -> Stdio {
+        std::mem::take(&mut self.stdio)
+    }
+
+    pub async fn wait(&mut self) -> Result<ExitStatus, VmError> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        let status = status_of(self.session.wait().await);
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<(), VmError> {
+        self.session.signal(signal)
+    }
+
+    pub fn kill(&self) -> Result<(), VmError> {
+        match self.session.signal(libc::SIGKILL) {
+            Ok(()) | Err(VmError::NotRunning) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The qemu engine: `qemu-system-x86_64 -M microvm` with vhost-user vsock
+//! (vhost-device-vsock) and one virtiofsd per share, all supervised.
+//!
+//! Start-up order matters: both daemons' sockets must exist before QEMU starts, and the
+//! guest→host vsock listeners (`<uds>_<port>`) must be bound before boot. Every helper is
+//! started with PR_SET_PDEATHSIG=SIGKILL, so killing the supervisor (even with SIGKILL) kills
+//! QEMU, the VM and the daemons.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use super::engine::{Accel, VmDescription};
+use crate::process::sys;
+
+/// The kernel command line for a TCG/KVM microvm boot of our guest.
+pub fn kernel_cmdline(tsc_khz: Option<u64>) -> String {
+    let mut cmdline = String::from(
+        "console=ttyS0 quiet reboot=t panic=-1 noapictimer no_timer_check tsc=reliable \
+         root=root rootfstype=virtiofs ro init=/openshell/agent",
+    );
+    if let Some(khz) = tsc_khz {
+        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    cmdline
+}
+
+/// The host TSC frequency, for `tsc_early_khz` (TCG's own calibration sometimes fails).
+pub fn host_tsc_khz() -> Option<u64> {
+    if let Ok(s) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz") {
+        if let Ok(v) = s.trim().parse() {
+            return Some(v);
+        }
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu MHz"))
+        .and_then(|rest| rest.split(':').nth(1))
+        .and_then(|v| v.trim().parse().ok())?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
+/// QEMU's arguments for `vm`.
+pub fn qemu_args(vm: &VmDescription, accel: Accel, vhost_vsock_socket: &Path, fs_sockets: &[PathBuf], console: &Path) -> Vec<String> {
+    let mem = vm.memory_mib;
+    let mut args: Vec<String> = vec![
+        "-M".into(),
+        "microvm,x-option-roms=off,rtc=on,acpi=off,memory-backend=mem".into(),
+        "-accel".into(),
+        match accel {
+            Accel::Kvm => "kvm".into(),
+            Accel::Tcg => "tcg".into(),
+        },
+        "-cpu".into(),
+        match accel {
+            Accel::Kvm => "host".into(),
+            Accel::Tcg => "max".into(),
+        },
+        "-smp".into(),
+        vm.vcpus.to_string(),
+        "-m".into(),
+        format!("{mem}M"),
+        // vhost-user devices need guest memory the daemons can map.
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-sandbox".into(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+        "-serial".into(),
+        format!("file:{}", console.display()),
+        "-kernel".into(),
+        vm.kernel.display().to_string(),
+        "-append".into(),
+        vm.cmdline.clone(),
+        "-chardev".into(),
+        format!("socket,id=vsock,path={}", vhost_vsock_socket.display()),
+        "-device".into(),
+        "vhost-user-vsock-device,chardev=vsock".into(),
+    ];
+    for (i, (share, socket)) in vm.shares.iter().zip(fs_sockets).enumerate() {
+        args.push("-chardev".into());
+        args.push(format!("socket,id=fs{i},path={}", socket.display()));
+        args.push("-device".into());
+        args.push(format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag));
+    }
+    args
+}
+
+/// Arguments for one virtiofsd serving `dir`. No `--tag`: QEMU 7.1 to 8.0 crash on it.
+pub fn virtiofsd_args(socket: &Path, dir: &Path, readonly: bool) -> Vec<String> {
+    let mut args = vec![
+        format!("--socket-path={}", socket.display()),
+        format!("--shared-dir={}", dir.display()),
+        "--cache=auto".into(),
+        "--sandbox=namespace".into(),
+        "--log-level=error".into(),
+    ];
+    if readonly {
+        args.push("--readonly".into());
+    }
+    args
+}
+
+/// Arguments for vhost-device-vsock.
+pub fn vsock_daemon_args(socket: &Path, uds: &Path) -> Vec<String> {
+    vec![format!(
+        "--vm=guest-cid=3,socket={},uds-path={}",
+        socket.display(),
+        uds.display()
+    )]
+}
+
+/// Start `program` so that it dies with the supervisor.
+pub fn start(program: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
+    let log_out = std::fs::File::create(log)?;
+    let log_err = log_out.try_clone()?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log_out)
+        .stderr(log_err)
+        .kill_on_drop(true);
+    sys::pre_exec(&mut cmd, || {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+    });
+    cmd.spawn()
+}
+
+/// Wait until `path` exists (a daemon's socket), or `child` died, or `limit` passed.
+pub async fn wait_for_socket(path: &Path, child: &mut Child, limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited with {status} before creating {}", path.display()));
+        }
+        if start.elapsed() > limit {
+            return Err(format!("did not create {} within {limit:?}", path.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::engine::Share;
+
+    #[test]
+    fn qemu_command_line_has_what_the_boot_needs() {
+        let vm = VmDescription {
+            kernel: "/k/vmlinux".into(),
+            root: "/r".into(),
+            shares: vec![Share {
+                tag: "root".into(),
+                host_path: "/r".into(),
+                guest_path: "/".into(),
+                readonly: true,
+            }],
+            vsock_uds: "/b/vsock.sock".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            cmdline: kernel_cmdline(Some(2_596_122)),
+        };
+        let args = qemu_args(&vm, Accel::Tcg, Path::new("/b/vhost.sock"), &["/b/fs0.sock".into()], Path::new("/b/console.log"));
+        let joined = args.join(" ");
+        for needed in [
+            "microvm,x-option-roms=off,rtc=on,acpi=off,memory-backend=mem",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-no-reboot",
+            "-sandbox on",
+            "vhost-user-vsock-device,chardev=vsock",
+            "vhost-user-fs-device,chardev=fs0,tag=root",
+            "reboot=t panic=-1",
+            "tsc_early_khz=2596122",
+            "rootfstype=virtiofs",
+        ] {
+            assert!(joined.contains(needed), "missing {needed:?} in {joined}");
+        }
+        assert!(!virtiofsd_args(Path::new("/s"), Path::new("/d"), true).iter().any(|a| a.starts_with("--tag")));
+    }
+}
