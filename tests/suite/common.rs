@@ -7,10 +7,38 @@ use std::time::{Duration, Instant};
 pub const SANDBOX: &str = env!("CARGO_BIN_EXE_openshell-sandbox");
 pub const PROBE: &str = env!("CARGO_BIN_EXE_openshell-probe");
 
-/// The backends this build carries. The vm backend joins once the `vm` feature exists
-/// (feature-matrix.md says which rows it covers).
+/// The backends this build carries: `process` always; `vm` when built with the `vm` feature
+/// and the guest (`cargo xtask guest`) is present. A vm build without the guest skips the vm
+/// runs and says why (a failure under CI=true).
 pub fn backends() -> Vec<&'static str> {
-    vec!["process"]
+    let mut list = vec!["process"];
+    if cfg!(feature = "vm") {
+        match vm_missing() {
+            None => list.push("vm"),
+            Some(reason) => {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("vm backend built but not runnable in CI: {reason}");
+                }
+                eprintln!("SKIP vm backend: {reason}");
+            }
+        }
+    }
+    list
+}
+
+fn vm_missing() -> Option<String> {
+    let dir = std::env::var_os("OPENSHELL_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("OPENSHELL_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".local/share/openshell")
+        });
+        home.join("guest")
+    });
+    for part in ["kernel/current/vmlinux", "rootfs/current/openshell/agent", "helpers/bin/virtiofsd", "helpers/bin/vhost-device-vsock"] {
+        if !dir.join(part).exists() {
+            return Some(format!("{} missing: run `cargo xtask guest`", dir.join(part).display()));
+        }
+    }
+    None
 }
 
 /// Why this machine cannot run the sandbox tests, if it cannot.

@@ -393,7 +393,12 @@ fn a_binary_whose_content_changed_is_denied() {
     for backend in backends() {
         let s = Scratch::new("");
         let tool = s.work.join("tool");
-        s.write_policy(&network_section(&endpoint_policy("upstream", &up, tool.to_str().unwrap(), "")));
+        s.write_policy(&network_section(&endpoint_policy(
+            "upstream",
+            &up,
+            tool.to_str().unwrap(),
+            "",
+        )));
         // The same path, first with curl's bytes, then with one more byte (still a working curl).
         let script = format!(
             "cat /usr/bin/curl > tool; chmod +x tool; ./tool -s -o /dev/null -w '%{{http_code}}' {a}; echo; \
@@ -403,7 +408,11 @@ fn a_binary_whose_content_changed_is_denied() {
         );
         let out = s.run(backend, &[], &["/bin/sh", "-c", &script]);
         let text = stdout(&out);
-        assert!(text.starts_with("200\n"), "{backend}: the first binary is allowed: {text} {}", stderr(&out));
+        assert!(
+            text.starts_with("200\n"),
+            "{backend}: the first binary is allowed: {text} {}",
+            stderr(&out)
+        );
         assert!(
             text.contains("binary content changed since first seen") && text.ends_with("403\n"),
             "{backend}: the changed binary is denied with a reason: {text}"
