@@ -33,7 +33,7 @@ impl FdStream {
     pub fn new(fd: OwnedFd) -> io::Result<FdStream> {
         set_nonblocking(fd.as_fd())?;
         Ok(FdStream {
-            inner: AsyncFd::new(fd)?,
+            inner: sys::register(fd)?,
             eio_is_eof: false,
         })
     }
@@ -67,7 +67,9 @@ impl AsyncRead for FdStream {
         loop {
             let mut guard = ready!(this.inner.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), unfilled).map_err(io::Error::from)) {
+            match guard
+                .try_io(|fd| nix::unistd::read(fd.get_ref(), unfilled).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
@@ -92,7 +94,8 @@ impl AsyncWrite for FdStream {
         let this = self.get_mut();
         loop {
             let mut guard = ready!(this.inner.poll_write_ready(cx))?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), buf).map_err(io::Error::from)) {
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), buf).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => return Poll::Ready(Ok(n)),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
@@ -123,12 +126,9 @@ pub fn vsock_listen(port: u32) -> io::Result<AsyncFd<OwnedFd>> {
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    nix::sys::socket::bind(
-        fd.as_raw_fd(),
-        &VsockAddr::new(libc::VMADDR_CID_ANY, port),
-    )?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
     nix::sys::socket::listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))?;
-    AsyncFd::new(fd)
+    sys::register(fd)
 }
 
 /// Accept one connection on a listener registered with the reactor.

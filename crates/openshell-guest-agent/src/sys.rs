@@ -59,3 +59,19 @@ pub fn fd_is_open(fd: i32) -> bool {
     // SAFETY: F_GETFD takes no pointer and only queries the descriptor table.
     unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
 }
+
+/// `dup2(2)`: make `target` a copy of `src`, replacing whatever `target` was.
+pub fn dup_onto(src: BorrowedFd<'_>, target: i32) -> nix::Result<()> {
+    // SAFETY: `src` is live; dup2 atomically replaces `target`, which only ever names one of the
+    // standard descriptors 0..=2 that this process deliberately (re)points.
+    let r = unsafe { libc::dup2(src.as_raw_fd(), target) };
+    Errno::result(r).map(drop)
+}
+
+/// Register an owned descriptor with the current tokio reactor.
+pub fn register(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is an open descriptor that stays open, and names the same file
+    // description, until it is dropped; the AsyncFd owns it for its whole lifetime. Only called
+    // from tasks on the agent's runtime, so a reactor is present.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(std::io::Error::from)
+}

@@ -1,0 +1,310 @@
+//! Early guest setup when the agent is PID 1: pseudo filesystems, the console, loopback.
+//! Also the setup the host asks for later ([`setup`]): shares, hostname, pids limit.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{mount, MsFlags};
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+use openshell_runtime::vm_protocol::GuestMount;
+
+use crate::{diag, sys};
+
+/// The cgroup every spawned process joins when the host set a pids limit.
+pub const WORKLOAD_CGROUP: &str = "/sys/fs/cgroup/workload";
+
+/// A boot step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("mounting {fstype} on {target}")]
+    Mount {
+        fstype: &'static str,
+        target: &'static str,
+        #[source]
+        source: Errno,
+    },
+    #[error("creating {0}")]
+    Mkdir(&'static str, #[source] std::io::Error),
+    #[error("bringing lo up")]
+    Loopback(#[source] Errno),
+}
+
+/// What the host's `Setup` request could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("setup was already done")]
+    Again,
+    #[error("hostname {0:?}: expected 1 to 64 letters, digits, '-' or '.'")]
+    Hostname(String),
+    #[error("mount {0:?}: expected an absolute, normalized path other than /")]
+    MountPath(String),
+    #[error("mount {path}: tag {tag:?} must be 1 to 36 bytes without NUL")]
+    MountTag { path: String, tag: String },
+    #[error("pids_limit must be at least 1")]
+    PidsLimit,
+    #[error("mount {path}: creating the mount point")]
+    Mkdir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount {path}: mounting virtiofs tag {tag:?}")]
+    Mount {
+        path: String,
+        tag: String,
+        #[source]
+        source: Errno,
+    },
+    #[error("sethostname")]
+    SetHostname(#[source] Errno),
+    #[error("{path}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SetupError {
+    /// The `stage` of the `Failed` event.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            SetupError::Again => "protocol",
+            SetupError::Hostname(_)
+            | SetupError::MountPath(_)
+            | SetupError::MountTag { .. }
+            | SetupError::PidsLimit => "validate",
+            SetupError::Mkdir { .. } | SetupError::Mount { .. } => "mount",
+            SetupError::SetHostname(_) => "hostname",
+            SetupError::Cgroup { .. } => "cgroup",
+        }
+    }
+}
+
+fn mount_fs(
+    fstype: &'static str,
+    target: &'static str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), BootError> {
+    match mount(Some(fstype), target, Some(fstype), flags, data) {
+        // Already there (the kernel mounts devtmpfs itself with CONFIG_DEVTMPFS_MOUNT).
+        Ok(()) | Err(Errno::EBUSY) => Ok(()),
+        Err(source) => Err(BootError::Mount {
+            fstype,
+            target,
+            source,
+        }),
+    }
+}
+
+fn mkdir(path: &'static str) -> Result<(), BootError> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(BootError::Mkdir(path, e)),
+    }
+}
+
+/// Make sure descriptors 0, 1 and 2 exist, so no later descriptor lands on them. With
+/// `console`, all three become /dev/console (the agent's diagnostics go there); otherwise only
+/// missing ones are filled, with /dev/null.
+pub fn ensure_std_fds(console: bool) {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    let path = if console { "/dev/console" } else { "/dev/null" };
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
+        return;
+    };
+    for fd in 0..3 {
+        if (console || !sys::fd_is_open(fd)) && file.as_raw_fd() != fd {
+            let _ = sys::dup_onto(file.as_fd(), fd);
+        }
+    }
+    if file.as_raw_fd() < 3 {
+        // The open itself filled a missing slot: keep it.
+        let _ = file.into_raw_fd();
+    }
+}
+
+/// Boot steps of PID 1. Each failure is reported and the rest still run: a guest missing
+/// /dev/shm is still useful, and PID 1 must not exit.
+pub fn boot() {
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let noexec = nosuid_nodev | MsFlags::MS_NOEXEC;
+    let steps: Vec<Box<dyn Fn() -> Result<(), BootError>>> = vec![
+        Box::new(|| mount_fs("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))),
+        Box::new(|| {
+            ensure_std_fds(true);
+            Ok(())
+        }),
+        Box::new(move || mount_fs("proc", "/proc", noexec, None)),
+        Box::new(move || mount_fs("sysfs", "/sys", noexec, None)),
+        Box::new(|| mkdir("/dev/pts")),
+        Box::new(|| {
+            mount_fs(
+                "devpts",
+                "/dev/pts",
+                MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+                Some("newinstance,ptmxmode=0666,mode=0620"),
+            )
+        }),
+        Box::new(|| mkdir("/dev/shm")),
+        Box::new(move || mount_fs("tmpfs", "/dev/shm", nosuid_nodev, Some("mode=1777"))),
+        Box::new(move || mount_fs("tmpfs", "/run", nosuid_nodev, Some("mode=0755"))),
+        Box::new(move || mount_fs("cgroup2", "/sys/fs/cgroup", noexec, None)),
+        Box::new(loopback_up),
+    ];
+    for step in steps {
+        if let Err(e) = step() {
+            diag!("boot: {}", crate::chain(&e));
+        }
+    }
+    // Without a console, at least keep 0..=2 occupied.
+    ensure_std_fds(false);
+}
+
+fn loopback_up() -> Result<(), BootError> {
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(BootError::Loopback)?;
+    sys::interface_up(sock.as_fd(), "lo").map_err(BootError::Loopback)
+}
+
+fn valid_hostname(h: &str) -> bool {
+    (1..=64).contains(&h.len())
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+fn valid_mount_path(p: &str) -> bool {
+    // Checked on the text: Path::components would hide "." and "//".
+    let Some(rest) = p.strip_prefix('/') else {
+        return false;
+    };
+    p.len() <= 4096
+        && !p.contains('\0')
+        && rest
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+}
+
+/// Check a `Setup` request completely before acting on any of it.
+pub fn validate_setup(
+    hostname: &str,
+    mounts: &[GuestMount],
+    pids_limit: Option<u64>,
+) -> Result<(), SetupError> {
+    if !valid_hostname(hostname) {
+        return Err(SetupError::Hostname(hostname.to_owned()));
+    }
+    for m in mounts {
+        if !valid_mount_path(&m.path) {
+            return Err(SetupError::MountPath(m.path.clone()));
+        }
+        if m.tag.is_empty() || m.tag.len() > 36 || m.tag.contains('\0') {
+            return Err(SetupError::MountTag {
+                path: m.path.clone(),
+                tag: m.tag.clone(),
+            });
+        }
+    }
+    if pids_limit == Some(0) {
+        return Err(SetupError::PidsLimit);
+    }
+    Ok(())
+}
+
+/// Carry out a validated `Setup`; returns the `cgroup.procs` file spawned processes must join.
+pub fn setup(
+    hostname: &str,
+    mounts: &[GuestMount],
+    pids_limit: Option<u64>,
+) -> Result<Option<PathBuf>, SetupError> {
+    for m in mounts {
+        if let Err(source) = std::fs::create_dir_all(&m.path) {
+            return Err(SetupError::Mkdir {
+                path: m.path.clone(),
+                source,
+            });
+        }
+        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        if m.readonly {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        mount(
+            Some(m.tag.as_str()),
+            m.path.as_str(),
+            Some("virtiofs"),
+            flags,
+            None::<&str>,
+        )
+        .map_err(|source| SetupError::Mount {
+            path: m.path.clone(),
+            tag: m.tag.clone(),
+            source,
+        })?;
+    }
+    nix::unistd::sethostname(hostname).map_err(SetupError::SetHostname)?;
+    let Some(limit) = pids_limit else {
+        return Ok(None);
+    };
+    let io = |path: &str| {
+        let path = path.to_owned();
+        move |source| SetupError::Cgroup { path, source }
+    };
+    let control = "/sys/fs/cgroup/cgroup.subtree_control";
+    std::fs::write(control, "+pids").map_err(io(control))?;
+    match std::fs::create_dir(WORKLOAD_CGROUP) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(WORKLOAD_CGROUP)(e)),
+    }
+    let max = format!("{WORKLOAD_CGROUP}/pids.max");
+    std::fs::write(&max, limit.to_string()).map_err(io(&max))?;
+    Ok(Some(Path::new(WORKLOAD_CGROUP).join("cgroup.procs")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_setup() {
+        let m = |tag: &str, path: &str| GuestMount {
+            tag: tag.into(),
+            path: path.into(),
+            readonly: true,
+        };
+        assert!(validate_setup("box-1.local", &[m("s0", "/work/data")], Some(64)).is_ok());
+        let long = "x".repeat(65);
+        let bad: Vec<(&str, Vec<GuestMount>, Option<u64>)> = vec![
+            ("", vec![], None),
+            ("a b", vec![], None),
+            (&long, vec![], None),
+            ("h", vec![m("s0", "relative")], None),
+            ("h", vec![m("s0", "/")], None),
+            ("h", vec![m("s0", "/a/../etc")], None),
+            ("h", vec![m("s0", "/a/./b")], None),
+            ("h", vec![m("s0", "/a/")], None),
+            ("h", vec![m("s0", "/a//b")], None),
+            ("h", vec![m("", "/a")], None),
+            ("h", vec![m(&"t".repeat(37), "/a")], None),
+            ("h", vec![], Some(0)),
+        ];
+        for (host, mounts, pids) in bad {
+            assert!(
+                validate_setup(host, &mounts, pids).is_err(),
+                "{host:?} {mounts:?} {pids:?}"
+            );
+        }
+    }
+}

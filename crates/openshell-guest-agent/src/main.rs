@@ -1,0 +1,266 @@
+//! openshell-guest-agent: PID 1 of an OpenShell microVM guest.
+//!
+//! It mounts the guest's pseudo filesystems and brings `lo` up, then serves the host over vsock
+//! (see `openshell_runtime::vm_protocol`): guest setup, spawning restricted processes with
+//! streamed stdio, signals and exit status, and port forwards. It also relays the guest's egress
+//! (127.0.0.1:3128) to the host proxy, naming the calling binary it resolved from /proc.
+//!
+//! The agent is single-threaded (a current-thread tokio runtime and a `LocalSet`), because it
+//! forks through `launch_restricted`. Nothing the host sends is trusted: every frame is
+//! validated, and a bad one ends that connection, never the agent.
+//!
+//! Flags (`--test-mode` runs it on an ordinary host, for tests; the other flags need it):
+//!
+//! - `--test-mode`: skip the PID 1 boot steps and the mounts, hostname and cgroup of `Setup`;
+//!   become a child subreaper; after the `main` process ends, exit 0 instead of powering off.
+//!   Prints one JSON line on stdout with the bound addresses:
+//!   `{"control":"<path or vsock:PORT>","egress":"127.0.0.1:PORT"}`.
+//! - `--listen-unix PATH`: serve control connections on this Unix socket instead of vsock.
+//! - `--egress-listen ADDR`: the egress relay's TCP address (default 127.0.0.1:3128; port 0
+//!   picks a free one).
+//! - `--egress-unix PATH`: dial this Unix socket for egress instead of vsock CID 2.
+//!
+//! As PID 1 the agent ignores its arguments: the kernel passes unknown command-line words to init.
+
+#[cfg(target_os = "linux")]
+mod boot;
+#[cfg(target_os = "linux")]
+mod control;
+#[cfg(target_os = "linux")]
+mod egress;
+#[cfg(target_os = "linux")]
+mod fdio;
+#[cfg(target_os = "linux")]
+mod reaper;
+#[cfg(target_os = "linux")]
+mod spawn;
+#[cfg(target_os = "linux")]
+mod sys;
+
+/// One line of the agent's own diagnostics on stderr (the console in the guest).
+#[macro_export]
+macro_rules! diag {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "openshell-guest-agent: {}", format_args!($($arg)*));
+    }};
+}
+
+/// An error and its sources, joined with ": ".
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    diag!("the guest agent runs only on Linux");
+    std::process::exit(2);
+}
+
+#[cfg(target_os = "linux")]
+fn main() {
+    let pid1 = std::process::id() == 1;
+    let args = match linux::Args::from_env(pid1) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    if pid1 && !args.test_mode {
+        boot::boot();
+    } else {
+        boot::ensure_std_fds(false);
+    }
+    let result = linux::run(args);
+    if let Err(e) = &result {
+        diag!("fatal: {e:#}");
+    }
+    if pid1 {
+        // PID 1 must never return: that panics the kernel. Power off instead.
+        linux::power_off();
+    }
+    std::process::exit(if result.is_ok() { 0 } else { 1 });
+}
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::cell::{Cell, RefCell};
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::rc::Rc;
+
+    use anyhow::Context as _;
+    use clap::Parser;
+    use openshell_runtime::vm_protocol::{AGENT_PORT, GUEST_PROXY_ADDR};
+    use tokio::net::{TcpListener, UnixListener};
+    use tokio::signal::unix::{signal, SignalKind};
+
+    use crate::reaper::Reaper;
+    use crate::{control, egress, fdio};
+
+    #[derive(Debug, Parser)]
+    #[command(
+        name = "openshell-guest-agent",
+        about = "PID 1 of an OpenShell microVM guest"
+    )]
+    pub struct Args {
+        /// Run on an ordinary host for tests: no boot steps, no mounts, hostname or cgroup,
+        /// exit instead of powering off; print the bound addresses as one JSON line.
+        #[arg(long)]
+        pub test_mode: bool,
+        /// Serve control connections on this Unix socket instead of vsock.
+        #[arg(long, requires = "test_mode", value_name = "PATH")]
+        pub listen_unix: Option<PathBuf>,
+        /// The egress relay's listen address (port 0: any free port).
+        #[arg(long, requires = "test_mode", value_name = "ADDR")]
+        pub egress_listen: Option<SocketAddr>,
+        /// Dial this Unix socket for egress instead of vsock CID 2.
+        #[arg(long, requires = "test_mode", value_name = "PATH")]
+        pub egress_unix: Option<PathBuf>,
+    }
+
+    impl Args {
+        /// As PID 1, arguments are whatever the kernel did not recognize: ignore them.
+        pub fn from_env(pid1: bool) -> Result<Args, clap::Error> {
+            match Args::try_parse() {
+                Ok(a) => Ok(a),
+                Err(_) if pid1 => Ok(Args {
+                    test_mode: false,
+                    listen_unix: None,
+                    egress_listen: None,
+                    egress_unix: None,
+                }),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    /// Where egress connections go.
+    #[derive(Debug, Clone)]
+    pub enum EgressTarget {
+        Vsock,
+        Unix(PathBuf),
+    }
+
+    /// State shared by every connection on the agent's single thread.
+    #[derive(Debug)]
+    pub struct Ctx {
+        pub test_mode: bool,
+        pub reaper: Reaper,
+        /// A `Setup` was received (it is accepted once).
+        pub setup_done: Cell<bool>,
+        /// `cgroup.procs` of the workload cgroup, once `Setup` created it.
+        pub cgroup_procs: RefCell<Option<PathBuf>>,
+    }
+
+    pub fn power_off() -> ! {
+        nix::unistd::sync();
+        let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+        diag!("power off failed: {e:?}");
+        // Nothing else to do; PID 1 exiting panics the kernel, which with panic=-1 also ends
+        // the VM.
+        std::process::exit(1);
+    }
+
+    pub fn run(args: Args) -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, serve(args))
+    }
+
+    enum ControlListener {
+        Vsock(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>),
+        Unix(UnixListener),
+    }
+
+    impl ControlListener {
+        async fn accept(&self) -> std::io::Result<Box<dyn fdio::Io>> {
+            Ok(match self {
+                ControlListener::Vsock(l) => Box::new(fdio::accept(l).await?),
+                ControlListener::Unix(l) => Box::new(l.accept().await?.0),
+            })
+        }
+    }
+
+    async fn serve(args: Args) -> anyhow::Result<()> {
+        if args.test_mode {
+            // Orphans of spawned processes come to the agent, as they would to PID 1.
+            nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
+        }
+        // Before any fork, so no SIGCHLD is missed.
+        let sigchld = signal(SignalKind::child()).context("watching SIGCHLD")?;
+        let ctx = Rc::new(Ctx {
+            test_mode: args.test_mode,
+            reaper: Reaper::default(),
+            setup_done: Cell::new(false),
+            cgroup_procs: RefCell::new(None),
+        });
+
+        let (listener, control_name) = match &args.listen_unix {
+            Some(path) => (
+                ControlListener::Unix(
+                    UnixListener::bind(path)
+                        .with_context(|| format!("listening on {}", path.display()))?,
+                ),
+                path.display().to_string(),
+            ),
+            None => (
+                ControlListener::Vsock(
+                    fdio::vsock_listen(AGENT_PORT)
+                        .with_context(|| format!("listening on vsock port {AGENT_PORT}"))?,
+                ),
+                format!("vsock:{AGENT_PORT}"),
+            ),
+        };
+        let egress_addr: SocketAddr = match args.egress_listen {
+            Some(a) => a,
+            None => GUEST_PROXY_ADDR
+                .parse()
+                .context("parsing the guest proxy address")?,
+        };
+        let egress_listener = TcpListener::bind(egress_addr)
+            .await
+            .with_context(|| format!("listening on {egress_addr}"))?;
+        let egress_bound = egress_listener.local_addr()?;
+        let target = match args.egress_unix {
+            Some(p) => EgressTarget::Unix(p),
+            None => EgressTarget::Vsock,
+        };
+        if args.test_mode {
+            use std::io::Write as _;
+            let line = serde_json::json!({
+                "control": control_name,
+                "egress": egress_bound.to_string(),
+            });
+            let mut out = std::io::stdout();
+            writeln!(out, "{line}").context("writing the bound addresses")?;
+            out.flush().context("writing the bound addresses")?;
+        }
+        diag!("listening: control {control_name}, egress {egress_bound}");
+
+        let reaper_ctx = ctx.clone();
+        tokio::task::spawn_local(async move { reaper_ctx.reaper.run(sigchld).await });
+        tokio::task::spawn_local(egress::serve(egress_listener, target));
+
+        loop {
+            match listener.accept().await {
+                Ok(conn) => {
+                    tokio::task::spawn_local(control::serve_connection(ctx.clone(), conn));
+                }
+                Err(e) => {
+                    diag!("control accept: {e}");
+                    // Out of descriptors or similar: do not spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}

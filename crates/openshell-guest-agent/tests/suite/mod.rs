@@ -1,0 +1,5 @@
+mod egress;
+mod forward;
+mod frames;
+mod harness;
+mod spawn;
