@@ -108,11 +108,11 @@ pub fn virtiofsd_args(socket: &Path, dir: &Path, readonly: bool) -> Vec<String> 
 
 /// Arguments for vhost-device-vsock.
 pub fn vsock_daemon_args(socket: &Path, uds: &Path) -> Vec<String> {
-    vec![format!(
-        "--vm=guest-cid=3,socket={},uds-path={}",
-        socket.display(),
-        uds.display()
-    )]
+    vec![
+        "--guest-cid=3".into(),
+        format!("--socket={}", socket.display()),
+        format!("--uds-path={}", uds.display()),
+    ]
 }
 
 /// Start `program` so that it dies with the supervisor.
