@@ -1,4 +1,5 @@
-//! `cargo xtask deps`: install the Debian packages the tests and benchmarks need.
+//! `cargo xtask deps [--vm]`: install the Debian packages the tests and benchmarks need, and with
+//! `--vm` also those the microVM backend's guest build and engine need ([`VM_PACKAGES`]).
 //!
 //! Idempotent: packages already installed are left alone, and when nothing is missing no
 //! `apt-get` runs at all.
@@ -19,30 +20,73 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "static userland for workloads"),
     ("python3", "test servers and scripts"),
     ("openssh-client", "ssh client"),
-    ("tinyproxy", "HTTP proxy"),
+    // The binary alone: the `tinyproxy` package also enables a system service.
+    (
+        "tinyproxy-bin",
+        "/usr/bin/tinyproxy, peer proxy for the connect benchmark",
+    ),
 ];
+
+/// Debian packages `cargo xtask guest` and the vm backend's qemu engine need (`deps --vm`).
+pub const VM_PACKAGES: &[(&str, &str)] = &[
+    ("linux-source-6.12", "guest kernel source"),
+    ("bc", "kernel build"),
+    ("bison", "kernel build"),
+    ("flex", "kernel build"),
+    ("libelf-dev", "kernel build"),
+    ("libssl-dev", "kernel build"),
+    ("make", "kernel build"),
+    ("gcc", "kernel build"),
+    (
+        "qemu-system-x86",
+        "qemu engine (qemu-system-x86_64 -M microvm)",
+    ),
+    ("busybox-static", "guest rootfs diagnostics and boot check"),
+    ("libseccomp-dev", "virtiofsd build"),
+    ("libcap-ng-dev", "virtiofsd build"),
+    ("file", "checks that the guest agent is static"),
+];
+
+/// `cargo xtask deps [--vm]`: installs whatever of [`PACKAGES`] (and with `vm`, [`VM_PACKAGES`])
+/// is missing.
+pub fn ensure_with(vm: bool) -> Result<()> {
+    let mut all: Vec<(&str, &str)> = PACKAGES.to_vec();
+    if vm {
+        for &(pkg, why) in VM_PACKAGES {
+            if !all.iter().any(|(p, _)| *p == pkg) {
+                all.push((pkg, why));
+            }
+        }
+    }
+    ensure_packages(&all)
+}
 
 /// Installs whatever of [`PACKAGES`] is missing.
 pub fn ensure() -> Result<()> {
+    ensure_packages(PACKAGES)
+}
+
+/// Installs whatever of `packages` is missing.
+pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
     if !on_path("dpkg-query") || !on_path("apt-get") {
         bail!(
             "dpkg-query or apt-get not found: this command supports Debian and derivatives; \
              install these packages by other means: {}",
-            names(PACKAGES.iter().map(|(p, _)| *p))
+            names(packages.iter().map(|(p, _)| *p))
         );
     }
     let mut missing = Vec::new();
-    for &(pkg, _) in PACKAGES {
+    for &(pkg, _) in packages {
         if !installed(pkg)? {
             missing.push(pkg);
         }
     }
     if missing.is_empty() {
-        println!("deps: all {} packages present", PACKAGES.len());
+        println!("deps: all {} packages present", packages.len());
         return Ok(());
     }
     println!("deps: installing {}", names(missing.iter().copied()));
-    for &(pkg, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+    for &(pkg, why) in packages.iter().filter(|(p, _)| missing.contains(p)) {
         println!("  {pkg:<16} {why}");
     }
 
@@ -85,6 +129,21 @@ pub fn ensure() -> Result<()> {
     }
     println!("deps: installed {}", names(missing.into_iter()));
     Ok(())
+}
+
+/// The installed version of a Debian package, as `dpkg-query` reports it.
+pub fn version(pkg: &str) -> Result<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", pkg])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run dpkg-query for {pkg}"))?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || v.is_empty() || !installed(pkg)? {
+        bail!("package {pkg} is not installed (run `cargo xtask deps --vm`)");
+    }
+    Ok(v)
 }
 
 /// Whether dpkg reports the package as fully installed.

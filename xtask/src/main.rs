@@ -1,13 +1,15 @@
 //! Project chores, run as `cargo xtask <COMMAND>` (alias in `.cargo/config.toml`).
 //!
 //! A plain binary with few dependencies, in the style of rust-analyzer's xtask: it installs the
-//! system packages the tests and benchmarks need, runs the CI checks and runs the benchmarks.
+//! system packages the tests and benchmarks need, builds the microVM guest, runs the CI checks and
+//! runs the benchmarks.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
 mod ci;
 mod deps;
+mod guest;
 mod util;
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +18,13 @@ const USAGE: &str = "\
 usage: cargo xtask <COMMAND>
 
 commands:
-  deps                     install the Debian packages tests and benchmarks need (when missing)
+  deps [--vm]              install the Debian packages tests and benchmarks need (when missing);
+                           --vm adds those of the microVM backend (kernel build, qemu, helpers)
+  guest [--force] [--only kernel|helpers|agent|rootfs] [--check]
+                           build what the vm backend needs (guest kernel, vhost-device-vsock and
+                           virtiofsd, static guest agent, root directory), cached by content hash
+                           under $OPENSHELL_GUEST_DIR (see guest/README.md); --force rebuilds,
+                           --check then boots the kernel under qemu as a smoke test
   bench [NAME...] [--runs N] [--list]
                            build openshell-sandbox in release, then run the named benchmarks
                            (default: all; --list names them) with N runs each (default 100)
@@ -40,9 +48,14 @@ fn run() -> Result<()> {
     };
     let rest: Vec<String> = args.collect();
     match cmd.as_str() {
-        "deps" => {
-            no_args("deps", &rest)?;
-            deps::ensure()
+        "deps" => match rest.as_slice() {
+            [] => deps::ensure(),
+            [vm] if vm == "--vm" => deps::ensure_with(true),
+            [other, ..] => bail!("deps: unexpected argument {other:?} (options: --vm)"),
+        },
+        "guest" => {
+            let opts = guest::Opts::parse(&rest).context("guest: bad arguments")?;
+            guest::run(&opts)
         }
         "bench" => {
             let opts = bench::Opts::parse(&rest).context("bench: bad arguments")?;

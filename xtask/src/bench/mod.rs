@@ -1,11 +1,13 @@
 //! `cargo xtask bench [NAME...] [--runs N]`: benchmarks that report, never assert.
 //!
 //! Each benchmark is a function in its own module, registered in [`BENCHES`]. Before any of them
-//! runs, the release `openshell-sandbox` is built and the system packages are ensured. A benchmark
-//! measures with hyperfine ([`hyperfine`]), prints a table, writes its figures to
-//! `target/bench/<name>.json` and says whether its targets hold. Missing a target never fails
-//! the command; a command that cannot run does.
+//! runs, the system packages are ensured and, when a selected benchmark needs it, the release
+//! `openshell-sandbox` is built. A benchmark measures with hyperfine ([`hyperfine`]) or with an
+//! in-process `harness = false` bench target (the proxy benchmarks, [`proxy`]), prints a table,
+//! writes its figures to `target/bench/<name>.json` and says whether its targets hold. Missing a
+//! target never fails the command; a command that cannot run does.
 
+mod proxy;
 mod spawn;
 
 use std::path::{Path, PathBuf};
@@ -20,15 +22,38 @@ use crate::util::{self, project_root};
 struct Bench {
     name: &'static str,
     about: &'static str,
+    /// Measures `target/release/openshell-sandbox` (built before any benchmark runs).
+    needs_sandbox: bool,
     run: fn(&Ctx) -> Result<()>,
 }
 
 /// All benchmarks, in the order `cargo xtask bench` runs them. Add proxy, ssh, ... here.
-const BENCHES: &[Bench] = &[Bench {
-    name: "spawn",
-    about: "spawn -> exit of /bin/true: openshell-sandbox vs bubblewrap",
-    run: spawn::run,
-}];
+const BENCHES: &[Bench] = &[
+    Bench {
+        name: "spawn",
+        about: "spawn -> exit of /bin/true: openshell-sandbox vs bubblewrap",
+        needs_sandbox: true,
+        run: spawn::run,
+    },
+    Bench {
+        name: "decision",
+        about: "Rego decision latency, 100 policies: uncached vs the proxy's CONNECT cache",
+        needs_sandbox: false,
+        run: proxy::decision,
+    },
+    Bench {
+        name: "connect",
+        about: "CONNECT rate and added latency: openshell-proxy vs tinyproxy",
+        needs_sandbox: false,
+        run: proxy::connect,
+    },
+    Bench {
+        name: "update",
+        about: "live policy update: file rename -> first CONNECT with the new decision",
+        needs_sandbox: false,
+        run: proxy::update,
+    },
+];
 
 const DEFAULT_RUNS: u32 = 100;
 const DEFAULT_WARMUP: u32 = 5;
@@ -124,20 +149,23 @@ pub fn run(opts: &Opts) -> Result<()> {
 
     // The measured binary lives at target/release/openshell-sandbox under the workspace, whatever
     // CARGO_TARGET_DIR the caller has set, so the command the report names is the one measured.
-    println!("=== build openshell-sandbox (release) ===");
-    util::run(
-        util::cargo()
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "openshell-sandbox",
-                "--target-dir",
-            ])
-            .arg(root.join("target")),
-    )
-    .context("cannot build openshell-sandbox")?;
-    println!("\n=== deps ===");
+    if selected.iter().any(|b| b.needs_sandbox) {
+        println!("=== build openshell-sandbox (release) ===");
+        util::run(
+            util::cargo()
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "openshell-sandbox",
+                    "--target-dir",
+                ])
+                .arg(root.join("target")),
+        )
+        .context("cannot build openshell-sandbox")?;
+        println!();
+    }
+    println!("=== deps ===");
     crate::deps::ensure()?;
 
     let ctx = Ctx {
@@ -193,6 +221,14 @@ fn machine() -> Value {
         .filter_map(|x| x.parse().ok())
         .collect();
     serde_json::json!({ "cpus": cpus, "loadavg": load })
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
 }
 
 fn round3(x: f64) -> f64 {

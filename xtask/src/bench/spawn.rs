@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::{hyperfine, Cmd, Ctx};
+use super::{hyperfine, verdict, Cmd, Ctx};
 
 /// Target: our median spawn -> exit time, in milliseconds.
 const TARGET_MEDIAN_MS: f64 = 20.0;
@@ -105,12 +105,4 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let path = ctx.write_report("spawn", &report)?;
     println!("  wrote {}", path.display());
     Ok(())
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "met"
-    } else {
-        "NOT met"
-    }
 }
