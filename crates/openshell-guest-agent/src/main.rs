@@ -158,9 +158,11 @@ mod linux {
         pub cgroup_procs: RefCell<Option<PathBuf>>,
     }
 
+    /// End the VM. microvm without ACPI cannot power off ("System halted instead"), so this
+    /// reboots: the kernel's `reboot=t` and QEMU's `-no-reboot` turn that into QEMU exiting.
     pub fn power_off() -> ! {
         nix::unistd::sync();
-        let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+        let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
         diag!("power off failed: {e:?}");
         // Nothing else to do; PID 1 exiting panics the kernel, which with panic=-1 also ends
         // the VM.
