@@ -24,6 +24,7 @@
 
 mod error;
 mod model;
+mod prefilter;
 pub mod rego;
 pub mod types;
 mod wire;

@@ -4,11 +4,14 @@
 //! The Rego source is compiled into the crate (`include_str!`), so building
 //! an engine reads nothing from disk.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Endpoint, Enforcement, L7Rule, NetworkPolicies, NetworkPolicy};
+use crate::prefilter;
 use crate::types::normalise_host;
 
 /// The Rego module that makes every egress decision.
@@ -104,11 +107,30 @@ pub struct Decision {
 /// Evaluates [`DecisionInput`]s against a set of network policies. Cloning
 /// is cheap enough for handing one engine to each proxy task; rebuild with
 /// [`DecisionEngine::new`] after a policy update.
+///
+/// Each decision first narrows the section to the policies that could
+/// decide it (see `prefilter.rs`) and evaluates the Rego module over only
+/// those, with one prepared regorus engine kept per such subset; the answer
+/// is the one the whole section gives.
 #[derive(Clone)]
 pub struct DecisionEngine {
-    engine: regorus::Engine,
+    /// The module over the whole section.
+    full: regorus::Engine,
+    /// The module without data, cloned for each new subset.
+    bare: regorus::Engine,
+    /// `None` when the section uses glob syntax the filter does not model.
+    index: Option<Arc<prefilter::Index>>,
+    /// `data.network_policies` entries, in key order.
+    entries: Arc<Vec<(String, serde_json::Value)>>,
+    /// Prepared engines by selected policy indices.
+    subsets: HashMap<Vec<usize>, regorus::Engine>,
+    /// Insertion order of `subsets`, for eviction.
+    subset_order: VecDeque<Vec<usize>>,
     policy_count: usize,
 }
+
+/// At most this many subset engines per [`DecisionEngine`].
+const SUBSET_CACHE: usize = 256;
 
 impl fmt::Debug for DecisionEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -118,22 +140,33 @@ impl fmt::Debug for DecisionEngine {
     }
 }
 
+fn data_value(entries: &[(String, serde_json::Value)]) -> Result<regorus::Value, RegoError> {
+    let map: serde_json::Map<String, serde_json::Value> = entries.iter().cloned().collect();
+    let data = serde_json::json!({ "network_policies": map });
+    regorus::Value::from_json_str(&data.to_string()).map_err(|e| RegoError::Data(e.into()))
+}
+
 impl DecisionEngine {
     /// Build an engine for these policies.
     pub fn new(policies: &NetworkPolicies) -> Result<Self, RegoError> {
-        let mut engine = regorus::Engine::new();
-        engine.set_rego_v0(false);
-        engine
-            .add_policy("openshell.rego".to_string(), REGO_SOURCE.to_string())
+        let mut bare = regorus::Engine::new();
+        bare.set_rego_v0(false);
+        bare.add_policy("openshell.rego".to_string(), REGO_SOURCE.to_string())
             .map_err(|e| RegoError::Compile(e.into()))?;
-        let data = serde_json::json!({ "network_policies": policies_data(policies) });
-        let value = regorus::Value::from_json_str(&data.to_string())
-            .map_err(|e| RegoError::Data(e.into()))?;
-        engine
-            .add_data(value)
+        let entries: Vec<(String, serde_json::Value)> = policies
+            .iter()
+            .map(|(key, p)| (key.to_string(), policy_data(p)))
+            .collect();
+        let mut full = bare.clone();
+        full.add_data(data_value(&entries)?)
             .map_err(|e| RegoError::Data(e.into()))?;
         Ok(Self {
-            engine,
+            full,
+            bare,
+            index: prefilter::Index::new(policies).map(Arc::new),
+            entries: Arc::new(entries),
+            subsets: HashMap::new(),
+            subset_order: VecDeque::new(),
             policy_count: policies.len(),
         })
     }
@@ -141,18 +174,107 @@ impl DecisionEngine {
     /// Decide one connection or request. The host is lowercased and a
     /// trailing dot removed before evaluation.
     pub fn decide(&mut self, input: &DecisionInput) -> Result<Decision, RegoError> {
-        let mut input = input.clone();
-        input.network.host = normalise_host(&input.network.host);
-        let json = serde_json::to_string(&input).map_err(|e| RegoError::Input(e.into()))?;
-        let value = regorus::Value::from_json_str(&json).map_err(|e| RegoError::Input(e.into()))?;
-        self.engine.set_input(value);
-        let out = self
-            .engine
-            .eval_rule(DECISION_RULE.to_string())
-            .map_err(|e| RegoError::Eval(e.into()))?;
-        let text = out.to_json_str().map_err(|e| RegoError::Output(e.into()))?;
-        serde_json::from_str(&text).map_err(|e| RegoError::Output(e.into()))
+        let host = normalise_host(&input.network.host);
+        let value = input_value(input, &host)?;
+        match self.select(input, &host) {
+            Some(selected) => {
+                let engine = self.subset_engine(selected)?;
+                evaluate(engine, value)
+            }
+            None => evaluate(&mut self.full, value),
+        }
     }
+
+    /// The whole section, without the prefilter (what `decide` must equal).
+    #[cfg(test)]
+    pub(crate) fn decide_full(&mut self, input: &DecisionInput) -> Result<Decision, RegoError> {
+        let host = normalise_host(&input.network.host);
+        let value = input_value(input, &host)?;
+        evaluate(&mut self.full, value)
+    }
+
+    /// The policies to evaluate, or `None` for the whole section.
+    fn select(&self, input: &DecisionInput, host: &str) -> Option<Vec<usize>> {
+        let index = self.index.as_deref()?;
+        // regorus' glob.match fails on a NUL in the value; leave such
+        // inputs to the whole section so the error (or not) is the same.
+        let strings = [host, input.exec.path.as_str()]
+            .into_iter()
+            .chain(input.exec.ancestors.iter().map(String::as_str))
+            .chain(
+                input
+                    .request
+                    .iter()
+                    .flat_map(|r| [r.method.as_str(), r.path.as_str()]),
+            );
+        if strings.into_iter().any(|s| s.contains('\0')) {
+            return None;
+        }
+        // The same functions as the module's lower() and upper().
+        let req_host = host.to_lowercase();
+        let method = input.request.as_ref().map(|r| r.method.to_uppercase());
+        let query = prefilter::Query {
+            host: &req_host,
+            port: input.network.port,
+            exec_paths: std::iter::once(input.exec.path.as_str())
+                .chain(input.exec.ancestors.iter().map(String::as_str))
+                .collect(),
+            request: input
+                .request
+                .as_ref()
+                .zip(method.as_deref())
+                .map(|(r, m)| (m, r.path.as_str())),
+        };
+        let selected = index.select(&query);
+        (selected.len() < index.len()).then_some(selected)
+    }
+
+    /// The prepared engine for these policies, built on first use.
+    fn subset_engine(&mut self, selected: Vec<usize>) -> Result<&mut regorus::Engine, RegoError> {
+        if !self.subsets.contains_key(&selected) {
+            if self.subsets.len() >= SUBSET_CACHE {
+                if let Some(old) = self.subset_order.pop_front() {
+                    self.subsets.remove(&old);
+                }
+            }
+            let entries: Vec<(String, serde_json::Value)> = selected
+                .iter()
+                .filter_map(|&i| self.entries.get(i).cloned())
+                .collect();
+            let mut engine = self.bare.clone();
+            engine
+                .add_data(data_value(&entries)?)
+                .map_err(|e| RegoError::Data(e.into()))?;
+            self.subset_order.push_back(selected.clone());
+            self.subsets.insert(selected.clone(), engine);
+        }
+        self.subsets
+            .get_mut(&selected)
+            .ok_or_else(|| RegoError::Eval("subset engine missing".into()))
+    }
+}
+
+/// The input document, with the host normalised.
+fn input_value(input: &DecisionInput, host: &str) -> Result<regorus::Value, RegoError> {
+    let normalised = DecisionInput {
+        exec: input.exec.clone(),
+        network: NetworkTarget {
+            host: host.to_string(),
+            port: input.network.port,
+        },
+        request: input.request.clone(),
+    };
+    let json = serde_json::to_string(&normalised).map_err(|e| RegoError::Input(e.into()))?;
+    regorus::Value::from_json_str(&json).map_err(|e| RegoError::Input(e.into()))
+}
+
+fn evaluate(engine: &mut regorus::Engine, input: regorus::Value) -> Result<Decision, RegoError> {
+    engine.set_input(input);
+    let out = engine
+        .eval_rule(DECISION_RULE.to_string())
+        .map_err(|e| RegoError::Eval(e.into()))?;
+    let text = out.to_json_str().map_err(|e| RegoError::Output(e.into()))?;
+    serde_json::from_str(&text).map_err(|e| RegoError::Output(e.into()))
 }
 
 /// The `data.network_policies` document (see the header of openshell.rego).
@@ -188,3 +310,7 @@ fn endpoint_data(ep: &Endpoint) -> serde_json::Value {
         "allowed_ips": ep.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
 }
+
+#[cfg(test)]
+#[path = "rego_equivalence_tests.rs"]
+mod equivalence_tests;

@@ -299,7 +299,10 @@ fn stdio_plumbing(mode: StdioMode) -> Result<(GuestStdio, Option<Sink>, Option<S
 /// Start one process in the guest over a fresh control connection.
 async fn start_session(uds: &Path, sandbox: &str, launch: LaunchPlan, mode: StdioMode, main: bool) -> Result<(Session, Stdio), VmError> {
     let (guest_stdio, stdout, stderr, stdin, caller_stdio) = stdio_plumbing(mode)?;
-    let stream = dial_agent(uds).await.map_err(io("connecting to the guest agent"))?;
+    let stream = tokio::time::timeout(Duration::from_secs(10), dial_agent(uds))
+        .await
+        .map_err(|_| VmError::AgentTimeout(Duration::from_secs(10), "no answer to a new session".into()))?
+        .map_err(io("connecting to the guest agent"))?;
     let (mut reader, mut writer) = stream.into_split();
     proto::write_frame_async(
         &mut writer,
@@ -591,7 +594,9 @@ impl VmSandbox {
         let boot_limit = Duration::from_secs(60);
         let started = std::time::Instant::now();
         let mut setup = loop {
-            if let Ok(stream) = dial_agent(&vsock_uds).await {
+            // A connect that reaches vhost-device-vsock before the guest listens may never be
+            // answered: bound every attempt.
+            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(500), dial_agent(&vsock_uds)).await {
                 break stream;
             }
             if let Ok(Some(status)) = qemu_child.try_wait() {
