@@ -27,15 +27,28 @@ pub fn backends() -> Vec<&'static str> {
 }
 
 fn vm_missing() -> Option<String> {
-    let dir = std::env::var_os("OPENSHELL_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("OPENSHELL_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".local/share/openshell")
+    let dir = std::env::var_os("OPENSHELL_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("OPENSHELL_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                        .join(".local/share/openshell")
+                });
+            home.join("guest")
         });
-        home.join("guest")
-    });
-    for part in ["kernel/current/vmlinux", "rootfs/current/openshell/agent", "helpers/bin/virtiofsd", "helpers/bin/vhost-device-vsock"] {
+    for part in [
+        "kernel/current/vmlinux",
+        "rootfs/current/openshell/agent",
+        "helpers/bin/virtiofsd",
+        "helpers/bin/vhost-device-vsock",
+    ] {
         if !dir.join(part).exists() {
-            return Some(format!("{} missing: run `cargo xtask guest`", dir.join(part).display()));
+            return Some(format!(
+                "{} missing: run `cargo xtask guest`",
+                dir.join(part).display()
+            ));
         }
     }
     None

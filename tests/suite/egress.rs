@@ -85,9 +85,9 @@ fn allowed_binary_and_host_pass_others_get_403() {
     if !can_run("allowed_binary_and_host_pass_others_get_403") {
         return;
     }
-    let up = Upstream::start("127.0.0.2");
-    let other = Upstream::start("127.0.0.3");
     for backend in backends() {
+        let up = Upstream::start("127.0.0.2");
+        let other = Upstream::start("127.0.0.3");
         let s = Scratch::new(&network_section(&endpoint_policy(
             "upstream",
             &up,
@@ -169,9 +169,9 @@ fn l7_rules_and_audit_mode_on_plain_http() {
     if !can_run("l7_rules_and_audit_mode_on_plain_http") {
         return;
     }
-    let ro = Upstream::start("127.0.0.2");
-    let audited = Upstream::start("127.0.0.3");
     for backend in backends() {
+        let ro = Upstream::start("127.0.0.2");
+        let audited = Upstream::start("127.0.0.3");
         let policies = endpoint_policy(
             "readonly",
             &ro,
@@ -389,8 +389,8 @@ fn a_binary_whose_content_changed_is_denied() {
     if !can_run("a_binary_whose_content_changed_is_denied") {
         return;
     }
-    let up = Upstream::start("127.0.0.2");
     for backend in backends() {
+        let up = Upstream::start("127.0.0.2");
         let s = Scratch::new("");
         let tool = s.work.join("tool");
         s.write_policy(&network_section(&endpoint_policy(

@@ -73,8 +73,10 @@ fn own_pid_namespace_hostname_and_fresh_proc() {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         let pid: i32 = lines[0].parse().expect("pid");
+        // In the VM the kernel's own threads take the first pids; what matters there is that
+        // /proc shows nothing but the workload's processes (checked below).
         assert!(
-            pid < 10,
+            backend == "vm" || pid < 10,
             "{backend}: the shell is one of the first pids of a new namespace, got {pid}"
         );
         assert_eq!(lines[1], "openshell");

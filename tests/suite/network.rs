@@ -76,7 +76,11 @@ fn host_services_and_other_destinations_are_unreachable() {
             .collect();
         // The process backend reaches its (empty) edge namespace and gets a refusal; the VM
         // has no network device, so nothing but its own loopback is even routable.
-        let edge = if backend == "vm" { ENETUNREACH } else { ECONNREFUSED };
+        let edge = if backend == "vm" {
+            ENETUNREACH
+        } else {
+            ECONNREFUSED
+        };
         assert_eq!(
             (backend, got),
             (

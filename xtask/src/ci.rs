@@ -9,23 +9,26 @@ pub fn run_all() -> Result<()> {
     section("cargo fmt");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     section("cargo clippy");
-    run(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    section("cargo test");
+    for features in [None, Some("--all-features")] {
+        run(cargo()
+            .args(["clippy", "--workspace", "--all-targets"])
+            .args(features)
+            .args(["--", "-D", "warnings"]))?;
+    }
+    section("cargo xtask test");
+    crate::deps::ensure_with(true)?;
+    crate::guest::run(&crate::guest::Opts::parse(&[])?)?;
     test(&[])?;
     println!("\nci: all checks passed");
     Ok(())
 }
 
-/// The project's test command, `cargo test --workspace`, with extra arguments appended.
+/// The suite on both backends: `cargo test --workspace --all-features`, with extra arguments
+/// appended.
 pub fn test(extra: &[String]) -> Result<()> {
-    run(cargo().args(["test", "--workspace"]).args(extra))
+    run(cargo()
+        .args(["test", "--workspace", "--all-features"])
+        .args(extra))
 }
 
 fn section(name: &str) {

@@ -28,9 +28,10 @@ commands:
   bench [NAME...] [--runs N] [--list]
                            build openshell-sandbox in release, then run the named benchmarks
                            (default: all; --list names them) with N runs each (default 100)
-  test [ARGS...]           deps, then `cargo test --workspace [ARGS...]` (the README's command)
-  ci                       cargo fmt --check, cargo clippy -D warnings, cargo test --workspace
-                           (run `cargo xtask deps` first on a fresh machine)
+  test [ARGS...]           deps (with --vm), the guest, then
+                           `cargo test --workspace --all-features [ARGS...]` (the README's command)
+  ci                       cargo fmt --check, cargo clippy -D warnings (with and without
+                           --all-features), then `cargo xtask test`
   help                     print this message";
 
 fn main() {
@@ -62,7 +63,9 @@ fn run() -> Result<()> {
             bench::run(&opts)
         }
         "test" => {
-            deps::ensure()?;
+            // The whole suite: both backends, so the vm guest is built (cached) first.
+            deps::ensure_with(true)?;
+            guest::run(&guest::Opts::parse(&[])?)?;
             ci::test(&rest)
         }
         "ci" => {

@@ -142,7 +142,9 @@ pub fn boot() {
             ensure_std_fds(true);
             Ok(())
         }),
-        Box::new(move || mount_fs("proc", "/proc", noexec, None)),
+        // hidepid: the workload (unprivileged) sees only its own processes, not the agent's or
+        // the kernel threads', as in the process backend's pid namespace.
+        Box::new(move || mount_fs("proc", "/proc", noexec, Some("hidepid=invisible"))),
         Box::new(move || mount_fs("sysfs", "/sys", noexec, None)),
         Box::new(|| mkdir("/dev/pts")),
         Box::new(|| {

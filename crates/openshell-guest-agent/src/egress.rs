@@ -84,6 +84,20 @@ async fn relay(resolver: Rc<ProcfsResolver>, mut client: TcpStream, target: Egre
         Ok(c) => c,
         Err(e) => {
             diag!("egress from {peer}: caller not identified: {}", chain(&e));
+            // The same answer the host proxy gives when it cannot identify a caller: a 403 the
+            // agent in the sandbox can read, never a silent close.
+            let body = serde_json::json!({
+                "error": "policy_denied",
+                "missing": ["binary"],
+                "reason": e.to_string(),
+            })
+            .to_string();
+            let response = format!(
+                "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = client.write_all(response.as_bytes()).await;
+            let _ = client.shutdown().await;
             return;
         }
     };

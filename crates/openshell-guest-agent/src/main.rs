@@ -247,6 +247,23 @@ mod linux {
             out.flush().context("writing the bound addresses")?;
         }
         diag!("listening: control {control_name}, egress {egress_bound}");
+        if !args.test_mode {
+            // Tell the host the control port is listening (it waits on `<uds>_READY_PORT`
+            // instead of dialling a guest that may not be listening yet).
+            match fdio::vsock_connect(
+                libc::VMADDR_CID_HOST,
+                openshell_runtime::vm_protocol::READY_PORT,
+            )
+            .await
+            {
+                Ok(mut stream) => {
+                    use tokio::io::AsyncWriteExt as _;
+                    let _ = stream.write_all(b"ready\n").await;
+                    let _ = stream.shutdown().await;
+                }
+                Err(e) => diag!("could not announce readiness: {e}"),
+            }
+        }
 
         let reaper_ctx = ctx.clone();
         tokio::task::spawn_local(async move { reaper_ctx.reaper.run(sigchld).await });

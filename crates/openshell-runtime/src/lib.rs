@@ -262,7 +262,9 @@ impl FromStr for VmEngine {
             "auto" => Ok(VmEngine::Auto),
             "krun" => Ok(VmEngine::Krun),
             "qemu" => Ok(VmEngine::Qemu),
-            other => Err(format!("unknown vm engine {other:?}, expected auto, krun or qemu")),
+            other => Err(format!(
+                "unknown vm engine {other:?}, expected auto, krun or qemu"
+            )),
         }
     }
 }
@@ -336,7 +338,9 @@ pub async fn spawn(
                 VmEngine::Krun => vm::engine::EngineChoice::Krun,
                 VmEngine::Qemu => vm::engine::EngineChoice::Qemu,
             };
-            Ok(SandboxedProcess::Vm(vm::VmSandbox::spawn(config, engine).await?))
+            Ok(SandboxedProcess::Vm(
+                vm::VmSandbox::spawn(config, engine).await?,
+            ))
         }
         #[cfg(not(all(target_os = "linux", feature = "vm")))]
         RuntimeKind::Vm => {

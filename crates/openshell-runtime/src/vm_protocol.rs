@@ -24,6 +24,8 @@ use crate::process::protocol::{LaunchPlan, RestrictionReport, WaitReport};
 
 /// vsock port the agent listens on for control connections.
 pub const AGENT_PORT: u32 = 1024;
+/// vsock port on the host (CID 2) the agent dials once, when its control port listens.
+pub const READY_PORT: u32 = 1025;
 /// vsock port on the host (CID 2) the agent dials for egress.
 pub const EGRESS_PORT: u32 = 3128;
 /// The address the workload's proxy variables point at inside the guest.

@@ -19,7 +19,9 @@ impl FromStr for EngineChoice {
             "auto" => Ok(EngineChoice::Auto),
             "krun" => Ok(EngineChoice::Krun),
             "qemu" => Ok(EngineChoice::Qemu),
-            other => Err(format!("unknown vm engine {other:?}, expected auto, krun or qemu")),
+            other => Err(format!(
+                "unknown vm engine {other:?}, expected auto, krun or qemu"
+            )),
         }
     }
 }
@@ -36,7 +38,10 @@ pub enum KvmSupport {
 }
 
 pub fn kvm_support() -> KvmSupport {
-    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
     if dev.is_err() {
         return KvmSupport::None;
     }
@@ -83,11 +88,14 @@ pub fn decide(choice: EngineChoice, kvm: KvmSupport) -> Result<EngineDecision, E
         (EngineChoice::Krun, KvmSupport::Standard) => Err(EngineError::KrunNotBuilt),
         (_, KvmSupport::Standard) => Ok(EngineDecision {
             accel: Accel::Kvm,
-            reason: "qemu with KVM: hardware KVM runs standard guests (the krun engine is not built)".into(),
+            reason:
+                "qemu with KVM: hardware KVM runs standard guests (the krun engine is not built)"
+                    .into(),
         }),
         (_, KvmSupport::PvmOnly) => Ok(EngineDecision {
             accel: Accel::Tcg,
-            reason: "qemu with TCG: /dev/kvm is kvm-pvm, which only runs PVM-patched guest kernels".into(),
+            reason: "qemu with TCG: /dev/kvm is kvm-pvm, which only runs PVM-patched guest kernels"
+                .into(),
         }),
         (_, KvmSupport::None) => Ok(EngineDecision {
             accel: Accel::Tcg,
@@ -133,10 +141,15 @@ mod tests {
             (EngineChoice::Krun, KvmSupport::None, Err("no KVM")),
         ];
         for (choice, kvm, expected) in cases {
-            let got = decide(choice, kvm).map(|d| d.accel).map_err(|e| e.to_string());
+            let got = decide(choice, kvm)
+                .map(|d| d.accel)
+                .map_err(|e| e.to_string());
             match expected {
                 Ok(accel) => assert_eq!(got, Ok(accel), "{choice:?} {kvm:?}"),
-                Err(fragment) => assert!(got.as_ref().is_err_and(|e| e.contains(fragment)), "{choice:?} {kvm:?}: {got:?}"),
+                Err(fragment) => assert!(
+                    got.as_ref().is_err_and(|e| e.contains(fragment)),
+                    "{choice:?} {kvm:?}: {got:?}"
+                ),
             }
         }
     }

@@ -28,10 +28,14 @@ pub fn guest_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("OPENSHELL_GUEST_DIR") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("OPENSHELL_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        let user_home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-        user_home.join(".local/share/openshell")
-    });
+    let home = std::env::var_os("OPENSHELL_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let user_home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/root"));
+            user_home.join(".local/share/openshell")
+        });
     home.join("guest")
 }
 
@@ -66,7 +70,10 @@ impl Artifacts {
         Ok(Artifacts {
             kernel: need("guest kernel", dir.join("kernel/current/vmlinux"))?,
             rootfs,
-            vsock_daemon: need("vhost-device-vsock", dir.join("helpers/bin/vhost-device-vsock"))?,
+            vsock_daemon: need(
+                "vhost-device-vsock",
+                dir.join("helpers/bin/vhost-device-vsock"),
+            )?,
             virtiofsd: need("virtiofsd", dir.join("helpers/bin/virtiofsd"))?,
             qemu,
         })

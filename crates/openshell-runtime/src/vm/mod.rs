@@ -77,7 +77,11 @@ fn collect_stale_boxes(run: &Path) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.split('-').next().and_then(|p| i32::from_str_radix(p, 16).ok()) else {
+        let Some(pid) = name
+            .split('-')
+            .next()
+            .and_then(|p| i32::from_str_radix(p, 16).ok())
+        else {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
@@ -88,7 +92,10 @@ fn collect_stale_boxes(run: &Path) {
 
 /// The shares for a policy: every directory in read_only / read_write (and the workdir),
 /// at the same path in the guest. Virtual filesystems and device files are the guest's own.
-fn shares_for(identity: &Identity, workdir: &Path) -> Result<(Vec<Share>, Vec<(String, String)>), VmError> {
+fn shares_for(
+    identity: &Identity,
+    workdir: &Path,
+) -> Result<(Vec<Share>, Vec<(String, String)>), VmError> {
     let mut shares: Vec<Share> = Vec::new();
     let mut skipped = Vec::new();
     let plan = &identity.landlock;
@@ -100,7 +107,10 @@ fn shares_for(identity: &Identity, workdir: &Path) -> Result<(Vec<Share>, Vec<(S
         .chain(std::iter::once((workdir.to_owned(), false)));
     for (path, readonly) in entries {
         let text = path.display().to_string();
-        if ["/proc", "/sys", "/dev"].iter().any(|v| path.starts_with(v)) {
+        if ["/proc", "/sys", "/dev"]
+            .iter()
+            .any(|v| path.starts_with(v))
+        {
             continue;
         }
         match std::fs::symlink_metadata(&path) {
@@ -108,7 +118,10 @@ fn shares_for(identity: &Identity, workdir: &Path) -> Result<(Vec<Share>, Vec<(S
             Ok(m) if m.file_type().is_symlink() => continue,
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
-                skipped.push((text, "not a directory: only directories are shared into the VM".into()));
+                skipped.push((
+                    text,
+                    "not a directory: only directories are shared into the VM".into(),
+                ));
                 continue;
             }
             Err(e) if plan.hard_requirement => {
@@ -146,10 +159,14 @@ fn build_root(cached: &Path, root: &Path, shares: &[Share]) -> Result<(), VmErro
     for share in shares {
         let target = root.join(share.guest_path.trim_start_matches('/'));
         // Never follow a symlink of the root out of it.
-        if target.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+        if target
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
             continue;
         }
-        std::fs::create_dir_all(&target).map_err(io(format!("creating mount point {}", target.display())))?;
+        std::fs::create_dir_all(&target)
+            .map_err(io(format!("creating mount point {}", target.display())))?;
     }
     Ok(())
 }
@@ -175,7 +192,9 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 /// Dial the agent's control port through vhost-device-vsock (`CONNECT <port>` → `OK <n>`).
 async fn dial_agent(uds: &Path) -> std::io::Result<UnixStream> {
     let mut stream = UnixStream::connect(uds).await?;
-    stream.write_all(format!("CONNECT {}\n", proto::AGENT_PORT).as_bytes()).await?;
+    stream
+        .write_all(format!("CONNECT {}\n", proto::AGENT_PORT).as_bytes())
+        .await?;
     let mut line = Vec::new();
     loop {
         let mut byte = [0u8; 1];
@@ -221,7 +240,18 @@ impl std::fmt::Debug for Session {
 type Sink = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Where a session's output goes and where its input comes from, plus what the caller gets.
-fn stdio_plumbing(mode: StdioMode) -> Result<(GuestStdio, Option<Sink>, Option<Sink>, Option<crate::OutputStream>, Stdio), VmError> {
+fn stdio_plumbing(
+    mode: StdioMode,
+) -> Result<
+    (
+        GuestStdio,
+        Option<Sink>,
+        Option<Sink>,
+        Option<crate::OutputStream>,
+        Stdio,
+    ),
+    VmError,
+> {
     let pipe = || -> Result<(tokio::net::unix::pipe::Sender, tokio::net::unix::pipe::Receiver), VmError> {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
             .map_err(|e| VmError::Io {
@@ -278,8 +308,10 @@ fn stdio_plumbing(mode: StdioMode) -> Result<(GuestStdio, Option<Sink>, Option<S
             )
         }
         StdioMode::Pty { rows, cols } => {
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io("creating the terminal bridge"))?;
-            ours.set_nonblocking(true).map_err(io("configuring the terminal bridge"))?;
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                .map_err(io("creating the terminal bridge"))?;
+            ours.set_nonblocking(true)
+                .map_err(io("configuring the terminal bridge"))?;
             let ours = UnixStream::from_std(ours).map_err(io("registering the terminal bridge"))?;
             let (r, w) = ours.into_split();
             (
@@ -297,11 +329,19 @@ fn stdio_plumbing(mode: StdioMode) -> Result<(GuestStdio, Option<Sink>, Option<S
 }
 
 /// Start one process in the guest over a fresh control connection.
-async fn start_session(uds: &Path, sandbox: &str, launch: LaunchPlan, mode: StdioMode, main: bool) -> Result<(Session, Stdio), VmError> {
+async fn start_session(
+    uds: &Path,
+    sandbox: &str,
+    launch: LaunchPlan,
+    mode: StdioMode,
+    main: bool,
+) -> Result<(Session, Stdio), VmError> {
     let (guest_stdio, stdout, stderr, stdin, caller_stdio) = stdio_plumbing(mode)?;
     let stream = tokio::time::timeout(Duration::from_secs(10), dial_agent(uds))
         .await
-        .map_err(|_| VmError::AgentTimeout(Duration::from_secs(10), "no answer to a new session".into()))?
+        .map_err(|_| {
+            VmError::AgentTimeout(Duration::from_secs(10), "no answer to a new session".into())
+        })?
         .map_err(io("connecting to the guest agent"))?;
     let (mut reader, mut writer) = stream.into_split();
     proto::write_frame_async(
@@ -315,7 +355,10 @@ async fn start_session(uds: &Path, sandbox: &str, launch: LaunchPlan, mode: Stdi
     .await
     .map_err(VmError::Frame)?;
     loop {
-        let frame = proto::read_frame_async(&mut reader).await.map_err(VmError::Frame)?.ok_or(VmError::AgentLost)?;
+        let frame = proto::read_frame_async(&mut reader)
+            .await
+            .map_err(VmError::Frame)?
+            .ok_or(VmError::AgentLost)?;
         if frame.kind != Kind::Json {
             continue;
         }
@@ -325,7 +368,9 @@ async fn start_session(uds: &Path, sandbox: &str, launch: LaunchPlan, mode: Stdi
                 debug!(sandbox, pid, "guest process running");
                 break;
             }
-            Event::Failed { stage, message } => return Err(VmError::Process(setup_error(stage, message))),
+            Event::Failed { stage, message } => {
+                return Err(VmError::Process(setup_error(stage, message)))
+            }
             other => debug!(?other, "unexpected event while starting"),
         }
     }
@@ -421,7 +466,10 @@ impl Session {
                 return r;
             }
             if self.exited.changed().await.is_err() {
-                return self.exited.borrow().unwrap_or(WaitReport::Signal(libc::SIGKILL));
+                return self
+                    .exited
+                    .borrow()
+                    .unwrap_or(WaitReport::Signal(libc::SIGKILL));
             }
         }
     }
@@ -430,7 +478,9 @@ impl Session {
         if self.exited.borrow().is_some() {
             return Err(VmError::NotRunning);
         }
-        self.to_agent.send(Frame::json(&Request::Signal { signal })).map_err(|_| VmError::NotRunning)
+        self.to_agent
+            .send(Frame::json(&Request::Signal { signal }))
+            .map_err(|_| VmError::NotRunning)
     }
 }
 
@@ -467,16 +517,35 @@ impl VmSandbox {
         let mut env = config.env.clone();
         if config.egress.is_some() {
             let url = format!("http://{}", proto::GUEST_PROXY_ADDR);
-            for key in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"] {
+            for key in [
+                "HTTP_PROXY",
+                "HTTPS_PROXY",
+                "ALL_PROXY",
+                "http_proxy",
+                "https_proxy",
+                "all_proxy",
+            ] {
                 env.entry(key.to_owned()).or_insert_with(|| url.clone());
             }
             for key in ["NO_PROXY", "no_proxy"] {
-                env.entry(key.to_owned()).or_insert_with(|| "localhost,127.0.0.1,::1".to_owned());
+                env.entry(key.to_owned())
+                    .or_insert_with(|| "localhost,127.0.0.1,::1".to_owned());
             }
         }
-        let launch = identity.launch(&config.program, &config.args, &env, &config.workdir, config.stdio, Vec::new())?;
+        let launch = identity.launch(
+            &config.program,
+            &config.args,
+            &env,
+            &config.workdir,
+            config.stdio,
+            Vec::new(),
+        )?;
 
-        let id = format!("{:x}-{:x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{:x}-{:x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
         let run = guest::guest_dir().join("run");
         collect_stale_boxes(&run);
         let box_dir = run.join(&id);
@@ -514,7 +583,11 @@ impl VmSandbox {
                 readonly: true,
             },
         );
-        let vcpus = config.resources.cpus.map(|c| c.ceil().max(1.0) as u32).unwrap_or(1);
+        let vcpus = config
+            .resources
+            .cpus
+            .map(|c| c.ceil().max(1.0) as u32)
+            .unwrap_or(1);
         let memory_mib = config.resources.memory_mib.unwrap_or(512).max(128);
         let vsock_uds = box_dir.join("vsock.sock");
         let vm = VmDescription {
@@ -528,11 +601,15 @@ impl VmSandbox {
         };
         info!(event = "sandbox.vm_engine", sandbox = id, engine = "qemu", reason = %decision.reason, vcpus, memory_mib, "vm engine chosen");
 
-        // Guest→host listeners exist before boot.
+        // Guest→host listeners exist before boot: readiness, then egress.
+        let ready_path = PathBuf::from(format!("{}_{}", vsock_uds.display(), proto::READY_PORT));
+        let ready = tokio::net::UnixListener::bind(&ready_path)
+            .map_err(io(format!("binding {}", ready_path.display())))?;
         let egress = match &config.egress {
             Some(egress) => {
                 let path = PathBuf::from(format!("{}_{}", vsock_uds.display(), proto::EGRESS_PORT));
-                let listener = std::os::unix::net::UnixListener::bind(&path).map_err(io(format!("binding {}", path.display())))?;
+                let listener = std::os::unix::net::UnixListener::bind(&path)
+                    .map_err(io(format!("binding {}", path.display())))?;
                 Some(
                     egress
                         .attach(crate::EgressAttachment {
@@ -547,11 +624,15 @@ impl VmSandbox {
 
         let mut helpers = Vec::new();
         let vhost_vsock = box_dir.join("vhost-vsock.sock");
-        let mut vsockd = qemu::start(&artifacts.vsock_daemon, &qemu::vsock_daemon_args(&vhost_vsock, &vsock_uds), &box_dir.join("vsock.log"))
-            .map_err(|e| VmError::Helper {
-                what: "vhost-device-vsock",
-                message: e.to_string(),
-            })?;
+        let mut vsockd = qemu::start(
+            &artifacts.vsock_daemon,
+            &qemu::vsock_daemon_args(&vhost_vsock, &vsock_uds),
+            &box_dir.join("vsock.log"),
+        )
+        .map_err(|e| VmError::Helper {
+            what: "vhost-device-vsock",
+            message: e.to_string(),
+        })?;
         let mut fs_sockets = Vec::new();
         let mut fsds = Vec::new();
         for share in &shares {
@@ -585,19 +666,25 @@ impl VmSandbox {
         }
         let console = box_dir.join("console.log");
         let args = qemu::qemu_args(&vm, decision.accel, &vhost_vsock, &fs_sockets, &console);
-        let mut qemu_child = qemu::start(&artifacts.qemu, &args, &box_dir.join("qemu.log")).map_err(|e| VmError::Helper {
-            what: "qemu",
-            message: e.to_string(),
-        })?;
+        let mut qemu_child = qemu::start(&artifacts.qemu, &args, &box_dir.join("qemu.log"))
+            .map_err(|e| VmError::Helper {
+                what: "qemu",
+                message: e.to_string(),
+            })?;
 
         // Wait for the agent, bounded, watching QEMU.
         let boot_limit = Duration::from_secs(60);
         let started = std::time::Instant::now();
-        let mut setup = loop {
-            // A connect that reaches vhost-device-vsock before the guest listens may never be
-            // answered: bound every attempt.
-            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(500), dial_agent(&vsock_uds)).await {
-                break stream;
+        // The agent announces itself on READY_PORT once its control port listens; dialling
+        // earlier can leave a connection that vhost-device-vsock never answers.
+        loop {
+            tokio::select! {
+                accepted = ready.accept() => {
+                    if accepted.is_ok() {
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
             if let Ok(Some(status)) = qemu_child.try_wait() {
                 let log = std::fs::read_to_string(box_dir.join("qemu.log")).unwrap_or_default();
@@ -610,9 +697,17 @@ impl VmSandbox {
                 let _ = qemu_child.start_kill();
                 return Err(VmError::AgentTimeout(boot_limit, console_tail(&console)));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        debug!(sandbox = id, ms = started.elapsed().as_millis() as u64, "guest agent answered");
+        }
+        drop(ready);
+        let mut setup = tokio::time::timeout(Duration::from_secs(10), dial_agent(&vsock_uds))
+            .await
+            .map_err(|_| VmError::AgentTimeout(Duration::from_secs(10), console_tail(&console)))?
+            .map_err(io("connecting to the guest agent"))?;
+        debug!(
+            sandbox = id,
+            ms = started.elapsed().as_millis() as u64,
+            "guest agent answered"
+        );
         let mounts = shares
             .iter()
             .skip(1)
@@ -632,17 +727,24 @@ impl VmSandbox {
         )
         .await
         .map_err(VmError::Frame)?;
-        match proto::read_frame_async(&mut setup).await.map_err(VmError::Frame)? {
-            Some(f) if f.kind == Kind::Json => match f.decode_json::<Event>().map_err(VmError::Frame)? {
-                Event::Ready => {}
-                Event::Failed { stage, message } => return Err(VmError::Process(setup_error(stage, message))),
-                other => {
-                    return Err(VmError::Helper {
-                        what: "guest agent",
-                        message: format!("unexpected answer to setup: {other:?}"),
-                    })
+        match proto::read_frame_async(&mut setup)
+            .await
+            .map_err(VmError::Frame)?
+        {
+            Some(f) if f.kind == Kind::Json => {
+                match f.decode_json::<Event>().map_err(VmError::Frame)? {
+                    Event::Ready => {}
+                    Event::Failed { stage, message } => {
+                        return Err(VmError::Process(setup_error(stage, message)))
+                    }
+                    other => {
+                        return Err(VmError::Helper {
+                            what: "guest agent",
+                            message: format!("unexpected answer to setup: {other:?}"),
+                        })
+                    }
                 }
-            },
+            }
             _ => return Err(VmError::AgentLost),
         }
         let (main, stdio) = start_session(&vsock_uds, id, launch, config.stdio, true).await?;
@@ -681,10 +783,17 @@ impl VmSandbox {
         let report = match report {
             Some(r) => r,
             // QEMU ended first (killed): the workload died with the VM.
-            None => self.main.exited.borrow().unwrap_or(WaitReport::Signal(libc::SIGKILL)),
+            None => self
+                .main
+                .exited
+                .borrow()
+                .unwrap_or(WaitReport::Signal(libc::SIGKILL)),
         };
         // The agent powers off after the workload; do not wait long for it.
-        if tokio::time::timeout(Duration::from_secs(10), self.qemu.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.qemu.wait())
+            .await
+            .is_err()
+        {
             let _ = self.qemu.start_kill();
             let _ = self.qemu.wait().await;
         }
@@ -715,7 +824,10 @@ impl VmSandbox {
     /// Kill the VM (and with it everything in it). Never blocks.
     pub fn kill(&self) -> Result<(), VmError> {
         if let Some(pid) = self.qemu.id() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::SIGKILL,
+            );
         }
         Ok(())
     }
@@ -724,8 +836,16 @@ impl VmSandbox {
         if self.status.is_some() {
             return Err(VmError::NotRunning);
         }
-        let launch = self.identity.launch(&config.program, &config.args, &config.env, &config.workdir, config.stdio, Vec::new())?;
-        let (session, stdio) = start_session(&self.vsock_uds, &self.id, launch, config.stdio, false).await?;
+        let launch = self.identity.launch(
+            &config.program,
+            &config.args,
+            &config.env,
+            &config.workdir,
+            config.stdio,
+            Vec::new(),
+        )?;
+        let (session, stdio) =
+            start_session(&self.vsock_uds, &self.id, launch, config.stdio, false).await?;
         info!(event = "sandbox.exec", sandbox = %self.id, program = %config.program, "command started in the sandbox");
         Ok(VmExec {
             session,

@@ -43,7 +43,13 @@ pub fn host_tsc_khz() -> Option<u64> {
 }
 
 /// QEMU's arguments for `vm`.
-pub fn qemu_args(vm: &VmDescription, accel: Accel, vhost_vsock_socket: &Path, fs_sockets: &[PathBuf], console: &Path) -> Vec<String> {
+pub fn qemu_args(
+    vm: &VmDescription,
+    accel: Accel,
+    vhost_vsock_socket: &Path,
+    fs_sockets: &[PathBuf],
+    console: &Path,
+) -> Vec<String> {
     let mem = vm.memory_mib;
     let mut args: Vec<String> = vec![
         "-M".into(),
@@ -86,7 +92,10 @@ pub fn qemu_args(vm: &VmDescription, accel: Accel, vhost_vsock_socket: &Path, fs
         args.push("-chardev".into());
         args.push(format!("socket,id=fs{i},path={}", socket.display()));
         args.push("-device".into());
-        args.push(format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag));
+        args.push(format!(
+            "vhost-user-fs-device,chardev=fs{i},tag={}",
+            share.tag
+        ));
     }
     args
 }
@@ -126,23 +135,34 @@ pub fn start(program: &Path, args: &[String], log: &Path) -> std::io::Result<Chi
         .stderr(log_err)
         .kill_on_drop(true);
     sys::pre_exec(&mut cmd, || {
-        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .map_err(std::io::Error::from)
     });
     cmd.spawn()
 }
 
 /// Wait until `path` exists (a daemon's socket), or `child` died, or `limit` passed.
-pub async fn wait_for_socket(path: &Path, child: &mut Child, limit: Duration) -> Result<(), String> {
+pub async fn wait_for_socket(
+    path: &Path,
+    child: &mut Child,
+    limit: Duration,
+) -> Result<(), String> {
     let start = Instant::now();
     loop {
         if path.exists() {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("exited with {status} before creating {}", path.display()));
+            return Err(format!(
+                "exited with {status} before creating {}",
+                path.display()
+            ));
         }
         if start.elapsed() > limit {
-            return Err(format!("did not create {} within {limit:?}", path.display()));
+            return Err(format!(
+                "did not create {} within {limit:?}",
+                path.display()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -169,7 +189,13 @@ mod tests {
             memory_mib: 256,
             cmdline: kernel_cmdline(Some(2_596_122)),
         };
-        let args = qemu_args(&vm, Accel::Tcg, Path::new("/b/vhost.sock"), &["/b/fs0.sock".into()], Path::new("/b/console.log"));
+        let args = qemu_args(
+            &vm,
+            Accel::Tcg,
+            Path::new("/b/vhost.sock"),
+            &["/b/fs0.sock".into()],
+            Path::new("/b/console.log"),
+        );
         let joined = args.join(" ");
         for needed in [
             "microvm,x-option-roms=off,rtc=on,acpi=off,memory-backend=mem",
@@ -184,6 +210,8 @@ mod tests {
         ] {
             assert!(joined.contains(needed), "missing {needed:?} in {joined}");
         }
-        assert!(!virtiofsd_args(Path::new("/s"), Path::new("/d"), true).iter().any(|a| a.starts_with("--tag")));
+        assert!(!virtiofsd_args(Path::new("/s"), Path::new("/d"), true)
+            .iter()
+            .any(|a| a.starts_with("--tag")));
     }
 }
