@@ -416,9 +416,11 @@ impl SandboxedProcess {
     pub async fn exec(&self, config: ExecConfig) -> Result<SandboxedExec, RuntimeError> {
         match self {
             #[cfg(target_os = "linux")]
-            SandboxedProcess::Process(p) => Ok(SandboxedExec::Process(p.exec(config).await?)),
+            SandboxedProcess::Process(p) => {
+                Ok(SandboxedExec::Process(Box::new(p.exec(config).await?)))
+            }
             #[cfg(all(target_os = "linux", feature = "vm"))]
-            SandboxedProcess::Vm(v) => Ok(SandboxedExec::Vm(v.exec(config).await?)),
+            SandboxedProcess::Vm(v) => Ok(SandboxedExec::Vm(Box::new(v.exec(config).await?))),
         }
     }
 }
@@ -427,9 +429,9 @@ impl SandboxedProcess {
 #[derive(Debug)]
 pub enum SandboxedExec {
     #[cfg(target_os = "linux")]
-    Process(process::ProcessExec),
+    Process(Box<process::ProcessExec>),
     #[cfg(all(target_os = "linux", feature = "vm"))]
-    Vm(vm::VmExec),
+    Vm(Box<vm::VmExec>),
 }
 
 impl SandboxedExec {

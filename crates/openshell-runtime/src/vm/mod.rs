@@ -90,12 +90,22 @@ fn collect_stale_boxes(run: &Path) {
     }
 }
 
+/// Policy paths left out of the VM, with the reason.
+type Skipped = Vec<(String, String)>;
+
+/// A session's plumbing: the guest's stdio mode, where stdout and stderr go, where stdin comes
+/// from, and what the caller gets.
+type Plumbing = (
+    GuestStdio,
+    Option<Sink>,
+    Option<Sink>,
+    Option<crate::OutputStream>,
+    Stdio,
+);
+
 /// The shares for a policy: every directory in read_only / read_write (and the workdir),
 /// at the same path in the guest. Virtual filesystems and device files are the guest's own.
-fn shares_for(
-    identity: &Identity,
-    workdir: &Path,
-) -> Result<(Vec<Share>, Vec<(String, String)>), VmError> {
+fn shares_for(identity: &Identity, workdir: &Path) -> Result<(Vec<Share>, Skipped), VmError> {
     let mut shares: Vec<Share> = Vec::new();
     let mut skipped = Vec::new();
     let plan = &identity.landlock;
@@ -240,18 +250,7 @@ impl std::fmt::Debug for Session {
 type Sink = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Where a session's output goes and where its input comes from, plus what the caller gets.
-fn stdio_plumbing(
-    mode: StdioMode,
-) -> Result<
-    (
-        GuestStdio,
-        Option<Sink>,
-        Option<Sink>,
-        Option<crate::OutputStream>,
-        Stdio,
-    ),
-    VmError,
-> {
+fn stdio_plumbing(mode: StdioMode) -> Result<Plumbing, VmError> {
     let pipe = || -> Result<(tokio::net::unix::pipe::Sender, tokio::net::unix::pipe::Receiver), VmError> {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
             .map_err(|e| VmError::Io {
