@@ -788,7 +788,7 @@ fn check(p: &Paths) -> Result<()> {
 
 /// An uncompressed `newc` cpio archive with `/bin/busybox`, `/init` (a busybox script) and
 /// `/dev/console`, written here so that no `cpio` tool is needed.
-fn newc_archive(busybox: &[u8], init: &[u8]) -> Vec<u8> {
+pub(crate) fn newc_archive(busybox: &[u8], init: &[u8]) -> Vec<u8> {
     const DIR: u32 = 0o040755;
     const FILE: u32 = 0o100755;
     const CHR: u32 = 0o020600;

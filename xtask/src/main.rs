@@ -27,7 +27,8 @@ commands:
                            --check then boots the kernel under qemu as a smoke test
   bench [NAME...] [--runs N] [--list]
                            build openshell-sandbox in release, then run the named benchmarks
-                           (default: all; --list names them) with N runs each (default 100)
+                           (default: all; --list names them) with N runs each (default 100;
+                           vm: 20)
   test [ARGS...]           deps (with --vm), the guest, then
                            `cargo test --workspace --all-features [ARGS...]` (the README's command)
   ci                       cargo fmt --check, cargo clippy -D warnings (with and without

@@ -9,6 +9,7 @@
 
 mod proxy;
 mod spawn;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -53,6 +54,13 @@ const BENCHES: &[Bench] = &[
         needs_sandbox: false,
         run: proxy::update,
     },
+    Bench {
+        name: "vm",
+        about: "microVM (qemu engine): cold create+exec+destroy, first output, idle RSS vs bare \
+                qemu microvm (20 runs unless --runs)",
+        needs_sandbox: true,
+        run: vm::run,
+    },
 ];
 
 const DEFAULT_RUNS: u32 = 100;
@@ -61,7 +69,8 @@ const DEFAULT_WARMUP: u32 = 5;
 /// Parsed `bench` arguments.
 pub struct Opts {
     names: Vec<String>,
-    runs: u32,
+    /// `--runs`, when given.
+    runs: Option<u32>,
     list: bool,
 }
 
@@ -69,7 +78,7 @@ impl Opts {
     pub fn parse(args: &[String]) -> Result<Opts> {
         let mut opts = Opts {
             names: Vec::new(),
-            runs: DEFAULT_RUNS,
+            runs: None,
             list: false,
         };
         let mut args = args.iter();
@@ -80,11 +89,14 @@ impl Opts {
                 arg.strip_prefix("--runs=")
             };
             if let Some(runs) = runs {
-                opts.runs = runs
-                    .parse()
-                    .ok()
-                    .filter(|&n: &u32| n >= 2)
-                    .with_context(|| format!("--runs: expected an integer >= 2, got {runs:?}"))?;
+                opts.runs = Some(
+                    runs.parse()
+                        .ok()
+                        .filter(|&n: &u32| n >= 2)
+                        .with_context(|| {
+                            format!("--runs: expected an integer >= 2, got {runs:?}")
+                        })?,
+                );
             } else if arg == "--list" {
                 opts.list = true;
             } else if arg.starts_with('-') {
@@ -113,6 +125,8 @@ pub struct Ctx {
     root: PathBuf,
     /// Measured runs per command.
     runs: u32,
+    /// `--runs`, when given (benchmarks with their own default use it).
+    runs_given: Option<u32>,
     /// Warmup runs per command.
     warmup: u32,
 }
@@ -149,8 +163,10 @@ pub fn run(opts: &Opts) -> Result<()> {
 
     // The measured binary lives at target/release/openshell-sandbox under the workspace, whatever
     // CARGO_TARGET_DIR the caller has set, so the command the report names is the one measured.
+    // Always with the vm backend (a superset: the process backend is the same code), so that
+    // running spawn and vm together builds once.
     if selected.iter().any(|b| b.needs_sandbox) {
-        println!("=== build openshell-sandbox (release) ===");
+        println!("=== build openshell-sandbox (release, --features vm) ===");
         util::run(
             util::cargo()
                 .args([
@@ -158,6 +174,8 @@ pub fn run(opts: &Opts) -> Result<()> {
                     "--release",
                     "-p",
                     "openshell-sandbox",
+                    "--features",
+                    "vm",
                     "--target-dir",
                 ])
                 .arg(root.join("target")),
@@ -170,7 +188,8 @@ pub fn run(opts: &Opts) -> Result<()> {
 
     let ctx = Ctx {
         root,
-        runs: opts.runs,
+        runs: opts.runs.unwrap_or(DEFAULT_RUNS),
+        runs_given: opts.runs,
         warmup: DEFAULT_WARMUP,
     };
     for b in selected {
@@ -180,8 +199,9 @@ pub fn run(opts: &Opts) -> Result<()> {
     Ok(())
 }
 
-/// One command for hyperfine: a short name and the command line (split on whitespace by
-/// hyperfine, no shell, so keep arguments free of spaces and quotes).
+/// One command for hyperfine: a short name and the command line (split into words by hyperfine,
+/// no shell: whitespace separates arguments, and an argument with spaces goes in double quotes;
+/// [`words`] splits the same way for the smoke run).
 struct Cmd {
     name: &'static str,
     line: String,
@@ -291,7 +311,8 @@ fn hyperfine(ctx: &Ctx, cmds: &[Cmd]) -> Result<Vec<Stats>> {
 
 /// Runs a command once, outside hyperfine, so a broken command fails with its own output.
 fn smoke(root: &Path, c: &Cmd) -> Result<()> {
-    let mut parts = c.line.split_whitespace();
+    let words = words(&c.line);
+    let mut parts = words.iter();
     let program = parts.next().context("empty command line")?;
     let out = Command::new(program)
         .args(parts)
@@ -310,6 +331,27 @@ fn smoke(root: &Path, c: &Cmd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Splits a command line into words: whitespace separates, double quotes group (no escapes).
+fn words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    let mut quoted = false;
+    for ch in line.chars() {
+        match ch {
+            '"' => {
+                quoted = !quoted;
+                cur.get_or_insert_with(String::new);
+            }
+            c if c.is_whitespace() && !quoted => {
+                out.extend(cur.take());
+            }
+            c => cur.get_or_insert_with(String::new).push(c),
+        }
+    }
+    out.extend(cur);
+    out
 }
 
 /// Statistics over wall-clock times in seconds. The median averages the two middle values for an
@@ -349,7 +391,13 @@ impl Drop for RemoveOnDrop<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::stats;
+    use super::{stats, words};
+
+    #[test]
+    fn words_split_like_hyperfine() {
+        assert_eq!(words(r#"q -a "x y  z" b"#), vec!["q", "-a", "x y  z", "b"]);
+        assert_eq!(words(r#"  a "" b "#), vec!["a", "", "b"]);
+    }
 
     #[test]
     fn median_and_p95() {

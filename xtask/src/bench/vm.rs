@@ -1,0 +1,673 @@
+//! `vm`: the microVM backend (qemu engine, TCG on this machine kind) next to a bare
+//! `qemu-system-x86_64 -M microvm` booting the same kernel to the same command.
+//!
+//! - cold create + exec `/bin/true` + destroy, helpers included, against the bare boot of a
+//!   busybox initramfs whose `/init` runs `true` and reboots (one hyperfine run);
+//! - time to first output: `/bin/echo first` until the first byte on our stdout, against the bare
+//!   boot until its `/init`'s marker appears on the serial console (stdio);
+//! - host RSS of an idle VM (`/bin/sleep 30`, once the guest agent listens): QEMU, every virtiofsd
+//!   and vhost-device-vsock of the box, and what is left beyond the guest RAM they map.
+//!
+//! The krun engine needs KVM that runs standard guests; on kvm-pvm hosts its figures are not
+//! measurable and the report says so.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use super::{hyperfine, machine, round3, stats, verdict, Cmd, Ctx, Stats};
+use crate::guest;
+
+/// Target: our median over the bare boot's median (cold create+exec+destroy).
+const TARGET_RATIO: f64 = 1.3;
+/// Target: our median cold create+exec+destroy, in milliseconds.
+const TARGET_MEDIAN_MS: f64 = 1200.0;
+/// Target: host RSS of an idle qemu-engine VM (QEMU + helpers), in MB (10^6 bytes).
+const TARGET_RSS_MB: f64 = 128.0;
+/// The vm benchmark's own run counts (a boot costs about a second under TCG).
+const DEFAULT_RUNS: u32 = 20;
+const WARMUP: u32 = 2;
+
+const SANDBOX: &str = "target/release/openshell-sandbox";
+const POLICY: &str = "policies/default.yaml";
+/// What the bare boot's `/init` prints for the time-to-first-output figure.
+const MARKER: &str = "OPENSHELL-BENCH-FIRST";
+/// What the guest agent prints on the console once it listens.
+const AGENT_LISTENING: &str = "openshell-guest-agent: listening";
+/// Bound of every single boot outside hyperfine.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where Debian's busybox-static installs its binary.
+const BUSYBOX: &str = "/bin/busybox";
+
+pub fn run(ctx: &Ctx) -> Result<()> {
+    // The guest (kernel, helpers, agent, rootfs), as `cargo xtask test` builds it: cached.
+    crate::deps::ensure_with(true)?;
+    println!("=== guest ===");
+    guest::run(&guest::Opts::parse(&[])?)?;
+    let paths = guest::paths()?;
+    let kernel = fs::canonicalize(&paths.kernel)
+        .with_context(|| format!("no guest kernel at {}", paths.kernel.display()))?;
+    let run_dir = paths.root.join("run");
+
+    let ctx = Ctx {
+        root: ctx.root.clone(),
+        runs: ctx.runs_given.unwrap_or(DEFAULT_RUNS),
+        runs_given: ctx.runs_given,
+        warmup: WARMUP,
+    };
+    let khz = guest::host_tsc_khz()?;
+    let tmp = ctx.root.join("target/bench/vm-initrd");
+    fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let busybox = fs::read(BUSYBOX).with_context(|| format!("cannot read {BUSYBOX}"))?;
+    let initrd_true = tmp.join("true.cpio");
+    fs::write(
+        &initrd_true,
+        crate::guest::newc_archive(
+            &busybox,
+            b"#!/bin/busybox sh\n/bin/busybox true\n/bin/busybox reboot -f\n",
+        ),
+    )?;
+    let initrd_echo = tmp.join("echo.cpio");
+    fs::write(
+        &initrd_echo,
+        crate::guest::newc_archive(
+            &busybox,
+            format!("#!/bin/busybox sh\n/bin/busybox echo {MARKER}\n/bin/busybox reboot -f\n")
+                .as_bytes(),
+        ),
+    )?;
+
+    let krun = krun_status();
+    println!("krun engine: {krun}");
+
+    // 1. cold create + exec + destroy, side by side.
+    let ours_line = format!("{SANDBOX} --runtime vm --policy {POLICY} -- /bin/true");
+    let bare_argv = bare_qemu(&kernel, &initrd_true, khz, "file:/dev/null");
+    let bare_line = bare_argv
+        .iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("\"{a}\"")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let cmds = [
+        Cmd {
+            name: "ours",
+            line: ours_line.clone(),
+        },
+        Cmd {
+            name: "bare",
+            line: bare_line.clone(),
+        },
+    ];
+    let [ours, bare] = hyperfine(&ctx, &cmds)?[..] else {
+        unreachable!("hyperfine returns one result per command")
+    };
+
+    // 2. time to first output, alternating ours and bare (one unmeasured warmup each).
+    println!("\ntime to first output ({} runs each)", ctx.runs);
+    let ours_echo: Vec<String> = [
+        SANDBOX,
+        "--runtime",
+        "vm",
+        "--policy",
+        POLICY,
+        "--",
+        "/bin/echo",
+        "first",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let bare_echo = bare_qemu(&kernel, &initrd_echo, khz, "stdio");
+    let (mut t_ours, mut t_bare) = (Vec::new(), Vec::new());
+    for i in 0..=ctx.runs {
+        let a = first_output(&ctx.root, &ours_echo, b"f", b"first")
+            .context("ours: time to first output")?;
+        let b = first_output(&ctx.root, &bare_echo, MARKER.as_bytes(), MARKER.as_bytes())
+            .context("bare: time to first output")?;
+        if i > 0 {
+            t_ours.push(a.as_secs_f64());
+            t_bare.push(b.as_secs_f64());
+        }
+    }
+    let first_ours = stats(&t_ours).context("no first-output timings")?;
+    let first_bare = stats(&t_bare).context("no first-output timings")?;
+
+    // 3. host RSS of an idle VM.
+    println!("\nhost RSS of an idle VM (/bin/sleep 30)");
+    let rss = idle_rss(&ctx.root, &run_dir)?;
+
+    // Report.
+    let ratio = ours.median_ms / bare.median_ms;
+    let ratio_p95 = ours.p95_ms / bare.p95_ms;
+    let first_ratio = first_ours.median_ms / first_bare.median_ms;
+    let ratio_ok = ratio <= TARGET_RATIO;
+    let median_ok = ours.median_ms <= TARGET_MEDIAN_MS;
+    let total_mb = rss.total_kib as f64 * 1024.0 / 1e6;
+    let rss_ok = total_mb <= TARGET_RSS_MB;
+    let machine = machine();
+    println!();
+    println!(
+        "machine: {} cpus, load average {} (figures are noisy on a busy machine)",
+        machine["cpus"],
+        machine["loadavg"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| format!("{:.2}", l.as_f64().unwrap_or(f64::NAN)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "cold create + exec /bin/true + destroy ({} runs each, {} warmup, qemu engine, TCG)",
+        ctx.runs, ctx.warmup
+    );
+    println!("  {:<20} {:>10} {:>10} {:>10}", "", "median", "p95", "mean");
+    let row = |name: &str, s: Stats| {
+        println!(
+            "  {name:<20} {:>7.0} ms {:>7.0} ms {:>7.0} ms",
+            s.median_ms, s.p95_ms, s.mean_ms
+        );
+    };
+    row("ours", ours);
+    row("bare qemu microvm", bare);
+    println!("  ratio ours/bare: {ratio:.2} (median), {ratio_p95:.2} (p95)");
+    println!(
+        "  target ratio <= {TARGET_RATIO:.1}: {} ({ratio:.2})",
+        verdict(ratio_ok)
+    );
+    println!(
+        "  target median <= {TARGET_MEDIAN_MS:.0} ms: {} ({:.0} ms)",
+        verdict(median_ok),
+        ours.median_ms
+    );
+    println!("time to first output ({} runs each)", first_ours.runs);
+    row("ours (echo first)", first_ours);
+    row("bare (console marker)", first_bare);
+    println!("  ratio ours/bare: {first_ratio:.2} (median)");
+    println!(
+        "host RSS of an idle VM (box {}, after the agent listened + 1 s)",
+        rss.box_id
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    for c in &rss.components {
+        println!(
+            "  {:<20} {:>3} proc {:>8.1} MiB  (guest RAM mapped {:>6.1} MiB)",
+            c.name,
+            c.procs,
+            mib(c.rss_kib),
+            mib(c.guest_ram_kib)
+        );
+    }
+    println!(
+        "  {:<20}          {:>8.1} MiB = {total_mb:.1} MB",
+        "total",
+        mib(rss.total_kib)
+    );
+    println!(
+        "  beyond guest memory: {:.1} MiB (total minus the guest RAM pages each process maps; \
+         QEMU's guest RAM touched: {:.1} MiB of {} MiB)",
+        mib(rss.beyond_guest_kib),
+        mib(rss.qemu_guest_ram_kib),
+        rss.guest_mem_mib
+            .map_or_else(|| "?".to_owned(), |m| m.to_string())
+    );
+    println!(
+        "  supervisor (openshell-sandbox, not in the total): {:.1} MiB",
+        mib(rss.supervisor_kib)
+    );
+    println!(
+        "  target total <= {TARGET_RSS_MB:.0} MB: {} ({total_mb:.1} MB)",
+        verdict(rss_ok)
+    );
+    println!("krun engine: {krun}");
+
+    let components: Value = rss
+        .components
+        .iter()
+        .map(|c| {
+            (
+                c.name.to_owned(),
+                serde_json::json!({
+                    "processes": c.procs,
+                    "rss_kib": c.rss_kib,
+                    "guest_ram_mapped_kib": c.guest_ram_kib,
+                }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    let report = serde_json::json!({
+        "benchmark": "vm",
+        "engine": "qemu",
+        "accel": "tcg",
+        "runs": ctx.runs,
+        "warmup": ctx.warmup,
+        "machine": machine,
+        "kernel": kernel.display().to_string(),
+        "cold": {
+            "ours": { "command": ours_line, "stats": ours.to_json() },
+            "bare": { "command": bare_line, "stats": bare.to_json() },
+            "ratio_median": round3(ratio),
+            "ratio_p95": round3(ratio_p95),
+        },
+        "first_output": {
+            "ours": {
+                "command": ours_echo.join(" "),
+                "until": "first byte on stdout",
+                "stats": first_ours.to_json(),
+            },
+            "bare": {
+                "command": bare_echo.join(" "),
+                "until": format!("{MARKER} on the serial console (stdio)"),
+                "stats": first_bare.to_json(),
+            },
+            "ratio_median": round3(first_ratio),
+        },
+        "idle_rss": {
+            "workload": "/bin/sleep 30",
+            "box": rss.box_id,
+            "components": components,
+            "total_kib": rss.total_kib,
+            "total_mb": round3(total_mb),
+            "beyond_guest_memory_kib": rss.beyond_guest_kib,
+            "qemu_rss_kib": rss.qemu_rss_kib,
+            "qemu_guest_ram_touched_kib": rss.qemu_guest_ram_kib,
+            "guest_memory_mib": rss.guest_mem_mib,
+            "supervisor_rss_kib": rss.supervisor_kib,
+        },
+        "krun": { "measured": false, "reason": krun },
+        "targets": {
+            "ratio_max": TARGET_RATIO,
+            "ratio_ok": ratio_ok,
+            "median_ms_max": TARGET_MEDIAN_MS,
+            "median_ok": median_ok,
+            "rss_mb_max": TARGET_RSS_MB,
+            "rss_ok": rss_ok,
+        },
+    });
+    let path = ctx.write_report("vm", &report)?;
+    println!("  wrote {}", path.display());
+    Ok(())
+}
+
+/// The bare boot: the same kernel, the given initramfs, the issue's tuned command line.
+fn bare_qemu(kernel: &Path, initrd: &Path, khz: u64, serial: &str) -> Vec<String> {
+    let mut argv: Vec<String> = [
+        "qemu-system-x86_64",
+        "-M",
+        "microvm,x-option-roms=off,rtc=on,acpi=off",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-m",
+        "256M",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        serial,
+        "-kernel",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    argv.push(kernel.display().to_string());
+    argv.push("-initrd".into());
+    argv.push(initrd.display().to_string());
+    argv.push("-append".into());
+    argv.push(format!(
+        "console=ttyS0 quiet reboot=t panic=-1 noapictimer no_timer_check tsc=reliable \
+         tsc_early_khz={khz} rdinit=/init"
+    ));
+    argv
+}
+
+/// Why the krun engine's figures are (not) here.
+fn krun_status() -> String {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        "not measurable here: /dev/kvm is kvm-pvm, which runs only PVM-patched guest kernels \
+         (targets elsewhere: <= 250 ms cold, <= 32 MiB VMM overhead)"
+            .to_owned()
+    } else if !Path::new("/dev/kvm").exists() {
+        "not measurable here: no /dev/kvm".to_owned()
+    } else {
+        "not measured by this benchmark (qemu engine only)".to_owned()
+    }
+}
+
+/// Spawns `argv`, returns the wall time until `needle` has appeared on its stdout, then waits for
+/// it to exit (bounded) and checks that it succeeded and that stdout contained `expect`.
+fn first_output(root: &Path, argv: &[String], needle: &[u8], expect: &[u8]) -> Result<Duration> {
+    let t = Instant::now();
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", argv[0]))?;
+    let mut stdout = child.stdout.take().context("no stdout")?;
+    let mut stderr = child.stderr.take().context("no stderr")?;
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        s
+    });
+    let deadline = t + BOOT_TIMEOUT;
+    let mut out = Vec::new();
+    let mut at = None;
+    while at.is_none() {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok(chunk) => {
+                out.extend_from_slice(&chunk);
+                if contains(&out, needle) {
+                    at = Some(t.elapsed());
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let status = wait_bounded(&mut child, Duration::from_secs(30))?;
+    out.extend(rx.try_iter().flatten());
+    let err = err_thread.join().unwrap_or_default();
+    let show = || {
+        format!(
+            "stdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        )
+    };
+    let Some(at) = at else {
+        bail!(
+            "`{}`: no output within {BOOT_TIMEOUT:?}\n{}",
+            argv[0],
+            show()
+        );
+    };
+    match status {
+        Some(s) if s.success() => {}
+        Some(s) => bail!("`{}` failed ({s})\n{}", argv[0], show()),
+        None => bail!("`{}` did not exit; killed\n{}", argv[0], show()),
+    }
+    ensure!(
+        contains(&out, expect),
+        "`{}`: stdout lacks {:?}\n{}",
+        argv[0],
+        String::from_utf8_lossy(expect),
+        show()
+    );
+    Ok(at)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Waits up to `limit` for `child`; kills it (and returns `None`) past that.
+fn wait_bounded(child: &mut Child, limit: Duration) -> Result<Option<std::process::ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(Some(s));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct Component {
+    name: &'static str,
+    procs: usize,
+    rss_kib: u64,
+    guest_ram_kib: u64,
+}
+
+struct Rss {
+    box_id: String,
+    components: Vec<Component>,
+    total_kib: u64,
+    beyond_guest_kib: u64,
+    qemu_rss_kib: u64,
+    qemu_guest_ram_kib: u64,
+    guest_mem_mib: Option<u64>,
+    supervisor_kib: u64,
+}
+
+/// Starts ours with `/bin/sleep 30`, waits until the agent listens (+1 s), sums the RSS of the
+/// box's QEMU and helpers, then ends the supervisor with SIGTERM and checks nothing is left.
+fn idle_rss(root: &Path, run_dir: &Path) -> Result<Rss> {
+    let mut child = Command::new(SANDBOX)
+        .args([
+            "--runtime",
+            "vm",
+            "--policy",
+            POLICY,
+            "--",
+            "/bin/sleep",
+            "30",
+        ])
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {SANDBOX}"))?;
+    let pid = child.id();
+    let result = measure_box(pid, run_dir, &mut child);
+    // SIGTERM the supervisor; SIGKILL if it lingers.
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    if wait_bounded(&mut child, Duration::from_secs(15))?.is_none() {
+        eprintln!("vm: the supervisor did not end within 15 s of SIGTERM; killed");
+    }
+    let (rss, box_dir) = result?;
+    // Nothing of the box may survive (helpers die with the supervisor).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = box_processes(&box_dir);
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            for (p, _) in &left {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &p.to_string()])
+                    .status();
+            }
+            bail!(
+                "processes of {} left after the supervisor ended (killed): {:?}",
+                box_dir.display(),
+                left
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("  supervisor ended on SIGTERM; no QEMU or helper of the box left");
+    Ok(rss)
+}
+
+fn measure_box(pid: u32, run_dir: &Path, child: &mut Child) -> Result<(Rss, PathBuf)> {
+    let prefix = format!("{pid:x}-");
+    let t = Instant::now();
+    let box_dir = loop {
+        ensure!(
+            t.elapsed() < BOOT_TIMEOUT,
+            "the agent did not report listening within {BOOT_TIMEOUT:?}"
+        );
+        if let Some(s) = child.try_wait()? {
+            bail!("the sandbox exited ({s}) before the VM was idle");
+        }
+        let found = fs::read_dir(run_dir).ok().and_then(|entries| {
+            entries.flatten().map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+                    && fs::read_to_string(p.join("console.log"))
+                        .is_ok_and(|c| c.contains(AGENT_LISTENING))
+            })
+        });
+        if let Some(dir) = found {
+            break dir;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "  agent listening after {:.2}s in {}; measuring 1 s later",
+        t.elapsed().as_secs_f64(),
+        box_dir.display()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    let procs = box_processes(&box_dir);
+    let mut by_name: BTreeMap<&'static str, Component> = BTreeMap::new();
+    let (mut qemu_rss_kib, mut qemu_guest_ram_kib, mut guest_mem_mib) = (0, 0, None);
+    for (p, name) in &procs {
+        let rss = vm_rss_kib(*p).unwrap_or(0);
+        let guest_ram = guest_ram_rss_kib(*p);
+        if *name == "qemu-system-x86_64" {
+            qemu_rss_kib += rss;
+            qemu_guest_ram_kib += guest_ram;
+            guest_mem_mib = qemu_mem_mib(*p);
+        }
+        let c = by_name.entry(name).or_insert(Component {
+            name,
+            procs: 0,
+            rss_kib: 0,
+            guest_ram_kib: 0,
+        });
+        c.procs += 1;
+        c.rss_kib += rss;
+        c.guest_ram_kib += guest_ram;
+    }
+    ensure!(
+        qemu_rss_kib > 0,
+        "no qemu-system-x86_64 of {} found",
+        box_dir.display()
+    );
+    let components: Vec<Component> = ["qemu-system-x86_64", "virtiofsd", "vhost-device-vsock"]
+        .iter()
+        .filter_map(|n| by_name.remove(n))
+        .collect();
+    let total_kib = components.iter().map(|c| c.rss_kib).sum();
+    let mapped: u64 = components.iter().map(|c| c.guest_ram_kib).sum();
+    let rss = Rss {
+        box_id: box_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        components,
+        total_kib,
+        beyond_guest_kib: total_kib - mapped,
+        qemu_rss_kib,
+        qemu_guest_ram_kib,
+        guest_mem_mib,
+        supervisor_kib: vm_rss_kib(pid).unwrap_or(0),
+    };
+    Ok((rss, box_dir))
+}
+
+/// QEMU, virtiofsd and vhost-device-vsock processes whose command line names `box_dir`.
+fn box_processes(box_dir: &Path) -> Vec<(u32, &'static str)> {
+    let needle = box_dir.display().to_string();
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !cmdline.contains(&needle) {
+            continue;
+        }
+        let argv0 = cmdline.split(' ').next().unwrap_or_default();
+        let base = argv0.rsplit('/').next().unwrap_or_default();
+        let name = match base {
+            "qemu-system-x86_64" => "qemu-system-x86_64",
+            "virtiofsd" => "virtiofsd",
+            "vhost-device-vsock" => "vhost-device-vsock",
+            _ => continue,
+        };
+        out.push((pid, name));
+    }
+    out
+}
+
+fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Resident pages of the guest RAM (QEMU's `memory-backend-memfd`) in this process's mappings.
+fn guest_ram_rss_kib(pid: u32) -> u64 {
+    let Ok(smaps) = fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0;
+    };
+    let mut in_guest_ram = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        if first.ends_with(':') {
+            if in_guest_ram && first == "Rss:" {
+                total += line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        } else {
+            in_guest_ram = line.contains("/memfd:memory-backend-memfd");
+        }
+    }
+    total
+}
+
+/// QEMU's `-m <N>M`, from its command line.
+fn qemu_mem_mib(pid: u32) -> Option<u64> {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let m = args.iter().position(|a| a == "-m")?;
+    args.get(m + 1)?.trim_end_matches(['M', 'm']).parse().ok()
+}
