@@ -157,6 +157,26 @@ pub const PROXY_ADDR: std::net::SocketAddr = std::net::SocketAddr::V4(std::net::
     3128,
 ));
 
+/// Point the workload's proxy variables at `addr` (host:port inside the sandbox), unless the
+/// caller set them, so curl, wget, pip, git, npm and urllib use the egress proxy unmodified.
+pub(crate) fn add_proxy_env(env: &mut BTreeMap<String, String>, addr: &str) {
+    let url = format!("http://{addr}");
+    for key in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        env.entry(key.to_owned()).or_insert_with(|| url.clone());
+    }
+    for key in ["NO_PROXY", "no_proxy"] {
+        env.entry(key.to_owned())
+            .or_insert_with(|| "localhost,127.0.0.1,::1".to_owned());
+    }
+}
+
 /// Everything needed to start a workload in a sandbox.
 #[derive(Debug, Clone)]
 pub struct SpawnConfig {

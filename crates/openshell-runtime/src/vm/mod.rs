@@ -515,21 +515,7 @@ impl VmSandbox {
         let identity = Identity::resolve(&config.policy, &config.workdir)?;
         let mut env = config.env.clone();
         if config.egress.is_some() {
-            let url = format!("http://{}", proto::GUEST_PROXY_ADDR);
-            for key in [
-                "HTTP_PROXY",
-                "HTTPS_PROXY",
-                "ALL_PROXY",
-                "http_proxy",
-                "https_proxy",
-                "all_proxy",
-            ] {
-                env.entry(key.to_owned()).or_insert_with(|| url.clone());
-            }
-            for key in ["NO_PROXY", "no_proxy"] {
-                env.entry(key.to_owned())
-                    .or_insert_with(|| "localhost,127.0.0.1,::1".to_owned());
-            }
+            crate::add_proxy_env(&mut env, proto::GUEST_PROXY_ADDR);
         }
         let launch = identity.launch(
             &config.program,
