@@ -515,7 +515,7 @@ fn status_of(r: WaitReport) -> ExitStatus {
 enum Vmm {
     Qemu(Child),
     #[cfg(feature = "krun")]
-    Krun(krun::KrunShim),
+    Krun(Box<krun::KrunShim>),
 }
 
 impl Vmm {
@@ -702,7 +702,7 @@ impl VmSandbox {
                     uds: vsock_uds.clone(),
                     connect_line: false,
                 };
-                (Vmm::Krun(shim), Vec::new(), agent)
+                (Vmm::Krun(Box::new(shim)), Vec::new(), agent)
             }
             #[cfg(not(feature = "krun"))]
             Engine::Krun => return Err(engine::EngineError::KrunNotBuilt.into()),
