@@ -8,9 +8,10 @@
 //!   read-only where the policy says;
 //! - vhost-device-vsock with `vsock.sock` (host dials the agent) and `vsock.sock_3128` (the
 //!   guest's egress, served by the proxy; bound before boot);
-//! - QEMU (`qemu.rs`) or, with feature `krun` on hosts whose KVM runs standard guests, one jailed
-//!   libkrun shim (`krun.rs`) instead of QEMU and both daemons; and the guest agent inside, which applies the same privilege drop,
-//!   Landlock and seccomp as the process backend.
+//! - QEMU (`qemu.rs`) or, with feature `krun` on hosts whose KVM runs standard guests, one
+//!   jailed libkrun shim (`krun.rs`) instead of QEMU and both daemons;
+//! - the guest agent inside, which applies the same privilege drop, Landlock and seccomp as the
+//!   process backend.
 
 pub mod engine;
 pub mod guest;
