@@ -128,7 +128,13 @@ fn shim_end_is_an_engine_error_and_leaves_no_shim() {
         let pid = shim.pid();
         println!("  shim {pid} configured, jail: {:?}", shim.jail);
         assert!(!gone(pid));
-        assert!(shim.jail.iter().any(|j| j.starts_with("namespaces")));
+        for part in ["namespaces", "landlock", "seccomp"] {
+            assert!(
+                shim.jail.iter().any(|j| j.starts_with(part)),
+                "{:?}",
+                shim.jail
+            );
+        }
         // Jailed: its own network (it needs none: vsock runs over pathname Unix sockets) and
         // mount namespaces.
         for ns in ["net", "mnt", "ipc", "uts"] {

@@ -8,8 +8,9 @@
 //!    (the guest has none: no TSI, no virtio-net; vsock goes through pathname Unix sockets);
 //! 2. dies with the supervisor: PR_SET_PDEATHSIG(SIGKILL) and a thread on the lifeline pipe;
 //! 3. restricts itself with Landlock to what the VMM touches (the kernel, the shares, the box
-//!    directory, /dev/kvm, /proc for virtio-fs); no seccomp filter yet;
-//! 4. configures libkrun (all calls in `krun_sys.rs`) and reports `KrunConfigured`;
+//!    directory, /dev/kvm, /proc for virtio-fs);
+//! 4. configures libkrun (all calls in `krun_sys.rs`), installs the workload's seccomp table
+//!    (`process::seccomp`; libkrun's threads inherit it) and reports `KrunConfigured`;
 //! 5. waits for `Go` (the supervisor binds the guest→host listeners first), then boots.
 //!
 //! vsock, in libkrun's terms (`krun_add_vsock_port2(port, path, listen)`):
@@ -326,6 +327,19 @@ pub(crate) fn shim_main(mut ctl: HelperSide, plan: KrunPlan) -> ! {
         Ok(ctx) => ctx,
         Err(e) => ctl.fail("configure", e.to_string()),
     };
+    // The workload's reviewed seccomp table (no mount, ptrace, bpf, namespaces, module
+    // loading, io_uring, raw or vsock sockets, ...) on this thread; libkrun's VMM, vCPU and
+    // device threads are started from it by krun_start_enter and inherit it.
+    match crate::process::seccomp::compile()
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            crate::process::seccomp::apply(&f)
+                .map(|()| f.rules)
+                .map_err(|e| e.to_string())
+        }) {
+        Ok(rules) => jail.push(format!("seccomp: {rules} rules")),
+        Err(e) => ctl.fail("jail", format!("seccomp: {e}")),
+    }
     ctl.send(&FromHelper::KrunConfigured {
         pid: std::process::id() as i32,
         jail,
