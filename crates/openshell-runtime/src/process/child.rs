@@ -41,7 +41,7 @@ use super::protocol::{
 use super::{cgroup, landlock, net, seccomp, sys};
 
 /// The control channel as seen from a helper.
-struct Control {
+pub(crate) struct Control {
     reader: BufReader<UnixStream>,
 }
 
@@ -55,7 +55,7 @@ impl Control {
 
     /// Read one message. Ordering guarantees no read-ahead: the supervisor only writes its next
     /// message after an answer to this one.
-    fn recv(&mut self) -> Option<ToHelper> {
+    pub(crate) fn recv(&mut self) -> Option<ToHelper> {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
             Ok(0) | Err(_) => None,
@@ -63,7 +63,7 @@ impl Control {
         }
     }
 
-    fn send(&mut self, msg: &FromHelper) {
+    pub(crate) fn send(&mut self, msg: &FromHelper) {
         let Ok(mut bytes) = serde_json::to_vec(msg) else {
             return;
         };
@@ -72,7 +72,7 @@ impl Control {
         let _ = self.reader.get_mut().write_all(&bytes);
     }
 
-    fn fail(&mut self, stage: &str, message: String) -> ! {
+    pub(crate) fn fail(&mut self, stage: &str, message: String) -> ! {
         self.send(&FromHelper::Failed {
             stage: stage.to_owned(),
             message,
@@ -81,7 +81,7 @@ impl Control {
     }
 }
 
-fn take_fd(fd: RawFd) -> OwnedFd {
+pub(crate) fn take_fd(fd: RawFd) -> OwnedFd {
     // SAFETY: the supervisor placed `fd` (CONTROL_FD or LIFELINE_FD) in this process with dup2
     // before execve; this function is called once per descriptor, so ownership is unique.
     unsafe { OwnedFd::from_raw_fd(fd) }
@@ -94,6 +94,13 @@ pub fn helper_main() -> ! {
         Some(ToHelper::Spawn(plan)) => holder(ctl, plan),
         Some(ToHelper::Exec(plan)) => exec_helper(ctl, plan),
         Some(ToHelper::Go) => ctl.fail("protocol", "unexpected go before a plan".into()),
+        #[cfg(feature = "krun")]
+        Some(ToHelper::KrunShim(plan)) => crate::vm::krun::shim_main(ctl, plan),
+        #[cfg(not(feature = "krun"))]
+        Some(ToHelper::KrunShim(_)) => ctl.fail(
+            "protocol",
+            "this binary was built without the krun engine (feature `krun`)".into(),
+        ),
         None => std::process::exit(125),
     }
 }

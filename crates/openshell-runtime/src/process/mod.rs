@@ -99,13 +99,13 @@ fn helper_exe() -> PathBuf {
 
 /// The supervisor's end of a helper's control channel.
 #[derive(Debug)]
-struct Control {
+pub(crate) struct Control {
     lines: Lines<BufReader<OwnedReadHalf>>,
     writer: OwnedWriteHalf,
 }
 
 impl Control {
-    async fn send(&mut self, msg: &ToHelper) -> Result<(), ProcessError> {
+    pub(crate) async fn send(&mut self, msg: &ToHelper) -> Result<(), ProcessError> {
         let mut bytes = serde_json::to_vec(msg).map_err(|e| ProcessError::Io {
             op: "encoding a control message",
             source: e.into(),
@@ -118,7 +118,7 @@ impl Control {
     }
 
     /// The next message, or `None` once the helper has closed the channel. Cancel-safe.
-    async fn recv(&mut self) -> Option<FromHelper> {
+    pub(crate) async fn recv(&mut self) -> Option<FromHelper> {
         loop {
             match self.lines.next_line().await {
                 Ok(Some(line)) => match serde_json::from_str(&line) {
@@ -135,9 +135,9 @@ impl Control {
 
 /// A started helper process with its channels.
 #[derive(Debug)]
-struct Helper {
-    child: tokio::process::Child,
-    ctl: Control,
+pub(crate) struct Helper {
+    pub(crate) child: tokio::process::Child,
+    pub(crate) ctl: Control,
     /// The write end of the lifeline pipe; dropping it tells the helper the supervisor is gone.
     _lifeline: OwnedFd,
     stdio: Stdio,
@@ -177,7 +177,7 @@ fn stdio_for(
 
 /// Start the helper binary with the control socket at fd 3 and the lifeline at fd 4.
 /// `unshare` is applied in the child just before execve.
-fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Helper, ProcessError> {
+pub(crate) fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Helper, ProcessError> {
     let (ours, theirs) = StdUnixStream::pair().map_err(io("creating the control socket"))?;
     let (life_r, life_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ProcessError::Io {

@@ -21,6 +21,38 @@ pub enum ToHelper {
     Exec(ExecPlan),
     /// Cgroup placement and the network are ready: init may start the workload.
     Go,
+    /// Become the shim of one libkrun VM (first message to a krun shim; feature `krun`).
+    KrunShim(KrunPlan),
+}
+
+/// One libkrun VM, resolved by the supervisor (the krun engine's view of a `VmDescription`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KrunPlan {
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    /// virtio-fs devices; the root directory is the one tagged `root`.
+    pub shares: Vec<KrunShare>,
+    pub vsock: Vec<KrunPort>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// The guest console and libkrun's own log.
+    pub console: PathBuf,
+    pub log: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KrunShare {
+    pub tag: String,
+    pub host_path: PathBuf,
+    pub readonly: bool,
+}
+
+/// Guest vsock `port` ↔ host Unix socket `path`; `listen`: the host dials the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KrunPort {
+    pub port: u32,
+    pub path: PathBuf,
+    pub listen: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +117,8 @@ pub enum FromHelper {
     WorkloadExited(WaitReport),
     /// init ended (after the workload, or killed); the sandbox is gone and cleaned up.
     SandboxEnded(WaitReport),
+    /// The krun shim is jailed and libkrun accepted the whole configuration; the VM starts next.
+    KrunConfigured { pid: i32, jail: Vec<String> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -59,8 +59,28 @@ pub fn kvm_support() -> KvmSupport {
 /// The engine actually used, with the reason (logged).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineDecision {
+    pub engine: Engine,
+    /// QEMU's accelerator (the krun engine always runs on KVM).
     pub accel: Accel,
     pub reason: String,
+}
+
+/// The engine that boots the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// libkrun in a shim process (feature `krun`).
+    Krun,
+    /// qemu-system-x86_64 -M microvm with its helpers.
+    Qemu,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Krun => "krun",
+            Engine::Qemu => "qemu",
+        }
+    }
 }
 
 /// QEMU's accelerator.
@@ -80,27 +100,56 @@ pub enum EngineError {
     KrunNotBuilt,
 }
 
+/// Whether this build has the krun engine.
+pub const KRUN_BUILT: bool = cfg!(feature = "krun");
+
 /// Pick the engine for `choice` on a host with `kvm`.
 pub fn decide(choice: EngineChoice, kvm: KvmSupport) -> Result<EngineDecision, EngineError> {
+    decide_with(choice, kvm, KRUN_BUILT)
+}
+
+/// [`decide`] for a build with or without the krun engine.
+pub fn decide_with(
+    choice: EngineChoice,
+    kvm: KvmSupport,
+    krun_built: bool,
+) -> Result<EngineDecision, EngineError> {
+    let qemu = |accel, reason: &str| {
+        Ok(EngineDecision {
+            engine: Engine::Qemu,
+            accel,
+            reason: reason.into(),
+        })
+    };
+    let krun = |reason: &str| {
+        Ok(EngineDecision {
+            engine: Engine::Krun,
+            accel: Accel::Kvm,
+            reason: reason.into(),
+        })
+    };
     match (choice, kvm) {
         (EngineChoice::Krun, KvmSupport::PvmOnly) => Err(EngineError::KrunOnPvm),
         (EngineChoice::Krun, KvmSupport::None) => Err(EngineError::KrunWithoutKvm),
-        (EngineChoice::Krun, KvmSupport::Standard) => Err(EngineError::KrunNotBuilt),
-        (_, KvmSupport::Standard) => Ok(EngineDecision {
-            accel: Accel::Kvm,
-            reason:
-                "qemu with KVM: hardware KVM runs standard guests (the krun engine is not built)"
-                    .into(),
-        }),
-        (_, KvmSupport::PvmOnly) => Ok(EngineDecision {
-            accel: Accel::Tcg,
-            reason: "qemu with TCG: /dev/kvm is kvm-pvm, which only runs PVM-patched guest kernels"
-                .into(),
-        }),
-        (_, KvmSupport::None) => Ok(EngineDecision {
-            accel: Accel::Tcg,
-            reason: "qemu with TCG: no usable KVM".into(),
-        }),
+        (EngineChoice::Krun, KvmSupport::Standard) if !krun_built => Err(EngineError::KrunNotBuilt),
+        (EngineChoice::Krun, KvmSupport::Standard) => {
+            krun("krun: requested, and hardware KVM runs standard guests")
+        }
+        (EngineChoice::Auto, KvmSupport::Standard) if krun_built => {
+            krun("krun: hardware KVM runs standard guests")
+        }
+        (EngineChoice::Auto, KvmSupport::Standard) => qemu(
+            Accel::Kvm,
+            "qemu with KVM: hardware KVM runs standard guests (the krun engine is not built)",
+        ),
+        (_, KvmSupport::Standard) => {
+            qemu(Accel::Kvm, "qemu with KVM: requested with --vm-engine qemu")
+        }
+        (_, KvmSupport::PvmOnly) => qemu(
+            Accel::Tcg,
+            "qemu with TCG: /dev/kvm is kvm-pvm, which only runs PVM-patched guest kernels",
+        ),
+        (_, KvmSupport::None) => qemu(Accel::Tcg, "qemu with TCG: no usable KVM"),
     }
 }
 
@@ -132,25 +181,109 @@ mod tests {
 
     #[test]
     fn engine_decisions() {
+        use Engine::{Krun, Qemu};
+        // (choice, kvm, krun built, expected engine and accel or an error fragment)
         let cases = [
-            (EngineChoice::Auto, KvmSupport::PvmOnly, Ok(Accel::Tcg)),
-            (EngineChoice::Auto, KvmSupport::None, Ok(Accel::Tcg)),
-            (EngineChoice::Auto, KvmSupport::Standard, Ok(Accel::Kvm)),
-            (EngineChoice::Qemu, KvmSupport::PvmOnly, Ok(Accel::Tcg)),
-            (EngineChoice::Krun, KvmSupport::PvmOnly, Err("kvm-pvm")),
-            (EngineChoice::Krun, KvmSupport::None, Err("no KVM")),
+            (
+                EngineChoice::Auto,
+                KvmSupport::PvmOnly,
+                false,
+                Ok((Qemu, Accel::Tcg)),
+            ),
+            (
+                EngineChoice::Auto,
+                KvmSupport::PvmOnly,
+                true,
+                Ok((Qemu, Accel::Tcg)),
+            ),
+            (
+                EngineChoice::Auto,
+                KvmSupport::None,
+                true,
+                Ok((Qemu, Accel::Tcg)),
+            ),
+            (
+                EngineChoice::Auto,
+                KvmSupport::Standard,
+                false,
+                Ok((Qemu, Accel::Kvm)),
+            ),
+            (
+                EngineChoice::Auto,
+                KvmSupport::Standard,
+                true,
+                Ok((Krun, Accel::Kvm)),
+            ),
+            (
+                EngineChoice::Qemu,
+                KvmSupport::PvmOnly,
+                true,
+                Ok((Qemu, Accel::Tcg)),
+            ),
+            (
+                EngineChoice::Qemu,
+                KvmSupport::Standard,
+                true,
+                Ok((Qemu, Accel::Kvm)),
+            ),
+            (
+                EngineChoice::Krun,
+                KvmSupport::Standard,
+                true,
+                Ok((Krun, Accel::Kvm)),
+            ),
+            (
+                EngineChoice::Krun,
+                KvmSupport::Standard,
+                false,
+                Err("not part of this build"),
+            ),
+            (
+                EngineChoice::Krun,
+                KvmSupport::PvmOnly,
+                true,
+                Err("kvm-pvm"),
+            ),
+            (
+                EngineChoice::Krun,
+                KvmSupport::PvmOnly,
+                false,
+                Err("kvm-pvm"),
+            ),
+            (EngineChoice::Krun, KvmSupport::None, true, Err("no KVM")),
         ];
-        for (choice, kvm, expected) in cases {
-            let got = decide(choice, kvm)
-                .map(|d| d.accel)
+        for (choice, kvm, built, expected) in cases {
+            let got = decide_with(choice, kvm, built)
+                .map(|d| (d.engine, d.accel))
                 .map_err(|e| e.to_string());
             match expected {
-                Ok(accel) => assert_eq!(got, Ok(accel), "{choice:?} {kvm:?}"),
+                Ok(want) => assert_eq!(got, Ok(want), "{choice:?} {kvm:?} built={built}"),
                 Err(fragment) => assert!(
                     got.as_ref().is_err_and(|e| e.contains(fragment)),
-                    "{choice:?} {kvm:?}: {got:?}"
+                    "{choice:?} {kvm:?} built={built}: {got:?}"
                 ),
             }
         }
+    }
+
+    /// The PVM refusal is the message users see; it stays word for word.
+    #[test]
+    fn pvm_refusal_text() {
+        assert_eq!(
+            decide(EngineChoice::Krun, KvmSupport::PvmOnly)
+                .map_err(|e| e.to_string())
+                .err()
+                .as_deref(),
+            Some("--vm-engine krun: this host's /dev/kvm is kvm-pvm, which only runs PVM-patched guest kernels (a standard guest dies at its first interrupt); use --vm-engine qemu (or auto)")
+        );
+        let auto = decide(EngineChoice::Auto, KvmSupport::PvmOnly).map(|d| (d.engine, d.reason));
+        assert_eq!(
+            auto.ok(),
+            Some((
+                Engine::Qemu,
+                "qemu with TCG: /dev/kvm is kvm-pvm, which only runs PVM-patched guest kernels"
+                    .to_owned()
+            ))
+        );
     }
 }

@@ -8,11 +8,17 @@
 //!   read-only where the policy says;
 //! - vhost-device-vsock with `vsock.sock` (host dials the agent) and `vsock.sock_3128` (the
 //!   guest's egress, served by the proxy; bound before boot);
-//! - QEMU (`qemu.rs`), and the guest agent inside, which applies the same privilege drop,
-//!   Landlock and seccomp as the process backend.
+//! - QEMU (`qemu.rs`) or, with feature `krun` on hosts whose KVM runs standard guests, one
+//!   jailed libkrun shim (`krun.rs`) instead of QEMU and both daemons;
+//! - the guest agent inside, which applies the same privilege drop, Landlock and seccomp as the
+//!   process backend.
 
 pub mod engine;
 pub mod guest;
+#[cfg(feature = "krun")]
+pub mod krun;
+#[cfg(feature = "krun")]
+mod krun_sys;
 pub mod qemu;
 
 use std::os::fd::OwnedFd;
@@ -30,12 +36,15 @@ use crate::process::protocol::{LaunchPlan, WaitReport};
 use crate::process::{log_restrictions, setup_error, Identity, ProcessError};
 use crate::vm_protocol::{self as proto, Event, Frame, GuestMount, GuestStdio, Kind, Request};
 use crate::{ExecConfig, ExitStatus, SpawnConfig, Stdio, StdioMode};
-use engine::{EngineChoice, Share, VmDescription};
+use engine::{Engine, EngineChoice, Share, VmDescription};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
+    #[cfg(feature = "krun")]
+    #[error(transparent)]
+    Krun(#[from] krun::KrunError),
     #[error(transparent)]
     Artifact(#[from] guest::MissingArtifact),
     #[error(transparent)]
@@ -199,9 +208,22 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Dial the agent's control port through vhost-device-vsock (`CONNECT <port>` → `OK <n>`).
-async fn dial_agent(uds: &Path) -> std::io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(uds).await?;
+/// Where the host dials the guest agent's control port.
+#[derive(Debug, Clone)]
+struct AgentAddr {
+    uds: PathBuf,
+    /// vhost-device-vsock (qemu engine) wants `CONNECT <port>`; libkrun's listening socket
+    /// (krun engine) is the port itself.
+    connect_line: bool,
+}
+
+/// Dial the agent's control port: through vhost-device-vsock (`CONNECT <port>` → `OK <n>`),
+/// or straight into libkrun's socket for AGENT_PORT.
+async fn dial_agent(agent: &AgentAddr) -> std::io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(&agent.uds).await?;
+    if !agent.connect_line {
+        return Ok(stream);
+    }
     stream
         .write_all(format!("CONNECT {}\n", proto::AGENT_PORT).as_bytes())
         .await?;
@@ -329,14 +351,14 @@ fn stdio_plumbing(mode: StdioMode) -> Result<Plumbing, VmError> {
 
 /// Start one process in the guest over a fresh control connection.
 async fn start_session(
-    uds: &Path,
+    agent: &AgentAddr,
     sandbox: &str,
     launch: LaunchPlan,
     mode: StdioMode,
     main: bool,
 ) -> Result<(Session, Stdio), VmError> {
     let (guest_stdio, stdout, stderr, stdin, caller_stdio) = stdio_plumbing(mode)?;
-    let stream = tokio::time::timeout(Duration::from_secs(10), dial_agent(uds))
+    let stream = tokio::time::timeout(Duration::from_secs(10), dial_agent(agent))
         .await
         .map_err(|_| {
             VmError::AgentTimeout(Duration::from_secs(10), "no answer to a new session".into())
@@ -490,13 +512,56 @@ fn status_of(r: WaitReport) -> ExitStatus {
     }
 }
 
+/// The process that runs the VM: QEMU, or the krun shim.
+#[derive(Debug)]
+enum Vmm {
+    Qemu(Child),
+    #[cfg(feature = "krun")]
+    Krun(Box<krun::KrunShim>),
+}
+
+impl Vmm {
+    async fn wait(&mut self) {
+        match self {
+            Vmm::Qemu(child) => drop(child.wait().await),
+            #[cfg(feature = "krun")]
+            Vmm::Krun(shim) => drop(shim.wait().await),
+        }
+    }
+
+    /// The exit status, once it has ended.
+    fn try_exited(&mut self) -> Option<std::process::ExitStatus> {
+        match self {
+            Vmm::Qemu(child) => child.try_wait().ok().flatten(),
+            #[cfg(feature = "krun")]
+            Vmm::Krun(shim) => shim.try_wait(),
+        }
+    }
+
+    fn start_kill(&mut self) {
+        match self {
+            Vmm::Qemu(child) => drop(child.start_kill()),
+            #[cfg(feature = "krun")]
+            Vmm::Krun(shim) => shim.kill(),
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Vmm::Qemu(child) => child.id(),
+            #[cfg(feature = "krun")]
+            Vmm::Krun(shim) => Some(shim.pid()),
+        }
+    }
+}
+
 /// A workload running in a microVM.
 #[derive(Debug)]
 pub struct VmSandbox {
     id: String,
     box_dir: PathBuf,
-    vsock_uds: PathBuf,
-    qemu: Child,
+    agent: AgentAddr,
+    vmm: Vmm,
     helpers: Vec<Child>,
     main: Session,
     stdio: Stdio,
@@ -582,9 +647,13 @@ impl VmSandbox {
             vsock_uds: vsock_uds.clone(),
             vcpus,
             memory_mib,
-            cmdline: qemu::kernel_cmdline(qemu::host_tsc_khz()),
+            cmdline: match decision.engine {
+                #[cfg(feature = "krun")]
+                Engine::Krun => krun::kernel_cmdline(),
+                _ => qemu::kernel_cmdline(qemu::host_tsc_khz()),
+            },
         };
-        info!(event = "sandbox.vm_engine", sandbox = id, engine = "qemu", reason = %decision.reason, vcpus, memory_mib, "vm engine chosen");
+        info!(event = "sandbox.vm_engine", sandbox = id, engine = decision.engine.name(), reason = %decision.reason, vcpus, memory_mib, "vm engine chosen");
 
         // Guest→host listeners exist before boot: readiness, then egress.
         let ready_path = PathBuf::from(format!("{}_{}", vsock_uds.display(), proto::READY_PORT));
@@ -607,57 +676,31 @@ impl VmSandbox {
             None => None,
         };
 
-        let mut helpers = Vec::new();
-        let vhost_vsock = box_dir.join("vhost-vsock.sock");
-        let mut vsockd = qemu::start(
-            &artifacts.vsock_daemon,
-            &qemu::vsock_daemon_args(&vhost_vsock, &vsock_uds),
-            &box_dir.join("vsock.log"),
-        )
-        .map_err(|e| VmError::Helper {
-            what: "vhost-device-vsock",
-            message: e.to_string(),
-        })?;
-        let mut fs_sockets = Vec::new();
-        let mut fsds = Vec::new();
-        for share in &shares {
-            let socket = box_dir.join(format!("fs-{}.sock", share.tag));
-            let child = qemu::start(
-                &artifacts.virtiofsd,
-                &qemu::virtiofsd_args(&socket, &share.host_path, share.readonly),
-                &box_dir.join(format!("fs-{}.log", share.tag)),
-            )
-            .map_err(|e| VmError::Helper {
-                what: "virtiofsd",
-                message: e.to_string(),
-            })?;
-            fs_sockets.push(socket);
-            fsds.push(child);
-        }
-        let limit = Duration::from_secs(10);
-        let waited = qemu::wait_for_socket(&vhost_vsock, &mut vsockd, limit).await;
-        helpers.push(vsockd);
-        waited.map_err(|message| VmError::Helper {
-            what: "vhost-device-vsock",
-            message,
-        })?;
-        for (socket, mut child) in fs_sockets.iter().zip(fsds) {
-            let waited = qemu::wait_for_socket(socket, &mut child, limit).await;
-            helpers.push(child);
-            waited.map_err(|message| VmError::Helper {
-                what: "virtiofsd",
-                message,
-            })?;
-        }
         let console = box_dir.join("console.log");
-        let args = qemu::qemu_args(&vm, decision.accel, &vhost_vsock, &fs_sockets, &console);
-        let mut qemu_child = qemu::start(&artifacts.qemu, &args, &box_dir.join("qemu.log"))
-            .map_err(|e| VmError::Helper {
-                what: "qemu",
-                message: e.to_string(),
-            })?;
+        let (mut vmm, helpers, agent) = match decision.engine {
+            Engine::Qemu => {
+                Self::start_qemu(box_dir, &vm, &artifacts, &shares, &decision, &console).await?
+            }
+            #[cfg(feature = "krun")]
+            Engine::Krun => {
+                let mut shim = krun::KrunShim::start(krun::plan_for(&vm)).await?;
+                debug!(sandbox = id, pid = shim.pid(), jail = ?shim.jail, "krun shim configured");
+                shim.boot().await?;
+                let agent = AgentAddr {
+                    uds: vsock_uds.clone(),
+                    connect_line: false,
+                };
+                (Vmm::Krun(Box::new(shim)), Vec::new(), agent)
+            }
+            #[cfg(not(feature = "krun"))]
+            Engine::Krun => return Err(engine::EngineError::KrunNotBuilt.into()),
+        };
+        let vmm_log = box_dir.join(match decision.engine {
+            Engine::Qemu => "qemu.log",
+            Engine::Krun => "krun.log",
+        });
 
-        // Wait for the agent, bounded, watching QEMU.
+        // Wait for the agent, bounded, watching the VMM.
         let boot_limit = Duration::from_secs(60);
         let started = std::time::Instant::now();
         // The agent announces itself on READY_PORT once its control port listens; dialling
@@ -671,23 +714,24 @@ impl VmSandbox {
                 }
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-            if let Ok(Some(status)) = qemu_child.try_wait() {
-                let log = std::fs::read_to_string(box_dir.join("qemu.log")).unwrap_or_default();
+            if let Some(status) = vmm.try_exited() {
+                let log = std::fs::read_to_string(&vmm_log).unwrap_or_default();
                 return Err(VmError::Helper {
-                    what: "qemu",
+                    what: decision.engine.name(),
                     message: format!("exited with {status} before the agent answered: {log}"),
                 });
             }
             if started.elapsed() > boot_limit {
-                let _ = qemu_child.start_kill();
+                vmm.start_kill();
                 return Err(VmError::AgentTimeout(boot_limit, console_tail(&console)));
             }
         }
         drop(ready);
-        let mut setup = tokio::time::timeout(Duration::from_secs(10), dial_agent(&vsock_uds))
+        let mut setup = tokio::time::timeout(Duration::from_secs(10), dial_agent(&agent))
             .await
             .map_err(|_| VmError::AgentTimeout(Duration::from_secs(10), console_tail(&console)))?
             .map_err(io("connecting to the guest agent"))?;
+
         debug!(
             sandbox = id,
             ms = started.elapsed().as_millis() as u64,
@@ -732,13 +776,13 @@ impl VmSandbox {
             }
             _ => return Err(VmError::AgentLost),
         }
-        let (main, stdio) = start_session(&vsock_uds, id, launch, config.stdio, true).await?;
+        let (main, stdio) = start_session(&agent, id, launch, config.stdio, true).await?;
         info!(event = "sandbox.started", sandbox = id, runtime = "vm", program = %config.program, "workload started");
         Ok(VmSandbox {
             id: id.to_owned(),
             box_dir: box_dir.to_owned(),
-            vsock_uds,
-            qemu: qemu_child,
+            agent,
+            vmm,
             helpers,
             main,
             stdio,
@@ -746,6 +790,73 @@ impl VmSandbox {
             _egress: egress,
             status: None,
         })
+    }
+
+    /// The qemu engine: the vsock daemon and one virtiofsd per share (sockets ready), then QEMU.
+    async fn start_qemu(
+        box_dir: &Path,
+        vm: &VmDescription,
+        artifacts: &guest::Artifacts,
+        shares: &[Share],
+        decision: &engine::EngineDecision,
+        console: &Path,
+    ) -> Result<(Vmm, Vec<Child>, AgentAddr), VmError> {
+        let vsock_uds = &vm.vsock_uds;
+        let mut helpers = Vec::new();
+        let vhost_vsock = box_dir.join("vhost-vsock.sock");
+        let mut vsockd = qemu::start(
+            &artifacts.vsock_daemon,
+            &qemu::vsock_daemon_args(&vhost_vsock, vsock_uds),
+            &box_dir.join("vsock.log"),
+        )
+        .map_err(|e| VmError::Helper {
+            what: "vhost-device-vsock",
+            message: e.to_string(),
+        })?;
+        let mut fs_sockets = Vec::new();
+        let mut fsds = Vec::new();
+        for share in shares {
+            let socket = box_dir.join(format!("fs-{}.sock", share.tag));
+            let child = qemu::start(
+                &artifacts.virtiofsd,
+                &qemu::virtiofsd_args(&socket, &share.host_path, share.readonly),
+                &box_dir.join(format!("fs-{}.log", share.tag)),
+            )
+            .map_err(|e| VmError::Helper {
+                what: "virtiofsd",
+                message: e.to_string(),
+            })?;
+            fs_sockets.push(socket);
+            fsds.push(child);
+        }
+        let limit = Duration::from_secs(10);
+        let waited = qemu::wait_for_socket(&vhost_vsock, &mut vsockd, limit).await;
+        helpers.push(vsockd);
+        waited.map_err(|message| VmError::Helper {
+            what: "vhost-device-vsock",
+            message,
+        })?;
+        for (socket, mut child) in fs_sockets.iter().zip(fsds) {
+            let waited = qemu::wait_for_socket(socket, &mut child, limit).await;
+            helpers.push(child);
+            waited.map_err(|message| VmError::Helper {
+                what: "virtiofsd",
+                message,
+            })?;
+        }
+        let args = qemu::qemu_args(vm, decision.accel, &vhost_vsock, &fs_sockets, console);
+        let qemu_child =
+            qemu::start(&artifacts.qemu, &args, &box_dir.join("qemu.log")).map_err(|e| {
+                VmError::Helper {
+                    what: "qemu",
+                    message: e.to_string(),
+                }
+            })?;
+        let agent = AgentAddr {
+            uds: vm.vsock_uds.clone(),
+            connect_line: true,
+        };
+        Ok((Vmm::Qemu(qemu_child), helpers, agent))
     }
 
     pub fn id(&self) -> &str {
@@ -763,7 +874,7 @@ impl VmSandbox {
         }
         let report = tokio::select! {
             r = self.main.wait() => Some(r),
-            _ = self.qemu.wait() => None,
+            _ = self.vmm.wait() => None,
         };
         let report = match report {
             Some(r) => r,
@@ -775,12 +886,12 @@ impl VmSandbox {
                 .unwrap_or(WaitReport::Signal(libc::SIGKILL)),
         };
         // The agent powers off after the workload; do not wait long for it.
-        if tokio::time::timeout(Duration::from_secs(10), self.qemu.wait())
+        if tokio::time::timeout(Duration::from_secs(10), self.vmm.wait())
             .await
             .is_err()
         {
-            let _ = self.qemu.start_kill();
-            let _ = self.qemu.wait().await;
+            self.vmm.start_kill();
+            let _ = self.vmm.wait().await;
         }
         for helper in &mut self.helpers {
             let _ = helper.start_kill();
@@ -808,7 +919,7 @@ impl VmSandbox {
 
     /// Kill the VM (and with it everything in it). Never blocks.
     pub fn kill(&self) -> Result<(), VmError> {
-        if let Some(pid) = self.qemu.id() {
+        if let Some(pid) = self.vmm.pid() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::SIGKILL,
@@ -830,7 +941,7 @@ impl VmSandbox {
             Vec::new(),
         )?;
         let (session, stdio) =
-            start_session(&self.vsock_uds, &self.id, launch, config.stdio, false).await?;
+            start_session(&self.agent, &self.id, launch, config.stdio, false).await?;
         info!(event = "sandbox.exec", sandbox = %self.id, program = %config.program, "command started in the sandbox");
         Ok(VmExec {
             session,
