@@ -150,43 +150,7 @@ impl Proxy {
         listener: tokio::net::TcpListener,
         sandbox: SandboxContext,
     ) -> JoinHandle<()> {
-        let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            let sandbox = Arc::new(sandbox);
-            let limit = Arc::new(Semaphore::new(inner.config.max_connections));
-            let mut tasks = JoinSet::new();
-            loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-                };
-                let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(error) => {
-                        tracing::warn!(target: "openshell::proxy", sandbox = %sandbox.sandbox_id, %error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let permit = Arc::clone(&limit).try_acquire_owned();
-                let inner = Arc::clone(&inner);
-                let sandbox = Arc::clone(&sandbox);
-                tasks.spawn(async move {
-                    let Ok(_permit) = permit else {
-                        busy(stream, &sandbox.sandbox_id).await;
-                        return;
-                    };
-                    let local = match stream.local_addr() {
-                        Ok(local) => local,
-                        Err(_) => return,
-                    };
-                    let _ = stream.set_nodelay(true);
-                    inner
-                        .handle(stream, &sandbox, peer.to_string(), Who::Tcp { peer, local })
-                        .await;
-                });
-            }
-        })
+        self.serve(listener, sandbox)
     }
 
     /// [`serve_tcp`](Self::serve_tcp) for a std listener (as bound by the
@@ -211,6 +175,12 @@ impl Proxy {
         listener: tokio::net::UnixListener,
         sandbox: SandboxContext,
     ) -> JoinHandle<()> {
+        self.serve(listener, sandbox)
+    }
+
+    /// The accept loop both entry points share: a per-sandbox connection
+    /// limit (503 beyond it), one task per connection.
+    fn serve<L: Entry>(&self, listener: L, sandbox: SandboxContext) -> JoinHandle<()> {
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
             let sandbox = Arc::new(sandbox);
@@ -218,11 +188,11 @@ impl Proxy {
             let mut tasks = JoinSet::new();
             loop {
                 let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
+                    accepted = listener.next() => accepted,
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
                 };
-                let (stream, _) = match accepted {
-                    Ok(pair) => pair,
+                let (stream, src, who) = match accepted {
+                    Ok(triple) => triple,
                     Err(error) => {
                         tracing::warn!(target: "openshell::proxy", sandbox = %sandbox.sandbox_id, %error, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -237,12 +207,37 @@ impl Proxy {
                         busy(stream, &sandbox.sandbox_id).await;
                         return;
                     };
-                    inner
-                        .handle(stream, &sandbox, "unix".to_string(), Who::Preamble)
-                        .await;
+                    inner.handle(stream, &sandbox, src, who).await;
                 });
             }
         })
+    }
+}
+
+/// A proxy entry point: yields each connection with its source label and how
+/// its caller is identified.
+trait Entry: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn next(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, String, Who)>> + Send;
+}
+
+impl Entry for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> std::io::Result<(Self::Stream, String, Who)> {
+        let (stream, peer) = self.accept().await?;
+        let local = stream.local_addr()?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer.to_string(), Who::Tcp { peer, local }))
+    }
+}
+
+impl Entry for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> std::io::Result<(Self::Stream, String, Who)> {
+        let (stream, _) = self.accept().await?;
+        Ok((stream, "unix".to_string(), Who::Preamble))
     }
 }
 
