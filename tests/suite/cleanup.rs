@@ -41,6 +41,17 @@ fn sigkill_of_the_supervisor_leaves_nothing_behind() {
             wait_until(Duration::from_secs(90), || s.work.join("ready").exists()),
             "{backend}: ready"
         );
+        // The policy file's watcher (a child of the supervisor) must go too.
+        let watchers: Vec<i32> = pids_with_cmdline("__openshell-watch")
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/status"))
+                    .map(|st| st.contains(&format!("PPid:\t{supervisor}\n")))
+                    .unwrap_or(false)
+            })
+            .collect();
+        assert_eq!(watchers.len(), 1, "{backend}: one policy watcher");
+        let watcher_gone = || !std::path::Path::new(&format!("/proc/{}", watchers[0])).exists();
         if backend == "vm" {
             // QEMU, virtiofsd and vhost-device-vsock all name the sandbox's box directory.
             let marker = format!("/run/{supervisor:x}-");
@@ -60,6 +71,10 @@ fn sigkill_of_the_supervisor_leaves_nothing_behind() {
                     .is_empty()),
                 "{backend}: qemu, the VM and every helper are gone: {:?}",
                 pids_with_cmdline(&marker)
+            );
+            assert!(
+                wait_until(Duration::from_secs(15), watcher_gone),
+                "{backend}: the watcher is gone"
             );
             continue;
         }

@@ -83,6 +83,22 @@ fn log_update(source: &str, result: Result<u64, UpdateError>) {
 /// are seen. Unchanged content is not re-applied. Stops when the task is
 /// aborted.
 pub fn watch_file(path: &Path, handle: PolicyHandle) -> Result<JoinHandle<()>, WatchError> {
+    let (watcher, rx) = inotify_changes(path)?;
+    Ok(apply_changes(path, handle, rx, Box::new(watcher)))
+}
+
+/// An inotify watch (through `notify`) on `path`'s directory that sends one
+/// message per event touching `path`. The watch lives as long as the returned
+/// watcher.
+pub fn inotify_changes(
+    path: &Path,
+) -> Result<
+    (
+        notify::RecommendedWatcher,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    ),
+    WatchError,
+> {
     let bad = || WatchError::BadPath {
         path: path.to_path_buf(),
     };
@@ -92,7 +108,7 @@ pub fn watch_file(path: &Path, handle: PolicyHandle) -> Result<JoinHandle<()>, W
         Some(_) => PathBuf::from("."),
         None => return Err(bad()),
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = match &event {
             Ok(ev) => ev.paths.is_empty() || ev.paths.iter().any(|p| p.file_name() == Some(&name)),
@@ -112,12 +128,24 @@ pub fn watch_file(path: &Path, handle: PolicyHandle) -> Result<JoinHandle<()>, W
             path: dir.clone(),
             source,
         })?;
+    Ok((watcher, rx))
+}
+
+/// Re-read `path` after each message on `changes` (waiting for the writer to
+/// settle) and apply new content to `handle`. `keep` (the change source) lives
+/// as long as the task.
+pub fn apply_changes(
+    path: &Path,
+    handle: PolicyHandle,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<()>,
+    keep: Box<dyn std::any::Any + Send>,
+) -> JoinHandle<()> {
     let path = path.to_path_buf();
     let source_name = path.display().to_string();
     let mut last = std::fs::read(&path).ok();
-    Ok(tokio::spawn(async move {
-        // The watcher lives as long as this task.
-        let _watcher = watcher;
+    tokio::spawn(async move {
+        // The change source lives as long as this task.
+        let _keep = keep;
         while rx.recv().await.is_some() {
             tokio::time::sleep(SETTLE).await;
             while rx.try_recv().is_ok() {}
@@ -141,7 +169,7 @@ pub fn watch_file(path: &Path, handle: PolicyHandle) -> Result<JoinHandle<()>, W
             };
             log_update(&source_name, result);
         }
-    }))
+    })
 }
 
 /// A parsed `http://host[:port]/path` URL.

@@ -3,6 +3,7 @@
 mod cli;
 mod egress;
 mod logging;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,6 +30,7 @@ const EXIT_TIMEOUT: u8 = 124;
 fn main() -> ExitCode {
     // Must come first: the process backend re-executes this binary as its in-sandbox helper.
     openshell_runtime::helper::run_if_helper();
+    watch::run_if_watcher();
 
     let cli = Cli::parse();
     let run = match cli.command {
@@ -203,7 +205,10 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
         // Live updates: only network_policies may change; anything else is refused and the
         // last good policy stays.
         let _file_watch = match &run.policy {
-            Some(path) => Some(openshell_proxy::watch::watch_file(path, handle.clone())?),
+            Some(path) => Some(
+                watch::watch_policy_file(path, handle.clone())
+                    .with_context(|| format!("watching {}", path.display()))?,
+            ),
             None => None,
         };
         let _url_poll = match &run.policy_url {
