@@ -232,6 +232,21 @@ impl Stats {
 }
 
 /// What the figures depend on besides the code: CPU count and load when the benchmark ran.
+/// One line naming the machine and its load, printed above every result table.
+fn print_machine(machine: &Value) {
+    println!(
+        "machine: {} cpus, load average {} (figures are noisy on a busy machine)",
+        machine["cpus"],
+        machine["loadavg"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| format!("{:.2}", l.as_f64().unwrap_or(f64::NAN)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}
+
 fn machine() -> Value {
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

@@ -62,17 +62,7 @@ fn num(v: &Value, path: &[&str]) -> Result<f64> {
 }
 
 fn print_machine(m: &Value) {
-    println!(
-        "machine: {} cpus, load average {} (figures are noisy on a busy machine)",
-        m["cpus"],
-        m["loadavg"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|l| format!("{:.2}", l.as_f64().unwrap_or(f64::NAN)))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    super::print_machine(m);
 }
 
 /// A latency row: p50, p99, mean (microseconds, shown as µs or ms) and samples.

@@ -45,17 +45,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
 
     let machine = super::machine();
     println!();
-    println!(
-        "machine: {} cpus, load average {} (figures are noisy on a busy machine)",
-        machine["cpus"],
-        machine["loadavg"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|l| format!("{:.2}", l.as_f64().unwrap_or(f64::NAN)))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    super::print_machine(&machine);
     println!(
         "spawn -> exit of /bin/true ({} runs each, {} warmup, from {})",
         ctx.runs,

@@ -158,17 +158,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let rss_ok = total_mb <= TARGET_RSS_MB;
     let machine = machine();
     println!();
-    println!(
-        "machine: {} cpus, load average {} (figures are noisy on a busy machine)",
-        machine["cpus"],
-        machine["loadavg"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|l| format!("{:.2}", l.as_f64().unwrap_or(f64::NAN)))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    super::print_machine(&machine);
     println!(
         "cold create + exec /bin/true + destroy ({} runs each, {} warmup, qemu engine, TCG)",
         ctx.runs, ctx.warmup

@@ -246,6 +246,28 @@ pub(crate) struct Identity {
 }
 
 impl Identity {
+    /// The identity for `config`'s workload and its launch plan, with the proxy variables
+    /// pointing at `proxy_addr` when the sandbox has egress.
+    pub(crate) fn for_workload(
+        config: &SpawnConfig,
+        proxy_addr: &str,
+    ) -> Result<(Identity, LaunchPlan), ProcessError> {
+        let identity = Identity::resolve(&config.policy, &config.workdir)?;
+        let mut env = config.env.clone();
+        if config.egress.is_some() {
+            crate::add_proxy_env(&mut env, proxy_addr);
+        }
+        let launch = identity.launch(
+            &config.program,
+            &config.args,
+            &env,
+            &config.workdir,
+            config.stdio,
+            Vec::new(),
+        )?;
+        Ok((identity, launch))
+    }
+
     pub(crate) fn resolve(policy: &Policy, workdir: &Path) -> Result<Identity, ProcessError> {
         let user_name = policy
             .process
@@ -442,6 +464,16 @@ fn read_pids(procs: &[PathBuf]) -> Vec<i32> {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// A sandbox id unique on this host while the supervisor lives: its pid and a counter, in hex
+/// (stale-state collection parses the pid back out).
+pub(crate) fn new_sandbox_id() -> String {
+    format!(
+        "{:x}-{:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// A workload running in a process sandbox.
 #[derive(Debug)]
 pub struct ProcessSandbox {
@@ -468,24 +500,8 @@ impl ProcessSandbox {
         if !config.workdir.is_absolute() || !config.workdir.is_dir() {
             return Err(ProcessError::BadWorkdir(config.workdir.clone()));
         }
-        let identity = Identity::resolve(&config.policy, &config.workdir)?;
-        let mut env = config.env.clone();
-        if config.egress.is_some() {
-            crate::add_proxy_env(&mut env, &crate::PROXY_ADDR.to_string());
-        }
-        let launch = identity.launch(
-            &config.program,
-            &config.args,
-            &env,
-            &config.workdir,
-            config.stdio,
-            Vec::new(),
-        )?;
-        let id = format!(
-            "{:x}-{:x}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let (identity, launch) = Identity::for_workload(&config, &crate::PROXY_ADDR.to_string())?;
+        let id = new_sandbox_id();
         // No limits, no cgroup: on cgroup v1 hosts, moving a process into a cgroup costs an RCU
         // grace period (about 10 ms here), and the pid namespace already bounds the sandbox's
         // lifetime.

@@ -23,7 +23,6 @@ pub mod qemu;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -75,8 +74,6 @@ fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
     let op = op.into();
     move |source| VmError::Io { op, source }
 }
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Remove `run/<id>` directories left by supervisors that no longer exist (one killed with
 /// SIGKILL cannot clean up its own).
@@ -577,25 +574,8 @@ impl VmSandbox {
         if !config.workdir.is_absolute() || !config.workdir.is_dir() {
             return Err(ProcessError::BadWorkdir(config.workdir.clone()).into());
         }
-        let identity = Identity::resolve(&config.policy, &config.workdir)?;
-        let mut env = config.env.clone();
-        if config.egress.is_some() {
-            crate::add_proxy_env(&mut env, proto::GUEST_PROXY_ADDR);
-        }
-        let launch = identity.launch(
-            &config.program,
-            &config.args,
-            &env,
-            &config.workdir,
-            config.stdio,
-            Vec::new(),
-        )?;
-
-        let id = format!(
-            "{:x}-{:x}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let (identity, launch) = Identity::for_workload(&config, proto::GUEST_PROXY_ADDR)?;
+        let id = crate::process::new_sandbox_id();
         let run = guest::guest_dir().join("run");
         collect_stale_boxes(&run);
         let box_dir = run.join(&id);
