@@ -228,6 +228,11 @@ pub async fn run(
             let _ = h.await;
         }
     }
+    if main && !ctx.test_mode {
+        // The host ends the VM as soon as it reads the main process's status: everything
+        // written to the shares must be on the host by then.
+        nix::unistd::sync();
+    }
     let _ = tx.send(Frame::json(&Event::Exited(status))).await;
     drop(tx);
     let _ = writer.await;

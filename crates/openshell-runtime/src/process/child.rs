@@ -101,6 +101,13 @@ pub fn helper_main() -> ! {
             "protocol",
             "this binary was built without the krun engine (feature `krun`)".into(),
         ),
+        #[cfg(feature = "vm")]
+        Some(ToHelper::FsServer(plan)) => crate::vm::fs_server::main(ctl, plan),
+        #[cfg(not(feature = "vm"))]
+        Some(ToHelper::FsServer(_)) => ctl.fail(
+            "protocol",
+            "this binary was built without the vm backend (feature `vm`)".into(),
+        ),
         None => std::process::exit(125),
     }
 }

@@ -143,6 +143,13 @@ pub(crate) struct Helper {
     stdio: Stdio,
 }
 
+impl Helper {
+    /// The helper's process, once its control socket is of no more use (it exec'd a daemon).
+    pub(crate) fn into_child(self) -> tokio::process::Child {
+        self.child
+    }
+}
+
 fn stdio_for(
     mode: StdioMode,
 ) -> Result<

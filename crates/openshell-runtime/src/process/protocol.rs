@@ -23,6 +23,33 @@ pub enum ToHelper {
     Go,
     /// Become the shim of one libkrun VM (first message to a krun shim; feature `krun`).
     KrunShim(KrunPlan),
+    /// Build a VM's file tree in this helper's own mount namespace, then become the one
+    /// virtiofsd that serves it (qemu engine; feature `vm`).
+    FsServer(FsServerPlan),
+}
+
+/// One VM's file tree: the guest root with the policy's directories bind-mounted at their
+/// paths, read-only where the policy says, served by a single virtiofsd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsServerPlan {
+    /// The guest root on the host; bind-mounted read-only onto itself.
+    pub root: PathBuf,
+    /// Parents before children.
+    pub binds: Vec<FsBind>,
+    /// virtiofsd and its arguments (its shared directory is `root`).
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// virtiofsd's stdout and stderr.
+    pub log: PathBuf,
+}
+
+/// One policy directory inside an [`FsServerPlan`]'s tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsBind {
+    pub source: PathBuf,
+    /// The absolute path inside the guest (the same as `source` for policy paths).
+    pub guest_path: String,
+    pub readonly: bool,
 }
 
 /// One libkrun VM, resolved by the supervisor (the krun engine's view of a `VmDescription`).

@@ -2,10 +2,10 @@
 //! guest agent, and every host↔guest byte travels over vsock. The guest has no network device.
 //!
 //! Per sandbox, under the guest directory's `run/<id>/`:
-//! - `root/`: the guest's root directory (mount points for every share, the agent), shared
-//!   read-only over virtio-fs;
-//! - one virtiofsd per share: the policy's directories at the same paths as on the host,
-//!   read-only where the policy says;
+//! - `root/`: the guest's root directory (mount points for every share, the agent);
+//! - qemu engine: one virtiofsd serving `root/` with the policy's directories bind-mounted at
+//!   the same paths as on the host, read-only where the policy says, all inside that daemon's
+//!   own mount namespace (`fs_server.rs`); the krun engine gets one virtio-fs device per share;
 //! - vhost-device-vsock with `vsock.sock` (host dials the agent) and `vsock.sock_3128` (the
 //!   guest's egress, served by the proxy; bound before boot);
 //! - QEMU (`qemu.rs`) or, with feature `krun` on hosts whose KVM runs standard guests, one
@@ -14,6 +14,7 @@
 //!   process backend.
 
 pub mod engine;
+pub(crate) mod fs_server;
 pub mod guest;
 #[cfg(feature = "krun")]
 pub mod krun;
@@ -31,7 +32,7 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::process::protocol::{LaunchPlan, WaitReport};
+use crate::process::protocol::{FsBind, FsServerPlan, LaunchPlan, WaitReport};
 use crate::process::{log_restrictions, setup_error, Identity, ProcessError};
 use crate::vm_protocol::{self as proto, Event, Frame, GuestMount, GuestStdio, Kind, Request};
 use crate::{ExecConfig, ExitStatus, SpawnConfig, Stdio, StdioMode};
@@ -717,9 +718,12 @@ impl VmSandbox {
             ms = started.elapsed().as_millis() as u64,
             "guest agent answered"
         );
+        // The qemu engine's single virtio-fs root already holds every share; libkrun gets one
+        // device per share, which the agent mounts.
         let mounts = shares
             .iter()
             .skip(1)
+            .filter(|_| decision.engine != Engine::Qemu)
             .map(|s| GuestMount {
                 tag: s.tag.clone(),
                 path: s.guest_path.clone(),
@@ -793,22 +797,24 @@ impl VmSandbox {
             what: "vhost-device-vsock",
             message: e.to_string(),
         })?;
-        let mut fs_sockets = Vec::new();
-        let mut fsds = Vec::new();
-        for share in shares {
-            let socket = box_dir.join(format!("fs-{}.sock", share.tag));
-            let child = qemu::start(
-                &artifacts.virtiofsd,
-                &qemu::virtiofsd_args(&socket, &share.host_path, share.readonly),
-                &box_dir.join(format!("fs-{}.log", share.tag)),
-            )
-            .map_err(|e| VmError::Helper {
-                what: "virtiofsd",
-                message: e.to_string(),
-            })?;
-            fs_sockets.push(socket);
-            fsds.push(child);
-        }
+        let fs_socket = box_dir.join("fs.sock");
+        let plan = FsServerPlan {
+            root: vm.root.clone(),
+            binds: shares
+                .iter()
+                .filter(|s| s.guest_path != "/")
+                .map(|s| FsBind {
+                    source: s.host_path.clone(),
+                    guest_path: s.guest_path.clone(),
+                    readonly: s.readonly,
+                })
+                .collect(),
+            program: artifacts.virtiofsd.clone(),
+            args: qemu::virtiofsd_args(&fs_socket, &vm.root),
+            log: box_dir.join("virtiofsd.log"),
+        };
+        // Both daemons start at once; QEMU needs both sockets.
+        let fsd = fs_server::start(plan).await;
         let limit = Duration::from_secs(10);
         let waited = qemu::wait_for_socket(&vhost_vsock, &mut vsockd, limit).await;
         helpers.push(vsockd);
@@ -816,15 +822,14 @@ impl VmSandbox {
             what: "vhost-device-vsock",
             message,
         })?;
-        for (socket, mut child) in fs_sockets.iter().zip(fsds) {
-            let waited = qemu::wait_for_socket(socket, &mut child, limit).await;
-            helpers.push(child);
-            waited.map_err(|message| VmError::Helper {
-                what: "virtiofsd",
-                message,
-            })?;
-        }
-        let args = qemu::qemu_args(vm, decision.accel, &vhost_vsock, &fs_sockets, console);
+        let mut fsd = fsd?;
+        let waited = qemu::wait_for_socket(&fs_socket, &mut fsd, limit).await;
+        helpers.push(fsd);
+        waited.map_err(|message| VmError::Helper {
+            what: "virtiofsd",
+            message,
+        })?;
+        let args = qemu::qemu_args(vm, decision.accel, &vhost_vsock, &fs_socket, console);
         let qemu_child =
             qemu::start(&artifacts.qemu, &args, &box_dir.join("qemu.log")).map_err(|e| {
                 VmError::Helper {
@@ -865,16 +870,14 @@ impl VmSandbox {
                 .borrow()
                 .unwrap_or(WaitReport::Signal(libc::SIGKILL)),
         };
-        // The agent powers off after the workload; do not wait long for it.
-        if tokio::time::timeout(Duration::from_secs(10), self.vmm.wait())
-            .await
-            .is_err()
-        {
-            self.vmm.start_kill();
-            let _ = self.vmm.wait().await;
-        }
+        // The agent synced the guest before reporting the main process's status, and nothing
+        // else in the VM outlives it: end the VM now rather than wait for its reboot.
+        self.vmm.start_kill();
         for helper in &mut self.helpers {
             let _ = helper.start_kill();
+        }
+        let _ = self.vmm.wait().await;
+        for helper in &mut self.helpers {
             let _ = helper.wait().await;
         }
         let _ = std::fs::remove_dir_all(&self.box_dir);

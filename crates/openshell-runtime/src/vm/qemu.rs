@@ -1,12 +1,13 @@
 //! The qemu engine: `qemu-system-x86_64 -M microvm` with vhost-user vsock
-//! (vhost-device-vsock) and one virtiofsd per share, all supervised.
+//! (vhost-device-vsock) and one virtiofsd serving the guest's whole tree (`fs_server`), all
+//! supervised.
 //!
 //! Start-up order matters: both daemons' sockets must exist before QEMU starts, and the
 //! guest→host vsock listeners (`<uds>_<port>`) must be bound before boot. Every helper is
 //! started with PR_SET_PDEATHSIG=SIGKILL, so killing the supervisor (even with SIGKILL) kills
 //! QEMU, the VM and the daemons.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
@@ -14,11 +15,13 @@ use tokio::process::{Child, Command};
 use super::engine::{Accel, VmDescription};
 use crate::process::sys;
 
-/// The kernel command line for a TCG/KVM microvm boot of our guest.
+/// The kernel command line for a TCG/KVM microvm boot of our guest. The root is mounted `rw`
+/// because read-write shares live inside it; the root directory itself and the read-only
+/// shares are read-only bind mounts on the host, so writes to them fail (EROFS).
 pub fn kernel_cmdline(tsc_khz: Option<u64>) -> String {
     let mut cmdline = String::from(
         "console=ttyS0 quiet reboot=t panic=-1 noapictimer no_timer_check tsc=reliable \
-         root=root rootfstype=virtiofs ro init=/openshell/agent",
+         root=root rootfstype=virtiofs rw init=/openshell/agent",
     );
     if let Some(khz) = tsc_khz {
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
@@ -47,7 +50,7 @@ pub fn qemu_args(
     vm: &VmDescription,
     accel: Accel,
     vhost_vsock_socket: &Path,
-    fs_sockets: &[PathBuf],
+    fs_socket: &Path,
     console: &Path,
 ) -> Vec<String> {
     let mem = vm.memory_mib;
@@ -88,31 +91,27 @@ pub fn qemu_args(
         "-device".into(),
         "vhost-user-vsock-device,chardev=vsock".into(),
     ];
-    for (i, (share, socket)) in vm.shares.iter().zip(fs_sockets).enumerate() {
-        args.push("-chardev".into());
-        args.push(format!("socket,id=fs{i},path={}", socket.display()));
-        args.push("-device".into());
-        args.push(format!(
-            "vhost-user-fs-device,chardev=fs{i},tag={}",
-            share.tag
-        ));
-    }
+    // One virtio-fs device: the guest root with every share already bind-mounted in it.
+    args.push("-chardev".into());
+    args.push(format!("socket,id=fs,path={}", fs_socket.display()));
+    args.push("-device".into());
+    args.push("vhost-user-fs-device,chardev=fs,tag=root".into());
     args
 }
 
-/// Arguments for one virtiofsd serving `dir`. No `--tag`: QEMU 7.1 to 8.0 crash on it.
-pub fn virtiofsd_args(socket: &Path, dir: &Path, readonly: bool) -> Vec<String> {
-    let mut args = vec![
+/// Arguments for the virtiofsd serving a VM's tree `dir`. No `--tag`: QEMU 7.1 to 8.0 crash
+/// on it. Read-only shares are read-only bind mounts inside the tree (see `fs_server`).
+/// `--no-announce-submounts`: announced, the guest would automount each share lazily, after
+/// the agent's Landlock rules were attached to the mount points underneath.
+pub fn virtiofsd_args(socket: &Path, dir: &Path) -> Vec<String> {
+    vec![
         format!("--socket-path={}", socket.display()),
         format!("--shared-dir={}", dir.display()),
         "--cache=auto".into(),
         "--sandbox=namespace".into(),
+        "--no-announce-submounts".into(),
         "--log-level=error".into(),
-    ];
-    if readonly {
-        args.push("--readonly".into());
-    }
-    args
+    ]
 }
 
 /// Arguments for vhost-device-vsock.
@@ -193,7 +192,7 @@ mod tests {
             &vm,
             Accel::Tcg,
             Path::new("/b/vhost.sock"),
-            &["/b/fs0.sock".into()],
+            Path::new("/b/fs.sock"),
             Path::new("/b/console.log"),
         );
         let joined = args.join(" ");
@@ -203,14 +202,14 @@ mod tests {
             "-no-reboot",
             "-sandbox on",
             "vhost-user-vsock-device,chardev=vsock",
-            "vhost-user-fs-device,chardev=fs0,tag=root",
+            "vhost-user-fs-device,chardev=fs,tag=root",
             "reboot=t panic=-1",
             "tsc_early_khz=2596122",
             "rootfstype=virtiofs",
         ] {
             assert!(joined.contains(needed), "missing {needed:?} in {joined}");
         }
-        assert!(!virtiofsd_args(Path::new("/s"), Path::new("/d"), true)
+        assert!(!virtiofsd_args(Path::new("/s"), Path::new("/d"))
             .iter()
             .any(|a| a.starts_with("--tag")));
     }

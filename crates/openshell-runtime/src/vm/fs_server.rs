@@ -1,0 +1,203 @@
+//! One virtiofsd per VM (qemu engine).
+//!
+//! The guest sees a single virtio-fs root: the per-sandbox root directory with every policy
+//! directory bind-mounted at its own path, read-only where the policy says. The tree is built
+//! by a helper process in a mount namespace of its own, which then becomes virtiofsd
+//! (`execve`). Nothing is mounted in the host's namespace, so nothing outlives the daemon, even
+//! after a SIGKILL of the supervisor; and read-only shares are enforced by the host kernel
+//! (read-only bind mounts) under a daemon that itself can write only to read-write shares.
+//!
+//! Binds are not recursive: mounts nested below a policy directory on the host are not shown.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::CloneFlags;
+use tokio::process::Child;
+use tracing::debug;
+
+use super::VmError;
+use crate::process::child::Control;
+use crate::process::protocol::{FromHelper, FsBind, FsServerPlan, ToHelper};
+use crate::process::{start_helper, sys};
+use crate::StdioMode;
+
+/// Start the helper that builds `plan`'s tree and becomes its virtiofsd. Returns once the
+/// helper has exec'd virtiofsd (its control socket closed) or failed.
+pub async fn start(plan: FsServerPlan) -> Result<Child, VmError> {
+    let helper_err = |message: String| VmError::Helper {
+        what: "virtiofsd",
+        message,
+    };
+    let mut helper = start_helper(StdioMode::Null, CloneFlags::CLONE_NEWNS)
+        .map_err(|e| helper_err(e.to_string()))?;
+    helper
+        .ctl
+        .send(&ToHelper::FsServer(plan))
+        .await
+        .map_err(|e| helper_err(format!("sending the plan: {e}")))?;
+    let limit = Duration::from_secs(10);
+    match tokio::time::timeout(limit, helper.ctl.recv()).await {
+        // The control socket is close-on-exec: end of file means virtiofsd is running.
+        Ok(None) => Ok(helper.into_child()),
+        Ok(Some(FromHelper::Failed { stage, message })) => {
+            let _ = helper.child.wait().await;
+            Err(helper_err(format!("{stage}: {message}")))
+        }
+        Ok(Some(other)) => {
+            let _ = helper.child.start_kill();
+            Err(helper_err(format!("unexpected message {other:?}")))
+        }
+        Err(_) => {
+            let _ = helper.child.start_kill();
+            let _ = helper.child.wait().await;
+            Err(helper_err(format!(
+                "building the file tree took over {limit:?}"
+            )))
+        }
+    }
+}
+
+/// The helper side: build the tree, then exec virtiofsd. Runs single-threaded in a fresh
+/// mount namespace (the supervisor unshared it before exec).
+pub(crate) fn main(mut ctl: Control, plan: FsServerPlan) -> ! {
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        ctl.fail("pdeathsig", e.to_string());
+    }
+    if let Err((what, e)) = build_tree(&plan) {
+        ctl.fail("mount", format!("{what}: {e}"));
+    }
+    let log = match std::fs::File::create(&plan.log) {
+        Ok(f) => f,
+        Err(e) => ctl.fail("log", format!("{}: {e}", plan.log.display())),
+    };
+    let err = match log.try_clone() {
+        Ok(f) => f,
+        Err(e) => ctl.fail("log", e.to_string()),
+    };
+    // Everything but stdio closes at exec, the control socket included: its end of file tells
+    // the supervisor that virtiofsd runs.
+    if let Err(e) = sys::cloexec_from(3) {
+        ctl.fail("exec", format!("marking descriptors close-on-exec: {e}"));
+    }
+    let e = std::process::Command::new(&plan.program)
+        .args(&plan.args)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .exec();
+    ctl.fail("exec", format!("{}: {e}", plan.program.display()))
+}
+
+type MountFailure = (String, nix::Error);
+
+fn build_tree(plan: &FsServerPlan) -> Result<(), MountFailure> {
+    let none: Option<&str> = None;
+    // Nothing done here may reach the host's mount namespace.
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(|e| ("making / private".to_owned(), e))?;
+    bind(&plan.root, &plan.root, true)?;
+    for b in &plan.binds {
+        let target = target_in(&plan.root, b)?;
+        bind(&b.source, &target, b.readonly)?;
+    }
+    debug!(root = %plan.root.display(), binds = plan.binds.len(), "vm file tree built");
+    Ok(())
+}
+
+/// Where `b` goes under `root`. The mount point must be a real directory inside the tree:
+/// a symlink on the way would let the bind land elsewhere.
+fn target_in(root: &Path, b: &FsBind) -> Result<PathBuf, MountFailure> {
+    let bad = |why: &str| (format!("{}: {why}", b.guest_path), nix::Error::EINVAL);
+    let rel = b
+        .guest_path
+        .strip_prefix('/')
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| bad("not an absolute path below /"))?;
+    let mut at = root.to_path_buf();
+    for part in Path::new(rel).components() {
+        match part {
+            std::path::Component::Normal(p) => at.push(p),
+            _ => return Err(bad("not a normalized path")),
+        }
+        match at.symlink_metadata() {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(bad("the mount point is not a directory")),
+            Err(e) => {
+                return Err((
+                    format!("{}: {}", b.guest_path, at.display()),
+                    nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                ))
+            }
+        }
+    }
+    Ok(at)
+}
+
+fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), MountFailure> {
+    let none: Option<&str> = None;
+    let what = || format!("binding {} on {}", source.display(), target.display());
+    mount(Some(source), target, none, MsFlags::MS_BIND, none).map_err(|e| (what(), e))?;
+    if readonly {
+        // Keep noexec where the host has it; a remount would otherwise drop it.
+        let noexec = nix::sys::statvfs::statvfs(source)
+            .is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC));
+        let mut flags = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV;
+        if noexec {
+            flags |= MsFlags::MS_NOEXEC;
+        }
+        mount(none, target, none, flags, none)
+            .map_err(|e| (format!("making {} read-only", target.display()), e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bind_at(guest_path: &str) -> FsBind {
+        FsBind {
+            source: "/usr".into(),
+            guest_path: guest_path.into(),
+            readonly: true,
+        }
+    }
+
+    #[test]
+    fn mount_points_must_be_real_directories_inside_the_root() {
+        let dir = std::env::temp_dir().join(format!("openshell-fs-tree-{}", std::process::id()));
+        let root = dir.join("root");
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::create_dir_all(dir.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(dir.join("elsewhere"), root.join("link")).unwrap();
+        std::fs::write(root.join("file"), b"").unwrap();
+
+        assert_eq!(
+            target_in(&root, &bind_at("/usr/lib")).unwrap(),
+            root.join("usr/lib")
+        );
+        for bad in [
+            "/link",
+            "/link/x",
+            "/file",
+            "/missing",
+            "/",
+            "usr",
+            "/usr/../etc",
+        ] {
+            assert!(
+                target_in(&root, &bind_at(bad)).is_err(),
+                "{bad} was accepted as a mount point"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
