@@ -62,6 +62,26 @@ fn writes_land_only_where_the_policy_allows() {
     }
 }
 
+/// Pages dirtied through a shared mapping and never synced by the workload are on the host once
+/// the sandbox has ended (the vm backend must not drop the guest's page cache).
+#[test]
+fn writes_through_a_shared_mapping_reach_the_host() {
+    if !can_run("writes_through_a_shared_mapping_reach_the_host") {
+        return;
+    }
+    for backend in backends() {
+        let s = Scratch::new("");
+        let file = s.work.join("mapped.bin");
+        let out = s.run(backend, &[], &[PROBE, "mmap-write", file.to_str().unwrap()]);
+        assert_eq!((backend, code(&out)), (backend, 0), "{}", stderr(&out));
+        let bytes = std::fs::read(&file).expect("read the mapped file");
+        assert_eq!(
+            (backend, bytes.len(), &bytes[..7]),
+            (backend, 4096, &b"mapped\n"[..])
+        );
+    }
+}
+
 #[test]
 fn reads_outside_the_policy_fail() {
     if !can_run("reads_outside_the_policy_fail") {

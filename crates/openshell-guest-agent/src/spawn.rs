@@ -228,9 +228,12 @@ pub async fn run(
             let _ = h.await;
         }
     }
-    if main && !ctx.test_mode {
+    if main && !ctx.test_mode && has_dirty_pages() {
         // The host ends the VM as soon as it reads the main process's status: everything
-        // written to the shares must be on the host by then.
+        // written to the shares must be on the host by then. Plain writes already are (no
+        // writeback cache); only pages dirtied through shared mappings wait in the guest. A
+        // sync also makes virtiofsd syncfs the host's file systems, which can take hundreds of
+        // milliseconds, so it runs only when there is something to write.
         nix::unistd::sync();
     }
     let _ = tx.send(Frame::json(&Event::Exited(status))).await;
@@ -244,6 +247,31 @@ pub async fn run(
         diag!("main process ended ({status:?}); powering off");
         power_off();
     }
+}
+
+/// Whether the guest holds dirty or in-flight page-cache pages (`/proc/meminfo`); `true` when
+/// that cannot be read.
+fn has_dirty_pages() -> bool {
+    match std::fs::read_to_string("/proc/meminfo") {
+        Ok(text) => meminfo_dirty(&text).is_none_or(|kib| kib > 0),
+        Err(_) => true,
+    }
+}
+
+/// `Dirty` plus `Writeback` in KiB, or `None` if either is missing.
+fn meminfo_dirty(meminfo: &str) -> Option<u64> {
+    let field = |name: &str| {
+        meminfo.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(':')?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+    };
+    Some(field("Dirty")? + field("Writeback")?)
 }
 
 /// Await every handle in turn; one already finished is not polled again.
@@ -346,5 +374,20 @@ async fn host_reader(
     diag!("pid {pid}: {why}");
     if ctx.reaper.is_running(pid) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::meminfo_dirty;
+
+    #[test]
+    fn dirty_pages_come_from_meminfo() {
+        let idle = "MemFree:  100 kB\nDirty:             0 kB\nWriteback:         0 kB\n";
+        assert_eq!(meminfo_dirty(idle), Some(0));
+        let busy = "Dirty:            12 kB\nWritebackTmp:      9 kB\nWriteback:         4 kB\n";
+        assert_eq!(meminfo_dirty(busy), Some(16));
+        assert_eq!(meminfo_dirty("Dirty: 3 kB\n"), None);
+        assert_eq!(meminfo_dirty("Dirty: x kB\nWriteback: 0 kB\n"), None);
     }
 }

@@ -8,6 +8,8 @@
 //! openshell-probe syscall NAME     ptrace, bpf, mount, unshare-user, clone3, socket-packet, ...
 //! openshell-probe connect IP:PORT  a TCP connect
 //! openshell-probe write PATH       create and write a file
+//! openshell-probe mmap-write PATH  create a page-sized file and write `mapped` through a shared
+//!                                  mapping, with no msync: the pages are left dirty at exit
 //! openshell-probe read PATH        open a file for reading
 //! openshell-probe fork N           start up to N sleeping children; 0 once fork is refused
 //! openshell-probe alloc MIB        allocate and touch MIB mebibytes
@@ -43,6 +45,41 @@ fn raw(nr: libc::c_long, args: [libc::c_long; 6]) -> std::io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Write `mapped\n` at the start of a new page-sized file through a shared mapping, and leave
+/// the dirty page for the kernel to write back (no msync).
+fn mmap_write(path: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const LEN: usize = 4096;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    file.set_len(LEN as u64)?;
+    // SAFETY: a fresh shared mapping of LEN bytes of a file that is LEN bytes long; the kernel
+    // picks the address and nothing else refers to it.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let text = b"mapped\n";
+    // SAFETY: `map` is a writable mapping of LEN bytes and `text` is shorter than LEN.
+    unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), map.cast::<u8>(), text.len()) };
+    drop(file);
+    // The mapping stays until exit, dirty.
+    Ok(())
 }
 
 fn syscall(name: &str) -> Option<std::io::Result<()>> {
@@ -208,10 +245,11 @@ fn main() -> ExitCode {
         },
         "write" => result(std::fs::File::create(arg(1)).and_then(|mut f| f.write_all(b"probe\n"))),
         "read" => result(std::fs::File::open(arg(1)).map(drop)),
+        "mmap-write" => result(mmap_write(&arg(1))),
         "fork" => fork_until_refused(arg(1).parse().unwrap_or(1000)),
         "alloc" => alloc(arg(1).parse().unwrap_or(1024)),
         _ => {
-            eprintln!("usage: openshell-probe syscall NAME | connect IP:PORT | write PATH | read PATH | fork N | alloc MIB");
+            eprintln!("usage: openshell-probe syscall NAME | connect IP:PORT | write PATH | mmap-write PATH | read PATH | fork N | alloc MIB");
             ExitCode::from(255)
         }
     }
