@@ -245,7 +245,7 @@ fn main() -> ExitCode {
         },
         "write" => result(std::fs::File::create(arg(1)).and_then(|mut f| f.write_all(b"probe\n"))),
         "read" => result(std::fs::File::open(arg(1)).map(drop)),
-        "mmap-write" => result(mmap_write(&arg(1))),
+        "mmap-write" => result(mmap_write(arg(1))),
         "fork" => fork_until_refused(arg(1).parse().unwrap_or(1000)),
         "alloc" => alloc(arg(1).parse().unwrap_or(1024)),
         _ => {
