@@ -38,7 +38,7 @@ use super::protocol::{
     ExecPlan, FromHelper, LaunchPlan, RestrictionReport, SpawnPlan, ToHelper, WaitReport,
     CONTROL_FD, LIFELINE_FD,
 };
-use super::{cgroup, landlock, net, seccomp, sys};
+use super::{cgroup, landlock, net, rootfs, seccomp, sys};
 
 /// The control channel as seen from a helper.
 pub(crate) struct Control {
@@ -202,6 +202,17 @@ fn holder(mut ctl: Control, plan: SpawnPlan) -> ! {
             }
         }
     }
+    if let Some(root) = &plan.root {
+        // The overlay lived in init's mount namespace, gone with init; only files remain.
+        if let Err(e) = std::fs::remove_dir_all(&root.box_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                ctl.send(&FromHelper::Failed {
+                    stage: "rootfs cleanup".into(),
+                    message: format!("removing {}: {e}", root.box_dir.display()),
+                });
+            }
+        }
+    }
     let left = cgroup::remove_dirs(&plan.cgroup_dirs, std::time::Duration::from_secs(5));
     if !left.is_empty() {
         ctl.send(&FromHelper::Failed {
@@ -232,17 +243,36 @@ fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
     {
         ctl.fail("mount", format!("making mounts private: {}", errno_text(e)));
     }
-    if let Err(e) = mount(
-        Some("proc"),
-        "/proc",
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    ) {
-        ctl.fail(
-            "mount",
-            format!("mounting a fresh /proc: {}", errno_text(e)),
-        );
+    match &plan.root {
+        None => {
+            if let Err(e) = mount(
+                Some("proc"),
+                "/proc",
+                Some("proc"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            ) {
+                ctl.fail(
+                    "mount",
+                    format!("mounting a fresh /proc: {}", errno_text(e)),
+                );
+            }
+        }
+        Some(root) => {
+            // A mount namespace of init's own: pivot_root changes the root of every process
+            // in its namespace, and the holder must keep the host's view to clean up.
+            if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNS) {
+                ctl.fail("rootfs", format!("unshare: {}", errno_text(e)));
+            }
+            let (merged, method) = match rootfs::make_writable_root(&root.lower, &root.box_dir) {
+                Ok(r) => r,
+                Err(e) => ctl.fail("rootfs", e),
+            };
+            if let Err(e) = rootfs::enter_root(&merged) {
+                ctl.fail("rootfs", e);
+            }
+            ctl.send(&FromHelper::RootReady(method));
+        }
     }
     if let Err(e) = nix::unistd::sethostname(&plan.hostname) {
         ctl.fail("hostname", errno_text(e));
@@ -327,7 +357,17 @@ fn exec_helper(mut ctl: Control, plan: ExecPlan) -> ! {
         Ok(s) => s,
         Err(e) => ctl.fail("signals", errno_text(e)),
     };
-    // The mount namespace last: after it, /proc is the sandbox's.
+    // Join the cgroup from the host's view: inside a sandbox with its own root filesystem there
+    // is no /sys/fs/cgroup. The launched command inherits the membership.
+    let mut plan = plan;
+    for file in std::mem::take(&mut plan.launch.join_cgroups) {
+        if let Err(e) = std::fs::write(&file, "0") {
+            ctl.fail("cgroup", format!("{}: {e}", file.display()));
+        }
+    }
+    // The mount namespace last: after it, /proc is the sandbox's, and so is the root (setns
+    // into a mount namespace moves the caller to its root). Nothing here re-executes a host
+    // path after that point.
     let kinds = [
         ("ipc", CloneFlags::CLONE_NEWIPC),
         ("uts", CloneFlags::CLONE_NEWUTS),

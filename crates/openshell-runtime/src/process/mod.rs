@@ -9,6 +9,7 @@ pub mod child;
 pub mod landlock;
 pub mod net;
 pub mod protocol;
+pub mod rootfs;
 pub mod seccomp;
 pub(crate) mod sys;
 
@@ -44,6 +45,18 @@ pub enum ProcessError {
     NoSuchUser(String),
     #[error("process.run_as_group: group {0:?} does not exist on this host")]
     NoSuchGroup(String),
+    #[error("user {name:?} does not exist in {}/etc/passwd", root.display())]
+    NoSuchUserInRoot { name: String, root: PathBuf },
+    #[error("group {name:?} does not exist in {}/etc/group", root.display())]
+    NoSuchGroupInRoot { name: String, root: PathBuf },
+    #[error(transparent)]
+    RootFs(#[from] crate::rootfs::RootFsError),
+    #[error("preparing the per-sandbox root directory {}", path.display())]
+    RootDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("looking up user or group {name:?}")]
     Lookup {
         name: String,
@@ -91,7 +104,7 @@ fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> ProcessError {
 }
 
 /// The executable re-run as the helper. `/proc/self/exe` still works if the file is replaced.
-fn helper_exe() -> PathBuf {
+pub(crate) fn helper_exe() -> PathBuf {
     std::env::var_os("OPENSHELL_HELPER_EXE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
@@ -252,7 +265,7 @@ impl Identity {
         config: &SpawnConfig,
         proxy_addr: &str,
     ) -> Result<(Identity, LaunchPlan), ProcessError> {
-        let identity = Identity::resolve(&config.policy, &config.workdir)?;
+        let identity = Identity::resolve(&config.policy, &config.workdir, config.root.as_ref())?;
         let mut env = config.env.clone();
         if config.egress.is_some() {
             crate::add_proxy_env(&mut env, proxy_addr);
@@ -268,7 +281,46 @@ impl Identity {
         Ok((identity, launch))
     }
 
-    pub(crate) fn resolve(policy: &Policy, workdir: &Path) -> Result<Identity, ProcessError> {
+    /// The policy's user and group (else, with a root filesystem, the image's user; else
+    /// `nobody`), looked up in the host's user database, or in the tree's `/etc/passwd` and
+    /// `/etc/group` when the sandbox has its own root.
+    pub(crate) fn resolve(
+        policy: &Policy,
+        workdir: &Path,
+        root: Option<&crate::RootFs>,
+    ) -> Result<Identity, ProcessError> {
+        let (uid, gid, user_name, home) = match root {
+            None => Self::host_user(policy)?,
+            Some(root) => Self::tree_user(policy, root)?,
+        };
+        let fs = &policy.filesystem;
+        let mut read_write: Vec<PathBuf> = fs
+            .read_write
+            .iter()
+            .map(|p| p.as_path().to_owned())
+            .collect();
+        if fs.include_workdir {
+            read_write.push(workdir.to_owned());
+        }
+        Ok(Identity {
+            uid,
+            gid,
+            user: user_name,
+            home,
+            landlock: LandlockPlan {
+                read_only: fs
+                    .read_only
+                    .iter()
+                    .map(|p| p.as_path().to_owned())
+                    .collect(),
+                read_write,
+                hard_requirement: policy.landlock.compatibility
+                    == LandlockCompatibility::HardRequirement,
+            },
+        })
+    }
+
+    fn host_user(policy: &Policy) -> Result<(u32, u32, String, PathBuf), ProcessError> {
         let user_name = policy
             .process
             .run_as_user
@@ -292,31 +344,79 @@ impl Identity {
             }
             None => user.gid,
         };
-        let fs = &policy.filesystem;
-        let mut read_write: Vec<PathBuf> = fs
-            .read_write
-            .iter()
-            .map(|p| p.as_path().to_owned())
-            .collect();
-        if fs.include_workdir {
-            read_write.push(workdir.to_owned());
-        }
-        Ok(Identity {
-            uid: user.uid.as_raw(),
-            gid: gid.as_raw(),
-            user: user.name,
-            home: user.dir,
-            landlock: LandlockPlan {
-                read_only: fs
-                    .read_only
+        Ok((user.uid.as_raw(), gid.as_raw(), user.name, user.dir))
+    }
+
+    /// The user inside a root filesystem. Names are the tree's, never the host's. A numeric
+    /// uid without a passwd entry runs with gid 65534 and HOME=/; the implicit default
+    /// `nobody`, when the tree lacks it, is 65534:65534.
+    fn tree_user(
+        policy: &Policy,
+        root: &crate::RootFs,
+    ) -> Result<(u32, u32, String, PathBuf), ProcessError> {
+        use crate::rootfs::{parse_group, parse_passwd, RootFsError};
+        const NOBODY: u32 = 65534;
+        let read = |path: &'static str| match rootfs::read_in_tree(&root.lower, path) {
+            Ok(text) => Ok(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(source) => Err(RootFsError::Read {
+                root: root.lower.clone(),
+                path,
+                source,
+            }),
+        };
+        let passwd = parse_passwd(&root.lower, &read("/etc/passwd")?)?;
+        let groups = parse_group(&root.lower, &read("/etc/group")?)?;
+        let (spec, implicit) = match (&policy.process.run_as_user, &root.user) {
+            (Some(user), _) => (user.clone(), false),
+            (None, Some(image_user)) => (image_user.clone(), false),
+            (None, None) => ("nobody".to_owned(), true),
+        };
+        let (user_part, image_group) = match spec.split_once(':') {
+            Some((u, g)) => (u.to_owned(), Some(g.to_owned())),
+            None => (spec.clone(), None),
+        };
+        let no_user = || ProcessError::NoSuchUserInRoot {
+            name: user_part.clone(),
+            root: root.lower.clone(),
+        };
+        let (uid, mut gid, name, home) = if let Ok(uid) = user_part.parse::<u32>() {
+            match passwd.iter().find(|e| e.uid == uid) {
+                Some(e) => (e.uid, e.gid, e.name.clone(), e.home.clone()),
+                None => (uid, NOBODY, user_part.clone(), PathBuf::from("/")),
+            }
+        } else {
+            match passwd.iter().find(|e| e.name == user_part) {
+                Some(e) => (e.uid, e.gid, e.name.clone(), e.home.clone()),
+                None if implicit => (NOBODY, NOBODY, user_part.clone(), PathBuf::from("/")),
+                None => return Err(no_user()),
+            }
+        };
+        // The policy's group wins over the image's `user:group`.
+        let group =
+            policy
+                .process
+                .run_as_group
+                .clone()
+                .or(if policy.process.run_as_user.is_none() {
+                    image_group
+                } else {
+                    None
+                });
+        if let Some(group) = group {
+            gid = match group.parse::<u32>() {
+                Ok(g) => g,
+                Err(_) => groups
                     .iter()
-                    .map(|p| p.as_path().to_owned())
-                    .collect(),
-                read_write,
-                hard_requirement: policy.landlock.compatibility
-                    == LandlockCompatibility::HardRequirement,
-            },
-        })
+                    .find(|(n, _)| *n == group)
+                    .map(|(_, g)| *g)
+                    .ok_or_else(|| ProcessError::NoSuchGroupInRoot {
+                        name: group.clone(),
+                        root: root.lower.clone(),
+                    })?,
+            };
+        }
+        Ok((uid, gid, name, home))
     }
 
     pub(crate) fn launch(
@@ -421,11 +521,34 @@ pub(crate) fn log_restrictions(sandbox: &str, r: &RestrictionReport) {
     }
 }
 
+/// Log how the sandbox's writable root was made (a copy is a weakened start-up, not a weakened
+/// isolation: the tree stays untouched either way).
+pub(crate) fn log_root(sandbox: &str, method: &rootfs::RootMethod) {
+    match method {
+        rootfs::RootMethod::Overlay => {
+            info!(
+                event = "sandbox.rootfs",
+                sandbox,
+                method = "overlay",
+                "root filesystem ready"
+            )
+        }
+        rootfs::RootMethod::Copy { reason } => warn!(
+            event = "sandbox.rootfs",
+            sandbox,
+            method = "copy",
+            %reason,
+            "overlayfs unavailable: the sandbox runs on a per-sandbox copy of the tree"
+        ),
+    }
+}
+
 /// Wait for `Running` (after an optional `Restricted`), or fail.
 async fn await_running(ctl: &mut Control, sandbox: &str) -> Result<i32, ProcessError> {
     loop {
         match ctl.recv().await {
             Some(FromHelper::Restricted(report)) => log_restrictions(sandbox, &report),
+            Some(FromHelper::RootReady(method)) => log_root(sandbox, &method),
             Some(FromHelper::Running { pid }) => return Ok(pid),
             Some(FromHelper::Failed { stage, message }) => return Err(setup_error(stage, message)),
             Some(other) => debug!(?other, "unexpected message while starting"),
@@ -497,26 +620,59 @@ impl ProcessSandbox {
         if !nix::unistd::geteuid().is_root() {
             return Err(ProcessError::NeedsRoot);
         }
-        if !config.workdir.is_absolute() || !config.workdir.is_dir() {
+        // With a root filesystem the workdir is a path inside the tree; init's chdir checks it.
+        let on_host = config.root.is_none();
+        if !config.workdir.is_absolute() || (on_host && !config.workdir.is_dir()) {
             return Err(ProcessError::BadWorkdir(config.workdir.clone()));
+        }
+        if let Some(root) = &config.root {
+            crate::rootfs::validate_lower(&root.lower)?;
         }
         let (identity, launch) = Identity::for_workload(&config, &crate::PROXY_ADDR.to_string())?;
         let id = new_sandbox_id();
+        let root = match &config.root {
+            Some(root) => {
+                let run = rootfs::process_run_dir();
+                rootfs::collect_stale(&run);
+                let box_dir = run.join(&id);
+                std::fs::create_dir_all(&box_dir).map_err(|source| ProcessError::RootDir {
+                    path: box_dir.clone(),
+                    source,
+                })?;
+                Some(protocol::RootPlan {
+                    lower: root.lower.clone(),
+                    box_dir,
+                })
+            }
+            None => None,
+        };
         // No limits, no cgroup: on cgroup v1 hosts, moving a process into a cgroup costs an RCU
         // grace period (about 10 ms here), and the pid namespace already bounds the sandbox's
         // lifetime.
         let r = &config.resources;
+        let remove_root = |root: &Option<protocol::RootPlan>| {
+            if let Some(root) = root {
+                let _ = std::fs::remove_dir_all(&root.box_dir);
+            }
+        };
         let cgroup = if r.memory_mib.is_some() || r.cpus.is_some() || r.pids.is_some() {
-            Some(cgroup::Cgroup::create(&id, &config.resources)?)
+            match cgroup::Cgroup::create(&id, &config.resources) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    remove_root(&root);
+                    return Err(e.into());
+                }
+            }
         } else {
             None
         };
-        match Self::start(id.clone(), config, identity, launch, cgroup).await {
+        match Self::start(id.clone(), config, identity, launch, cgroup, root.clone()).await {
             Ok(sandbox) => Ok(sandbox),
             Err((e, cgroup)) => {
                 if let Some(cgroup) = cgroup {
                     cgroup.remove(Duration::from_secs(2));
                 }
+                remove_root(&root);
                 Err(e)
             }
         }
@@ -528,6 +684,7 @@ impl ProcessSandbox {
         identity: Identity,
         launch: LaunchPlan,
         cgroup: Option<cgroup::Cgroup>,
+        root: Option<protocol::RootPlan>,
     ) -> Result<ProcessSandbox, (ProcessError, Option<cgroup::Cgroup>)> {
         let flags = CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWUTS
@@ -547,6 +704,7 @@ impl ProcessSandbox {
                 prefix_len: net::PREFIX_LEN,
             },
             cgroup_dirs: cgroup.as_ref().map(|c| c.dirs.clone()).unwrap_or_default(),
+            root,
             launch,
         };
         // From here on the holder owns the cgroup's removal; on failure we kill it and wait, so

@@ -61,7 +61,18 @@ pub struct SpawnPlan {
     pub net: NetPlan,
     /// Per-hierarchy cgroup directories the namespace holder removes once init is gone.
     pub cgroup_dirs: Vec<PathBuf>,
+    /// A root filesystem: init makes the writable view and pivot_roots into it; the holder
+    /// removes `box_dir` once init is gone.
+    pub root: Option<RootPlan>,
     pub launch: LaunchPlan,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootPlan {
+    /// The tree (read only).
+    pub lower: PathBuf,
+    /// The per-sandbox directory (upper, work or copy, merged).
+    pub box_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +118,8 @@ pub struct LandlockPlan {
 pub enum FromHelper {
     /// The namespace holder forked init; this is init's pid on the host.
     InitPid { pid: i32 },
+    /// init made the sandbox's writable root and pivot_rooted into it.
+    RootReady(super::rootfs::RootMethod),
     /// The workload's restrictions are in place; it is about to call execve.
     Restricted(RestrictionReport),
     /// execve succeeded.

@@ -68,6 +68,10 @@ pub enum VmError {
     Egress(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the process has already exited")]
     NotRunning,
+    #[error("a root filesystem (--rootfs) is not supported by the krun engine yet; use --vm-engine qemu")]
+    RootFsOnKrun,
+    #[error(transparent)]
+    RootFs(#[from] crate::rootfs::RootFsError),
 }
 
 fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
@@ -571,8 +575,18 @@ impl VmSandbox {
     pub async fn spawn(config: SpawnConfig, choice: EngineChoice) -> Result<VmSandbox, VmError> {
         let decision = engine::decide(choice, engine::kvm_support())?;
         let artifacts = guest::Artifacts::locate()?;
-        if !config.workdir.is_absolute() || !config.workdir.is_dir() {
+        // With a root filesystem the workdir is a path inside the tree; the agent's chdir
+        // checks it.
+        let on_host = config.root.is_none();
+        if !config.workdir.is_absolute() || (on_host && !config.workdir.is_dir()) {
             return Err(ProcessError::BadWorkdir(config.workdir.clone()).into());
+        }
+        if let Some(root) = &config.root {
+            crate::rootfs::validate_lower(&root.lower)?;
+            #[cfg(feature = "krun")]
+            if decision.engine == Engine::Krun {
+                return Err(VmError::RootFsOnKrun);
+            }
         }
         let (identity, launch) = Identity::for_workload(&config, proto::GUEST_PROXY_ADDR)?;
         let id = crate::process::new_sandbox_id();
@@ -598,19 +612,41 @@ impl VmSandbox {
         artifacts: guest::Artifacts,
         decision: engine::EngineDecision,
     ) -> Result<VmSandbox, VmError> {
-        let (mut shares, skipped) = shares_for(&identity, &config.workdir)?;
-        for (path, reason) in &skipped {
-            warn!(event = "sandbox.vm_share_skipped", sandbox = id, %path, %reason, "policy path not shared into the VM");
-        }
-        let root = box_dir.join("root");
-        build_root(&artifacts.rootfs, &root, &shares)?;
+        // With a root filesystem the policy's paths are the tree's: nothing of the host is
+        // shared, the root is the per-sandbox writable view of the tree (made by virtiofsd's
+        // wrapper in its own mount namespace), and Landlock in the guest confines writes to
+        // read_write paths, as on the process backend.
+        let (mut shares, root) = match &config.root {
+            None => {
+                let (shares, skipped) = shares_for(&identity, &config.workdir)?;
+                for (path, reason) in &skipped {
+                    warn!(event = "sandbox.vm_share_skipped", sandbox = id, %path, %reason, "policy path not shared into the VM");
+                }
+                let root = box_dir.join("root");
+                build_root(&artifacts.rootfs, &root, &shares)?;
+                (shares, root)
+            }
+            Some(tree) => {
+                let agent = artifacts.rootfs.join("openshell/agent");
+                crate::process::rootfs::seed_guest_upper(
+                    &tree.lower,
+                    &box_dir.join("upper"),
+                    &agent,
+                )
+                .map_err(io(format!(
+                    "preparing the guest's entries in {}",
+                    box_dir.display()
+                )))?;
+                (Vec::new(), box_dir.join("merged"))
+            }
+        };
         shares.insert(
             0,
             Share {
                 tag: "root".into(),
                 host_path: root.clone(),
                 guest_path: "/".into(),
-                readonly: true,
+                readonly: config.root.is_none(),
             },
         );
         let vcpus = config
@@ -630,7 +666,7 @@ impl VmSandbox {
             cmdline: match decision.engine {
                 #[cfg(feature = "krun")]
                 Engine::Krun => krun::kernel_cmdline(),
-                _ => qemu::kernel_cmdline(qemu::host_tsc_khz()),
+                _ => qemu::kernel_cmdline(qemu::host_tsc_khz(), config.root.is_some()),
             },
         };
         info!(event = "sandbox.vm_engine", sandbox = id, engine = decision.engine.name(), reason = %decision.reason, vcpus, memory_mib, "vm engine chosen");
@@ -659,7 +695,20 @@ impl VmSandbox {
         let console = box_dir.join("console.log");
         let (mut vmm, helpers, agent) = match decision.engine {
             Engine::Qemu => {
-                Self::start_qemu(box_dir, &vm, &artifacts, &shares, &decision, &console).await?
+                let lower = config.root.as_ref().map(|r| r.lower.as_path());
+                let started = Self::start_qemu(
+                    box_dir, &vm, &artifacts, &shares, &decision, &console, lower,
+                )
+                .await?;
+                if lower.is_some() {
+                    let text = std::fs::read_to_string(box_dir.join("root-method"))
+                        .map_err(io("reading how the root filesystem was made"))?;
+                    match serde_json::from_str(&text) {
+                        Ok(method) => crate::process::log_root(id, &method),
+                        Err(e) => warn!(sandbox = id, error = %e, "unreadable root-method record"),
+                    }
+                }
+                started
             }
             #[cfg(feature = "krun")]
             Engine::Krun => {
@@ -780,6 +829,7 @@ impl VmSandbox {
         shares: &[Share],
         decision: &engine::EngineDecision,
         console: &Path,
+        root_lower: Option<&Path>,
     ) -> Result<(Vmm, Vec<Child>, AgentAddr), VmError> {
         let vsock_uds = &vm.vsock_uds;
         let mut helpers = Vec::new();
@@ -797,11 +847,23 @@ impl VmSandbox {
         let mut fsds = Vec::new();
         for share in shares {
             let socket = box_dir.join(format!("fs-{}.sock", share.tag));
-            let child = qemu::start(
-                &artifacts.virtiofsd,
-                &qemu::virtiofsd_args(&socket, &share.host_path, share.readonly),
-                &box_dir.join(format!("fs-{}.log", share.tag)),
-            )
+            let fsd_args = qemu::virtiofsd_args(&socket, &share.host_path, share.readonly);
+            let log = box_dir.join(format!("fs-{}.log", share.tag));
+            let child = match root_lower {
+                // The root's virtiofsd runs in a mount namespace of its own in which its wrapper
+                // mounted the writable view: the view lives exactly as long as the daemon.
+                Some(lower) if share.tag == "root" => {
+                    let mut args = vec![
+                        crate::helper::ROOTFS_EXEC_ARG.to_owned(),
+                        lower.display().to_string(),
+                        box_dir.display().to_string(),
+                        artifacts.virtiofsd.display().to_string(),
+                    ];
+                    args.extend(fsd_args);
+                    qemu::start(&crate::process::helper_exe(), &args, &log)
+                }
+                _ => qemu::start(&artifacts.virtiofsd, &fsd_args, &log),
+            }
             .map_err(|e| VmError::Helper {
                 what: "virtiofsd",
                 message: e.to_string(),

@@ -15,10 +15,12 @@ use super::engine::{Accel, VmDescription};
 use crate::process::sys;
 
 /// The kernel command line for a TCG/KVM microvm boot of our guest.
-pub fn kernel_cmdline(tsc_khz: Option<u64>) -> String {
-    let mut cmdline = String::from(
+/// `writable_root`: the root is a per-sandbox writable view of an image (mounted `rw`).
+pub fn kernel_cmdline(tsc_khz: Option<u64>, writable_root: bool) -> String {
+    let mut cmdline = format!(
         "console=ttyS0 quiet reboot=t panic=-1 noapictimer no_timer_check tsc=reliable \
-         root=root rootfstype=virtiofs ro init=/openshell/agent",
+         root=root rootfstype=virtiofs {} init=/openshell/agent",
+        if writable_root { "rw" } else { "ro" }
     );
     if let Some(khz) = tsc_khz {
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
@@ -187,7 +189,7 @@ mod tests {
             vsock_uds: "/b/vsock.sock".into(),
             vcpus: 1,
             memory_mib: 256,
-            cmdline: kernel_cmdline(Some(2_596_122)),
+            cmdline: kernel_cmdline(Some(2_596_122), false),
         };
         let args = qemu_args(
             &vm,
