@@ -208,7 +208,10 @@ fn guest_dir() -> PathBuf {
 fn run_dir(backend: &str) -> PathBuf {
     match backend {
         "vm" => guest_dir().join("run"),
-        _ => openshell_home().join("run"),
+        _ => std::env::var_os("OPENSHELL_RUN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/openshell"))
+            .join("rootfs"),
     }
 }
 
@@ -497,7 +500,7 @@ fn rootfs_sandboxes_leave_no_mounts_or_directories() {
         let supervisor = child.id();
         let out = child.wait_with_output().expect("wait");
         assert_eq!((backend, code(&out)), (backend, 0));
-        let marker = format!("/run/{supervisor:x}-");
+        let marker = format!("{}/{supervisor:x}-", run_dir(backend).display());
         assert_eq!(
             (
                 backend,
@@ -518,7 +521,7 @@ fn rootfs_sandboxes_leave_no_mounts_or_directories() {
             .spawn()
             .expect("spawn");
         let supervisor = child.id();
-        let marker = format!("/run/{supervisor:x}-");
+        let marker = format!("{}/{supervisor:x}-", run_dir(backend).display());
         assert!(
             wait_until(Duration::from_secs(90), || !mounts_naming(&marker)
                 .is_empty()),
@@ -587,7 +590,7 @@ fn a_copy_serves_when_overlayfs_is_unavailable() {
             .arg(&options)
             .arg(&mnt)
             .arg("env")
-            .arg(format!("OPENSHELL_HOME={}", mnt.display()))
+            .arg(format!("OPENSHELL_RUN_DIR={}", mnt.display()))
             .arg(format!("OPENSHELL_GUEST_DIR={}", mnt.display()))
             .arg(SANDBOX)
             .args(["--runtime", backend, "--policy"])
@@ -616,7 +619,8 @@ fn a_copy_serves_when_overlayfs_is_unavailable() {
             stderr(&out)
         );
         assert_eq!(t.snapshot(), before, "{backend}: the tree is unchanged");
-        let left: Vec<PathBuf> = std::fs::read_dir(upper.join("run"))
+        let boxes = if backend == "vm" { "run" } else { "rootfs" };
+        let left: Vec<PathBuf> = std::fs::read_dir(upper.join(boxes))
             .map(|it| it.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         assert_eq!((backend, left), (backend, vec![]), "the copy is removed");

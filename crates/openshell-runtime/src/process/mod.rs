@@ -299,7 +299,13 @@ impl Identity {
             .iter()
             .map(|p| p.as_path().to_owned())
             .collect();
-        if fs.include_workdir {
+        // `/` is never read-write, not even as the workdir (an image's default WorkingDir).
+        if fs.include_workdir && workdir == Path::new("/") {
+            info!(
+                event = "sandbox.workdir_not_writable",
+                "include_workdir: the workdir is /, which is never made read-write"
+            );
+        } else if fs.include_workdir {
             read_write.push(workdir.to_owned());
         }
         Ok(Identity {

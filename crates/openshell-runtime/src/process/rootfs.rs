@@ -3,7 +3,7 @@
 //! exec'd, single-threaded helpers (the sandbox's init; the vm backend's virtiofsd wrapper),
 //! never in the supervisor.
 //!
-//! Per sandbox, `<box>` (`$OPENSHELL_HOME/run/<id>` on the process backend, the vm box
+//! Per sandbox, `<box>` ([`process_run_dir`]`/<id>` on the process backend, the vm box
 //! directory on the vm backend) holds `upper/` and `work/` (the overlay's), or `copy/` (the
 //! fallback), and `merged/`, where the writable view is mounted. The lower tree is only ever
 //! read.
@@ -36,9 +36,15 @@ impl RootMethod {
     }
 }
 
-/// Where the process backend keeps per-sandbox root directories.
+/// Where the process backend keeps per-sandbox root directories: `$OPENSHELL_RUN_DIR/rootfs`,
+/// else `/run/openshell/rootfs`. On Debian /run is a tmpfs: creating and removing a sandbox's
+/// directories costs microseconds instead of milliseconds, and what the sandbox writes into its
+/// root is shared memory charged to its own memory cgroup, so `resources.memory_mib` bounds it.
 pub fn process_run_dir() -> PathBuf {
-    crate::rootfs::openshell_home().join("run")
+    std::env::var_os("OPENSHELL_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/openshell"))
+        .join("rootfs")
 }
 
 /// Remove `<run>/<id>` directories of supervisors that no longer exist (their holder normally
