@@ -73,7 +73,7 @@ fn busybox_unusable() -> Option<String> {
     })
 }
 
-fn tree(test: &str, process: &str) -> Option<Tree> {
+fn tree(test: &str, extra: &str) -> Option<Tree> {
     if !can_run(test) {
         return None;
     }
@@ -93,6 +93,8 @@ fn tree(test: &str, process: &str) -> Option<Tree> {
         std::fs::create_dir_all(root.join(d)).expect("mkdir");
     }
     std::fs::copy(BUSYBOX, root.join("bin/busybox")).expect("copy busybox");
+    // The same program at another path: the egress policy names binaries by path.
+    std::fs::copy(BUSYBOX, root.join("bin/busybox-other")).expect("copy busybox");
     for applet in APPLETS {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
     }
@@ -118,7 +120,7 @@ fn tree(test: &str, process: &str) -> Option<Tree> {
         format!(
             "version: 1\n\
              filesystem_policy:\n  include_workdir: true\n  read_only: [/bin, /etc, /proc, /marker, /home, /dev/urandom]\n  read_write: [/data, /tmp, /dev/null]\n\
-             landlock:\n  compatibility: hard_requirement\n{process}"
+             landlock:\n  compatibility: hard_requirement\n{extra}"
         ),
     )
     .expect("policy");
@@ -625,4 +627,46 @@ fn a_copy_serves_when_overlayfs_is_unavailable() {
             .unwrap_or_default();
         assert_eq!((backend, left), (backend, vec![]), "the copy is removed");
     }
+}
+
+#[test]
+fn egress_names_the_images_binaries() {
+    let up = super::egress::Upstream::start("127.0.0.4");
+    let network = format!(
+        "network_policies:\n  upstream:\n    endpoints:\n      - host: \"{ip}\"\n        port: {port}\n        allowed_ips: [127.0.0.0/8]\n    binaries: [{{ path: /bin/busybox }}]\n",
+        ip = up.addr.ip(),
+        port = up.addr.port(),
+    );
+    let Some(t) = tree("egress_names_the_images_binaries", &network) else {
+        return;
+    };
+    for backend in backends() {
+        // Allowed: the image's /bin/busybox (the host has no such file).
+        let script = format!("wget -q -O - {}; echo wget=$?", up.url("/from-image"));
+        let out = t.run(backend, &[], &["/bin/sh", "-c", &script]);
+        assert_eq!(
+            (backend, stdout(&out)),
+            (backend, "upstream-ok\nwget=0\n".to_owned()),
+            "{}",
+            stderr(&out)
+        );
+        // Denied: the same program at /bin/busybox-other, with no /bin/busybox among its
+        // ancestors either.
+        let script = format!(
+            "/bin/busybox-other wget -q -O - {} 2>/dev/null; echo other=$?",
+            up.url("/from-other")
+        );
+        let out = t.run(backend, &[], &["/bin/busybox-other", "sh", "-c", &script]);
+        assert_eq!(
+            (backend, stdout(&out)),
+            (backend, "other=1\n".to_owned()),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(
+        up.seen(),
+        vec!["GET /from-image HTTP/1.1".to_owned(); backends().len()],
+        "only the allowed binary's requests reached the upstream"
+    );
 }
