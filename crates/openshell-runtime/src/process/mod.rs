@@ -975,3 +975,107 @@ impl ProcessExec {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    fn policy(process: &str) -> Policy {
+        let text = format!(
+            "version: 1\nfilesystem_policy:\n  include_workdir: true\n  read_only: [/bin]\n{process}"
+        );
+        Policy::from_yaml("p.yaml", &text).expect("valid policy")
+    }
+
+    fn tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("etc")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1234:1235:app:/home/app:/bin/sh\n",
+        )
+        .expect("passwd");
+        std::fs::write(dir.path().join("etc/group"), "app:x:1235:\nstaff:x:1240:\n")
+            .expect("group");
+        dir
+    }
+
+    fn who(
+        policy: &Policy,
+        root: &crate::RootFs,
+        workdir: &str,
+    ) -> (u32, u32, String, PathBuf, Vec<PathBuf>) {
+        let id = Identity::resolve(policy, Path::new(workdir), Some(root)).expect("resolve");
+        (id.uid, id.gid, id.user, id.home, id.landlock.read_write)
+    }
+
+    #[test]
+    fn users_are_resolved_in_the_tree_and_the_policy_wins() {
+        let dir = tree();
+        let root = |user: Option<&str>| crate::RootFs {
+            lower: dir.path().to_owned(),
+            user: user.map(str::to_owned),
+        };
+        let none = policy("");
+        assert_eq!(
+            who(&none, &root(Some("app")), "/data"),
+            (
+                1234,
+                1235,
+                "app".into(),
+                "/home/app".into(),
+                vec!["/data".into()]
+            )
+        );
+        assert_eq!(
+            who(&none, &root(Some("app:staff")), "/data").1,
+            1240,
+            "the image's user:group"
+        );
+        assert_eq!(
+            who(&none, &root(Some("4321:77")), "/data"),
+            (4321, 77, "4321".into(), "/".into(), vec!["/data".into()])
+        );
+        // Without a user anywhere: nobody, 65534 when the tree has no such entry.
+        assert_eq!(who(&none, &root(None), "/data").0, 65534);
+        // The policy's run_as_user wins over the image's User (and its group part).
+        let policy_user = policy("process:\n  run_as_user: root\n");
+        let (uid, gid, name, home, _) = who(&policy_user, &root(Some("app:staff")), "/data");
+        assert_eq!(
+            (uid, gid, name, home),
+            (0, 0, "root".into(), "/root".into())
+        );
+        // The workdir / is never read-write.
+        assert_eq!(who(&none, &root(Some("app")), "/").4, Vec::<PathBuf>::new());
+    }
+
+    #[test]
+    fn unknown_users_and_groups_name_the_trees_files() {
+        let dir = tree();
+        let root = crate::RootFs {
+            lower: dir.path().to_owned(),
+            user: Some("ghost".into()),
+        };
+        let err = Identity::resolve(&policy(""), Path::new("/"), Some(&root)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "user \"ghost\" does not exist in {}/etc/passwd",
+                dir.path().display()
+            )
+        );
+        let root = crate::RootFs {
+            lower: dir.path().to_owned(),
+            user: Some("app:nogroup".into()),
+        };
+        let err = Identity::resolve(&policy(""), Path::new("/"), Some(&root)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "group \"nogroup\" does not exist in {}/etc/group",
+                dir.path().display()
+            )
+        );
+    }
+}

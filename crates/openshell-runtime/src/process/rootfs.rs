@@ -391,3 +391,103 @@ pub fn wrapper_main(args: &[std::ffi::OsString]) -> ! {
         Ok(never) => match never {},
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn files_are_read_inside_the_tree_even_through_absolute_symlinks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("tree");
+        std::fs::create_dir_all(root.join("real")).expect("mkdir");
+        std::fs::write(root.join("real/passwd"), "tree's\n").expect("write");
+        // An image whose /etc is an absolute symlink must not lead to the host's /etc.
+        std::os::unix::fs::symlink("/real", root.join("etc")).expect("symlink");
+        std::os::unix::fs::symlink("../../../../../../etc/hostname", root.join("up"))
+            .expect("symlink");
+        assert_eq!(
+            read_in_tree(&root, "/etc/passwd").expect("read"),
+            "tree's\n"
+        );
+        assert_eq!(
+            read_in_tree(&root, "/up").map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::NotFound),
+            "`..` stops at the tree's root"
+        );
+    }
+
+    #[test]
+    fn a_copy_keeps_modes_links_and_never_shares_an_inode_with_the_tree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
+        std::fs::create_dir_all(from.join("bin")).expect("mkdir");
+        std::fs::write(from.join("bin/tool"), "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(
+            from.join("bin/tool"),
+            std::fs::Permissions::from_mode(0o4750),
+        )
+        .expect("chmod");
+        std::fs::hard_link(from.join("bin/tool"), from.join("bin/alias")).expect("link");
+        std::os::unix::fs::symlink("tool", from.join("bin/sym")).expect("symlink");
+        std::fs::set_permissions(&from, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+        copy_tree(&from, &to).expect("copy");
+
+        let meta = |p: &Path| std::fs::symlink_metadata(p).expect("stat");
+        assert_eq!(meta(&to.join("bin/tool")).mode() & 0o7777, 0o4750);
+        assert_eq!(meta(&to).mode() & 0o7777, 0o711);
+        assert_eq!(
+            std::fs::read_link(to.join("bin/sym")).expect("readlink"),
+            PathBuf::from("tool")
+        );
+        // Hard links within the tree stay links within the copy...
+        assert_eq!(
+            meta(&to.join("bin/tool")).ino(),
+            meta(&to.join("bin/alias")).ino()
+        );
+        // ...and a write to the copy never reaches the tree.
+        assert_ne!(
+            meta(&to.join("bin/tool")).ino(),
+            meta(&from.join("bin/tool")).ino()
+        );
+        std::fs::write(to.join("bin/tool"), "changed").expect("write");
+        assert_eq!(
+            std::fs::read_to_string(from.join("bin/tool")).expect("read"),
+            "#!/bin/sh\n"
+        );
+    }
+
+    #[test]
+    fn the_guest_entries_go_to_the_upper_layer_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (lower, upper) = (dir.path().join("lower"), dir.path().join("upper"));
+        std::fs::create_dir_all(lower.join("proc")).expect("mkdir");
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, "agent").expect("write");
+        seed_guest_upper(&lower, &upper, &agent).expect("seed");
+        let mut names: Vec<String> = std::fs::read_dir(&upper)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["dev", "openshell", "run", "sys", "tmp"]);
+        assert_eq!(
+            std::fs::read_to_string(upper.join("openshell/agent")).expect("agent"),
+            "agent"
+        );
+        assert_ne!(
+            std::fs::metadata(upper.join("openshell/agent"))
+                .expect("stat")
+                .ino(),
+            std::fs::metadata(&agent).expect("stat").ino(),
+            "copied, not linked"
+        );
+        assert_eq!(
+            std::fs::read_dir(&lower).expect("read_dir").count(),
+            1,
+            "the tree is untouched"
+        );
+    }
+}
