@@ -3,7 +3,8 @@
 //! Every helper is a freshly exec'd, single-threaded process (no async runtime survives a fork),
 //! so it may fork and allocate freely. There are three roles:
 //!
-//! - **holder**: started by the supervisor with new mount, UTS, IPC, network and pid namespaces
+//! - **holder**: started by the supervisor with new mount (not with a root filesystem: then init
+//!   makes its own), UTS, IPC, network and pid namespaces
 //!   (unshared just before its execve, so it is the namespaces' first member but stays in the
 //!   host pid namespace). It forks init, reports init's host pid, then waits. When init ends,
 //!   or when the supervisor disappears (its lifeline pipe reaches end-of-file), it kills init,
@@ -238,6 +239,14 @@ fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
         Some(ToHelper::Go) => {}
         _ => std::process::exit(125),
     }
+    if plan.root.is_some() {
+        // With a root filesystem the holder stays in the host's mount namespace (it needs the
+        // host's view to clean up, and pivot_root would move every process of a shared
+        // namespace): init takes a mount namespace of its own, before any mount.
+        if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNS) {
+            ctl.fail("rootfs", format!("unshare: {}", errno_text(e)));
+        }
+    }
     if let Err(e) =
         mount::<str, str, str, str>(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)
     {
@@ -259,11 +268,6 @@ fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
             }
         }
         Some(root) => {
-            // A mount namespace of init's own: pivot_root changes the root of every process
-            // in its namespace, and the holder must keep the host's view to clean up.
-            if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNS) {
-                ctl.fail("rootfs", format!("unshare: {}", errno_text(e)));
-            }
             let (merged, method) = match rootfs::make_writable_root(&root.lower, &root.box_dir) {
                 Ok(r) => r,
                 Err(e) => ctl.fail("rootfs", e),

@@ -692,11 +692,16 @@ impl ProcessSandbox {
         cgroup: Option<cgroup::Cgroup>,
         root: Option<protocol::RootPlan>,
     ) -> Result<ProcessSandbox, (ProcessError, Option<cgroup::Cgroup>)> {
-        let flags = CloneFlags::CLONE_NEWNS
+        let mut flags = CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWUTS
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWPID;
+        if root.is_some() {
+            // init makes its own mount namespace (see `child::init_main`); the holder keeps the
+            // host's, which it needs to remove the per-sandbox directory.
+            flags.remove(CloneFlags::CLONE_NEWNS);
+        }
         let mut holder = match start_helper(config.stdio, flags) {
             Ok(h) => h,
             Err(e) => return Err((e, cgroup)),
