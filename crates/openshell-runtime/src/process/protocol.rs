@@ -35,6 +35,10 @@ pub struct KrunPlan {
     pub vsock: Vec<KrunPort>,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// With a root filesystem: the shim mounts the tree's writable view on the root share's
+    /// path (`<box>/merged`) in its own mount namespace before configuring libkrun.
+    #[serde(default)]
+    pub root_view: Option<RootPlan>,
     /// The guest console and libkrun's own log.
     pub console: PathBuf,
     pub log: PathBuf,
@@ -67,7 +71,7 @@ pub struct SpawnPlan {
     pub launch: LaunchPlan,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootPlan {
     /// The tree (read only).
     pub lower: PathBuf,

@@ -329,6 +329,23 @@ pub fn seed_guest_upper(lower: &Path, upper: &Path, agent: &Path) -> std::io::Re
     Ok(())
 }
 
+/// The vm backend's view of a root filesystem, in the caller's (private) mount namespace:
+/// `<box>/merged` over `lower` and `<box>/upper` (seeded by [`seed_guest_upper`]), or a copy with
+/// the upper layer's entries added. The method is recorded in `<box>/root-method` (JSON) for the
+/// supervisor's log.
+pub fn prepare_guest_view(lower: &Path, box_dir: &Path) -> Result<RootMethod, String> {
+    let (merged, method) = make_writable_root(lower, box_dir)?;
+    if let RootMethod::Copy { .. } = method {
+        // The copy has no upper layer: put the guest's entries into it.
+        copy_dir(&box_dir.join("upper"), &merged, &mut HashMap::new())
+            .map_err(|e| format!("adding the guest's entries to the copy: {e}"))?;
+    }
+    let record = serde_json::to_string(&method).unwrap_or_default();
+    std::fs::write(box_dir.join("root-method"), record)
+        .map_err(|e| format!("recording the root method: {e}"))?;
+    Ok(method)
+}
+
 /// The vm backend's virtiofsd wrapper (a helper started with [`crate::helper::ROOTFS_EXEC_ARG`]):
 /// in a private mount namespace, make `<box>/merged` the writable view of `lower` (recording the
 /// method in `<box>/root-method`), then exec `program`. The view lives exactly as long as the
@@ -353,20 +370,8 @@ pub fn wrapper_main(args: &[std::ffi::OsString]) -> ! {
     {
         fail(format!("making mounts private: {}", errno_text(e)));
     }
-    let method = match make_writable_root(lower, box_dir) {
-        Ok((_, method)) => method,
-        Err(e) => fail(e),
-    };
-    if let RootMethod::Copy { .. } = method {
-        // The copy has no upper layer: put the guest's entries into it.
-        let upper = box_dir.join("upper");
-        if let Err(e) = copy_dir(&upper, &box_dir.join("merged"), &mut HashMap::new()) {
-            fail(format!("adding the guest agent to the copy: {e}"));
-        }
-    }
-    let record = serde_json::to_string(&method).unwrap_or_default();
-    if let Err(e) = std::fs::write(box_dir.join("root-method"), record) {
-        fail(format!("recording the root method: {e}"));
+    if let Err(e) = prepare_guest_view(lower, box_dir) {
+        fail(e);
     }
     let to_c = |s: &std::ffi::OsString| std::ffi::CString::new(s.as_encoded_bytes()).ok();
     let argv: Option<Vec<std::ffi::CString>> =

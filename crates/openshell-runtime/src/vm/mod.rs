@@ -68,8 +68,6 @@ pub enum VmError {
     Egress(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the process has already exited")]
     NotRunning,
-    #[error("a root filesystem (--rootfs) is not supported by the krun engine yet; use --vm-engine qemu")]
-    RootFsOnKrun,
     #[error(transparent)]
     RootFs(#[from] crate::rootfs::RootFsError),
 }
@@ -583,10 +581,6 @@ impl VmSandbox {
         }
         if let Some(root) = &config.root {
             crate::rootfs::validate_lower(&root.lower)?;
-            #[cfg(feature = "krun")]
-            if decision.engine == Engine::Krun {
-                return Err(VmError::RootFsOnKrun);
-            }
         }
         let (identity, launch) = Identity::for_workload(&config, proto::GUEST_PROXY_ADDR)?;
         let id = crate::process::new_sandbox_id();
@@ -659,13 +653,20 @@ impl VmSandbox {
         let vm = VmDescription {
             kernel: artifacts.kernel.clone(),
             root: root.clone(),
+            root_view: config
+                .root
+                .as_ref()
+                .map(|r| crate::process::protocol::RootPlan {
+                    lower: r.lower.clone(),
+                    box_dir: box_dir.to_owned(),
+                }),
             shares: shares.clone(),
             vsock_uds: vsock_uds.clone(),
             vcpus,
             memory_mib,
             cmdline: match decision.engine {
                 #[cfg(feature = "krun")]
-                Engine::Krun => krun::kernel_cmdline(),
+                Engine::Krun => krun::kernel_cmdline(config.root.is_some()),
                 _ => qemu::kernel_cmdline(qemu::host_tsc_khz(), config.root.is_some()),
             },
         };
@@ -695,18 +696,11 @@ impl VmSandbox {
         let console = box_dir.join("console.log");
         let (mut vmm, helpers, agent) = match decision.engine {
             Engine::Qemu => {
-                let lower = config.root.as_ref().map(|r| r.lower.as_path());
-                let started = Self::start_qemu(
-                    box_dir, &vm, &artifacts, &shares, &decision, &console, lower,
-                )
-                .await?;
-                if lower.is_some() {
-                    let text = std::fs::read_to_string(box_dir.join("root-method"))
-                        .map_err(io("reading how the root filesystem was made"))?;
-                    match serde_json::from_str(&text) {
-                        Ok(method) => crate::process::log_root(id, &method),
-                        Err(e) => warn!(sandbox = id, error = %e, "unreadable root-method record"),
-                    }
+                let started =
+                    Self::start_qemu(box_dir, &vm, &artifacts, &shares, &decision, &console)
+                        .await?;
+                if config.root.is_some() {
+                    log_root_method(id, box_dir)?;
                 }
                 started
             }
@@ -714,6 +708,9 @@ impl VmSandbox {
             Engine::Krun => {
                 let mut shim = krun::KrunShim::start(krun::plan_for(&vm)).await?;
                 debug!(sandbox = id, pid = shim.pid(), jail = ?shim.jail, "krun shim configured");
+                if config.root.is_some() {
+                    log_root_method(id, box_dir)?;
+                }
                 shim.boot().await?;
                 let agent = AgentAddr {
                     uds: vsock_uds.clone(),
@@ -829,8 +826,8 @@ impl VmSandbox {
         shares: &[Share],
         decision: &engine::EngineDecision,
         console: &Path,
-        root_lower: Option<&Path>,
     ) -> Result<(Vmm, Vec<Child>, AgentAddr), VmError> {
+        let root_lower = vm.root_view.as_ref().map(|v| v.lower.as_path());
         let vsock_uds = &vm.vsock_uds;
         let mut helpers = Vec::new();
         let vhost_vsock = box_dir.join("vhost-vsock.sock");
@@ -991,6 +988,17 @@ impl VmSandbox {
             status: None,
         })
     }
+}
+
+/// Log how the engine made the root filesystem's view (its record in `<box>/root-method`).
+fn log_root_method(id: &str, box_dir: &Path) -> Result<(), VmError> {
+    let text = std::fs::read_to_string(box_dir.join("root-method"))
+        .map_err(io("reading how the root filesystem was made"))?;
+    match serde_json::from_str(&text) {
+        Ok(method) => crate::process::log_root(id, &method),
+        Err(e) => warn!(sandbox = id, error = %e, "unreadable root-method record"),
+    }
+    Ok(())
 }
 
 fn console_tail(console: &Path) -> String {
