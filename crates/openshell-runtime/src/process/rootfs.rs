@@ -89,6 +89,20 @@ fn errno_text(e: nix::Error) -> String {
 /// Make `<box>/merged` the sandbox's writable view of `lower`: an overlay, or a copy bind-mounted
 /// there when overlayfs refuses. Must run in a private mount namespace.
 pub fn make_writable_root(lower: &Path, box_dir: &Path) -> Result<(PathBuf, RootMethod), String> {
+    // overlayfs splits its options on ',' (and lowerdir on ':'); such a path cannot be said.
+    for path in [lower, box_dir] {
+        if path
+            .as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .any(|b| matches!(b, b',' | b':' | b'\\'))
+        {
+            return Err(format!(
+                "{}: the path may not contain ',', ':' or '\\' (overlayfs options)",
+                path.display()
+            ));
+        }
+    }
     let merged = box_dir.join("merged");
     let upper = box_dir.join("upper");
     let work = box_dir.join("work");
