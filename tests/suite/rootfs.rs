@@ -21,7 +21,7 @@ const BUSYBOX: &str = "/bin/busybox";
 
 /// The applets the tree links to busybox.
 const APPLETS: &[&str] = &[
-    "sh", "cat", "ls", "id", "echo", "touch", "sleep", "pwd", "env", "test", "mkdir", "rm",
+    "sh", "cat", "ls", "id", "echo", "touch", "sleep", "pwd", "env", "test", "mkdir", "rm", "head",
 ];
 
 /// A test image: busybox-static and its applets in /bin, an /etc/passwd with a user the host
@@ -111,6 +111,16 @@ fn tree(test: &str, extra: &str) -> Option<Tree> {
     )
     .expect("group");
     std::fs::write(root.join("marker"), "only in the tree\n").expect("marker");
+    // A device node an image could carry (here the zero device, world-readable): it must open
+    // nothing inside the sandbox.
+    nix::sys::stat::mknod(
+        &root.join("bin/zero-node"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 5),
+    )
+    .expect("mknod");
+    chmod(&root.join("bin/zero-node"), 0o666);
     chmod(&root.join("data"), 0o777);
     std::os::unix::fs::chown(root.join("home/app"), Some(1234), Some(1235)).expect("chown");
     chmod(dir.path(), 0o755);
@@ -273,6 +283,7 @@ fn the_tree_is_the_root_and_is_never_modified() {
                  mkdir /newdir 2>/dev/null || echo root-denied; \
                  rm /bin/busybox 2>/dev/null || echo rm-denied; \
                  test -c /dev/null && test -c /dev/urandom && echo devices; \
+                 head -c 1 /bin/zero-node >/dev/null 2>&1 && echo image-device-opened; \
                  pwd; id -u",
             ],
         );

@@ -115,11 +115,15 @@ pub fn make_writable_root(lower: &Path, box_dir: &Path) -> Result<(PathBuf, Root
         upper.display(),
         work.display()
     );
+    // nodev: a device node in an image (say a 0666 copy of the host's disk) opens nothing; the
+    // sandbox's devices are the ones bound into its own /dev. nosuid: set-id bits grant nothing
+    // (no_new_privs already ensures that for the workload).
+    let flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
     let reason = match mount(
         Some("overlay"),
         &merged,
         Some("overlay"),
-        MsFlags::empty(),
+        flags,
         Some(data.as_str()),
     ) {
         Ok(()) => {
@@ -144,6 +148,14 @@ pub fn make_writable_root(lower: &Path, box_dir: &Path) -> Result<(PathBuf, Root
         None::<&str>,
     )
     .map_err(|e| format!("bind-mounting the copy: {}", errno_text(e)))?;
+    mount(
+        None::<&str>,
+        &merged,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | flags,
+        None::<&str>,
+    )
+    .map_err(|e| format!("remounting the copy nodev,nosuid: {}", errno_text(e)))?;
     Ok((merged, RootMethod::Copy { reason }))
 }
 
