@@ -875,12 +875,17 @@ impl VmSandbox {
             what: "vhost-device-vsock",
             message,
         })?;
-        for (socket, mut child) in fs_sockets.iter().zip(fsds) {
+        for ((socket, mut child), share) in fs_sockets.iter().zip(fsds).zip(shares) {
             let waited = qemu::wait_for_socket(socket, &mut child, limit).await;
             helpers.push(child);
-            waited.map_err(|message| VmError::Helper {
-                what: "virtiofsd",
-                message,
+            waited.map_err(|message| {
+                // What the daemon (or the root filesystem's wrapper) said.
+                let log = box_dir.join(format!("fs-{}.log", share.tag));
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                VmError::Helper {
+                    what: "virtiofsd",
+                    message: format!("{message}: {}", said.trim()),
+                }
             })?;
         }
         let args = qemu::qemu_args(vm, decision.accel, &vhost_vsock, &fs_sockets, console);
