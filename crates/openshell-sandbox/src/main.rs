@@ -168,7 +168,20 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
         env.insert(kv.key.clone(), kv.value.clone());
     }
     let (program, args, env, workdir, root) = match &run.rootfs {
-        Some(dir) => rootfs_run(dir, run.rootfs_config.as_deref(), &run, env)?,
+        Some(dir) => {
+            let lower = std::fs::canonicalize(dir)
+                .with_context(|| format!("--rootfs {}", dir.display()))?;
+            let image = match &run.rootfs_config {
+                Some(file) => {
+                    let text = std::fs::read_to_string(file)
+                        .with_context(|| format!("reading --rootfs-config {}", file.display()))?;
+                    openshell_runtime::ImageDefaults::from_oci_config_json(&text)
+                        .with_context(|| format!("--rootfs-config {}", file.display()))?
+                }
+                None => openshell_runtime::ImageDefaults::default(),
+            };
+            rootfs_run(lower, &image, &run, env)?
+        }
         None => {
             let Some((program, args)) = run.command.split_first() else {
                 anyhow::bail!(
@@ -248,25 +261,16 @@ type RootfsRun = (
     Option<openshell_runtime::RootFs>,
 );
 
+/// A sandbox on the tree `lower` with the image's run defaults `image` (from `--rootfs-config`,
+/// or a pulled image's config) under the command, `--env` and `--workdir`.
 fn rootfs_run(
-    dir: &Path,
-    config_file: Option<&Path>,
+    lower: std::path::PathBuf,
+    image: &openshell_runtime::ImageDefaults,
     run: &RunArgs,
     env: BTreeMap<String, String>,
 ) -> anyhow::Result<RootfsRun> {
-    let lower =
-        std::fs::canonicalize(dir).with_context(|| format!("--rootfs {}", dir.display()))?;
-    let image = match config_file {
-        Some(file) => {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading --rootfs-config {}", file.display()))?;
-            openshell_runtime::ImageDefaults::from_oci_config_json(&text)
-                .with_context(|| format!("--rootfs-config {}", file.display()))?
-        }
-        None => openshell_runtime::ImageDefaults::default(),
-    };
     let merged = openshell_runtime::rootfs::merge_image_config(
-        &image,
+        image,
         openshell_runtime::RunRequest {
             command: run.command.clone(),
             env,
