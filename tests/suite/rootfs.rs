@@ -22,6 +22,7 @@ const BUSYBOX: &str = "/bin/busybox";
 /// The applets the tree links to busybox.
 const APPLETS: &[&str] = &[
     "sh", "cat", "ls", "id", "echo", "touch", "sleep", "pwd", "env", "test", "mkdir", "rm", "head",
+    "stty",
 ];
 
 /// A test image: busybox-static and its applets in /bin, an /etc/passwd with a user the host
@@ -680,4 +681,53 @@ fn egress_names_the_images_binaries() {
         vec!["GET /from-image HTTP/1.1".to_owned(); backends().len()],
         "only the allowed binary's requests reached the upstream"
     );
+}
+
+#[test]
+fn pty_mode_works_in_a_rootfs_sandbox() {
+    let Some(t) = tree("pty_mode_works_in_a_rootfs_sandbox", "") else {
+        return;
+    };
+    std::env::set_var("OPENSHELL_HELPER_EXE", SANDBOX);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let text = std::fs::read_to_string(&t.policy).expect("policy");
+    let policy = Arc::new(Policy::from_yaml("policy.yaml", &text).expect("valid"));
+    rt.block_on(async {
+        for backend in backends() {
+            let kind: RuntimeKind = backend.parse().expect("runtime");
+            let mut c = SpawnConfig::new("/bin/sh", policy.clone(), "/data".into());
+            c.args = vec![
+                "-c".into(),
+                "test -t 0 && test -t 1 && echo terminal; stty size".into(),
+            ];
+            c.stdio = StdioMode::Pty { rows: 21, cols: 77 };
+            c.root = Some(RootFs {
+                lower: t.root.clone(),
+                user: None,
+            });
+            let mut sandbox = openshell_runtime::spawn(kind, c).await.expect("spawn");
+            let master = sandbox.take_stdio().pty.expect("pty master");
+            let status = sandbox.wait().await.expect("wait");
+            let mut file = std::fs::File::from(master);
+            // Everything the workload wrote, until the terminal reports its end (EIO on a PTY
+            // master, end-of-file on the vm backend's bridge).
+            let mut bytes = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut file, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                bytes.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8_lossy(&bytes).replace('\r', "");
+            assert_eq!(
+                (backend, status.code(), text.as_str()),
+                (backend, 0, "terminal\n21 77\n")
+            );
+        }
+    });
 }
