@@ -105,7 +105,9 @@ pub struct LaunchPlan {
     pub uid: u32,
     pub gid: u32,
     pub pty: bool,
-    /// `cgroup.procs` files to join before restricting (exec into a running sandbox).
+    /// `cgroup.procs` files to join before restricting (exec into a running sandbox). The exec
+    /// helper joins them itself, from the host's view, before it enters the sandbox (whose root
+    /// may have no /sys), and hands on an empty list; the launch step joins whatever is left.
     pub join_cgroups: Vec<PathBuf>,
     pub landlock: LandlockPlan,
 }
