@@ -12,13 +12,13 @@ use pretty_assertions::assert_eq;
 use super::common::*;
 
 /// A tiny HTTP upstream that records each request line it receives.
-struct Upstream {
-    addr: SocketAddr,
+pub(super) struct Upstream {
+    pub(super) addr: SocketAddr,
     seen: Arc<Mutex<Vec<String>>>,
 }
 
 impl Upstream {
-    fn start(ip: &str) -> Upstream {
+    pub(super) fn start(ip: &str) -> Upstream {
         let listener = TcpListener::bind((ip, 0)).expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -57,11 +57,11 @@ impl Upstream {
         Upstream { addr, seen }
     }
 
-    fn seen(&self) -> Vec<String> {
+    pub(super) fn seen(&self) -> Vec<String> {
         self.seen.lock().expect("lock").clone()
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(super) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 }

@@ -9,4 +9,5 @@ mod identity;
 mod lifecycle;
 mod limits;
 mod network;
+mod rootfs;
 mod seccomp;

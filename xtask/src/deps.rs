@@ -17,7 +17,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "HTTP client"),
     ("wget", "HTTP client"),
     ("iproute2", "`ip`, for network namespaces"),
-    ("busybox-static", "static userland for workloads"),
+    (
+        "busybox-static",
+        "static userland for workloads and the --rootfs test tree",
+    ),
     ("python3", "test servers and scripts"),
     ("openssh-client", "ssh client"),
     // The binary alone: the `tinyproxy` package also enables a system service.

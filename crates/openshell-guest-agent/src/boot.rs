@@ -99,6 +99,25 @@ fn mount_fs(
     }
 }
 
+/// The root (virtio-fs: the built root, or an image's per-sandbox view) becomes nodev and
+/// nosuid, read-only or not as the kernel mounted it: a device node an image carries opens
+/// nothing (the guest's devices are devtmpfs's, its own mount), and set-id bits grant nothing.
+fn harden_root() -> Result<(), BootError> {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let readonly = statvfs("/")
+        .map(|s| s.flags().contains(FsFlags::ST_RDONLY))
+        .unwrap_or(true);
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+    if readonly {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount::<str, str, str, str>(None, "/", None, flags, None).map_err(|source| BootError::Mount {
+        fstype: "virtiofs",
+        target: "/",
+        source,
+    })
+}
+
 fn mkdir(path: &'static str) -> Result<(), BootError> {
     match std::fs::create_dir(path) {
         Ok(()) => Ok(()),
@@ -137,6 +156,7 @@ pub fn boot() {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let noexec = nosuid_nodev | MsFlags::MS_NOEXEC;
     let steps: Vec<Box<dyn Fn() -> Result<(), BootError>>> = vec![
+        Box::new(harden_root),
         Box::new(|| mount_fs("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))),
         Box::new(|| {
             ensure_std_fds(true);

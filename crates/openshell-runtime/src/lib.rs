@@ -23,6 +23,7 @@ use openshell_policy::Policy;
 pub mod helper;
 #[cfg(target_os = "linux")]
 pub mod process;
+pub mod rootfs;
 #[cfg(all(target_os = "linux", feature = "vm"))]
 pub mod vm;
 #[cfg(target_os = "linux")]
@@ -33,6 +34,7 @@ compile_error!("the vm backend needs Linux (vsock, virtio-fs helpers, qemu)");
 
 #[cfg(target_os = "linux")]
 pub use process::{ProcessError, ProcessSandbox};
+pub use rootfs::{ImageDefaults, MergedRun, RootFs, RunRequest};
 
 /// Which isolation backend runs the workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -186,9 +188,15 @@ pub struct SpawnConfig {
     pub args: Vec<String>,
     /// The workload's whole environment: nothing of the supervisor's environment is passed on.
     pub env: BTreeMap<String, String>,
-    /// Working directory inside the sandbox (absolute).
+    /// Working directory inside the sandbox (absolute; inside the tree when `root` is set).
     pub workdir: PathBuf,
     pub stdio: StdioMode,
+    /// The sandbox's root filesystem. `None`: the process backend keeps the host's root
+    /// (restricted by Landlock), the vm backend boots its built default root. `Some`: the tree
+    /// becomes `/` (the process backend pivot_roots into it, the vm backend shares it as the
+    /// virtio-fs root), through a per-sandbox writable view, and the policy's paths are paths
+    /// inside it.
+    pub root: Option<RootFs>,
     /// The validated policy. Its static sections (filesystem, landlock, process) are enforced by
     /// the backend.
     pub policy: Arc<Policy>,
@@ -214,6 +222,7 @@ impl SpawnConfig {
             env: BTreeMap::new(),
             workdir,
             stdio: StdioMode::Inherit,
+            root: None,
             policy,
             resources,
             hostname: "openshell".to_owned(),

@@ -7,7 +7,8 @@
 //! - shim supervision: the shim configures, boots, and its end reaches the supervisor as an
 //!   engine error (on kvm-pvm the standard guest dies at its first interrupt with
 //!   KVM_EXIT_INTERNAL_ERROR), with no shim left;
-//! - SIGKILL of the supervisor kills the shim.
+//! - SIGKILL of the supervisor kills the shim;
+//! - a root filesystem's writable view is mounted in the shim's own mount namespace.
 //!
 //! Without a usable /dev/kvm or the guest kernel the tests print why they skip; with CI=true a
 //! skip is a failure.
@@ -58,6 +59,7 @@ fn description(dir: &Path) -> VmDescription {
     VmDescription {
         kernel: kernel(),
         root: root.clone(),
+        root_view: None,
         shares: vec![
             Share {
                 tag: "root".into(),
@@ -75,7 +77,7 @@ fn description(dir: &Path) -> VmDescription {
         vsock_uds: boxd.join("vsock.sock"),
         vcpus: 1,
         memory_mib: 256,
-        cmdline: krun::kernel_cmdline(),
+        cmdline: krun::kernel_cmdline(false),
     }
 }
 
@@ -171,6 +173,63 @@ fn shim_end_is_an_engine_error_and_leaves_no_shim() {
     });
 }
 
+/// With a root filesystem the shim mounts the tree's writable view on the root share's path in
+/// its own mount namespace (never the host's), and the tree stays untouched.
+fn the_root_filesystem_view_lives_in_the_shims_namespace() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let lower = dir.path().join("tree");
+    std::fs::create_dir_all(lower.join("etc")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(lower.join("marker"), "tree").unwrap_or_else(|e| panic!("{e}"));
+    let mut vm = description(dir.path());
+    let boxd = dir.path().join("box");
+    let merged = boxd.join("merged");
+    std::fs::create_dir_all(boxd.join("upper/openshell")).unwrap_or_else(|e| panic!("{e}"));
+    vm.root = merged.clone();
+    vm.shares[0].host_path = merged.clone();
+    vm.shares[0].readonly = false;
+    vm.root_view = Some(openshell_runtime::process::protocol::RootPlan {
+        lower: lower.clone(),
+        box_dir: boxd.clone(),
+    });
+    vm.cmdline = krun::kernel_cmdline(true);
+    let needle = merged.display().to_string();
+    rt().block_on(async {
+        let shim = KrunShim::start(krun::plan_for(&vm))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let pid = shim.pid();
+        assert!(
+            shim.jail.iter().any(|j| j == "rootfs: overlay"),
+            "{:?}",
+            shim.jail
+        );
+        let theirs = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ours =
+            std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_else(|e| panic!("{e}"));
+        assert!(theirs.contains(&needle), "the shim sees the view");
+        assert!(!ours.contains(&needle), "the host does not");
+        assert_eq!(
+            std::fs::read_to_string(boxd.join("root-method"))
+                .ok()
+                .as_deref(),
+            Some("\"Overlay\"")
+        );
+        drop(shim);
+        let start = Instant::now();
+        while !gone(pid) && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone(pid), "shim {pid} is still there");
+    });
+    let mut names: Vec<_> = std::fs::read_dir(&lower)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map(|e| e.map(|e| e.file_name()).unwrap_or_default())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["etc", "marker"], "the tree is untouched");
+}
+
 /// The supervisor role of `sigkill_of_the_supervisor_kills_the_shim`: start a configured shim,
 /// print its pid, and wait to be killed.
 fn supervisor_role(dir: &Path) -> ! {
@@ -226,7 +285,11 @@ fn main() {
     let me = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
     std::env::set_var("OPENSHELL_HELPER_EXE", me);
 
-    let tests: [(&str, fn()); 3] = [
+    let tests: [(&str, fn()); 4] = [
+        (
+            "the_root_filesystem_view_lives_in_the_shims_namespace",
+            the_root_filesystem_view_lives_in_the_shims_namespace,
+        ),
         (
             "check_config_accepts_the_whole_description",
             check_config_accepts_the_whole_description,

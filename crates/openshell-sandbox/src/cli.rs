@@ -60,7 +60,20 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_connections: usize,
 
-    /// Working directory inside the sandbox (default: the current directory).
+    /// Root filesystem: an unpacked tree (e.g. an OCI image's) that becomes `/` in the sandbox,
+    /// through a per-sandbox writable view; the tree itself is never modified. The policy's
+    /// paths are then paths inside the tree.
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: Option<PathBuf>,
+
+    /// An OCI image configuration (JSON) whose Env, WorkingDir, User, Entrypoint and Cmd apply
+    /// as the defaults of a --rootfs sandbox (the command, --env, --workdir and the policy's
+    /// run_as_user win).
+    #[arg(long, value_name = "FILE", requires = "rootfs")]
+    pub rootfs_config: Option<PathBuf>,
+
+    /// Working directory inside the sandbox (default: the current directory; with --rootfs,
+    /// the image's WorkingDir or /).
     #[arg(long, value_name = "DIR")]
     pub workdir: Option<PathBuf>,
 

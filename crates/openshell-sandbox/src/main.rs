@@ -158,15 +158,6 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     if !runtime.is_available() {
         return Err(RuntimeError::BackendNotBuilt(runtime).into());
     }
-    let Some((program, args)) = run.command.split_first() else {
-        anyhow::bail!("no command given: usage: openshell-sandbox [OPTIONS] -- COMMAND [ARGS...]");
-    };
-    let workdir = match run.workdir {
-        Some(dir) => dir,
-        None => std::env::current_dir().context("reading the current directory")?,
-    };
-    let workdir = std::path::absolute(&workdir).unwrap_or(workdir);
-
     let mut env = BTreeMap::new();
     for key in ["TERM", "LANG", "LC_ALL"] {
         if let Ok(value) = std::env::var(key) {
@@ -176,6 +167,35 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     for kv in &run.env {
         env.insert(kv.key.clone(), kv.value.clone());
     }
+    let (program, args, env, workdir, root) = match &run.rootfs {
+        Some(dir) => {
+            let lower = std::fs::canonicalize(dir)
+                .with_context(|| format!("--rootfs {}", dir.display()))?;
+            let image = match &run.rootfs_config {
+                Some(file) => {
+                    let text = std::fs::read_to_string(file)
+                        .with_context(|| format!("reading --rootfs-config {}", file.display()))?;
+                    openshell_runtime::ImageDefaults::from_oci_config_json(&text)
+                        .with_context(|| format!("--rootfs-config {}", file.display()))?
+                }
+                None => openshell_runtime::ImageDefaults::default(),
+            };
+            rootfs_run(lower, &image, &run, env)?
+        }
+        None => {
+            let Some((program, args)) = run.command.split_first() else {
+                anyhow::bail!(
+                    "no command given: usage: openshell-sandbox [OPTIONS] -- COMMAND [ARGS...]"
+                );
+            };
+            let workdir = match &run.workdir {
+                Some(dir) => dir.clone(),
+                None => std::env::current_dir().context("reading the current directory")?,
+            };
+            let workdir = std::path::absolute(&workdir).unwrap_or(workdir);
+            (program.clone(), args.to_vec(), env, workdir, None)
+        }
+    };
     let handle =
         openshell_proxy::PolicyHandle::new(policy.clone()).context("loading the network policy")?;
     let proxy_config = openshell_proxy::ProxyConfig {
@@ -185,11 +205,12 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let proxy = openshell_proxy::Proxy::new(proxy_config, handle.clone())
         .context("starting the egress proxy")?;
-    let mut config = SpawnConfig::new(program.clone(), Arc::new(policy), workdir);
+    let mut config = SpawnConfig::new(program, Arc::new(policy), workdir);
     config.egress = Some(Arc::new(egress::ProxyEgress { proxy }));
     config.vm_engine = run.vm_engine;
-    config.args = args.to_vec();
+    config.args = args;
     config.env = env;
+    config.root = root;
     config.stdio = StdioMode::Inherit;
     if let Some(m) = run.memory_mib {
         config.resources.memory_mib = Some(m);
@@ -228,6 +249,51 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
         }
         code
     })
+}
+
+/// What a `--rootfs` run executes: the image config's defaults (from `--rootfs-config`) under
+/// the explicit command, `--env` and `--workdir`.
+type RootfsRun = (
+    String,
+    Vec<String>,
+    BTreeMap<String, String>,
+    std::path::PathBuf,
+    Option<openshell_runtime::RootFs>,
+);
+
+/// A sandbox on the tree `lower` with the image's run defaults `image` (from `--rootfs-config`,
+/// or a pulled image's config) under the command, `--env` and `--workdir`.
+fn rootfs_run(
+    lower: std::path::PathBuf,
+    image: &openshell_runtime::ImageDefaults,
+    run: &RunArgs,
+    env: BTreeMap<String, String>,
+) -> anyhow::Result<RootfsRun> {
+    let merged = openshell_runtime::rootfs::merge_image_config(
+        image,
+        openshell_runtime::RunRequest {
+            command: run.command.clone(),
+            env,
+            workdir: run.workdir.clone(),
+        },
+    )?;
+    if !merged.workdir.is_absolute() {
+        anyhow::bail!(
+            "--workdir {}: with --rootfs it must be an absolute path inside the tree",
+            merged.workdir.display()
+        );
+    }
+    let root = openshell_runtime::RootFs {
+        lower,
+        user: merged.user,
+    };
+    Ok((
+        merged.program,
+        merged.args,
+        merged.env,
+        merged.workdir,
+        Some(root),
+    ))
 }
 
 async fn supervise(

@@ -8,6 +8,7 @@
 //! target never fails the command; a command that cannot run does.
 
 mod proxy;
+mod rootfs;
 mod spawn;
 mod vm;
 
@@ -35,6 +36,13 @@ const BENCHES: &[Bench] = &[
         about: "spawn -> exit of /bin/true: openshell-sandbox vs bubblewrap",
         needs_sandbox: true,
         run: spawn::run,
+    },
+    Bench {
+        name: "rootfs",
+        about:
+            "warm start from a --rootfs dir (overlay + pivot_root): ours vs bwrap --bind <tree> /",
+        needs_sandbox: true,
+        run: rootfs::run,
     },
     Bench {
         name: "decision",

@@ -3,7 +3,8 @@
 //! Every helper is a freshly exec'd, single-threaded process (no async runtime survives a fork),
 //! so it may fork and allocate freely. There are three roles:
 //!
-//! - **holder**: started by the supervisor with new mount, UTS, IPC, network and pid namespaces
+//! - **holder**: started by the supervisor with new mount (not with a root filesystem: then init
+//!   makes its own), UTS, IPC, network and pid namespaces
 //!   (unshared just before its execve, so it is the namespaces' first member but stays in the
 //!   host pid namespace). It forks init, reports init's host pid, then waits. When init ends,
 //!   or when the supervisor disappears (its lifeline pipe reaches end-of-file), it kills init,
@@ -38,7 +39,7 @@ use super::protocol::{
     ExecPlan, FromHelper, LaunchPlan, RestrictionReport, SpawnPlan, ToHelper, WaitReport,
     CONTROL_FD, LIFELINE_FD,
 };
-use super::{cgroup, landlock, net, seccomp, sys};
+use super::{cgroup, landlock, net, rootfs, seccomp, sys};
 
 /// The control channel as seen from a helper.
 pub(crate) struct Control {
@@ -209,6 +210,17 @@ fn holder(mut ctl: Control, plan: SpawnPlan) -> ! {
             }
         }
     }
+    if let Some(root) = &plan.root {
+        // The overlay lived in init's mount namespace, gone with init; only files remain.
+        if let Err(e) = std::fs::remove_dir_all(&root.box_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                ctl.send(&FromHelper::Failed {
+                    stage: "rootfs cleanup".into(),
+                    message: format!("removing {}: {e}", root.box_dir.display()),
+                });
+            }
+        }
+    }
     let left = cgroup::remove_dirs(&plan.cgroup_dirs, std::time::Duration::from_secs(5));
     if !left.is_empty() {
         ctl.send(&FromHelper::Failed {
@@ -234,22 +246,44 @@ fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
         Some(ToHelper::Go) => {}
         _ => std::process::exit(125),
     }
+    if plan.root.is_some() {
+        // With a root filesystem the holder stays in the host's mount namespace (it needs the
+        // host's view to clean up, and pivot_root would move every process of a shared
+        // namespace): init takes a mount namespace of its own, before any mount.
+        if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNS) {
+            ctl.fail("rootfs", format!("unshare: {}", errno_text(e)));
+        }
+    }
     if let Err(e) =
         mount::<str, str, str, str>(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)
     {
         ctl.fail("mount", format!("making mounts private: {}", errno_text(e)));
     }
-    if let Err(e) = mount(
-        Some("proc"),
-        "/proc",
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    ) {
-        ctl.fail(
-            "mount",
-            format!("mounting a fresh /proc: {}", errno_text(e)),
-        );
+    match &plan.root {
+        None => {
+            if let Err(e) = mount(
+                Some("proc"),
+                "/proc",
+                Some("proc"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            ) {
+                ctl.fail(
+                    "mount",
+                    format!("mounting a fresh /proc: {}", errno_text(e)),
+                );
+            }
+        }
+        Some(root) => {
+            let (merged, method) = match rootfs::make_writable_root(&root.lower, &root.box_dir) {
+                Ok(r) => r,
+                Err(e) => ctl.fail("rootfs", e),
+            };
+            if let Err(e) = rootfs::enter_root(&merged) {
+                ctl.fail("rootfs", e);
+            }
+            ctl.send(&FromHelper::RootReady(method));
+        }
     }
     if let Err(e) = nix::unistd::sethostname(&plan.hostname) {
         ctl.fail("hostname", errno_text(e));
@@ -334,7 +368,17 @@ fn exec_helper(mut ctl: Control, plan: ExecPlan) -> ! {
         Ok(s) => s,
         Err(e) => ctl.fail("signals", errno_text(e)),
     };
-    // The mount namespace last: after it, /proc is the sandbox's.
+    // Join the cgroup from the host's view: inside a sandbox with its own root filesystem there
+    // is no /sys/fs/cgroup. The launched command inherits the membership.
+    let mut plan = plan;
+    for file in std::mem::take(&mut plan.launch.join_cgroups) {
+        if let Err(e) = std::fs::write(&file, "0") {
+            ctl.fail("cgroup", format!("{}: {e}", file.display()));
+        }
+    }
+    // The mount namespace last: after it, /proc is the sandbox's, and so is the root (setns
+    // into a mount namespace moves the caller to its root). Nothing here re-executes a host
+    // path after that point.
     let kinds = [
         ("ipc", CloneFlags::CLONE_NEWIPC),
         ("uts", CloneFlags::CLONE_NEWUTS),

@@ -9,6 +9,7 @@ pub mod child;
 pub mod landlock;
 pub mod net;
 pub mod protocol;
+pub mod rootfs;
 pub mod seccomp;
 pub(crate) mod sys;
 
@@ -44,6 +45,18 @@ pub enum ProcessError {
     NoSuchUser(String),
     #[error("process.run_as_group: group {0:?} does not exist on this host")]
     NoSuchGroup(String),
+    #[error("user {name:?} does not exist in {}/etc/passwd", root.display())]
+    NoSuchUserInRoot { name: String, root: PathBuf },
+    #[error("group {name:?} does not exist in {}/etc/group", root.display())]
+    NoSuchGroupInRoot { name: String, root: PathBuf },
+    #[error(transparent)]
+    RootFs(#[from] crate::rootfs::RootFsError),
+    #[error("preparing the per-sandbox root directory {}", path.display())]
+    RootDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("looking up user or group {name:?}")]
     Lookup {
         name: String,
@@ -91,7 +104,7 @@ fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> ProcessError {
 }
 
 /// The executable re-run as the helper. `/proc/self/exe` still works if the file is replaced.
-fn helper_exe() -> PathBuf {
+pub(crate) fn helper_exe() -> PathBuf {
     std::env::var_os("OPENSHELL_HELPER_EXE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
@@ -259,7 +272,7 @@ impl Identity {
         config: &SpawnConfig,
         proxy_addr: &str,
     ) -> Result<(Identity, LaunchPlan), ProcessError> {
-        let identity = Identity::resolve(&config.policy, &config.workdir)?;
+        let identity = Identity::resolve(&config.policy, &config.workdir, config.root.as_ref())?;
         let mut env = config.env.clone();
         if config.egress.is_some() {
             crate::add_proxy_env(&mut env, proxy_addr);
@@ -275,7 +288,52 @@ impl Identity {
         Ok((identity, launch))
     }
 
-    pub(crate) fn resolve(policy: &Policy, workdir: &Path) -> Result<Identity, ProcessError> {
+    /// The policy's user and group (else, with a root filesystem, the image's user; else
+    /// `nobody`), looked up in the host's user database, or in the tree's `/etc/passwd` and
+    /// `/etc/group` when the sandbox has its own root.
+    pub(crate) fn resolve(
+        policy: &Policy,
+        workdir: &Path,
+        root: Option<&crate::RootFs>,
+    ) -> Result<Identity, ProcessError> {
+        let (uid, gid, user_name, home) = match root {
+            None => Self::host_user(policy)?,
+            Some(root) => Self::tree_user(policy, root)?,
+        };
+        let fs = &policy.filesystem;
+        let mut read_write: Vec<PathBuf> = fs
+            .read_write
+            .iter()
+            .map(|p| p.as_path().to_owned())
+            .collect();
+        // `/` is never read-write, not even as the workdir (an image's default WorkingDir).
+        if fs.include_workdir && workdir == Path::new("/") {
+            info!(
+                event = "sandbox.workdir_not_writable",
+                "include_workdir: the workdir is /, which is never made read-write"
+            );
+        } else if fs.include_workdir {
+            read_write.push(workdir.to_owned());
+        }
+        Ok(Identity {
+            uid,
+            gid,
+            user: user_name,
+            home,
+            landlock: LandlockPlan {
+                read_only: fs
+                    .read_only
+                    .iter()
+                    .map(|p| p.as_path().to_owned())
+                    .collect(),
+                read_write,
+                hard_requirement: policy.landlock.compatibility
+                    == LandlockCompatibility::HardRequirement,
+            },
+        })
+    }
+
+    fn host_user(policy: &Policy) -> Result<(u32, u32, String, PathBuf), ProcessError> {
         let user_name = policy
             .process
             .run_as_user
@@ -299,31 +357,79 @@ impl Identity {
             }
             None => user.gid,
         };
-        let fs = &policy.filesystem;
-        let mut read_write: Vec<PathBuf> = fs
-            .read_write
-            .iter()
-            .map(|p| p.as_path().to_owned())
-            .collect();
-        if fs.include_workdir {
-            read_write.push(workdir.to_owned());
-        }
-        Ok(Identity {
-            uid: user.uid.as_raw(),
-            gid: gid.as_raw(),
-            user: user.name,
-            home: user.dir,
-            landlock: LandlockPlan {
-                read_only: fs
-                    .read_only
+        Ok((user.uid.as_raw(), gid.as_raw(), user.name, user.dir))
+    }
+
+    /// The user inside a root filesystem. Names are the tree's, never the host's. A numeric
+    /// uid without a passwd entry runs with gid 65534 and HOME=/; the implicit default
+    /// `nobody`, when the tree lacks it, is 65534:65534.
+    fn tree_user(
+        policy: &Policy,
+        root: &crate::RootFs,
+    ) -> Result<(u32, u32, String, PathBuf), ProcessError> {
+        use crate::rootfs::{parse_group, parse_passwd, RootFsError};
+        const NOBODY: u32 = 65534;
+        let read = |path: &'static str| match rootfs::read_in_tree(&root.lower, path) {
+            Ok(text) => Ok(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(source) => Err(RootFsError::Read {
+                root: root.lower.clone(),
+                path,
+                source,
+            }),
+        };
+        let passwd = parse_passwd(&root.lower, &read("/etc/passwd")?)?;
+        let groups = parse_group(&root.lower, &read("/etc/group")?)?;
+        let (spec, implicit) = match (&policy.process.run_as_user, &root.user) {
+            (Some(user), _) => (user.clone(), false),
+            (None, Some(image_user)) => (image_user.clone(), false),
+            (None, None) => ("nobody".to_owned(), true),
+        };
+        let (user_part, image_group) = match spec.split_once(':') {
+            Some((u, g)) => (u.to_owned(), Some(g.to_owned())),
+            None => (spec.clone(), None),
+        };
+        let no_user = || ProcessError::NoSuchUserInRoot {
+            name: user_part.clone(),
+            root: root.lower.clone(),
+        };
+        let (uid, mut gid, name, home) = if let Ok(uid) = user_part.parse::<u32>() {
+            match passwd.iter().find(|e| e.uid == uid) {
+                Some(e) => (e.uid, e.gid, e.name.clone(), e.home.clone()),
+                None => (uid, NOBODY, user_part.clone(), PathBuf::from("/")),
+            }
+        } else {
+            match passwd.iter().find(|e| e.name == user_part) {
+                Some(e) => (e.uid, e.gid, e.name.clone(), e.home.clone()),
+                None if implicit => (NOBODY, NOBODY, user_part.clone(), PathBuf::from("/")),
+                None => return Err(no_user()),
+            }
+        };
+        // The policy's group wins over the image's `user:group`.
+        let group =
+            policy
+                .process
+                .run_as_group
+                .clone()
+                .or(if policy.process.run_as_user.is_none() {
+                    image_group
+                } else {
+                    None
+                });
+        if let Some(group) = group {
+            gid = match group.parse::<u32>() {
+                Ok(g) => g,
+                Err(_) => groups
                     .iter()
-                    .map(|p| p.as_path().to_owned())
-                    .collect(),
-                read_write,
-                hard_requirement: policy.landlock.compatibility
-                    == LandlockCompatibility::HardRequirement,
-            },
-        })
+                    .find(|(n, _)| *n == group)
+                    .map(|(_, g)| *g)
+                    .ok_or_else(|| ProcessError::NoSuchGroupInRoot {
+                        name: group.clone(),
+                        root: root.lower.clone(),
+                    })?,
+            };
+        }
+        Ok((uid, gid, name, home))
     }
 
     pub(crate) fn launch(
@@ -428,11 +534,34 @@ pub(crate) fn log_restrictions(sandbox: &str, r: &RestrictionReport) {
     }
 }
 
+/// Log how the sandbox's writable root was made (a copy is a weakened start-up, not a weakened
+/// isolation: the tree stays untouched either way).
+pub(crate) fn log_root(sandbox: &str, method: &rootfs::RootMethod) {
+    match method {
+        rootfs::RootMethod::Overlay => {
+            info!(
+                event = "sandbox.rootfs",
+                sandbox,
+                method = "overlay",
+                "root filesystem ready"
+            )
+        }
+        rootfs::RootMethod::Copy { reason } => warn!(
+            event = "sandbox.rootfs",
+            sandbox,
+            method = "copy",
+            %reason,
+            "overlayfs unavailable: the sandbox runs on a per-sandbox copy of the tree"
+        ),
+    }
+}
+
 /// Wait for `Running` (after an optional `Restricted`), or fail.
 async fn await_running(ctl: &mut Control, sandbox: &str) -> Result<i32, ProcessError> {
     loop {
         match ctl.recv().await {
             Some(FromHelper::Restricted(report)) => log_restrictions(sandbox, &report),
+            Some(FromHelper::RootReady(method)) => log_root(sandbox, &method),
             Some(FromHelper::Running { pid }) => return Ok(pid),
             Some(FromHelper::Failed { stage, message }) => return Err(setup_error(stage, message)),
             Some(other) => debug!(?other, "unexpected message while starting"),
@@ -504,26 +633,59 @@ impl ProcessSandbox {
         if !nix::unistd::geteuid().is_root() {
             return Err(ProcessError::NeedsRoot);
         }
-        if !config.workdir.is_absolute() || !config.workdir.is_dir() {
+        // With a root filesystem the workdir is a path inside the tree; init's chdir checks it.
+        let on_host = config.root.is_none();
+        if !config.workdir.is_absolute() || (on_host && !config.workdir.is_dir()) {
             return Err(ProcessError::BadWorkdir(config.workdir.clone()));
+        }
+        if let Some(root) = &config.root {
+            crate::rootfs::validate_lower(&root.lower)?;
         }
         let (identity, launch) = Identity::for_workload(&config, &crate::PROXY_ADDR.to_string())?;
         let id = new_sandbox_id();
+        let root = match &config.root {
+            Some(root) => {
+                let run = rootfs::process_run_dir();
+                rootfs::collect_stale(&run);
+                let box_dir = run.join(&id);
+                std::fs::create_dir_all(&box_dir).map_err(|source| ProcessError::RootDir {
+                    path: box_dir.clone(),
+                    source,
+                })?;
+                Some(protocol::RootPlan {
+                    lower: root.lower.clone(),
+                    box_dir,
+                })
+            }
+            None => None,
+        };
         // No limits, no cgroup: on cgroup v1 hosts, moving a process into a cgroup costs an RCU
         // grace period (about 10 ms here), and the pid namespace already bounds the sandbox's
         // lifetime.
         let r = &config.resources;
+        let remove_root = |root: &Option<protocol::RootPlan>| {
+            if let Some(root) = root {
+                let _ = std::fs::remove_dir_all(&root.box_dir);
+            }
+        };
         let cgroup = if r.memory_mib.is_some() || r.cpus.is_some() || r.pids.is_some() {
-            Some(cgroup::Cgroup::create(&id, &config.resources)?)
+            match cgroup::Cgroup::create(&id, &config.resources) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    remove_root(&root);
+                    return Err(e.into());
+                }
+            }
         } else {
             None
         };
-        match Self::start(id.clone(), config, identity, launch, cgroup).await {
+        match Self::start(id.clone(), config, identity, launch, cgroup, root.clone()).await {
             Ok(sandbox) => Ok(sandbox),
             Err((e, cgroup)) => {
                 if let Some(cgroup) = cgroup {
                     cgroup.remove(Duration::from_secs(2));
                 }
+                remove_root(&root);
                 Err(e)
             }
         }
@@ -535,12 +697,18 @@ impl ProcessSandbox {
         identity: Identity,
         launch: LaunchPlan,
         cgroup: Option<cgroup::Cgroup>,
+        root: Option<protocol::RootPlan>,
     ) -> Result<ProcessSandbox, (ProcessError, Option<cgroup::Cgroup>)> {
-        let flags = CloneFlags::CLONE_NEWNS
+        let mut flags = CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWUTS
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWPID;
+        if root.is_some() {
+            // init makes its own mount namespace (see `child::init_main`); the holder keeps the
+            // host's, which it needs to remove the per-sandbox directory.
+            flags.remove(CloneFlags::CLONE_NEWNS);
+        }
         let mut holder = match start_helper(config.stdio, flags) {
             Ok(h) => h,
             Err(e) => return Err((e, cgroup)),
@@ -554,6 +722,7 @@ impl ProcessSandbox {
                 prefix_len: net::PREFIX_LEN,
             },
             cgroup_dirs: cgroup.as_ref().map(|c| c.dirs.clone()).unwrap_or_default(),
+            root,
             launch,
         };
         // From here on the holder owns the cgroup's removal; on failure we kill it and wait, so
@@ -816,5 +985,109 @@ impl ProcessExec {
                 source,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    fn policy(process: &str) -> Policy {
+        let text = format!(
+            "version: 1\nfilesystem_policy:\n  include_workdir: true\n  read_only: [/bin]\n{process}"
+        );
+        Policy::from_yaml("p.yaml", &text).expect("valid policy")
+    }
+
+    fn tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("etc")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1234:1235:app:/home/app:/bin/sh\n",
+        )
+        .expect("passwd");
+        std::fs::write(dir.path().join("etc/group"), "app:x:1235:\nstaff:x:1240:\n")
+            .expect("group");
+        dir
+    }
+
+    fn who(
+        policy: &Policy,
+        root: &crate::RootFs,
+        workdir: &str,
+    ) -> (u32, u32, String, PathBuf, Vec<PathBuf>) {
+        let id = Identity::resolve(policy, Path::new(workdir), Some(root)).expect("resolve");
+        (id.uid, id.gid, id.user, id.home, id.landlock.read_write)
+    }
+
+    #[test]
+    fn users_are_resolved_in_the_tree_and_the_policy_wins() {
+        let dir = tree();
+        let root = |user: Option<&str>| crate::RootFs {
+            lower: dir.path().to_owned(),
+            user: user.map(str::to_owned),
+        };
+        let none = policy("");
+        assert_eq!(
+            who(&none, &root(Some("app")), "/data"),
+            (
+                1234,
+                1235,
+                "app".into(),
+                "/home/app".into(),
+                vec!["/data".into()]
+            )
+        );
+        assert_eq!(
+            who(&none, &root(Some("app:staff")), "/data").1,
+            1240,
+            "the image's user:group"
+        );
+        assert_eq!(
+            who(&none, &root(Some("4321:77")), "/data"),
+            (4321, 77, "4321".into(), "/".into(), vec!["/data".into()])
+        );
+        // Without a user anywhere: nobody, 65534 when the tree has no such entry.
+        assert_eq!(who(&none, &root(None), "/data").0, 65534);
+        // The policy's run_as_user wins over the image's User (and its group part).
+        let policy_user = policy("process:\n  run_as_user: root\n");
+        let (uid, gid, name, home, _) = who(&policy_user, &root(Some("app:staff")), "/data");
+        assert_eq!(
+            (uid, gid, name, home),
+            (0, 0, "root".into(), "/root".into())
+        );
+        // The workdir / is never read-write.
+        assert_eq!(who(&none, &root(Some("app")), "/").4, Vec::<PathBuf>::new());
+    }
+
+    #[test]
+    fn unknown_users_and_groups_name_the_trees_files() {
+        let dir = tree();
+        let root = crate::RootFs {
+            lower: dir.path().to_owned(),
+            user: Some("ghost".into()),
+        };
+        let err = Identity::resolve(&policy(""), Path::new("/"), Some(&root)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "user \"ghost\" does not exist in {}/etc/passwd",
+                dir.path().display()
+            )
+        );
+        let root = crate::RootFs {
+            lower: dir.path().to_owned(),
+            user: Some("app:nogroup".into()),
+        };
+        let err = Identity::resolve(&policy(""), Path::new("/"), Some(&root)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "group \"nogroup\" does not exist in {}/etc/group",
+                dir.path().display()
+            )
+        );
     }
 }

@@ -32,8 +32,11 @@ pub enum ToHelper {
 /// paths, read-only where the policy says, served by a single virtiofsd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsServerPlan {
-    /// The guest root on the host; bind-mounted read-only onto itself.
+    /// The guest root on the host: the default guest tree, bind-mounted read-only onto itself;
+    /// or, with `root_view`, where the tree's writable view is mounted (`<box>/merged`).
     pub root: PathBuf,
+    /// A root filesystem (an image tree): its per-sandbox writable view becomes the root.
+    pub root_view: Option<RootPlan>,
     /// Parents before children.
     pub binds: Vec<FsBind>,
     /// virtiofsd and its arguments (its shared directory is `root`).
@@ -62,6 +65,10 @@ pub struct KrunPlan {
     pub vsock: Vec<KrunPort>,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// With a root filesystem: the shim mounts the tree's writable view on the root share's
+    /// path (`<box>/merged`) in its own mount namespace before configuring libkrun.
+    #[serde(default)]
+    pub root_view: Option<RootPlan>,
     /// The guest console and libkrun's own log.
     pub console: PathBuf,
     pub log: PathBuf,
@@ -88,7 +95,18 @@ pub struct SpawnPlan {
     pub net: NetPlan,
     /// Per-hierarchy cgroup directories the namespace holder removes once init is gone.
     pub cgroup_dirs: Vec<PathBuf>,
+    /// A root filesystem: init makes the writable view and pivot_roots into it; the holder
+    /// removes `box_dir` once init is gone.
+    pub root: Option<RootPlan>,
     pub launch: LaunchPlan,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootPlan {
+    /// The tree (read only).
+    pub lower: PathBuf,
+    /// The per-sandbox directory (upper, work or copy, merged).
+    pub box_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,7 +135,9 @@ pub struct LaunchPlan {
     pub uid: u32,
     pub gid: u32,
     pub pty: bool,
-    /// `cgroup.procs` files to join before restricting (exec into a running sandbox).
+    /// `cgroup.procs` files to join before restricting (exec into a running sandbox). The exec
+    /// helper joins them itself, from the host's view, before it enters the sandbox (whose root
+    /// may have no /sys), and hands on an empty list; the launch step joins whatever is left.
     pub join_cgroups: Vec<PathBuf>,
     pub landlock: LandlockPlan,
 }
@@ -134,6 +154,8 @@ pub struct LandlockPlan {
 pub enum FromHelper {
     /// The namespace holder forked init; this is init's pid on the host.
     InitPid { pid: i32 },
+    /// init made the sandbox's writable root and pivot_rooted into it.
+    RootReady(super::rootfs::RootMethod),
     /// The workload's restrictions are in place; it is about to call execve.
     Restricted(RestrictionReport),
     /// execve succeeded.

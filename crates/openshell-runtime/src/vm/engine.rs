@@ -167,6 +167,9 @@ pub struct Share {
 pub struct VmDescription {
     pub kernel: PathBuf,
     pub root: PathBuf,
+    /// With a root filesystem: the tree whose per-sandbox writable view the engine mounts on
+    /// `root` (`<box>/merged`) in a mount namespace of its own before the VM starts.
+    pub root_view: Option<crate::process::protocol::RootPlan>,
     pub shares: Vec<Share>,
     /// The host Unix socket that vsock connections go through (`<uds>`, `<uds>_<port>`).
     pub vsock_uds: PathBuf,

@@ -1,7 +1,8 @@
 //! One virtiofsd per VM (qemu engine).
 //!
 //! The guest sees a single virtio-fs root: the per-sandbox root directory with every policy
-//! directory bind-mounted at its own path, read-only where the policy says. The tree is built
+//! directory bind-mounted at its own path, read-only where the policy says; or, for a root
+//! filesystem (an image tree), the tree's per-sandbox writable view and nothing of the host. The tree is built
 //! by a helper process in a mount namespace of its own, which then becomes virtiofsd
 //! (`execve`). Nothing is mounted in the host's namespace, so nothing outlives the daemon, even
 //! after a SIGKILL of the supervisor; and read-only shares are enforced by the host kernel
@@ -99,7 +100,20 @@ fn build_tree(plan: &FsServerPlan) -> Result<(), MountFailure> {
     // Nothing done here may reach the host's mount namespace.
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(|e| ("making / private".to_owned(), e))?;
-    bind(&plan.root, &plan.root, true)?;
+    match &plan.root_view {
+        // An image tree: the root is its writable per-sandbox view (overlay, or a copy).
+        Some(view) => {
+            let method = crate::process::rootfs::prepare_guest_view(&view.lower, &view.box_dir)
+                .map_err(|e| {
+                    (
+                        format!("the root filesystem's writable view: {e}"),
+                        nix::Error::EIO,
+                    )
+                })?;
+            debug!(method = method.name(), "guest root view ready");
+        }
+        None => bind(&plan.root, &plan.root, true)?,
+    }
     for b in &plan.binds {
         let target = target_in(&plan.root, b)?;
         bind(&b.source, &target, b.readonly)?;

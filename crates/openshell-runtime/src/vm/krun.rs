@@ -53,9 +53,13 @@ pub enum KrunError {
 
 /// The kernel command line for our guest under libkrun (hvc0 is libkrun's console; libkrun
 /// appends its own `--` epilogue, which the guest agent ignores).
-pub fn kernel_cmdline() -> String {
-    "console=hvc0 quiet reboot=k panic=-1 root=root rootfstype=virtiofs ro init=/openshell/agent"
-        .into()
+/// `writable_root`: the root is a per-sandbox writable view of an image (mounted `rw`).
+pub fn kernel_cmdline(writable_root: bool) -> String {
+    format!(
+        "console=hvc0 quiet reboot=k panic=-1 root=root rootfstype=virtiofs {} \
+         init=/openshell/agent",
+        if writable_root { "rw" } else { "ro" }
+    )
 }
 
 /// The krun engine's view of `vm`. The box directory is `vm.vsock_uds`'s parent; the console
@@ -109,6 +113,7 @@ pub fn plan_for(vm: &VmDescription) -> KrunPlan {
         ],
         vcpus: vm.vcpus,
         memory_mib: vm.memory_mib,
+        root_view: vm.root_view.clone(),
         console: box_dir.join("console.log"),
         log: box_dir.join("krun.log"),
     }
@@ -312,6 +317,13 @@ pub(crate) fn shim_main(mut ctl: HelperSide, plan: KrunPlan) -> ! {
         None::<&str>,
     ) {
         ctl.fail("jail", format!("making mounts private: {e}"));
+    }
+    // The root filesystem's view lives in this namespace, as long as the shim (and the VM).
+    if let Some(view) = &plan.root_view {
+        match crate::process::rootfs::prepare_guest_view(&view.lower, &view.box_dir) {
+            Ok(method) => jail.push(format!("rootfs: {}", method.name())),
+            Err(e) => ctl.fail("rootfs", e),
+        }
     }
     match crate::process::landlock::restrict(&landlock_plan(&plan)) {
         Ok(outcome) => jail.push(format!(

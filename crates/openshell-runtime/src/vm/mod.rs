@@ -69,6 +69,8 @@ pub enum VmError {
     Egress(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the process has already exited")]
     NotRunning,
+    #[error(transparent)]
+    RootFs(#[from] crate::rootfs::RootFsError),
 }
 
 fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
@@ -572,8 +574,14 @@ impl VmSandbox {
     pub async fn spawn(config: SpawnConfig, choice: EngineChoice) -> Result<VmSandbox, VmError> {
         let decision = engine::decide(choice, engine::kvm_support())?;
         let artifacts = guest::Artifacts::locate()?;
-        if !config.workdir.is_absolute() || !config.workdir.is_dir() {
+        // With a root filesystem the workdir is a path inside the tree; the agent's chdir
+        // checks it.
+        let on_host = config.root.is_none();
+        if !config.workdir.is_absolute() || (on_host && !config.workdir.is_dir()) {
             return Err(ProcessError::BadWorkdir(config.workdir.clone()).into());
+        }
+        if let Some(root) = &config.root {
+            crate::rootfs::validate_lower(&root.lower)?;
         }
         let (identity, launch) = Identity::for_workload(&config, proto::GUEST_PROXY_ADDR)?;
         let id = crate::process::new_sandbox_id();
@@ -599,19 +607,41 @@ impl VmSandbox {
         artifacts: guest::Artifacts,
         decision: engine::EngineDecision,
     ) -> Result<VmSandbox, VmError> {
-        let (mut shares, skipped) = shares_for(&identity, &config.workdir)?;
-        for (path, reason) in &skipped {
-            warn!(event = "sandbox.vm_share_skipped", sandbox = id, %path, %reason, "policy path not shared into the VM");
-        }
-        let root = box_dir.join("root");
-        build_root(&artifacts.rootfs, &root, &shares)?;
+        // With a root filesystem the policy's paths are the tree's: nothing of the host is
+        // shared, the root is the per-sandbox writable view of the tree (made by virtiofsd's
+        // wrapper in its own mount namespace), and Landlock in the guest confines writes to
+        // read_write paths, as on the process backend.
+        let (mut shares, root) = match &config.root {
+            None => {
+                let (shares, skipped) = shares_for(&identity, &config.workdir)?;
+                for (path, reason) in &skipped {
+                    warn!(event = "sandbox.vm_share_skipped", sandbox = id, %path, %reason, "policy path not shared into the VM");
+                }
+                let root = box_dir.join("root");
+                build_root(&artifacts.rootfs, &root, &shares)?;
+                (shares, root)
+            }
+            Some(tree) => {
+                let agent = artifacts.rootfs.join("openshell/agent");
+                crate::process::rootfs::seed_guest_upper(
+                    &tree.lower,
+                    &box_dir.join("upper"),
+                    &agent,
+                )
+                .map_err(io(format!(
+                    "preparing the guest's entries in {}",
+                    box_dir.display()
+                )))?;
+                (Vec::new(), box_dir.join("merged"))
+            }
+        };
         shares.insert(
             0,
             Share {
                 tag: "root".into(),
                 host_path: root.clone(),
                 guest_path: "/".into(),
-                readonly: true,
+                readonly: config.root.is_none(),
             },
         );
         let vcpus = config
@@ -624,13 +654,20 @@ impl VmSandbox {
         let vm = VmDescription {
             kernel: artifacts.kernel.clone(),
             root: root.clone(),
+            root_view: config
+                .root
+                .as_ref()
+                .map(|r| crate::process::protocol::RootPlan {
+                    lower: r.lower.clone(),
+                    box_dir: box_dir.to_owned(),
+                }),
             shares: shares.clone(),
             vsock_uds: vsock_uds.clone(),
             vcpus,
             memory_mib,
             cmdline: match decision.engine {
                 #[cfg(feature = "krun")]
-                Engine::Krun => krun::kernel_cmdline(),
+                Engine::Krun => krun::kernel_cmdline(config.root.is_some()),
                 _ => qemu::kernel_cmdline(qemu::host_tsc_khz()),
             },
         };
@@ -660,12 +697,21 @@ impl VmSandbox {
         let console = box_dir.join("console.log");
         let (mut vmm, helpers, agent) = match decision.engine {
             Engine::Qemu => {
-                Self::start_qemu(box_dir, &vm, &artifacts, &shares, &decision, &console).await?
+                let started =
+                    Self::start_qemu(box_dir, &vm, &artifacts, &shares, &decision, &console)
+                        .await?;
+                if config.root.is_some() {
+                    log_root_method(id, box_dir)?;
+                }
+                started
             }
             #[cfg(feature = "krun")]
             Engine::Krun => {
                 let mut shim = krun::KrunShim::start(krun::plan_for(&vm)).await?;
                 debug!(sandbox = id, pid = shim.pid(), jail = ?shim.jail, "krun shim configured");
+                if config.root.is_some() {
+                    log_root_method(id, box_dir)?;
+                }
                 shim.boot().await?;
                 let agent = AgentAddr {
                     uds: vsock_uds.clone(),
@@ -809,6 +855,7 @@ impl VmSandbox {
                     readonly: s.readonly,
                 })
                 .collect(),
+            root_view: vm.root_view.clone(),
             program: artifacts.virtiofsd.clone(),
             args: qemu::virtiofsd_args(&fs_socket, &vm.root),
             log: box_dir.join("virtiofsd.log"),
@@ -825,9 +872,13 @@ impl VmSandbox {
         let mut fsd = fsd?;
         let waited = qemu::wait_for_socket(&fs_socket, &mut fsd, limit).await;
         helpers.push(fsd);
-        waited.map_err(|message| VmError::Helper {
-            what: "virtiofsd",
-            message,
+        waited.map_err(|message| {
+            // What the daemon said.
+            let said = std::fs::read_to_string(box_dir.join("virtiofsd.log")).unwrap_or_default();
+            VmError::Helper {
+                what: "virtiofsd",
+                message: format!("{message}: {}", said.trim()),
+            }
         })?;
         let args = qemu::qemu_args(vm, decision.accel, &vhost_vsock, &fs_socket, console);
         let qemu_child =
@@ -932,6 +983,17 @@ impl VmSandbox {
             status: None,
         })
     }
+}
+
+/// Log how the engine made the root filesystem's view (its record in `<box>/root-method`).
+fn log_root_method(id: &str, box_dir: &Path) -> Result<(), VmError> {
+    let text = std::fs::read_to_string(box_dir.join("root-method"))
+        .map_err(io("reading how the root filesystem was made"))?;
+    match serde_json::from_str(&text) {
+        Ok(method) => crate::process::log_root(id, &method),
+        Err(e) => warn!(sandbox = id, error = %e, "unreadable root-method record"),
+    }
+    Ok(())
 }
 
 fn console_tail(console: &Path) -> String {

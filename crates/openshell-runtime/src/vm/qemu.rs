@@ -177,6 +177,7 @@ mod tests {
         let vm = VmDescription {
             kernel: "/k/vmlinux".into(),
             root: "/r".into(),
+            root_view: None,
             shares: vec![Share {
                 tag: "root".into(),
                 host_path: "/r".into(),
