@@ -10,3 +10,4 @@ mod lifecycle;
 mod limits;
 mod network;
 mod seccomp;
+mod ssh;
