@@ -19,7 +19,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "`ip`, for network namespaces"),
     ("busybox-static", "static userland for workloads"),
     ("python3", "test servers and scripts"),
-    ("openssh-client", "ssh client"),
+    ("openssh-client", "ssh, scp, sftp, ssh-keygen: the ssh tests' client"),
+    (
+        "openssh-sftp-server",
+        "/usr/lib/openssh/sftp-server, run inside the sandbox for sftp and scp",
+    ),
+    ("openssh-server", "sshd, peer server for the ssh benchmark"),
     // The binary alone: the `tinyproxy` package also enables a system service.
     (
         "tinyproxy-bin",

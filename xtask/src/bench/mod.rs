@@ -9,6 +9,7 @@
 
 mod proxy;
 mod spawn;
+mod ssh;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -53,6 +54,12 @@ const BENCHES: &[Bench] = &[
         about: "live policy update: file rename -> first CONNECT with the new decision",
         needs_sandbox: false,
         run: proxy::update,
+    },
+    Bench {
+        name: "ssh",
+        about: "exec round trip over a reused ssh connection (ControlMaster): ours vs OpenSSH sshd",
+        needs_sandbox: true,
+        run: ssh::run,
     },
     Bench {
         name: "vm",
