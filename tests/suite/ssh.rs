@@ -17,7 +17,7 @@ use pretty_assertions::assert_eq;
 
 use super::common::*;
 
-const TOOLS: [&str; 4] = ["ssh", "scp", "sftp", "ssh-keygen"];
+const TOOLS: [&str; 5] = ["ssh", "scp", "sftp", "ssh-keygen", "ssh-agent"];
 const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
 
 /// Why the OpenSSH tools cannot be used here, if they cannot.
@@ -68,6 +68,10 @@ struct SshBox {
 
 impl SshBox {
     fn start(s: &Scratch, backend: &str) -> SshBox {
+        Self::start_with(s, backend, &[])
+    }
+
+    fn start_with(s: &Scratch, backend: &str, extra: &[&str]) -> SshBox {
         let keys = tempfile::tempdir().expect("tempdir");
         let k = keys.path();
         keygen(&k.join("id"));
@@ -84,23 +88,23 @@ impl SshBox {
         .expect("known_hosts");
         let log = k.join("sandbox.log");
         let port_s = format!("127.0.0.1:{port}");
+        let mut flags: Vec<&str> = extra.to_vec();
+        let ak = k.join("authorized_keys");
+        let hk = k.join("host");
+        flags.extend([
+            "--ssh-listen",
+            &port_s,
+            "--ssh-authorized-keys",
+            ak.to_str().expect("utf-8"),
+            "--ssh-host-key",
+            hk.to_str().expect("utf-8"),
+            "--log-level",
+            "info",
+            "--log-file",
+            log.to_str().expect("utf-8"),
+        ]);
         let child = s
-            .command(
-                backend,
-                &[
-                    "--ssh-listen",
-                    &port_s,
-                    "--ssh-authorized-keys",
-                    k.join("authorized_keys").to_str().expect("utf-8"),
-                    "--ssh-host-key",
-                    k.join("host").to_str().expect("utf-8"),
-                    "--log-level",
-                    "info",
-                    "--log-file",
-                    log.to_str().expect("utf-8"),
-                ],
-                &[],
-            )
+            .command(backend, &flags, &[])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -479,6 +483,39 @@ fn ssh_exec_pty_scp_sftp_and_forwards_run_inside_the_sandbox() {
             stderr(&out)
         );
 
+        // Agent forwarding is refused: the session gets no agent socket, and the refusal is
+        // logged.
+        let agent_sock = b.key("agent.sock");
+        let _agent = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&agent_sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Forward)
+            .expect("ssh-agent");
+        assert!(wait_until(Duration::from_secs(10), || agent_sock.exists()));
+        let out = b
+            .ssh_cmd(
+                "id",
+                &["-A", "agent@127.0.0.1", "echo ${SSH_AUTH_SOCK-unset}"],
+            )
+            .env("SSH_AUTH_SOCK", &agent_sock)
+            .output()
+            .expect("ssh -A");
+        assert_eq!(
+            (backend, code(&out), stdout(&out)),
+            (backend, 0, "unset\n".to_owned())
+        );
+        let log = b.log_text();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("ssh.refused") && l.contains("agent forwarding")),
+            "{backend}: no agent refusal in:\n{log}"
+        );
+
         // A key that is not in authorized_keys gets nothing.
         let out = b
             .ssh_cmd("wrong", &["agent@127.0.0.1", "touch wrong-key-ran"])
@@ -546,4 +583,39 @@ fn ssh_listen_refuses_bad_keys_and_non_loopback_before_starting() {
         }
     }
     assert!(!hk.exists(), "no host key is created when the keys are bad");
+}
+
+#[test]
+fn an_idle_ssh_connection_is_closed_and_its_process_killed() {
+    let name = "an_idle_ssh_connection_is_closed_and_its_process_killed";
+    if !can_run(name) {
+        return;
+    }
+    if let Some(reason) = tools_missing() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{name}: this machine should have {reason:?} in CI");
+        }
+        eprintln!("SKIP {name}: {reason}");
+        return;
+    }
+    for backend in backends() {
+        let s = Scratch::new("");
+        let b = SshBox::start_with(&s, backend, &["--ssh-idle-timeout", "2"]);
+        // No traffic while it sleeps: the server closes the connection, and the session's
+        // process goes with it.
+        let out = b.ssh(&[], "exec sleep 567");
+        assert_eq!((backend, code(&out)), (backend, 255), "{}", stderr(&out));
+        let gone = wait_until(Duration::from_secs(20), || {
+            code(&b.ssh(&[], "pgrep -f 'slee[p] 567'")) == 1
+        });
+        assert!(
+            gone,
+            "{backend}: the idle session's process outlived its connection"
+        );
+        assert!(
+            b.log_text().contains("ssh.disconnected"),
+            "{backend}: {}",
+            b.log_text()
+        );
+    }
 }
