@@ -19,7 +19,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "`ip`, for network namespaces"),
     ("busybox-static", "static userland for workloads"),
     ("python3", "test servers and scripts"),
-    ("openssh-client", "ssh, scp, sftp, ssh-keygen: the ssh tests' client"),
+    (
+        "openssh-client",
+        "ssh, scp, sftp, ssh-keygen: the ssh tests' client",
+    ),
     (
         "openssh-sftp-server",
         "/usr/lib/openssh/sftp-server, run inside the sandbox for sftp and scp",

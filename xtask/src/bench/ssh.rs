@@ -89,7 +89,14 @@ fn master(dir: &Path, port: u16, ctl: &Path) -> Result<()> {
     loop {
         let out = Command::new("ssh")
             .args(client_opts(dir))
-            .args(["-o", "ControlMaster=yes", "-o", "ControlPersist=yes", "-N", "-f"])
+            .args([
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                "ControlPersist=yes",
+                "-N",
+                "-f",
+            ])
             .arg("-S")
             .arg(ctl)
             .args(["-p", &port.to_string(), "root@127.0.0.1"])
