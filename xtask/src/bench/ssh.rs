@@ -1,6 +1,6 @@
 //! `ssh`: exec round trip (`ssh -S ctl host true`) over a reused ControlMaster connection into a
 //! sandbox served by `openshell-sandbox --ssh-listen`, next to Debian's OpenSSH sshd on a
-//! loopback port doing the same (a fork and `sh -c true` on the host, no sandbox).
+//! loopback port doing the same (`/bin/sh -c true` as root on the host, no sandbox).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -168,7 +168,24 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             .with_context(|| format!("cannot start {}", sandbox.display()))?,
     );
     // The peer: Debian's sshd on loopback with a throwaway config (no PAM, key login only).
+    // It runs in a private mount namespace whose /etc/passwd gives root /bin/sh, so both sides
+    // run `/bin/sh -c true` (root's login shell may be bash, which sources ~/.bashrc for ssh
+    // commands and would measure whatever that file does).
     std::fs::create_dir_all("/run/sshd")?;
+    let passwd: String = std::fs::read_to_string("/etc/passwd")?
+        .lines()
+        .map(|l| match l.strip_prefix("root:") {
+            Some(rest) => {
+                let mut f: Vec<&str> = rest.split(':').collect();
+                if let Some(shell) = f.last_mut() {
+                    *shell = "/bin/sh";
+                }
+                format!("root:{}\n", f.join(":"))
+            }
+            None => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(dir.join("passwd"), passwd)?;
     let config = dir.join("sshd_config");
     std::fs::write(
         &config,
@@ -181,9 +198,13 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         ),
     )?;
     let _peer = Reap(
-        Command::new(SSHD)
-            .args(["-D", "-e", "-f"])
-            .arg(&config)
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount --bind {} /etc/passwd && exec {SSHD} -D -e -f {}",
+                dir.join("passwd").display(),
+                config.display()
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
