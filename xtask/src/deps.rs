@@ -28,6 +28,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "/usr/lib/openssh/sftp-server, run inside the sandbox for sftp and scp",
     ),
     ("openssh-server", "sshd, peer server for the ssh benchmark"),
+    (
+        "procps",
+        "pgrep and kill, used by the ssh tests and benchmark",
+    ),
     // The binary alone: the `tinyproxy` package also enables a system service.
     (
         "tinyproxy-bin",
