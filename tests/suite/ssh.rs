@@ -267,6 +267,39 @@ fn ssh_exec_pty_scp_sftp_and_forwards_run_inside_the_sandbox() {
             stderr(&out)
         );
 
+        // Large stdin and stdout at once (the process reads only as fast as its output drains):
+        // every byte comes back, nothing stalls. `timeout` turns a stall into a failure.
+        let size = 24 << 20;
+        let mut cat = Command::new("timeout")
+            .arg("300")
+            .arg("ssh")
+            .args(b.client_opts("id"))
+            .arg("-p")
+            .arg(b.port.to_string())
+            .args(["agent@127.0.0.1", "cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ssh cat");
+        let mut input = cat.stdin.take().expect("stdin");
+        let feeder = std::thread::spawn(move || {
+            let chunk: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
+            for _ in 0..(size >> 20) {
+                if input.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let out = cat.wait_with_output().expect("ssh cat");
+        let _ = feeder.join();
+        assert_eq!(
+            (backend, code(&out), out.stdout.len()),
+            (backend, 0, size),
+            "{}",
+            stderr(&out)
+        );
+
         // env: the allowlist passes LC_ALL and refuses the rest.
         let out = b.ssh(
             &["-o", "SetEnv=LC_ALL=C LD_PRELOAD=/tmp/x.so FOO=bar"],
@@ -399,6 +432,18 @@ fn ssh_exec_pty_scp_sftp_and_forwards_run_inside_the_sandbox() {
             .spawn()
             .map(Forward)
             .expect("server");
+        // And an echo server, for bulk traffic both ways through a forward.
+        let echo = free_port();
+        let _echo_server = b
+            .ssh_cmd("id", &["agent@127.0.0.1"])
+            .arg(format!(
+                "exec python3 -c 'import socket\ns=socket.socket()\ns.bind((\"127.0.0.1\",{echo}))\ns.listen()\nwhile True:\n c,_=s.accept()\n while (d:=c.recv(65536)): c.sendall(d)\n c.close()'"
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Forward)
+            .expect("echo server");
         // A host listener on the same loopback port number as another forward's target:
         // 127.0.0.1 in a forward is the sandbox's, so this must never see a connection.
         let host = TcpListener::bind("127.0.0.1:0").expect("host listener");
@@ -406,6 +451,7 @@ fn ssh_exec_pty_scp_sftp_and_forwards_run_inside_the_sandbox() {
         let host_port = host.local_addr().expect("addr").port();
         let (l_ok, l_host_lo, l_edge, l_name) =
             (free_port(), free_port(), free_port(), free_port());
+        let l_echo = free_port();
         let _fwd = b
             .ssh_cmd(
                 "id",
@@ -421,6 +467,8 @@ fn ssh_exec_pty_scp_sftp_and_forwards_run_inside_the_sandbox() {
                     &format!("127.0.0.1:{l_edge}:10.200.0.1:3128"),
                     "-L",
                     &format!("127.0.0.1:{l_name}:example.com:80"),
+                    "-L",
+                    &format!("127.0.0.1:{l_echo}:127.0.0.1:{echo}"),
                     "agent@127.0.0.1",
                 ],
             )
@@ -439,6 +487,42 @@ fn ssh_exec_pty_scp_sftp_and_forwards_run_inside_the_sandbox() {
             served,
             "{backend}: ssh -L did not reach the server inside the sandbox"
         );
+        // Bulk both ways at once through the forward: every byte comes back.
+        let size: usize = 16 << 20;
+        let mut conn = None;
+        assert!(wait_until(Duration::from_secs(30), || {
+            conn = TcpStream::connect(("127.0.0.1", l_echo)).ok().filter(|c| {
+                let mut c = c;
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                c.write_all(b"ping").is_ok() && {
+                    let mut four = [0u8; 4];
+                    c.read_exact(&mut four).is_ok() && &four == b"ping"
+                }
+            });
+            conn.is_some()
+        }));
+        let conn = conn.expect("echo connection");
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut writer = conn.try_clone().expect("clone");
+        let feeder = std::thread::spawn(move || {
+            let chunk: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
+            for _ in 0..(size >> 20) {
+                writer.write_all(&chunk).expect("send");
+            }
+        });
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut reader = &conn;
+        while got < size {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        feeder.join().expect("feeder");
+        assert_eq!((backend, got), (backend, size), "echo through ssh -L");
+        drop(conn);
         for (port, what) in [
             (l_host_lo, "host loopback"),
             (l_edge, "edge address"),

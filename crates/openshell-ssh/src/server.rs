@@ -190,9 +190,91 @@ struct SessionChannel {
     /// `pty-req`: TERM, rows, columns.
     pty: Option<(String, u16, u16)>,
     started: bool,
-    stdin: Option<mpsc::Sender<Vec<u8>>>,
+    stdin: Option<StdinQueue>,
     /// Dropping it (channel or connection closed) kills the process.
     control: Option<mpsc::UnboundedSender<Control>>,
+}
+
+/// Bytes from the client on their way to a session's stdin.
+///
+/// russh delivers channel data on the connection's one event loop and replenishes the client's
+/// window on receipt, so the only backpressure is a handler that does not return. Blocking there
+/// on every full queue deadlocks a process that reads its stdin only as fast as its stdout drains
+/// (`ssh host cat < big > out`): its output would need the very loop that is blocked. So the queue
+/// accepts up to [`STDIN_QUEUE_MAX`] bytes without blocking, and only past that does the handler
+/// wait for the process to catch up.
+#[derive(Clone)]
+struct StdinQueue {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    drained: Arc<tokio::sync::Notify>,
+}
+
+/// Bytes of client input a session may hold before the connection waits for it (per channel).
+const STDIN_QUEUE_MAX: usize = 32 << 20;
+
+impl StdinQueue {
+    fn new() -> (StdinQueue, StdinReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let drained = Arc::new(tokio::sync::Notify::new());
+        (
+            StdinQueue {
+                tx,
+                queued: queued.clone(),
+                drained: drained.clone(),
+            },
+            StdinReceiver {
+                rx,
+                queued,
+                drained,
+            },
+        )
+    }
+
+    async fn push(&self, data: Vec<u8>) {
+        use std::sync::atomic::Ordering;
+        let len = data.len();
+        if self.tx.send(data).is_err() {
+            return;
+        }
+        self.queued.fetch_add(len, Ordering::AcqRel);
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.queued.load(Ordering::Acquire) <= STDIN_QUEUE_MAX || self.tx.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct StdinReceiver {
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    drained: Arc<tokio::sync::Notify>,
+}
+
+impl StdinReceiver {
+    async fn recv(&mut self) -> Option<Vec<u8>> {
+        self.rx.recv().await
+    }
+
+    fn written(&self, len: usize) {
+        self.queued
+            .fetch_sub(len, std::sync::atomic::Ordering::AcqRel);
+        self.drained.notify_waiters();
+    }
+}
+
+impl Drop for StdinReceiver {
+    fn drop(&mut self) {
+        // Whoever waits for room must not wait for a process that is gone.
+        self.rx.close();
+        self.drained.notify_waiters();
+    }
 }
 
 /// One client connection.
@@ -284,7 +366,7 @@ impl Connection {
               kind = what.kind(), command, pty = matches!(stdio, StdioMode::Pty { .. }),
               outcome = "started", "ssh session started in the sandbox");
         let stdio = exec.take_stdio();
-        let (in_tx, in_rx) = mpsc::channel(64);
+        let (in_tx, in_rx) = StdinQueue::new();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let Some(chan) = self.channels.get_mut(&id) else {
             // The channel closed while the process started: it must not run on.
@@ -369,7 +451,7 @@ impl russh::server::Handler for Connection {
         _originator_address: &str,
         _originator_port: u32,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let port = u16::try_from(port_to_connect).ok().filter(|p| *p != 0);
         let port = match (forward_target_allowed(host_to_connect), port) {
@@ -390,16 +472,26 @@ impl russh::server::Handler for Connection {
             }
         };
         match self.shared.sandbox.connect_tcp(port).await {
-            Ok(mut conn) => {
+            Ok(conn) => {
                 info!(event = "ssh.forward", sandbox = %self.sandbox(), peer = %self.peer, user = %self.user,
                       host = host_to_connect, port, decision = "allow", "forward connected inside the sandbox");
+                // The bytes go through this handler's callbacks and the same input queue as a
+                // session's stdin (see StdinQueue), never by blocking the connection's loop.
+                let id = channel.id();
+                drop(channel);
+                let (input, input_rx) = StdinQueue::new();
+                let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+                self.channels.insert(
+                    id,
+                    SessionChannel {
+                        started: true,
+                        stdin: Some(input),
+                        control: Some(ctl_tx),
+                        ..SessionChannel::default()
+                    },
+                );
                 reply.accept().await;
-                tokio::spawn(async move {
-                    let mut stream = channel.into_stream();
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut conn).await {
-                        debug!(error = %e, "forward ended");
-                    }
-                });
+                tokio::spawn(run_forward(session.handle(), id, conn, input_rx, ctl_rx));
             }
             Err(e) => {
                 info!(event = "ssh.forward", sandbox = %self.sandbox(), peer = %self.peer, user = %self.user,
@@ -468,8 +560,8 @@ impl russh::server::Handler for Connection {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let stdin = self.channels.get(&channel).and_then(|c| c.stdin.clone());
-        if let Some(tx) = stdin {
-            let _ = tx.send(data.to_vec()).await;
+        if let Some(queue) = stdin {
+            queue.push(data.to_vec()).await;
         }
         Ok(())
     }
@@ -723,7 +815,7 @@ impl RunningSession {
         self,
         mut exec: SandboxedExec,
         stdio: Stdio,
-        mut stdin_rx: mpsc::Receiver<Vec<u8>>,
+        mut stdin_rx: StdinReceiver,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
         let mut outputs = Vec::new();
@@ -764,6 +856,7 @@ impl RunningSession {
                 if w.write_all(&chunk).await.is_err() || w.flush().await.is_err() {
                     return;
                 }
+                stdin_rx.written(chunk.len());
             }
             // The client sent EOF: close the process's stdin.
             let _ = w.shutdown().await;
@@ -825,6 +918,37 @@ impl RunningSession {
         info!(event = "ssh.session_ended", sandbox = %self.sandbox, kind = self.kind, %status,
               "ssh session ended");
     }
+}
+
+/// Relay one `direct-tcpip` channel and its connection inside the sandbox until either side
+/// ends. The client's EOF half-closes the connection; the sandbox side's EOF closes the channel.
+async fn run_forward(
+    handle: Handle,
+    id: ChannelId,
+    conn: Box<dyn openshell_runtime::Connection>,
+    mut input: StdinReceiver,
+    mut control: mpsc::UnboundedReceiver<Control>,
+) {
+    let (rd, mut wr) = tokio::io::split(conn);
+    let to_sandbox = async {
+        while let Some(chunk) = input.recv().await {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+            input.written(chunk.len());
+        }
+        let _ = wr.shutdown().await;
+        std::future::pending::<()>().await
+    };
+    // The control sender is dropped when the channel or the connection closes.
+    let closed = async { while control.recv().await.is_some() {} };
+    tokio::select! {
+        () = pump(rd, handle.clone(), id, None) => {}
+        () = to_sandbox => {}
+        () = closed => {}
+    }
+    let _ = handle.eof(id).await;
+    let _ = handle.close(id).await;
 }
 
 /// Copy a process's output to the channel (`ext`: 1 for stderr) until end of file.
