@@ -170,3 +170,101 @@ fn pty_mode_gives_the_workload_a_terminal() {
         }
     });
 }
+
+#[test]
+fn a_handle_execs_while_the_owner_waits_and_resizes_the_exec_terminal() {
+    if !can_run("a_handle_execs_while_the_owner_waits_and_resizes_the_exec_terminal") {
+        return;
+    }
+    use_cli_as_helper();
+    rt().block_on(async {
+        for kind in kinds() {
+            let s = Scratch::new("");
+            // The workload runs until the test creates `stop` in the workdir.
+            let c = config(
+                &s,
+                "/bin/sh",
+                &["-c", "until [ -e stop ]; do sleep 0.05; done; exit 3"],
+                StdioMode::Null,
+            );
+            let mut sandbox = openshell_runtime::spawn(kind, c).await.expect("spawn");
+            let handle = sandbox.handle().expect("handle");
+            // The owner waits (it needs `&mut`) while the handle execs.
+            let owner = tokio::spawn(async move {
+                let status = sandbox.wait().await.expect("wait");
+                (sandbox, status)
+            });
+            let mut exec = handle
+                .exec(ExecConfig {
+                    program: "/bin/sh".into(),
+                    args: vec!["-c".into(), "read x; stty size".into()],
+                    env: Default::default(),
+                    workdir: s.work.clone(),
+                    stdio: StdioMode::Pty { rows: 24, cols: 80 },
+                })
+                .await
+                .expect("exec through the handle");
+            let pty = exec.take_stdio().pty.expect("pty");
+            // The resize reaches the terminal before the line that lets the shell go on.
+            exec.resize(40, 100).expect("resize");
+            let text = tokio::task::spawn_blocking(move || {
+                use std::io::{Read, Write};
+                let mut f = std::fs::File::from(pty);
+                f.write_all(b"go\n").expect("type");
+                let mut all = Vec::new();
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = f.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    all.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&all).contains("40 100") {
+                        break;
+                    }
+                }
+                String::from_utf8_lossy(&all).replace('\r', "")
+            })
+            .await
+            .expect("reader");
+            assert!(text.contains("40 100"), "{kind}: {text:?}");
+            assert_eq!(
+                (kind, exec.wait().await.expect("wait")),
+                (kind, ExitStatus::Code(0))
+            );
+            let plain = handle
+                .exec(ExecConfig {
+                    program: "/bin/true".into(),
+                    args: vec![],
+                    env: Default::default(),
+                    workdir: s.work.clone(),
+                    stdio: StdioMode::Null,
+                })
+                .await
+                .expect("exec");
+            assert!(
+                plain.resize(10, 10).is_err(),
+                "{kind}: no terminal to resize"
+            );
+            drop(plain);
+            // Nothing listens on this port inside the sandbox: an error, not a hang.
+            assert!(handle.connect_tcp(1).await.is_err(), "{kind}");
+            // Ending the workload ends the owner's wait; the handle then refuses.
+            std::fs::write(s.work.join("stop"), "").expect("stop");
+            let (_sandbox, status) = owner.await.expect("owner");
+            assert_eq!((kind, status), (kind, ExitStatus::Code(3)));
+            assert!(
+                handle
+                    .exec(ExecConfig {
+                        program: "/bin/true".into(),
+                        args: vec![],
+                        env: Default::default(),
+                        workdir: s.work.clone(),
+                        stdio: StdioMode::Null,
+                    })
+                    .await
+                    .is_err(),
+                "{kind}: exec after the end"
+            );
+        }
+    });
+}

@@ -11,3 +11,4 @@ mod limits;
 mod network;
 mod rootfs;
 mod seccomp;
+mod ssh;

@@ -22,7 +22,19 @@ const PACKAGES: &[(&str, &str)] = &[
         "static userland for workloads and the --rootfs test tree",
     ),
     ("python3", "test servers and scripts"),
-    ("openssh-client", "ssh client"),
+    (
+        "openssh-client",
+        "ssh, scp, sftp, ssh-keygen: the ssh tests' client",
+    ),
+    (
+        "openssh-sftp-server",
+        "/usr/lib/openssh/sftp-server, run inside the sandbox for sftp and scp",
+    ),
+    ("openssh-server", "sshd, peer server for the ssh benchmark"),
+    (
+        "procps",
+        "pgrep and kill, used by the ssh tests and benchmark",
+    ),
     // The binary alone: the `tinyproxy` package also enables a system service.
     (
         "tinyproxy-bin",

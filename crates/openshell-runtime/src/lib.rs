@@ -33,7 +33,7 @@ pub mod vm_protocol;
 compile_error!("the vm backend needs Linux (vsock, virtio-fs helpers, qemu)");
 
 #[cfg(target_os = "linux")]
-pub use process::{ProcessError, ProcessSandbox};
+pub use process::{ProcessError, ProcessHandle, ProcessSandbox};
 pub use rootfs::{ImageDefaults, MergedRun, RootFs, RunRequest};
 
 /// Which isolation backend runs the workload.
@@ -454,6 +454,77 @@ impl SandboxedProcess {
     }
 }
 
+impl SandboxedProcess {
+    /// A cheap, cloneable handle for starting commands in this sandbox and connecting to its
+    /// ports while the owner of this value waits for it (an SSH server, say). The handle's
+    /// operations fail with "not running" once the workload has ended.
+    pub fn handle(&self) -> Result<SandboxHandle, RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedProcess::Process(p) => Ok(SandboxHandle::Process(p.handle()?)),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedProcess::Vm(v) => Ok(SandboxHandle::Vm(v.handle())),
+        }
+    }
+}
+
+/// A byte stream to a port inside a sandbox, whatever the backend.
+pub trait Connection: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Connection for T {}
+
+/// See [`SandboxedProcess::handle`].
+#[derive(Debug, Clone)]
+pub enum SandboxHandle {
+    #[cfg(target_os = "linux")]
+    Process(process::ProcessHandle),
+    #[cfg(all(target_os = "linux", feature = "vm"))]
+    Vm(vm::VmHandle),
+}
+
+impl SandboxHandle {
+    pub fn id(&self) -> &str {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxHandle::Process(p) => p.id(),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxHandle::Vm(v) => v.id(),
+        }
+    }
+
+    pub fn kind(&self) -> RuntimeKind {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxHandle::Process(_) => RuntimeKind::Process,
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxHandle::Vm(_) => RuntimeKind::Vm,
+        }
+    }
+
+    /// Like [`SandboxedProcess::exec`].
+    pub async fn exec(&self, config: ExecConfig) -> Result<SandboxedExec, RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxHandle::Process(p) => {
+                Ok(SandboxedExec::Process(Box::new(p.exec(config).await?)))
+            }
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxHandle::Vm(v) => Ok(SandboxedExec::Vm(Box::new(v.exec(config).await?))),
+        }
+    }
+
+    /// Connect to `127.0.0.1:port` on the sandbox's own loopback: from inside its network
+    /// namespace (process backend) or by the guest agent over vsock (vm backend). There is no
+    /// way to name any other address.
+    pub async fn connect_tcp(&self, port: u16) -> Result<Box<dyn Connection>, RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxHandle::Process(p) => Ok(Box::new(p.connect_tcp(port).await?)),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxHandle::Vm(v) => Ok(Box::new(v.connect_tcp(port).await?)),
+        }
+    }
+}
+
 /// A command started with [`SandboxedProcess::exec`].
 #[derive(Debug)]
 pub enum SandboxedExec {
@@ -488,6 +559,16 @@ impl SandboxedExec {
             SandboxedExec::Process(p) => Ok(p.signal(signal)?),
             #[cfg(all(target_os = "linux", feature = "vm"))]
             SandboxedExec::Vm(p) => Ok(p.signal(signal)?),
+        }
+    }
+
+    /// Set the terminal size of a command started with [`StdioMode::Pty`].
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedExec::Process(p) => Ok(p.resize(rows, cols)?),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedExec::Vm(p) => Ok(p.resize(rows, cols)?),
         }
     }
 

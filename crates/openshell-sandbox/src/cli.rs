@@ -115,6 +115,45 @@ pub struct RunArgs {
     #[arg(long)]
     pub check_policy: bool,
 
+    /// Serve SSH into the sandbox on this address (off unless given). Sessions, scp/sftp and
+    /// `ssh -L` forwards run inside the sandbox with the workload's restrictions. Without a
+    /// command the workload is `sleep infinity`: the sandbox lives until it is signalled or
+    /// --timeout expires.
+    #[arg(long, value_name = "ADDR")]
+    pub ssh_listen: Option<std::net::SocketAddr>,
+
+    /// Allow --ssh-listen on an address other than loopback (reachable from other hosts).
+    #[arg(long)]
+    pub dangerously_allow_ssh_on_non_loopback: bool,
+
+    /// The public keys allowed to log in (OpenSSH authorized_keys format, no options).
+    /// Required with --ssh-listen.
+    #[arg(long, value_name = "FILE")]
+    pub ssh_authorized_keys: Option<PathBuf>,
+
+    /// The SSH host key: created (ed25519, mode 0600) if missing, then kept, so known_hosts
+    /// entries hold across restarts [default: $OPENSHELL_HOME/ssh_host_ed25519_key or
+    /// ~/.local/share/openshell/ssh_host_ed25519_key].
+    #[arg(long, value_name = "FILE")]
+    pub ssh_host_key: Option<PathBuf>,
+
+    /// Close an SSH connection after this many seconds without traffic (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 900)]
+    pub ssh_idle_timeout: u64,
+
+    /// The shell SSH sessions run inside the sandbox (`ssh host` and `ssh host COMMAND`).
+    #[arg(long, value_name = "PATH", default_value = "/bin/sh")]
+    pub ssh_shell: String,
+
+    /// The sftp server program run inside the sandbox for sftp and scp (Debian's
+    /// openssh-sftp-server); it must be readable and executable under the policy.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/usr/lib/openssh/sftp-server"
+    )]
+    pub ssh_sftp_server: String,
+
     /// The command to run, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,

@@ -3,6 +3,7 @@
 mod cli;
 mod egress;
 mod logging;
+mod ssh;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -158,6 +159,7 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     if !runtime.is_available() {
         return Err(RuntimeError::BackendNotBuilt(runtime).into());
     }
+    let ssh = ssh::prepare(&run)?;
     let mut env = BTreeMap::new();
     for key in ["TERM", "LANG", "LC_ALL"] {
         if let Ok(value) = std::env::var(key) {
@@ -183,7 +185,13 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
             rootfs_run(lower, &image, &run, env)?
         }
         None => {
-            let Some((program, args)) = run.command.split_first() else {
+            // With SSH and no command, the sandbox just stays up for sessions.
+            let default_command = ["sleep".to_owned(), "infinity".to_owned()];
+            let command = match (run.command.is_empty(), &ssh) {
+                (true, Some(_)) => &default_command[..],
+                _ => &run.command[..],
+            };
+            let Some((program, args)) = command.split_first() else {
                 anyhow::bail!(
                     "no command given: usage: openshell-sandbox [OPTIONS] -- COMMAND [ARGS...]"
                 );
@@ -205,7 +213,9 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let proxy = openshell_proxy::Proxy::new(proxy_config, handle.clone())
         .context("starting the egress proxy")?;
-    let mut config = SpawnConfig::new(program, Arc::new(policy), workdir);
+    let ssh_env = env.clone();
+    let ssh_workdir = workdir.clone();
+    let mut config = SpawnConfig::new(program.clone(), Arc::new(policy), workdir);
     config.egress = Some(Arc::new(egress::ProxyEgress { proxy }));
     config.vm_engine = run.vm_engine;
     config.args = args;
@@ -243,7 +253,11 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
             }
             None => None,
         };
-        let code = supervise(runtime, config, run.timeout).await;
+        let ssh = match ssh {
+            Some(prepared) => Some(prepared.into_server(ssh_workdir, ssh_env)?),
+            None => None,
+        };
+        let code = supervise(runtime, config, run.timeout, ssh).await;
         for task in [_file_watch, _url_poll].into_iter().flatten() {
             task.abort();
         }
@@ -300,12 +314,18 @@ async fn supervise(
     kind: RuntimeKind,
     config: SpawnConfig,
     timeout: Option<u64>,
+    ssh: Option<ssh::Ready>,
 ) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
 
     let mut sandbox = openshell_runtime::spawn(kind, config).await?;
+    // Serves for as long as the sandbox runs; aborted (every connection with it) when it ends.
+    let _ssh = match ssh {
+        Some(ready) => Some(AbortOnDrop(ready.serve(sandbox.handle()?))),
+        None => None,
+    };
     let deadline = async {
         match timeout {
             Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
@@ -332,6 +352,15 @@ async fn supervise(
         return Ok(ExitCode::from(EXIT_TIMEOUT));
     }
     Ok(ExitCode::from(exit_byte(status)))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn forward(sandbox: &openshell_runtime::SandboxedProcess, sig: i32) {

@@ -10,6 +10,7 @@
 mod proxy;
 mod rootfs;
 mod spawn;
+mod ssh;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -61,6 +62,12 @@ const BENCHES: &[Bench] = &[
         about: "live policy update: file rename -> first CONNECT with the new decision",
         needs_sandbox: false,
         run: proxy::update,
+    },
+    Bench {
+        name: "ssh",
+        about: "exec round trip over a reused ssh connection (ControlMaster): ours vs OpenSSH sshd",
+        needs_sandbox: true,
+        run: ssh::run,
     },
     Bench {
         name: "vm",

@@ -97,6 +97,16 @@ pub enum ProcessError {
         #[source]
         source: nix::Error,
     },
+    #[error("the process has no terminal to resize")]
+    NoTerminal,
+    #[error("resizing the terminal")]
+    Resize(#[source] nix::Error),
+    #[error("connecting to 127.0.0.1:{port} inside the sandbox")]
+    Connect {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> ProcessError {
@@ -887,22 +897,134 @@ impl ProcessSandbox {
         if self.status.is_some() {
             return Err(ProcessError::NotRunning);
         }
-        let launch = self.identity.launch(
+        exec_in(
+            &self.id,
+            self.init_pid,
+            &self.identity,
+            procs_files(&self.cgroup),
+            config,
+        )
+        .await
+    }
+
+    /// A cheap, cloneable handle that can exec into this sandbox and connect to its ports while
+    /// the owner of this value waits for it.
+    pub fn handle(&self) -> Result<ProcessHandle, ProcessError> {
+        let init_pidfd = self
+            .init_pidfd
+            .try_clone()
+            .map_err(io("duplicating the sandbox init's pidfd"))?;
+        Ok(ProcessHandle {
+            inner: Arc::new(HandleInner {
+                id: self.id.clone(),
+                init_pid: self.init_pid,
+                init_pidfd,
+                identity: self.identity.clone(),
+                procs: procs_files(&self.cgroup),
+            }),
+        })
+    }
+}
+
+/// What exec and port connections into a running process sandbox need. Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct ProcessHandle {
+    inner: Arc<HandleInner>,
+}
+
+#[derive(Debug)]
+struct HandleInner {
+    id: String,
+    init_pid: i32,
+    /// Identifies the sandbox's init without a pid race: signal 0 tells whether it still runs,
+    /// and `setns` through it enters the sandbox's network namespace.
+    init_pidfd: OwnedFd,
+    identity: Identity,
+    procs: Vec<PathBuf>,
+}
+
+impl ProcessHandle {
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    fn check_running(&self) -> Result<(), ProcessError> {
+        match sys::pidfd_send_signal(self.inner.init_pidfd.as_fd(), 0) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(ProcessError::NotRunning),
+        }
+    }
+
+    /// Run a command in the sandbox, like [`ProcessSandbox::exec`].
+    pub async fn exec(&self, config: ExecConfig) -> Result<ProcessExec, ProcessError> {
+        self.check_running()?;
+        let i = &self.inner;
+        exec_in(&i.id, i.init_pid, &i.identity, i.procs.clone(), config).await
+    }
+
+    /// Connect to `127.0.0.1:port` inside the sandbox's network namespace. The socket is made
+    /// on a dedicated thread that enters the namespace and ends afterwards, so no pooled thread
+    /// is ever left inside it. Nothing outside the sandbox's loopback can be reached this way.
+    pub async fn connect_tcp(&self, port: u16) -> Result<tokio::net::TcpStream, ProcessError> {
+        self.check_running()?;
+        let ns = self
+            .inner
+            .init_pidfd
+            .try_clone()
+            .map_err(io("duplicating the sandbox init's pidfd"))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("openshell-forward".into())
+            .spawn(move || {
+                let result = nix::sched::setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| ProcessError::Io {
+                        op: "entering the sandbox's network namespace",
+                        source: e.into(),
+                    })
+                    .and_then(|()| {
+                        let addr =
+                            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+                        let stream = std::net::TcpStream::connect(addr)
+                            .map_err(|source| ProcessError::Connect { port, source })?;
+                        stream
+                            .set_nonblocking(true)
+                            .map_err(io("configuring the forwarded connection"))?;
+                        Ok(stream)
+                    });
+                let _ = tx.send(result);
+            })
+            .map_err(io("starting the forward thread"))?;
+        let stream = rx.await.map_err(|_| ProcessError::HelperLost)??;
+        tokio::net::TcpStream::from_std(stream).map_err(io("registering the forwarded connection"))
+    }
+}
+
+/// Start `config` inside the sandbox whose init is `init_pid`.
+async fn exec_in(
+    id: &str,
+    init_pid: i32,
+    identity: &Identity,
+    procs: Vec<PathBuf>,
+    config: ExecConfig,
+) -> Result<ProcessExec, ProcessError> {
+    {
+        let launch = identity.launch(
             &config.program,
             &config.args,
             &config.env,
             &config.workdir,
             config.stdio,
-            procs_files(&self.cgroup),
+            procs,
         )?;
         let mut helper = start_helper(config.stdio, CloneFlags::empty())?;
-        let plan = ExecPlan {
-            init_pid: self.init_pid,
-            launch,
+        let pty = match &helper.stdio.pty {
+            Some(fd) => Some(fd.try_clone().map_err(io("duplicating the terminal"))?),
+            None => None,
         };
+        let plan = ExecPlan { init_pid, launch };
         let started = async {
             helper.ctl.send(&ToHelper::Exec(plan)).await?;
-            let pid = await_running(&mut helper.ctl, &self.id).await?;
+            let pid = await_running(&mut helper.ctl, id).await?;
             // A command that already ended has no pidfd; signals then report NotRunning.
             match sys::pidfd_open(nix::unistd::Pid::from_raw(pid)) {
                 Ok(fd) => Ok(Some(fd)),
@@ -916,10 +1038,11 @@ impl ProcessSandbox {
         .await;
         match started {
             Ok(pidfd) => {
-                info!(event = "sandbox.exec", sandbox = %self.id, program = %config.program, "command started in the sandbox");
+                info!(event = "sandbox.exec", sandbox = %id, program = %config.program, "command started in the sandbox");
                 Ok(ProcessExec {
                     helper,
                     pidfd,
+                    pty,
                     status: None,
                 })
             }
@@ -937,6 +1060,8 @@ impl ProcessSandbox {
 pub struct ProcessExec {
     helper: Helper,
     pidfd: Option<OwnedFd>,
+    /// A duplicate of the PTY master (for resizing after the caller took the terminal).
+    pty: Option<OwnedFd>,
     status: Option<ExitStatus>,
 }
 
@@ -972,6 +1097,12 @@ impl ProcessExec {
         };
         sys::pidfd_send_signal(pidfd.as_fd(), signal)
             .map_err(|source| ProcessError::Signal { signal, source })
+    }
+
+    /// Set the terminal size of a command started with a PTY.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ProcessError> {
+        let pty = self.pty.as_ref().ok_or(ProcessError::NoTerminal)?;
+        sys::set_window_size(pty.as_fd(), rows, cols).map_err(ProcessError::Resize)
     }
 
     pub fn kill(&self) -> Result<(), ProcessError> {

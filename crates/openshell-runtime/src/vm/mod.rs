@@ -71,6 +71,10 @@ pub enum VmError {
     NotRunning,
     #[error(transparent)]
     RootFs(#[from] crate::rootfs::RootFsError),
+    #[error("the process has no terminal to resize")]
+    NoTerminal,
+    #[error("connecting to 127.0.0.1:{port} inside the guest: {reason}")]
+    Forward { port: u16, reason: String },
 }
 
 fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
@@ -966,22 +970,152 @@ impl VmSandbox {
         if self.status.is_some() {
             return Err(VmError::NotRunning);
         }
-        let launch = self.identity.launch(
-            &config.program,
-            &config.args,
-            &config.env,
-            &config.workdir,
-            config.stdio,
-            Vec::new(),
-        )?;
-        let (session, stdio) =
-            start_session(&self.agent, &self.id, launch, config.stdio, false).await?;
-        info!(event = "sandbox.exec", sandbox = %self.id, program = %config.program, "command started in the sandbox");
-        Ok(VmExec {
-            session,
-            stdio,
-            status: None,
-        })
+        exec_in(&self.agent, &self.id, &self.identity, config).await
+    }
+
+    /// A cheap, cloneable handle that can exec into this VM and connect to its ports while the
+    /// owner of this value waits for it.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            inner: std::sync::Arc::new(VmHandleInner {
+                id: self.id.clone(),
+                agent: self.agent.clone(),
+                identity: self.identity.clone(),
+                workload: self.main.exited.clone(),
+            }),
+        }
+    }
+}
+
+async fn exec_in(
+    agent: &AgentAddr,
+    id: &str,
+    identity: &Identity,
+    config: ExecConfig,
+) -> Result<VmExec, VmError> {
+    let launch = identity.launch(
+        &config.program,
+        &config.args,
+        &config.env,
+        &config.workdir,
+        config.stdio,
+        Vec::new(),
+    )?;
+    let pty = matches!(config.stdio, StdioMode::Pty { .. });
+    let (session, stdio) = start_session(agent, id, launch, config.stdio, false).await?;
+    info!(event = "sandbox.exec", sandbox = %id, program = %config.program, "command started in the sandbox");
+    Ok(VmExec {
+        session,
+        stdio,
+        pty,
+        status: None,
+    })
+}
+
+/// What exec and port connections into a running VM need. Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct VmHandle {
+    inner: std::sync::Arc<VmHandleInner>,
+}
+
+#[derive(Debug)]
+struct VmHandleInner {
+    id: String,
+    agent: AgentAddr,
+    identity: Identity,
+    /// The workload's end: the VM powers off after it.
+    workload: watch::Receiver<Option<WaitReport>>,
+}
+
+impl VmHandle {
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    fn check_running(&self) -> Result<(), VmError> {
+        match self.inner.workload.borrow().is_some() {
+            true => Err(VmError::NotRunning),
+            false => Ok(()),
+        }
+    }
+
+    pub async fn exec(&self, config: ExecConfig) -> Result<VmExec, VmError> {
+        self.check_running()?;
+        let i = &self.inner;
+        exec_in(&i.agent, &i.id, &i.identity, config).await
+    }
+
+    /// Connect to `127.0.0.1:port` inside the guest: the agent dials it on its own loopback and
+    /// relays the bytes over a fresh vsock control connection. Nothing outside the guest's
+    /// loopback can be reached this way.
+    pub async fn connect_tcp(&self, port: u16) -> Result<tokio::io::DuplexStream, VmError> {
+        self.check_running()?;
+        let stream = tokio::time::timeout(Duration::from_secs(10), dial_agent(&self.inner.agent))
+            .await
+            .map_err(|_| {
+                VmError::AgentTimeout(Duration::from_secs(10), "no answer to a forward".into())
+            })?
+            .map_err(io("connecting to the guest agent"))?;
+        let (mut reader, mut writer) = stream.into_split();
+        proto::write_frame_async(&mut writer, &Frame::json(&Request::Forward { port }))
+            .await
+            .map_err(VmError::Frame)?;
+        loop {
+            let frame = proto::read_frame_async(&mut reader)
+                .await
+                .map_err(VmError::Frame)?
+                .ok_or(VmError::AgentLost)?;
+            if frame.kind != Kind::Json {
+                continue;
+            }
+            match frame.decode_json::<Event>().map_err(VmError::Frame)? {
+                Event::Connected => break,
+                Event::Failed { stage, message } => {
+                    return Err(VmError::Forward {
+                        port,
+                        reason: format!("{stage}: {message}"),
+                    })
+                }
+                other => debug!(?other, "unexpected event while connecting a forward"),
+            }
+        }
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (mut ours_rd, mut ours_wr) = tokio::io::split(ours);
+        tokio::spawn(async move {
+            let to_guest = async {
+                let mut buf = vec![0u8; proto::MAX_GUEST_WRITE];
+                loop {
+                    match ours_rd.read(&mut buf).await {
+                        // The guest would see a half-close as the end of the forward: keep the
+                        // connection until the guest side ends.
+                        Ok(0) | Err(_) => return std::future::pending::<()>().await,
+                        Ok(n) => {
+                            let frame = Frame {
+                                kind: Kind::Data,
+                                payload: buf[..n].to_vec(),
+                            };
+                            if proto::write_frame_async(&mut writer, &frame).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            };
+            let from_guest = async {
+                while let Ok(Some(frame)) = proto::read_frame_async(&mut reader).await {
+                    if frame.kind == Kind::Data && ours_wr.write_all(&frame.payload).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = ours_wr.shutdown().await;
+            };
+            tokio::select! {
+                () = to_guest => {}
+                () = from_guest => {}
+            }
+        });
+        Ok(theirs)
     }
 }
 
@@ -1007,6 +1141,7 @@ fn console_tail(console: &Path) -> String {
 pub struct VmExec {
     session: Session,
     stdio: Stdio,
+    pty: bool,
     status: Option<ExitStatus>,
 }
 
@@ -1026,6 +1161,20 @@ impl VmExec {
 
     pub fn signal(&self, signal: i32) -> Result<(), VmError> {
         self.session.signal(signal)
+    }
+
+    /// Set the terminal size of a command started with a PTY.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), VmError> {
+        if !self.pty {
+            return Err(VmError::NoTerminal);
+        }
+        if self.session.exited.borrow().is_some() {
+            return Err(VmError::NotRunning);
+        }
+        self.session
+            .to_agent
+            .send(Frame::json(&Request::Resize { rows, cols }))
+            .map_err(|_| VmError::NotRunning)
     }
 
     pub fn kill(&self) -> Result<(), VmError> {
