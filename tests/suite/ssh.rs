@@ -310,6 +310,18 @@ fn ssh_exec_pty_scp_sftp_and_forwards_run_inside_the_sandbox() {
             (backend, "C|unset|unset\n".to_owned())
         );
 
+        // Sessions reach the network only through the egress proxy, like the workload.
+        let out = b.ssh(&[], "echo \"$HTTPS_PROXY|$NO_PROXY\"");
+        let proxy = if backend == "vm" {
+            "127.0.0.1:3128"
+        } else {
+            "10.200.0.1:3128"
+        };
+        assert_eq!(
+            (backend, stdout(&out)),
+            (backend, format!("http://{proxy}|localhost,127.0.0.1,::1\n"))
+        );
+
         // An interactive shell through a PTY, with scripted input.
         let mut shell = b
             .ssh_cmd("id", &["-tt", "agent@127.0.0.1"])

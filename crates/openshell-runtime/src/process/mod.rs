@@ -273,6 +273,9 @@ pub(crate) struct Identity {
     user: String,
     home: PathBuf,
     pub(crate) landlock: LandlockPlan,
+    /// The egress proxy's address inside the sandbox, when it has egress: every process
+    /// launched there (the workload, `exec`, SSH sessions) gets the proxy variables.
+    proxy: Option<String>,
 }
 
 impl Identity {
@@ -282,15 +285,15 @@ impl Identity {
         config: &SpawnConfig,
         proxy_addr: &str,
     ) -> Result<(Identity, LaunchPlan), ProcessError> {
-        let identity = Identity::resolve(&config.policy, &config.workdir, config.root.as_ref())?;
-        let mut env = config.env.clone();
+        let mut identity =
+            Identity::resolve(&config.policy, &config.workdir, config.root.as_ref())?;
         if config.egress.is_some() {
-            crate::add_proxy_env(&mut env, proxy_addr);
+            identity.proxy = Some(proxy_addr.to_owned());
         }
         let launch = identity.launch(
             &config.program,
             &config.args,
-            &env,
+            &config.env,
             &config.workdir,
             config.stdio,
             Vec::new(),
@@ -340,6 +343,7 @@ impl Identity {
                 hard_requirement: policy.landlock.compatibility
                     == LandlockCompatibility::HardRequirement,
             },
+            proxy: None,
         })
     }
 
@@ -455,6 +459,9 @@ impl Identity {
             return Err(ProcessError::BadWorkdir(workdir.to_owned()));
         }
         let mut full_env = env.clone();
+        if let Some(addr) = &self.proxy {
+            crate::add_proxy_env(&mut full_env, addr);
+        }
         let defaults = [
             (
                 "PATH",
