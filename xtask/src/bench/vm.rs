@@ -89,7 +89,11 @@ pub fn run(ctx: &Ctx) -> Result<()> {
 
     // 1. cold create + exec + destroy, side by side.
     let ours_line = format!("{SANDBOX} --runtime vm --policy {POLICY} -- /bin/true");
-    let bare_argv = bare_qemu(&kernel, &initrd_true, khz, "file:/dev/null");
+    // The peer gets the guest memory our VM gets under the same policy: memory size alone
+    // changes a TCG boot (the kernel initialises a page structure per 4 KiB).
+    let memory_mib = policy_memory_mib(&ctx.root.join(POLICY))?;
+    println!("guest memory (both): {memory_mib} MiB, from {POLICY}");
+    let bare_argv = bare_qemu(&kernel, &initrd_true, khz, memory_mib, "file:/dev/null");
     let bare_line = bare_argv
         .iter()
         .map(|a| {
@@ -129,7 +133,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     ]
     .map(str::to_owned)
     .to_vec();
-    let bare_echo = bare_qemu(&kernel, &initrd_echo, khz, "stdio");
+    let bare_echo = bare_qemu(&kernel, &initrd_echo, khz, memory_mib, "stdio");
     let (mut t_ours, mut t_bare) = (Vec::new(), Vec::new());
     for i in 0..=ctx.runs {
         let a = first_output(&ctx.root, &ours_echo, b"f", b"first")
@@ -293,7 +297,25 @@ pub fn run(ctx: &Ctx) -> Result<()> {
 }
 
 /// The bare boot: the same kernel, the given initramfs, the tuned command line.
-fn bare_qemu(kernel: &Path, initrd: &Path, khz: u64, serial: &str) -> Vec<String> {
+/// `resources.memory_mib` of the benchmark's policy (the vm backend's default, 512, without it).
+fn policy_memory_mib(policy: &Path) -> Result<u64> {
+    let text =
+        fs::read_to_string(policy).with_context(|| format!("cannot read {}", policy.display()))?;
+    let value = text.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("memory_mib:")
+            .map(|v| v.split('#').next().unwrap_or("").trim().to_owned())
+    });
+    match value {
+        Some(v) => v
+            .parse()
+            .with_context(|| format!("{}: memory_mib: {v:?} is not a number", policy.display())),
+        None => Ok(512),
+    }
+}
+
+fn bare_qemu(kernel: &Path, initrd: &Path, khz: u64, memory_mib: u64, serial: &str) -> Vec<String> {
+    let memory = format!("{memory_mib}M");
     let mut argv: Vec<String> = [
         "qemu-system-x86_64",
         "-M",
@@ -303,7 +325,7 @@ fn bare_qemu(kernel: &Path, initrd: &Path, khz: u64, serial: &str) -> Vec<String
         "-cpu",
         "max",
         "-m",
-        "256M",
+        &memory,
         "-nodefaults",
         "-no-user-config",
         "-nographic",
