@@ -217,8 +217,15 @@ pub struct PasswdEntry {
     pub home: PathBuf,
 }
 
-/// Parse `/etc/passwd` text (`name:password:uid:gid:gecos:home:shell`).
-pub fn parse_passwd(root: &Path, text: &str) -> Result<Vec<PasswdEntry>, RootFsError> {
+/// The colon-separated records of a user database file (`path` inside the tree at `root`),
+/// each with at least `fields` fields, and a way to name a bad line.
+fn records<'a, T>(
+    root: &Path,
+    path: &'static str,
+    text: &'a str,
+    fields: usize,
+    mut record: impl FnMut(&[&'a str], &dyn Fn(&str) -> RootFsError) -> Result<T, RootFsError>,
+) -> Result<Vec<T>, RootFsError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() || line.starts_with('#') {
@@ -226,47 +233,39 @@ pub fn parse_passwd(root: &Path, text: &str) -> Result<Vec<PasswdEntry>, RootFsE
         }
         let bad = |reason: &str| RootFsError::Parse {
             root: root.to_owned(),
-            path: "/etc/passwd",
+            path,
             line: i + 1,
             reason: reason.to_owned(),
         };
         let f: Vec<&str> = line.split(':').collect();
-        if f.len() < 7 {
-            return Err(bad("expected 7 fields separated by ':'"));
+        if f.len() < fields {
+            return Err(bad(&format!("expected {fields} fields separated by ':'")));
         }
-        out.push(PasswdEntry {
-            name: f[0].to_owned(),
-            uid: f[2].parse().map_err(|_| bad("uid is not a number"))?,
-            gid: f[3].parse().map_err(|_| bad("gid is not a number"))?,
-            home: PathBuf::from(if f[5].is_empty() { "/" } else { f[5] }),
-        });
+        out.push(record(&f, &bad)?);
     }
     Ok(out)
 }
 
+/// Parse `/etc/passwd` text (`name:password:uid:gid:gecos:home:shell`).
+pub fn parse_passwd(root: &Path, text: &str) -> Result<Vec<PasswdEntry>, RootFsError> {
+    records(root, "/etc/passwd", text, 7, |f, bad| {
+        Ok(PasswdEntry {
+            name: f[0].to_owned(),
+            uid: f[2].parse().map_err(|_| bad("uid is not a number"))?,
+            gid: f[3].parse().map_err(|_| bad("gid is not a number"))?,
+            home: PathBuf::from(if f[5].is_empty() { "/" } else { f[5] }),
+        })
+    })
+}
+
 /// Parse `/etc/group` text (`name:password:gid:members`) into (name, gid).
 pub fn parse_group(root: &Path, text: &str) -> Result<Vec<(String, u32)>, RootFsError> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let bad = |reason: &str| RootFsError::Parse {
-            root: root.to_owned(),
-            path: "/etc/group",
-            line: i + 1,
-            reason: reason.to_owned(),
-        };
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() < 3 {
-            return Err(bad("expected 4 fields separated by ':'"));
-        }
-        out.push((
+    records(root, "/etc/group", text, 3, |f, bad| {
+        Ok((
             f[0].to_owned(),
             f[2].parse().map_err(|_| bad("gid is not a number"))?,
-        ));
-    }
-    Ok(out)
+        ))
+    })
 }
 
 #[cfg(test)]

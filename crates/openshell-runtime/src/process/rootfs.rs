@@ -47,8 +47,9 @@ pub fn process_run_dir() -> PathBuf {
         .join("rootfs")
 }
 
-/// Remove `<run>/<id>` directories of supervisors that no longer exist (their holder normally
-/// removes them; this covers a holder that was killed too).
+/// Remove `<run>/<id>` directories of supervisors that no longer exist (ids start with the
+/// supervisor's pid in hex): the process backend's holder normally removes its own, so this
+/// covers a holder that was killed too; the vm backend's boxes of a SIGKILLed supervisor.
 pub fn collect_stale(run: &Path) {
     let Ok(entries) = std::fs::read_dir(run) else {
         return;

@@ -82,27 +82,6 @@ fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Io { op, source }
 }
 
-/// Remove `run/<id>` directories left by supervisors that no longer exist (one killed with
-/// SIGKILL cannot clean up its own).
-fn collect_stale_boxes(run: &Path) {
-    let Ok(entries) = std::fs::read_dir(run) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .split('-')
-            .next()
-            .and_then(|p| i32::from_str_radix(p, 16).ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
 /// Policy paths left out of the VM, with the reason.
 type Skipped = Vec<(String, String)>;
 
@@ -590,7 +569,8 @@ impl VmSandbox {
         let (identity, launch) = Identity::for_workload(&config, proto::GUEST_PROXY_ADDR)?;
         let id = crate::process::new_sandbox_id();
         let run = guest::guest_dir().join("run");
-        collect_stale_boxes(&run);
+        // Boxes of supervisors killed with SIGKILL (they cannot clean up their own).
+        crate::process::rootfs::collect_stale(&run);
         let box_dir = run.join(&id);
         std::fs::create_dir_all(&box_dir).map_err(io(format!("creating {}", box_dir.display())))?;
         match Self::boot(&id, &box_dir, config, identity, launch, artifacts, decision).await {
