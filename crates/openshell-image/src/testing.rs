@@ -537,3 +537,155 @@ pub fn can_run(test: &str, missing: Option<String>) -> bool {
         }
     }
 }
+
+/// A token-auth front for a registry: `/v2/...` needs `Authorization: Bearer <token>` (else 401
+/// with a `Bearer realm=...` challenge), `/token` hands out the token for HTTP basic
+/// credentials, and authorised requests are relayed to the real registry behind it. This is the
+/// registry token flow (challenge, realm, bearer) without standing up a JWT-signing auth server.
+pub struct TokenFront {
+    host: String,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokens: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+const FRONT_TOKEN: &str = "openshell-test-token";
+
+impl TokenFront {
+    pub fn start(backend: &str, user: &str, password: &str) -> Result<TokenFront, HarnessError> {
+        use base64::Engine;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").map_err(io("binding the token front"))?;
+        let host = format!(
+            "127.0.0.1:{}",
+            listener
+                .local_addr()
+                .map_err(io("token front address"))?
+                .port()
+        );
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let requests = Arc::new(AtomicUsize::new(0));
+        let tokens = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, t, s) = (requests.clone(), tokens.clone(), stop.clone());
+        let backend = backend.to_owned();
+        let realm = format!("http://{host}/token");
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                r.fetch_add(1, Ordering::SeqCst);
+                let (backend, basic, realm, t) =
+                    (backend.clone(), basic.clone(), realm.clone(), t.clone());
+                std::thread::spawn(move || {
+                    let _ = serve_front(conn, &backend, &basic, &realm, &t);
+                });
+            }
+        });
+        Ok(TokenFront {
+            host,
+            requests,
+            tokens,
+            stop,
+        })
+    }
+
+    /// `127.0.0.1:PORT` of the front.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Connections accepted so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Tokens issued so far.
+    pub fn tokens_issued(&self) -> usize {
+        self.tokens.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for TokenFront {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(&self.host);
+    }
+}
+
+fn serve_front(
+    mut conn: TcpStream,
+    backend: &str,
+    basic: &str,
+    realm: &str,
+    tokens: &std::sync::atomic::AtomicUsize,
+) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte)? == 0 || head.len() > 64 * 1024 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_owned();
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let authorization = headers
+        .iter()
+        .find(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.as_str());
+    let reply = |conn: &mut TcpStream, status: &str, extra: &str, body: &str| {
+        write!(
+            conn,
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n{extra}\r\n{body}",
+            body.len()
+        )
+    };
+    if path.starts_with("/token") {
+        if authorization == Some(basic) {
+            tokens.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = format!(r#"{{"token":"{FRONT_TOKEN}","expires_in":300}}"#);
+            return reply(&mut conn, "200 OK", "", &body);
+        }
+        return reply(&mut conn, "401 Unauthorized", "", r#"{"details":"bad credentials"}"#);
+    }
+    if authorization != Some(&format!("Bearer {FRONT_TOKEN}")) {
+        let challenge = format!(
+            "WWW-Authenticate: Bearer realm=\"{realm}\",service=\"openshell-test\"\r\n"
+        );
+        return reply(
+            &mut conn,
+            "401 Unauthorized",
+            &challenge,
+            r#"{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}"#,
+        );
+    }
+    let mut upstream = TcpStream::connect(backend)?;
+    let mut forwarded = format!("{request_line}\r\nHost: {backend}\r\nConnection: close\r\n");
+    for (k, v) in &headers {
+        if !matches!(k.as_str(), "host" | "connection" | "authorization") {
+            forwarded.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    forwarded.push_str("\r\n");
+    upstream.write_all(forwarded.as_bytes())?;
+    std::io::copy(&mut upstream, &mut conn)?;
+    Ok(())
+}

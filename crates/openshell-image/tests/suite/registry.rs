@@ -162,10 +162,12 @@ fn basic_auth_from_a_config_file_or_explicit_credentials() {
     let err = rt
         .block_on(store.ensure(&reference, &with(anonymous)))
         .unwrap_err();
-    assert!(
-        format!("{:#}", anyhow::Error::from(err)).contains("401")
-            || store.list().unwrap().is_empty(),
+    let unauthorized = format!(
+        "{reference}: fetching the manifest from the registry failed: Not authorized: url \
+         http://{}/v2/private/manifests/1",
+        registry.host()
     );
+    assert_eq!(format!("{:#}", anyhow::Error::from(err)), unauthorized);
     assert!(store.list().unwrap().is_empty());
 
     // A wrong explicit password is refused too.
@@ -176,7 +178,8 @@ fn basic_auth_from_a_config_file_or_explicit_credentials() {
         }),
         config_file: None,
     };
-    assert!(rt.block_on(store.ensure(&reference, &with(wrong))).is_err());
+    let err = rt.block_on(store.ensure(&reference, &with(wrong))).unwrap_err();
+    assert_eq!(format!("{:#}", anyhow::Error::from(err)), unauthorized);
     assert!(store.list().unwrap().is_empty());
 
     // A docker-style config.json with a base64 `auth` entry.
@@ -418,4 +421,70 @@ fn the_busybox_and_python_test_images_pull_and_run() {
         ),
         (Some(0), "\"/\"\n".to_owned())
     );
+}
+
+/// The registry token flow: a 401 with a `Bearer realm=...` challenge, a token fetched from the
+/// realm with basic credentials, then bearer requests. The registry behind is the real one; the
+/// realm is the harness's `TokenFront` (see its docs for why not docker-registry's JWT auth).
+#[test]
+fn token_auth_fetches_a_bearer_token_from_the_realm() {
+    let Some(registry) = start("token_auth", &RegistryOptions::default()) else {
+        return;
+    };
+    let rt = rt();
+    rt.block_on(push(
+        &format!("{}/tokened:1", registry.host()),
+        &sample_image("tokened"),
+        None,
+    ))
+    .unwrap();
+    let front =
+        openshell_image::testing::TokenFront::start(registry.host(), "bob", "hunter2").unwrap();
+    let reference = format!("{}/tokened:1", front.host());
+    let home = tempfile::tempdir().unwrap();
+    let store = Store::open(home.path()).unwrap();
+    let opts = |auth: Option<Credentials>| PullOptions {
+        insecure_registries: vec![front.host().to_owned()],
+        auth: AuthOptions {
+            explicit: auth,
+            config_file: Some(home.path().join("none.json")),
+        },
+        ..Default::default()
+    };
+    std::fs::write(home.path().join("none.json"), "{}").unwrap();
+
+    let wrong = Credentials::Basic {
+        username: "bob".into(),
+        password: "wrong".into(),
+    };
+    let err = rt
+        .block_on(store.ensure(&reference, &opts(Some(wrong))))
+        .unwrap_err();
+    assert_eq!(
+        format!("{:#}", anyhow::Error::from(err)),
+        format!(
+            "{reference}: authentication with {} failed: Authentication failure: \
+             {{\"details\":\"bad credentials\"}}",
+            front.host()
+        )
+    );
+    assert_eq!(front.tokens_issued(), 0);
+
+    let right = Credentials::Basic {
+        username: "bob".into(),
+        password: "hunter2".into(),
+    };
+    let image = rt
+        .block_on(store.ensure(&reference, &opts(Some(right))))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(image.rootfs_dir.join("bin/hello")).unwrap(),
+        "tokened"
+    );
+    assert!(front.tokens_issued() >= 1);
+
+    // Cached: a second ensure sends no request at all.
+    let seen = front.requests();
+    rt.block_on(store.ensure(&reference, &opts(None))).unwrap();
+    assert_eq!(front.requests(), seen);
 }
