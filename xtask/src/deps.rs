@@ -20,6 +20,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "static userland for workloads"),
     ("python3", "test servers and scripts"),
     ("openssh-client", "ssh client"),
+    (
+        "docker-registry",
+        "OCI registry on loopback for the image tests and benchmark",
+    ),
+    ("skopeo", "peer image copier for the image benchmark"),
+    ("umoci", "peer image unpacker for the image benchmark"),
     // The binary alone: the `tinyproxy` package also enables a system service.
     (
         "tinyproxy-bin",

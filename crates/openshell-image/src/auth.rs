@@ -124,8 +124,7 @@ pub fn credentials_from_file(path: &Path, registry: &str) -> Result<Credentials,
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(auth.trim())
             .map_err(|_| field_error("auth is not valid base64"))?;
-        let decoded =
-            String::from_utf8(decoded).map_err(|_| field_error("auth is not UTF-8"))?;
+        let decoded = String::from_utf8(decoded).map_err(|_| field_error("auth is not UTF-8"))?;
         let (username, password) = decoded
             .split_once(':')
             .ok_or_else(|| field_error("auth does not decode to username:password"))?;
@@ -189,13 +188,23 @@ mod tests {
     #[test]
     fn bad_entries_name_the_file_and_key() {
         let f = write(r#"{"auths":{"r:1":{"auth":"!!"}}}"#);
-        let e = credentials_from_file(f.path(), "r:1").unwrap_err().to_string();
+        let e = credentials_from_file(f.path(), "r:1")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
-            format!("{}: auths.\"r:1\": auth is not valid base64", f.path().display())
+            format!(
+                "{}: auths.\"r:1\": auth is not valid base64",
+                f.path().display()
+            )
         );
         let f = write(r#"{"auths": [}"#);
-        let e = credentials_from_file(f.path(), "r:1").unwrap_err().to_string();
-        assert!(e.starts_with(&format!("{}: line 1 column", f.path().display())), "{e}");
+        let e = credentials_from_file(f.path(), "r:1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("{}: line 1 column", f.path().display())),
+            "{e}"
+        );
     }
 }

@@ -58,8 +58,13 @@ pub enum PullEvent {
         cached: bool,
     },
     /// Bytes received so far for this blob.
-    BlobProgress { digest: String, bytes: u64 },
-    BlobDone { digest: String },
+    BlobProgress {
+        digest: String,
+        bytes: u64,
+    },
+    BlobDone {
+        digest: String,
+    },
     Unpacking {
         layer: String,
         index: usize,
@@ -97,7 +102,10 @@ pub fn parse_insecure_registry(value: &str) -> Result<String, ImageError> {
         value: value.to_owned(),
     };
     let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
-    port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad)?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(bad)?;
     let host = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
@@ -123,7 +131,9 @@ fn is_loopback(registry: &str) -> bool {
 /// Checks that a digest is `sha256:` and 64 lower-case hex digits (it becomes a file name).
 fn check_digest(reference: &str, digest: &str) -> Result<(), ImageError> {
     let ok = digest.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     });
     if ok {
         Ok(())
@@ -380,9 +390,9 @@ impl Pulling<'_> {
                 let available = entries
                     .iter()
                     .map(|e| {
-                        e.platform
-                            .as_ref()
-                            .map_or("unknown".to_owned(), |p| format!("{}/{}", p.os, p.architecture))
+                        e.platform.as_ref().map_or("unknown".to_owned(), |p| {
+                            format!("{}/{}", p.os, p.architecture)
+                        })
                     })
                     .collect::<Vec<_>>()
                     .join(", ");

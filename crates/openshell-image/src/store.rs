@@ -128,11 +128,12 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| ImageError::Store {
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(
+            |(_, e)| ImageError::Store {
                 path: path.clone(),
                 source: e.into(),
-            })?;
+            },
+        )?;
         Ok(StoreLock { _lock: lock })
     }
 
@@ -289,8 +290,12 @@ impl Store {
                 report.blobs += 1;
             }
         }
-        tracing::info!(event = "image.gc", trees = report.trees, blobs = report.blobs,
-                       "unreferenced image data removed");
+        tracing::info!(
+            event = "image.gc",
+            trees = report.trees,
+            blobs = report.blobs,
+            "unreferenced image data removed"
+        );
         Ok(report)
     }
 }
@@ -316,5 +321,7 @@ pub(crate) fn tempfile_in(dir: &Path) -> Result<(PathBuf, File), ImageError> {
             Err(e) => return Err(io_err(&path)(e)),
         }
     }
-    Err(io_err(dir)(std::io::Error::other("no unique temporary name")))
+    Err(io_err(dir)(std::io::Error::other(
+        "no unique temporary name",
+    )))
 }

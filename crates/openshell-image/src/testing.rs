@@ -46,9 +46,8 @@ pub const REGISTRY_BIN: &str = "docker-registry";
 
 /// Why the registry tests cannot run here, if they cannot.
 pub fn registry_missing() -> Option<String> {
-    let found = std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| d.join(REGISTRY_BIN).is_file())
-    });
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(REGISTRY_BIN).is_file()));
     (!found).then(|| format!("{REGISTRY_BIN} not on PATH: run `cargo xtask deps`"))
 }
 
@@ -73,8 +72,8 @@ impl Registry {
             .tempdir()
             .map_err(io("creating the registry directory"))?;
         let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")
-                .map_err(io("finding a free port"))?;
+            let l =
+                std::net::TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
             l.local_addr().map_err(io("finding a free port"))?.port()
         };
         let host = format!("127.0.0.1:{port}");
@@ -338,11 +337,7 @@ pub async fn push(
             source,
         })?;
     let (bytes, digest) = client
-        .pull_manifest_raw(
-            &r,
-            &auth,
-            &["application/vnd.oci.image.manifest.v1+json"],
-        )
+        .pull_manifest_raw(&r, &auth, &["application/vnd.oci.image.manifest.v1+json"])
         .await
         .map_err(|source| HarnessError::Registry {
             what: format!("reading back {reference_str}"),
@@ -640,7 +635,11 @@ fn serve_front(
     let head = String::from_utf8_lossy(&head).into_owned();
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or_default().to_owned();
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_owned();
     let headers: Vec<(String, String)> = lines
         .filter(|l| !l.is_empty())
         .filter_map(|l| l.split_once(':'))
@@ -664,12 +663,16 @@ fn serve_front(
             let body = format!(r#"{{"token":"{FRONT_TOKEN}","expires_in":300}}"#);
             return reply(&mut conn, "200 OK", "", &body);
         }
-        return reply(&mut conn, "401 Unauthorized", "", r#"{"details":"bad credentials"}"#);
+        return reply(
+            &mut conn,
+            "401 Unauthorized",
+            "",
+            r#"{"details":"bad credentials"}"#,
+        );
     }
     if authorization != Some(&format!("Bearer {FRONT_TOKEN}")) {
-        let challenge = format!(
-            "WWW-Authenticate: Bearer realm=\"{realm}\",service=\"openshell-test\"\r\n"
-        );
+        let challenge =
+            format!("WWW-Authenticate: Bearer realm=\"{realm}\",service=\"openshell-test\"\r\n");
         return reply(
             &mut conn,
             "401 Unauthorized",

@@ -95,7 +95,9 @@ pub fn apply_layer(
     let decoder: Box<dyn Read> = match compression {
         Compression::None => Box::new(blob),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(blob).map_err(UnpackError::Archive)?),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(blob).map_err(UnpackError::Archive)?)
+        }
     };
     let mut hashing = HashingReader {
         inner: decoder,
@@ -199,7 +201,11 @@ fn read_extension<R: Read>(
 }
 
 /// Parses PAX records (`"<len> <key>=<value>\n"`) into `out`.
-fn parse_pax(data: &[u8], name: &str, out: &mut HashMap<String, Vec<u8>>) -> Result<(), UnpackError> {
+fn parse_pax(
+    data: &[u8],
+    name: &str,
+    out: &mut HashMap<String, Vec<u8>>,
+) -> Result<(), UnpackError> {
     let bad = |what: &str| UnpackError::BadPax {
         entry: name.to_owned(),
         what: what.to_owned(),
@@ -235,7 +241,11 @@ fn parse_pax(data: &[u8], name: &str, out: &mut HashMap<String, Vec<u8>>) -> Res
     Ok(())
 }
 
-fn pax_number(pax: &HashMap<String, Vec<u8>>, key: &str, name: &str) -> Result<Option<u64>, UnpackError> {
+fn pax_number(
+    pax: &HashMap<String, Vec<u8>>,
+    key: &str,
+    name: &str,
+) -> Result<Option<u64>, UnpackError> {
     match pax.get(key) {
         None => Ok(None),
         Some(v) => std::str::from_utf8(v)
@@ -273,7 +283,9 @@ fn normalise(raw: &[u8], name: &str) -> Result<PathBuf, UnpackError> {
 }
 
 fn resolve_flags() -> ResolveFlag {
-    ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS
+    ResolveFlag::RESOLVE_BENEATH
+        | ResolveFlag::RESOLVE_NO_SYMLINKS
+        | ResolveFlag::RESOLVE_NO_MAGICLINKS
 }
 
 /// Opens the directory `name` (one component) under `dir` without following a symlink.
@@ -609,7 +621,11 @@ impl Unpacker {
         let mut cur: Option<OwnedFd> = None;
         let mut walked = PathBuf::new();
         let Some(parent) = path.parent() else {
-            return Ok(Some(self.root.try_clone().map_err(|e| UnpackError::io(name, e))?));
+            return Ok(Some(
+                self.root
+                    .try_clone()
+                    .map_err(|e| UnpackError::io(name, e))?,
+            ));
         };
         for component in parent.components() {
             let Component::Normal(c) = component else {
@@ -634,7 +650,11 @@ impl Unpacker {
         }
         match cur {
             Some(fd) => Ok(Some(fd)),
-            None => Ok(Some(self.root.try_clone().map_err(|e| UnpackError::io(name, e))?)),
+            None => Ok(Some(
+                self.root
+                    .try_clone()
+                    .map_err(|e| UnpackError::io(name, e))?,
+            )),
         }
     }
 

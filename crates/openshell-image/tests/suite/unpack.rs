@@ -82,8 +82,7 @@ fn malicious_archives_are_refused_and_write_nothing_outside() {
                 .symlink("a", &outside)
                 .file("a/passwd", 0o644, b"pwned")
                 .finish(),
-            r#"entry "a/passwd": a parent component is a symbolic link or not a directory"#
-                .into(),
+            r#"entry "a/passwd": a parent component is a symbolic link or not a directory"#.into(),
         ),
         (
             "relative symlink escape",
@@ -267,9 +266,13 @@ fn whiteouts_and_opaque_directories_across_two_layers_gzip_and_zstd() {
                 Compression::Gzip => openshell_image::testing::TestLayer::gzip(&tar).data,
                 Compression::Zstd => openshell_image::testing::TestLayer::zstd(&tar).data,
             };
-            let stats =
-                apply_layer(&d.root, blob.as_slice(), compression, Some(&digest_of(&tar)))
-                    .unwrap();
+            let stats = apply_layer(
+                &d.root,
+                blob.as_slice(),
+                compression,
+                Some(&digest_of(&tar)),
+            )
+            .unwrap();
             assert_eq!(stats.diff_id, digest_of(&tar));
         }
         assert_eq!(
