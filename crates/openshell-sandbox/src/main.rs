@@ -2,6 +2,7 @@
 
 mod cli;
 mod egress;
+mod image;
 mod logging;
 mod watch;
 
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let run = match cli.command {
         Some(Command::Seccomp) => return print_seccomp_table(),
+        Some(Command::Image(cmd)) => return run_image(cmd),
         None => cli.run,
     };
     let _guard = match logging::init(
@@ -57,6 +59,24 @@ fn main() -> ExitCode {
                 .and_then(setup_exit_code)
                 .unwrap_or(EXIT_SANDBOX_FAILED);
             ExitCode::from(code)
+        }
+    }
+}
+
+/// `image ...`: logs at the default level on stderr; errors exit 1.
+fn run_image(cmd: cli::ImageCommand) -> ExitCode {
+    let _guard = match logging::init(None, cli::LogFormat::Text, None) {
+        Ok(g) => g,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::from(1);
+        }
+    };
+    match image::run(cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            report_error(&e);
+            ExitCode::from(1)
         }
     }
 }
