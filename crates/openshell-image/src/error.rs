@@ -21,10 +21,12 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{reference}: authentication with {registry} failed")]
+    #[error("{reference}: authentication with {registry} failed{hint}")]
     Auth {
         reference: String,
         registry: String,
+        /// Empty, or a hint for a likely cause.
+        hint: String,
         #[source]
         source: oci_client::errors::OciDistributionError,
     },

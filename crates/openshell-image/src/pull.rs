@@ -192,6 +192,8 @@ struct Pulling<'a> {
     reference: Reference,
     name: String,
     observer: Option<Observer>,
+    /// Whether this registry is spoken to over plain HTTP.
+    insecure: bool,
 }
 
 impl Store {
@@ -204,6 +206,17 @@ impl Store {
         reference: &str,
         options: &PullOptions,
     ) -> Result<PreparedImage, ImageError> {
+        if options.policy != PullPolicy::Always {
+            // Keys of the index are normalised references (which normalise to themselves), and
+            // short forms seen before are remembered as aliases: a cached image is found without
+            // parsing the reference (oci-spec's reference regex costs ~50 ms to build, more than
+            // the rest of a cached start).
+            let name = self.alias(reference)?;
+            if let Some(p) = self.cached_normalised(name.as_deref().unwrap_or(reference))? {
+                tracing::debug!(reference = %reference, digest = %p.digest, "image found in the cache");
+                return Ok(p);
+            }
+        }
         let parsed = parse_reference(reference)?;
         let name = parsed.whole();
         let insecure = options
@@ -262,10 +275,14 @@ impl Store {
             store: self,
             client,
             reference: parsed,
-            name,
+            name: name.clone(),
             observer: options.observer.clone(),
+            insecure: insecure.contains(&registry),
         };
         let result = pulling.run(&options.auth).await;
+        if result.is_ok() && reference != name {
+            self.add_alias(reference, &name)?;
+        }
         drop(lock);
         result
     }
@@ -370,6 +387,13 @@ impl Pulling<'_> {
             .map_err(|source| ImageError::Auth {
                 reference: self.name.clone(),
                 registry: registry.clone(),
+                hint: if is_loopback(&registry) && !self.insecure {
+                    format!(
+                        " (over HTTPS; a plain-HTTP registry needs --insecure-registry {registry})"
+                    )
+                } else {
+                    String::new()
+                },
                 source,
             })?;
 

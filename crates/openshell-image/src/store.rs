@@ -4,6 +4,7 @@
 //! images/                    0700
 //!   lock                     flock: one writer (pull, rm, gc) at a time
 //!   refs.json                reference -> manifest digest, config, layers (written by rename)
+//!   aliases.json             short forms seen (`busybox`) -> normalised reference
 //!   blobs/sha256/<hex>       manifests, configs, layer blobs; verified before they are renamed in
 //!   trees/<manifest hex>/    rootfs/ (the unpacked image) and image.json; renamed in whole
 //!   tmp/                     partial downloads and unpacks (cleared by the next writer)
@@ -196,6 +197,41 @@ impl Store {
         self.write_atomic(&path, &bytes)
     }
 
+    fn aliases(&self) -> Result<BTreeMap<String, String>, ImageError> {
+        let path = self.root.join("aliases.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|source| ImageError::StoreIndex { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// The normalised reference a short form (`busybox`) was resolved to before, if any.
+    pub(crate) fn alias(&self, reference: &str) -> Result<Option<String>, ImageError> {
+        Ok(self.aliases()?.remove(reference))
+    }
+
+    /// Remembers that `reference` normalises to `name`. Call with the lock held.
+    pub(crate) fn add_alias(&self, reference: &str, name: &str) -> Result<(), ImageError> {
+        let mut aliases = self.aliases()?;
+        if aliases.get(reference).map(String::as_str) == Some(name) {
+            return Ok(());
+        }
+        aliases.insert(reference.to_owned(), name.to_owned());
+        self.write_aliases(&aliases)
+    }
+
+    fn write_aliases(&self, aliases: &BTreeMap<String, String>) -> Result<(), ImageError> {
+        let path = self.root.join("aliases.json");
+        let bytes =
+            serde_json::to_vec_pretty(aliases).map_err(|source| ImageError::StoreIndex {
+                path: path.clone(),
+                source,
+            })?;
+        self.write_atomic(&path, &bytes)
+    }
+
     /// The prepared image of a cached reference (already normalised), without any network.
     pub(crate) fn cached_normalised(
         &self,
@@ -261,6 +297,12 @@ impl Store {
 
     fn gc_locked(&self, refs: &BTreeMap<String, RefRecord>) -> Result<GcReport, ImageError> {
         self.clear_tmp()?;
+        let mut aliases = self.aliases()?;
+        let before = aliases.len();
+        aliases.retain(|_, name| refs.contains_key(name));
+        if aliases.len() != before {
+            self.write_aliases(&aliases)?;
+        }
         let mut keep_trees = BTreeSet::new();
         let mut keep_blobs = BTreeSet::new();
         for r in refs.values() {

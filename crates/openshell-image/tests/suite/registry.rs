@@ -71,6 +71,13 @@ fn anonymous_pull_unpacks_and_a_cached_ensure_needs_no_registry() {
     let (digest, _) = rt
         .block_on(push(&reference, &sample_image("v1"), None))
         .unwrap();
+    let short = format!("{}/sample", registry.host());
+    rt.block_on(push(
+        &format!("{short}:latest"),
+        &sample_image("latest"),
+        None,
+    ))
+    .unwrap();
     let home = tempfile::tempdir().unwrap();
     let store = Store::open(home.path()).unwrap();
     let image = rt
@@ -97,8 +104,13 @@ fn anonymous_pull_unpacks_and_a_cached_ensure_needs_no_registry() {
         std::fs::read_to_string(image.rootfs_dir.join("sandbox/data")).unwrap(),
         "data"
     );
+    // A short form is normalised (tag `latest`) and remembered as an alias.
+    let latest = rt
+        .block_on(store.ensure(&short, &options(&registry)))
+        .unwrap();
+    assert_eq!(latest.reference, format!("{short}:latest"));
     let listed: Vec<String> = store.list().unwrap().into_iter().map(|(r, _)| r).collect();
-    assert_eq!(listed, vec![reference.clone()]);
+    assert_eq!(listed, vec![reference.clone(), format!("{short}:latest")]);
 
     // With the registry gone, the cached reference still resolves: no network is needed.
     registry.stop();
@@ -106,6 +118,15 @@ fn anonymous_pull_unpacks_and_a_cached_ensure_needs_no_registry() {
         .block_on(store.ensure(&reference, &options(&registry)))
         .unwrap();
     assert_eq!(again, image);
+    let again = rt
+        .block_on(store.ensure(&short, &options(&registry)))
+        .unwrap();
+    assert_eq!(again, latest);
+    store.remove(&short).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(store.root().join("aliases.json")).unwrap(),
+        "{}"
+    );
     // ...whereas re-resolving it does need the registry, which proves the line above used none.
     let always = PullOptions {
         policy: PullPolicy::Always,
