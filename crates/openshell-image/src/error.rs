@@ -28,14 +28,14 @@ pub enum ImageError {
         /// Empty, or a hint for a likely cause.
         hint: String,
         #[source]
-        source: oci_client::errors::OciDistributionError,
+        source: Box<oci_client::errors::OciDistributionError>,
     },
     #[error("{reference}: fetching {what} from the registry failed")]
     Registry {
         reference: String,
         what: String,
         #[source]
-        source: oci_client::errors::OciDistributionError,
+        source: Box<oci_client::errors::OciDistributionError>,
     },
     #[error(
         "{reference}: {what} {expected} failed digest verification (got {actual}); nothing was \

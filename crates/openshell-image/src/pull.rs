@@ -269,7 +269,7 @@ impl Store {
         .map_err(|source| ImageError::Registry {
             reference: name.clone(),
             what: "a client".into(),
-            source,
+            source: Box::new(source),
         })?;
         let pulling = Pulling {
             store: self,
@@ -322,7 +322,7 @@ impl Pulling<'_> {
         move |source| ImageError::Registry {
             reference: self.name.clone(),
             what,
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -394,7 +394,7 @@ impl Pulling<'_> {
                 } else {
                     String::new()
                 },
-                source,
+                source: Box::new(source),
             })?;
 
         let (bytes, top_digest) = self

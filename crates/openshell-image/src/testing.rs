@@ -32,7 +32,7 @@ pub enum HarnessError {
     Registry {
         what: String,
         #[source]
-        source: oci_client::errors::OciDistributionError,
+        source: Box<oci_client::errors::OciDistributionError>,
     },
 }
 
@@ -334,14 +334,14 @@ pub async fn push(
         .await
         .map_err(|source| HarnessError::Registry {
             what: format!("pushing {reference_str}"),
-            source,
+            source: Box::new(source),
         })?;
     let (bytes, digest) = client
         .pull_manifest_raw(&r, &auth, &["application/vnd.oci.image.manifest.v1+json"])
         .await
         .map_err(|source| HarnessError::Registry {
             what: format!("reading back {reference_str}"),
-            source,
+            source: Box::new(source),
         })?;
     Ok((digest, bytes.len() as u64))
 }
@@ -377,7 +377,7 @@ pub async fn push_index(
         .await
         .map_err(|source| HarnessError::Registry {
             what: format!("pushing the index {reference_str}"),
-            source,
+            source: Box::new(source),
         })?;
     let (_, digest) = client()
         .pull_manifest_raw(
@@ -388,7 +388,7 @@ pub async fn push_index(
         .await
         .map_err(|source| HarnessError::Registry {
             what: format!("reading back {reference_str}"),
-            source,
+            source: Box::new(source),
         })?;
     Ok((digest, digests))
 }
