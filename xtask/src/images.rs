@@ -267,8 +267,24 @@ fn busybox_layer(busybox: &[u8]) -> Result<Tar> {
     l.finish()
 }
 
-/// `package -> SHA256` of the candidate .deb of each package, from the apt index.
+/// `package -> SHA256` of the candidate .deb of each package, from the apt index (refreshed
+/// once with `apt-get update` when it does not know a package).
 fn package_hashes() -> Result<BTreeMap<String, String>> {
+    match package_hashes_once() {
+        Ok(h) => Ok(h),
+        Err(e) => {
+            println!("images: {e:#}; refreshing the apt index");
+            run(Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdin(Stdio::null()))
+            .context("apt-get update")?;
+            package_hashes_once()
+        }
+    }
+}
+
+fn package_hashes_once() -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for pkg in PYTHON_PACKAGES {
         let o = Command::new("apt-cache")
