@@ -70,6 +70,10 @@ pub enum PullEvent {
         index: usize,
         total: usize,
     },
+    /// The image is verified, unpacked and published.
+    Done {
+        digest: String,
+    },
 }
 
 /// A callback that receives [`PullEvent`]s.
@@ -558,6 +562,9 @@ impl Pulling<'_> {
         self.store.write_refs(&refs)?;
         tracing::info!(event = "image.pulled", reference = %self.name, digest = %digest,
                        layers = layers.len(), "image pulled, verified and unpacked");
+        self.emit(PullEvent::Done {
+            digest: digest.clone(),
+        });
         self.store
             .prepared(&self.name, &digest)?
             .ok_or_else(|| ImageError::NotCached {

@@ -6,7 +6,9 @@
 //! - Every parent directory is opened component by component with `openat2(RESOLVE_BENEATH |
 //!   RESOLVE_NO_SYMLINKS)` from a descriptor of the root, and the entry itself is created with
 //!   `*at` calls relative to its parent's descriptor. A symbolic link is created as is, but is
-//!   never followed: a later entry whose parent is a symlink is refused.
+//!   never followed: a later entry whose parent is a symlink is refused. (Layers that builders
+//!   record from an overlay upper directory name real paths, so this refuses no image that
+//!   `docker build` makes; Docker itself would resolve such a parent inside the root instead.)
 //! - Hard links must name an entry already extracted, inside the root, not a directory.
 //! - Whiteouts (`.wh.NAME`) and opaque directories (`.wh..wh..opq`) hide lower layers only, never
 //!   entries of the same layer (the OCI image spec's rule).

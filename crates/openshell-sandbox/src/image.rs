@@ -75,10 +75,8 @@ fn progress_observer() -> openshell_image::Observer {
             }
             PullEvent::Unpacking { index, total, .. } => {
                 bar.set_message(format!("unpacking layer {}/{total}", index + 1));
-                if index + 1 == *total {
-                    bar.finish_and_clear();
-                }
             }
+            PullEvent::Done { .. } => bar.finish_and_clear(),
             _ => {}
         })
     } else {
