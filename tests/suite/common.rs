@@ -26,8 +26,10 @@ pub fn backends() -> Vec<&'static str> {
     list
 }
 
-fn vm_missing() -> Option<String> {
-    let dir = std::env::var_os("OPENSHELL_GUEST_DIR")
+/// The vm guest's artifacts, where the runtime looks for them (`OPENSHELL_GUEST_DIR`, else
+/// `$OPENSHELL_HOME/guest`); a test that moves `OPENSHELL_HOME` passes this on explicitly.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("OPENSHELL_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             let home = std::env::var_os("OPENSHELL_HOME")
@@ -37,7 +39,11 @@ fn vm_missing() -> Option<String> {
                         .join(".local/share/openshell")
                 });
             home.join("guest")
-        });
+        })
+}
+
+fn vm_missing() -> Option<String> {
+    let dir = guest_dir();
     for part in [
         "kernel/current/vmlinux",
         "rootfs/current/openshell/agent",

@@ -6,6 +6,7 @@ mod cleanup;
 mod egress;
 mod filesystem;
 mod identity;
+mod image;
 mod lifecycle;
 mod limits;
 mod network;

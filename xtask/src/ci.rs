@@ -18,6 +18,7 @@ pub fn run_all() -> Result<()> {
     section("cargo xtask test");
     crate::deps::ensure_with(true)?;
     crate::guest::run(&crate::guest::Opts::parse(&[])?)?;
+    crate::images::run_images(false)?;
     test(&[])?;
     println!("\nci: all checks passed");
     Ok(())

@@ -35,6 +35,12 @@ const PACKAGES: &[(&str, &str)] = &[
         "procps",
         "pgrep and kill, used by the ssh tests and benchmark",
     ),
+    (
+        "docker-registry",
+        "OCI registry on loopback for the image tests and benchmark",
+    ),
+    ("skopeo", "peer image copier for the image benchmark"),
+    ("umoci", "peer image unpacker for the image benchmark"),
     // The binary alone: the `tinyproxy` package also enables a system service.
     (
         "tinyproxy-bin",

@@ -10,6 +10,7 @@ mod bench;
 mod ci;
 mod deps;
 mod guest;
+mod images;
 mod util;
 
 use anyhow::{bail, Context, Result};
@@ -25,11 +26,13 @@ commands:
                            virtiofsd, static guest agent, root directory), cached by content hash
                            under $OPENSHELL_GUEST_DIR (see guest/README.md); --force rebuilds,
                            --check then boots the kernel under qemu as a smoke test
+  images [--force]         build the OCI test images (busybox; python from Debian packages) as
+                           OCI layouts under <target>/test-images, cached by content
   bench [NAME...] [--runs N] [--list]
                            build openshell-sandbox in release, then run the named benchmarks
                            (default: all; --list names them) with N runs each (default 100;
                            vm: 20)
-  test [ARGS...]           deps (with --vm), the guest, then
+  test [ARGS...]           deps (with --vm), the guest, the test images, then
                            `cargo test --workspace --all-features [ARGS...]` (the README's command)
   ci                       cargo fmt --check, cargo clippy -D warnings (with and without
                            --all-features), then `cargo xtask test`
@@ -59,6 +62,11 @@ fn run() -> Result<()> {
             let opts = guest::Opts::parse(&rest).context("guest: bad arguments")?;
             guest::run(&opts)
         }
+        "images" => match rest.as_slice() {
+            [] => images::run_images(false),
+            [f] if f == "--force" => images::run_images(true),
+            [other, ..] => bail!("images: unexpected argument {other:?} (options: --force)"),
+        },
         "bench" => {
             let opts = bench::Opts::parse(&rest).context("bench: bad arguments")?;
             bench::run(&opts)
@@ -67,6 +75,7 @@ fn run() -> Result<()> {
             // The whole suite: both backends, so the vm guest is built (cached) first.
             deps::ensure_with(true)?;
             guest::run(&guest::Opts::parse(&[])?)?;
+            images::run_images(false)?;
             ci::test(&rest)
         }
         "ci" => {

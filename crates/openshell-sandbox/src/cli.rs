@@ -25,6 +25,54 @@ pub struct Cli {
 pub enum Command {
     /// Print the seccomp table (each denied system call and why) and exit.
     Seccomp,
+    /// OCI images in the cache ($OPENSHELL_HOME/images, default ~/.local/share/openshell).
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Resolve REF at its registry, then fetch, verify and unpack what is not cached yet.
+    Pull {
+        /// Image reference: [REGISTRY/]REPOSITORY[:TAG][@DIGEST].
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// List the cached images.
+    Ls,
+    /// Forget REF and remove the blobs and trees no other image needs.
+    Rm { reference: String },
+    /// Remove blobs and trees no image needs (and leftovers of interrupted pulls).
+    Gc,
+    /// Print REF's unpacked root directory and config as JSON (pulls it only when not cached).
+    Inspect {
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+}
+
+/// How to reach a registry.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RegistryArgs {
+    /// Speak plain HTTP to this registry, HOST:PORT (repeatable). Meant for registries on
+    /// loopback; any other host is logged as a warning.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registry: Vec<String>,
+
+    /// Docker-style config.json with credentials (`auths`); default $DOCKER_CONFIG/config.json
+    /// or ~/.docker/config.json when present.
+    #[arg(long, value_name = "FILE")]
+    pub registry_config: Option<PathBuf>,
+
+    /// Registry user name (with --password-stdin); overrides the config file.
+    #[arg(long, value_name = "NAME", requires = "password_stdin")]
+    pub username: Option<String>,
+
+    /// Read the registry password from standard input.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
 }
 
 /// The default form: `openshell-sandbox [OPTIONS] [-- COMMAND...]`.
@@ -65,6 +113,16 @@ pub struct RunArgs {
     /// paths are then paths inside the tree.
     #[arg(long, value_name = "DIR")]
     pub rootfs: Option<PathBuf>,
+
+    /// An OCI image as the root filesystem (e.g. `docker.io/library/busybox:1.36`): pulled
+    /// into the cache under $OPENSHELL_HOME when missing, every blob verified; a cached image
+    /// needs no network. Its Env, WorkingDir, User and Entrypoint/Cmd are the defaults, as with
+    /// --rootfs-config. See `openshell-sandbox image --help` for the cache.
+    #[arg(long, value_name = "REF", conflicts_with_all = ["rootfs", "rootfs_config"])]
+    pub image: Option<String>,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 
     /// An OCI image configuration (JSON) whose Env, WorkingDir, User, Entrypoint and Cmd apply
     /// as the defaults of a --rootfs sandbox (the command, --env, --workdir and the policy's

@@ -2,6 +2,7 @@
 
 mod cli;
 mod egress;
+mod image;
 mod logging;
 mod ssh;
 mod watch;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let run = match cli.command {
         Some(Command::Seccomp) => return print_seccomp_table(),
+        Some(Command::Image(cmd)) => return run_image(cmd),
         None => cli.run,
     };
     let _guard = match logging::init(
@@ -58,6 +60,24 @@ fn main() -> ExitCode {
                 .and_then(setup_exit_code)
                 .unwrap_or(EXIT_SANDBOX_FAILED);
             ExitCode::from(code)
+        }
+    }
+}
+
+/// `image ...`: logs at the default level on stderr; errors exit 1.
+fn run_image(cmd: cli::ImageCommand) -> ExitCode {
+    let _guard = match logging::init(None, cli::LogFormat::Text, None) {
+        Ok(g) => g,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::from(1);
+        }
+    };
+    match image::run(cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            report_error(&e);
+            ExitCode::from(1)
         }
     }
 }
@@ -169,8 +189,27 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     for kv in &run.env {
         env.insert(kv.key.clone(), kv.value.clone());
     }
-    let (program, args, env, workdir, root) = match &run.rootfs {
-        Some(dir) => {
+    let (program, args, env, workdir, root) = match (&run.image, &run.rootfs) {
+        (Some(reference), _) => {
+            let options = run
+                .registry
+                .pull_options(openshell_image::PullPolicy::Missing)?;
+            let store = openshell_image::Store::open(&openshell_image::Store::default_home())
+                .context("opening the image cache")?;
+            let prepared = rt
+                .block_on(store.ensure(reference, &options))
+                .with_context(|| format!("--image {reference}"))?;
+            let c = &prepared.config;
+            let defaults = openshell_runtime::ImageDefaults {
+                env: c.env.clone(),
+                working_dir: c.working_dir.clone(),
+                user: c.user.clone(),
+                entrypoint: c.entrypoint.clone(),
+                cmd: c.cmd.clone(),
+            };
+            rootfs_run(prepared.rootfs_dir.clone(), &defaults, &run, env)?
+        }
+        (None, Some(dir)) => {
             let lower = std::fs::canonicalize(dir)
                 .with_context(|| format!("--rootfs {}", dir.display()))?;
             let image = match &run.rootfs_config {
@@ -184,7 +223,7 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
             };
             rootfs_run(lower, &image, &run, env)?
         }
-        None => {
+        (None, None) => {
             // With SSH and no command, the sandbox just stays up for sessions.
             let default_command = ["sleep".to_owned(), "infinity".to_owned()];
             let command = match (run.command.is_empty(), &ssh) {

@@ -7,6 +7,7 @@
 //! writes its figures to `target/bench/<name>.json` and says whether its targets hold. Missing a
 //! target never fails the command; a command that cannot run does.
 
+mod image;
 mod proxy;
 mod rootfs;
 mod spawn;
@@ -68,6 +69,14 @@ const BENCHES: &[Bench] = &[
         about: "exec round trip over a reused ssh connection (ControlMaster): ours vs OpenSSH sshd",
         needs_sandbox: true,
         run: ssh::run,
+    },
+    Bench {
+        name: "image",
+        about: "pull + unpack of the python test image from a loopback registry (cold) and a \
+                warm ensure from the cache, vs skopeo copy + umoci unpack and curl | tar \
+                (10 runs unless --runs)",
+        needs_sandbox: true,
+        run: image::run,
     },
     Bench {
         name: "vm",
@@ -289,7 +298,32 @@ fn round3(x: f64) -> f64 {
 /// all of them side by side in one hyperfine run without a shell, and returns their statistics
 /// in the same order.
 fn hyperfine(ctx: &Ctx, cmds: &[Cmd]) -> Result<Vec<Stats>> {
-    for c in cmds {
+    hyperfine_prepared(ctx, cmds, &[], ctx.runs, ctx.warmup)
+}
+
+/// [`hyperfine`] with a `--prepare` command per command (none, or one for each, in order; run
+/// before each timing run and before the smoke run), and explicit run and warmup counts.
+fn hyperfine_prepared(
+    ctx: &Ctx,
+    cmds: &[Cmd],
+    prepare: &[String],
+    runs: u32,
+    warmup: u32,
+) -> Result<Vec<Stats>> {
+    ensure!(
+        prepare.is_empty() || prepare.len() == cmds.len(),
+        "one prepare command per command, or none"
+    );
+    for (i, c) in cmds.iter().enumerate() {
+        if let Some(p) = prepare.get(i) {
+            smoke(
+                &ctx.root,
+                &Cmd {
+                    name: "prepare",
+                    line: p.clone(),
+                },
+            )?;
+        }
         smoke(&ctx.root, c)?;
     }
 
@@ -300,10 +334,13 @@ fn hyperfine(ctx: &Ctx, cmds: &[Cmd]) -> Result<Vec<Stats>> {
     cmd.current_dir(&ctx.root)
         .stdin(Stdio::null())
         .args(["--shell=none", "--style=basic"])
-        .args(["--warmup", &ctx.warmup.to_string()])
-        .args(["--runs", &ctx.runs.to_string()])
+        .args(["--warmup", &warmup.to_string()])
+        .args(["--runs", &runs.to_string()])
         .arg("--export-json")
         .arg(&json_path);
+    for p in prepare {
+        cmd.args(["--prepare", p]);
+    }
     for c in cmds {
         cmd.args(["--command-name", c.name]);
     }
