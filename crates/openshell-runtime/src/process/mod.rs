@@ -166,6 +166,7 @@ pub(crate) struct Helper {
     stdio: Stdio,
 }
 
+#[cfg(feature = "vm")]
 impl Helper {
     /// The helper's process, once its control socket is of no more use (it exec'd a daemon).
     pub(crate) fn into_child(self) -> tokio::process::Child {
