@@ -1,7 +1,7 @@
 //! The runtime API itself: streaming output, exec into a running sandbox, PTY, signal and kill
 //! from async code.
 
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openshell_policy::Policy;
@@ -10,13 +10,6 @@ use pretty_assertions::assert_eq;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use super::common::*;
-
-fn use_cli_as_helper() {
-    static ONCE: Once = Once::new();
-    // The runtime re-executes a binary that dispatches its helper; this test binary does not,
-    // so point it at the CLI, which does.
-    ONCE.call_once(|| std::env::set_var("OPENSHELL_HELPER_EXE", SANDBOX));
-}
 
 fn kinds() -> Vec<RuntimeKind> {
     backends()
@@ -32,14 +25,6 @@ fn config(s: &Scratch, program: &str, args: &[&str], stdio: StdioMode) -> SpawnC
     c.args = args.iter().map(|a| a.to_string()).collect();
     c.stdio = stdio;
     c
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 #[test]

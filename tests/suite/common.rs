@@ -253,3 +253,19 @@ pub fn pids_with_cmdline(needle: &str) -> Vec<i32> {
     }
     pids
 }
+
+/// Point the runtime at the CLI to re-execute for its helpers: the runtime re-executes a binary
+/// that dispatches its helper, and the test binary does not.
+pub fn use_cli_as_helper() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("OPENSHELL_HELPER_EXE", SANDBOX));
+}
+
+/// A runtime for tests that drive the runtime API directly.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}

@@ -432,13 +432,8 @@ fn exec_into_a_rootfs_sandbox_lands_in_the_same_root() {
     let Some(t) = tree("exec_into_a_rootfs_sandbox_lands_in_the_same_root", "") else {
         return;
     };
-    // The runtime re-executes a binary that dispatches its helper: the CLI.
-    std::env::set_var("OPENSHELL_HELPER_EXE", SANDBOX);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    use_cli_as_helper();
+    let rt = rt();
     let text = std::fs::read_to_string(&t.policy).expect("policy");
     let policy = Arc::new(Policy::from_yaml("policy.yaml", &text).expect("valid"));
     rt.block_on(async {
@@ -688,12 +683,8 @@ fn pty_mode_works_in_a_rootfs_sandbox() {
     let Some(t) = tree("pty_mode_works_in_a_rootfs_sandbox", "") else {
         return;
     };
-    std::env::set_var("OPENSHELL_HELPER_EXE", SANDBOX);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    use_cli_as_helper();
+    let rt = rt();
     let text = std::fs::read_to_string(&t.policy).expect("policy");
     let policy = Arc::new(Policy::from_yaml("policy.yaml", &text).expect("valid"));
     rt.block_on(async {

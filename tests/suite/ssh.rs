@@ -20,6 +20,22 @@ use super::common::*;
 const TOOLS: [&str; 5] = ["ssh", "scp", "sftp", "ssh-keygen", "ssh-agent"];
 const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
 
+/// Whether an ssh test may run: the sandbox can run here and the OpenSSH tools are installed.
+/// A missing tool is a skip, printed, except under `CI=true`, where it fails the test.
+fn ssh_can_run(name: &str) -> bool {
+    if !can_run(name) {
+        return false;
+    }
+    let Some(reason) = tools_missing() else {
+        return true;
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{name}: this machine should have {reason:?} in CI");
+    }
+    eprintln!("SKIP {name}: {reason}");
+    false
+}
+
 /// Why the OpenSSH tools cannot be used here, if they cannot.
 fn tools_missing() -> Option<String> {
     for tool in TOOLS {
@@ -220,14 +236,7 @@ impl Drop for Forward {
 #[test]
 fn ssh_exec_pty_scp_sftp_and_forwards_run_inside_the_sandbox() {
     let name = "ssh_exec_pty_scp_sftp_and_forwards_run_inside_the_sandbox";
-    if !can_run(name) {
-        return;
-    }
-    if let Some(reason) = tools_missing() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{name}: this machine should have {reason:?} in CI");
-        }
-        eprintln!("SKIP {name}: {reason}");
+    if !ssh_can_run(name) {
         return;
     }
     for backend in backends() {
@@ -684,14 +693,7 @@ fn ssh_listen_refuses_bad_keys_and_non_loopback_before_starting() {
 #[test]
 fn an_idle_ssh_connection_is_closed_and_its_process_killed() {
     let name = "an_idle_ssh_connection_is_closed_and_its_process_killed";
-    if !can_run(name) {
-        return;
-    }
-    if let Some(reason) = tools_missing() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{name}: this machine should have {reason:?} in CI");
-        }
-        eprintln!("SKIP {name}: {reason}");
+    if !ssh_can_run(name) {
         return;
     }
     for backend in backends() {
