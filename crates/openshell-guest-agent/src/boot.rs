@@ -43,6 +43,8 @@ pub enum SetupError {
     MountTag { path: String, tag: String },
     #[error("pids_limit must be at least 1")]
     PidsLimit,
+    #[error("memory_limit_mib must be at least 1")]
+    MemoryLimit,
     #[error("mount {path}: creating the mount point")]
     Mkdir {
         path: String,
@@ -74,7 +76,8 @@ impl SetupError {
             SetupError::Hostname(_)
             | SetupError::MountPath(_)
             | SetupError::MountTag { .. }
-            | SetupError::PidsLimit => "validate",
+            | SetupError::PidsLimit
+            | SetupError::MemoryLimit => "validate",
             SetupError::Mkdir { .. } | SetupError::Mount { .. } => "mount",
             SetupError::SetHostname(_) => "hostname",
             SetupError::Cgroup { .. } => "cgroup",
@@ -219,11 +222,22 @@ fn valid_mount_path(p: &str) -> bool {
             .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
+/// The workload cgroup's limits from `Setup`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub pids: Option<u64>,
+    pub memory_mib: Option<u64>,
+}
+
+/// What the guest kernel and the agent keep of the guest's RAM beyond the workload's
+/// `memory.max`, so that a workload at its limit meets a cgroup OOM, not a starved guest.
+const GUEST_RESERVE_KIB: u64 = 48 * 1024;
+
 /// Check a `Setup` request completely before acting on any of it.
 pub fn validate_setup(
     hostname: &str,
     mounts: &[GuestMount],
-    pids_limit: Option<u64>,
+    limits: Limits,
 ) -> Result<(), SetupError> {
     if !valid_hostname(hostname) {
         return Err(SetupError::Hostname(hostname.to_owned()));
@@ -239,8 +253,11 @@ pub fn validate_setup(
             });
         }
     }
-    if pids_limit == Some(0) {
+    if limits.pids == Some(0) {
         return Err(SetupError::PidsLimit);
+    }
+    if limits.memory_mib == Some(0) {
+        return Err(SetupError::MemoryLimit);
     }
     Ok(())
 }
@@ -249,7 +266,7 @@ pub fn validate_setup(
 pub fn setup(
     hostname: &str,
     mounts: &[GuestMount],
-    pids_limit: Option<u64>,
+    limits: Limits,
 ) -> Result<Option<PathBuf>, SetupError> {
     for m in mounts {
         if let Err(source) = std::fs::create_dir_all(&m.path) {
@@ -276,28 +293,86 @@ pub fn setup(
         })?;
     }
     nix::unistd::sethostname(hostname).map_err(SetupError::SetHostname)?;
-    let Some(limit) = pids_limit else {
+    if limits.pids.is_none() && limits.memory_mib.is_none() {
         return Ok(None);
-    };
+    }
     let io = |path: &str| {
         let path = path.to_owned();
         move |source| SetupError::Cgroup { path, source }
     };
     let control = "/sys/fs/cgroup/cgroup.subtree_control";
-    std::fs::write(control, "+pids").map_err(io(control))?;
+    let mut controllers = Vec::new();
+    if limits.pids.is_some() {
+        controllers.push("+pids");
+    }
+    if limits.memory_mib.is_some() {
+        controllers.push("+memory");
+    }
+    std::fs::write(control, controllers.join(" ")).map_err(io(control))?;
     match std::fs::create_dir(WORKLOAD_CGROUP) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io(WORKLOAD_CGROUP)(e)),
     }
-    let max = format!("{WORKLOAD_CGROUP}/pids.max");
-    std::fs::write(&max, limit.to_string()).map_err(io(&max))?;
+    if let Some(limit) = limits.pids {
+        let max = format!("{WORKLOAD_CGROUP}/pids.max");
+        std::fs::write(&max, limit.to_string()).map_err(io(&max))?;
+    }
+    if let Some(mib) = limits.memory_mib {
+        let meminfo = "/proc/meminfo";
+        let text = std::fs::read_to_string(meminfo).map_err(io(meminfo))?;
+        let bytes = memory_max(mib, mem_total_kib(&text));
+        let max = format!("{WORKLOAD_CGROUP}/memory.max");
+        std::fs::write(&max, bytes.to_string()).map_err(io(&max))?;
+    }
     Ok(Some(Path::new(WORKLOAD_CGROUP).join("cgroup.procs")))
+}
+
+/// `MemTotal` of /proc/meminfo, in KiB.
+fn mem_total_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The workload's `memory.max` in bytes: the asked limit, capped at the guest's memory minus
+/// [`GUEST_RESERVE_KIB`] (at least a quarter of it).
+fn memory_max(limit_mib: u64, mem_total_kib: Option<u64>) -> u64 {
+    let asked = limit_mib.saturating_mul(1024 * 1024);
+    match mem_total_kib {
+        Some(total) => {
+            let room = total
+                .saturating_sub(GUEST_RESERVE_KIB)
+                .max(total / 4)
+                .saturating_mul(1024);
+            asked.min(room)
+        }
+        None => asked,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_max_leaves_the_guest_room() {
+        let meminfo = "MemTotal:        1017148 kB\nMemFree:         1001032 kB\n";
+        assert_eq!(mem_total_kib(meminfo), Some(1_017_148));
+        // Under the guest's RAM: as asked.
+        assert_eq!(memory_max(64, Some(1_017_148)), 64 << 20);
+        // The policy's limit is the guest's RAM: capped below it.
+        assert_eq!(
+            memory_max(1024, Some(1_017_148)),
+            (1_017_148 - GUEST_RESERVE_KIB) * 1024
+        );
+        // A tiny guest keeps a quarter for the workload.
+        assert_eq!(memory_max(1024, Some(40_000)), 10_000 * 1024);
+        assert_eq!(memory_max(64, None), 64 << 20);
+        assert_eq!(mem_total_kib("nothing"), None);
+    }
 
     #[test]
     fn validates_setup() {
@@ -306,8 +381,17 @@ mod tests {
             path: path.into(),
             readonly: true,
         };
-        assert!(validate_setup("box-1.local", &[m("s0", "/work/data")], Some(64)).is_ok());
+        let pids = |n| Limits {
+            pids: n,
+            memory_mib: None,
+        };
+        assert!(validate_setup("box-1.local", &[m("s0", "/work/data")], pids(Some(64))).is_ok());
         let long = "x".repeat(65);
+        let no_memory = Limits {
+            pids: None,
+            memory_mib: Some(0),
+        };
+        assert!(validate_setup("h", &[], no_memory).is_err());
         let bad: Vec<(&str, Vec<GuestMount>, Option<u64>)> = vec![
             ("", vec![], None),
             ("a b", vec![], None),
@@ -324,7 +408,15 @@ mod tests {
         ];
         for (host, mounts, pids) in bad {
             assert!(
-                validate_setup(host, &mounts, pids).is_err(),
+                validate_setup(
+                    host,
+                    &mounts,
+                    Limits {
+                        pids,
+                        memory_mib: None
+                    }
+                )
+                .is_err(),
                 "{host:?} {mounts:?} {pids:?}"
             );
         }

@@ -35,43 +35,53 @@ pub async fn send(w: &mut Writer, frame: &Frame) -> bool {
     }
 }
 
+/// Serve one control connection. A successful `Setup` may be followed by one more request on
+/// the same connection: the host sends `Setup` and the workload's `Spawn` back to back on the
+/// connection the agent opened to announce itself (see `linux::announce`), saving a dial and a
+/// round trip at boot. After a failed `Setup` nothing else is read.
 pub async fn serve_connection(ctx: Rc<Ctx>, conn: Box<dyn Io>) {
     let (mut rd, mut wr) = tokio::io::split(conn);
-    let first = match read_frame_async(&mut rd).await {
-        Ok(Some(f)) => f,
-        Ok(None) => return,
-        Err(e) => {
-            diag!("control: bad first frame: {}", chain(&e));
-            return;
-        }
-    };
-    if first.kind != Kind::Json {
-        diag!("control: first frame is {:?}, not a request", first.kind);
+    let Some(mut request) = read_request(&mut rd).await else {
         return;
-    }
-    let request: Request = match first.decode_json() {
-        Ok(r) => r,
-        Err(e) => {
-            diag!("control: bad first frame: {}", chain(&e));
+    };
+    if let Request::Setup {
+        hostname,
+        mounts,
+        pids_limit,
+        memory_limit_mib,
+    } = &request
+    {
+        let limits = boot::Limits {
+            pids: *pids_limit,
+            memory_mib: *memory_limit_mib,
+        };
+        let done = setup(&ctx, hostname, mounts, limits);
+        let reply = match &done {
+            Ok(()) => Frame::json(&Event::Ready),
+            Err(e) => {
+                diag!("setup: {}", chain(e));
+                failed(e.stage(), chain(e))
+            }
+        };
+        if !send(&mut wr, &reply).await || done.is_err() {
+            let _ = wr.shutdown().await;
             return;
         }
-    };
+        request = match read_request(&mut rd).await {
+            Some(Request::Setup { .. }) => {
+                send(&mut wr, &failed("protocol", "setup was already done")).await;
+                return;
+            }
+            Some(next) => next,
+            None => {
+                let _ = wr.shutdown().await;
+                return;
+            }
+        };
+    }
     match request {
-        Request::Setup {
-            hostname,
-            mounts,
-            pids_limit,
-        } => {
-            let reply = match setup(&ctx, &hostname, &mounts, pids_limit) {
-                Ok(()) => Frame::json(&Event::Ready),
-                Err(e) => {
-                    diag!("setup: {}", chain(&e));
-                    failed(e.stage(), chain(&e))
-                }
-            };
-            send(&mut wr, &reply).await;
-            let _ = wr.shutdown().await;
-        }
+        // Only reachable as a first request: handled above.
+        Request::Setup { .. } => {}
         Request::Spawn {
             launch,
             stdio,
@@ -88,20 +98,43 @@ pub async fn serve_connection(ctx: Rc<Ctx>, conn: Box<dyn Io>) {
     }
 }
 
+/// The next request on a connection; `None` at end of file or after a bad frame (logged).
+async fn read_request(rd: &mut Reader) -> Option<Request> {
+    let frame = match read_frame_async(rd).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return None,
+        Err(e) => {
+            diag!("control: bad request frame: {}", chain(&e));
+            return None;
+        }
+    };
+    if frame.kind != Kind::Json {
+        diag!("control: a {:?} frame where a request belongs", frame.kind);
+        return None;
+    }
+    match frame.decode_json() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            diag!("control: bad request: {}", chain(&e));
+            None
+        }
+    }
+}
+
 fn setup(
     ctx: &Ctx,
     hostname: &str,
     mounts: &[openshell_runtime::vm_protocol::GuestMount],
-    pids_limit: Option<u64>,
+    limits: boot::Limits,
 ) -> Result<(), boot::SetupError> {
     if ctx.setup_done.replace(true) {
         return Err(boot::SetupError::Again);
     }
-    boot::validate_setup(hostname, mounts, pids_limit)?;
+    boot::validate_setup(hostname, mounts, limits)?;
     if ctx.test_mode {
         return Ok(());
     }
-    let procs = boot::setup(hostname, mounts, pids_limit)?;
+    let procs = boot::setup(hostname, mounts, limits)?;
     *ctx.cgroup_procs.borrow_mut() = procs;
     Ok(())
 }

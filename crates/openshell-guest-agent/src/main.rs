@@ -247,27 +247,32 @@ mod linux {
             out.flush().context("writing the bound addresses")?;
         }
         diag!("listening: control {control_name}, egress {egress_bound}");
-        if !args.test_mode {
-            // Tell the host the control port is listening (it waits on `<uds>_READY_PORT`
-            // instead of dialling a guest that may not be listening yet).
+        // Tell the host the control port is listening by dialling it: the host sends `Setup`
+        // and the workload's `Spawn` on this very connection (no dial back, no extra round
+        // trip), and dials the control port for every later session.
+        let announce = if args.test_mode {
+            None
+        } else {
             match fdio::vsock_connect(
                 libc::VMADDR_CID_HOST,
                 openshell_runtime::vm_protocol::READY_PORT,
             )
             .await
             {
-                Ok(mut stream) => {
-                    use tokio::io::AsyncWriteExt as _;
-                    let _ = stream.write_all(b"ready\n").await;
-                    let _ = stream.shutdown().await;
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    diag!("could not announce readiness: {e}");
+                    None
                 }
-                Err(e) => diag!("could not announce readiness: {e}"),
             }
-        }
+        };
 
         let reaper_ctx = ctx.clone();
         tokio::task::spawn_local(async move { reaper_ctx.reaper.run(sigchld).await });
         tokio::task::spawn_local(egress::serve(egress_listener, target));
+        if let Some(stream) = announce {
+            tokio::task::spawn_local(control::serve_connection(ctx.clone(), Box::new(stream)));
+        }
 
         loop {
             match listener.accept().await {

@@ -4,7 +4,11 @@
 //!
 //! - **Control** ([`AGENT_PORT`]): the host dials the agent once per session. Its first frame is a
 //!   [`Request`]; the agent answers with [`Event`]s and data frames. One connection carries one
-//!   process (the workload, or one `exec`), or one port forward.
+//!   process (the workload, or one `exec`), or one port forward. A successful
+//!   [`Request::Setup`] may be followed by one more request on its connection.
+//! - **Boot** ([`READY_PORT`]): once its control port listens, the agent dials the host. That
+//!   connection is served like a control connection: the host sends `Setup` and the workload's
+//!   `Spawn` back to back on it, without waiting for the agent in between.
 //! - **Egress** ([`EGRESS_PORT`]): the agent listens on 127.0.0.1:3128 inside the guest and, for
 //!   each connection, dials the host on this port, sends one caller preamble line (see
 //!   `openshell_proxy::identity`) naming the binary it resolved from the guest's /proc, then relays
@@ -24,7 +28,8 @@ use crate::process::protocol::{LaunchPlan, RestrictionReport, WaitReport};
 
 /// vsock port the agent listens on for control connections.
 pub const AGENT_PORT: u32 = 1024;
-/// vsock port on the host (CID 2) the agent dials once, when its control port listens.
+/// vsock port on the host (CID 2) the agent dials once, when its control port listens; the
+/// connection then carries `Setup` and the workload.
 pub const READY_PORT: u32 = 1025;
 /// vsock port on the host (CID 2) the agent dials for egress.
 pub const EGRESS_PORT: u32 = 3128;
@@ -99,6 +104,11 @@ pub enum Request {
         hostname: String,
         mounts: Vec<GuestMount>,
         pids_limit: Option<u64>,
+        /// The workload's memory limit (the policy's `memory_mib`): every spawned process
+        /// joins a cgroup with this `memory.max`, capped below the guest's RAM so the guest
+        /// kernel and the agent keep room (a cgroup OOM, not a whole-guest one).
+        #[serde(default)]
+        memory_limit_mib: Option<u64>,
     },
     /// Start a process. `main`: the workload, whose end powers the VM off.
     Spawn {

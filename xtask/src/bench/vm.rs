@@ -41,6 +41,8 @@ const POLICY: &str = "policies/default.yaml";
 const MARKER: &str = "OPENSHELL-BENCH-FIRST";
 /// What the guest agent prints on the console once it listens.
 const AGENT_LISTENING: &str = "openshell-guest-agent: listening";
+/// The CPU model the runtime's qemu engine gives a TCG guest (`vm::qemu::TCG_CPU`).
+const TCG_CPU: &str = "Nehalem,+rdrand";
 /// Bound of every single boot outside hyperfine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where Debian's busybox-static installs its binary.
@@ -197,17 +199,24 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let mib = |kib: u64| kib as f64 / 1024.0;
     for c in &rss.components {
         println!(
-            "  {:<20} {:>3} proc {:>8.1} MiB  (guest RAM mapped {:>6.1} MiB)",
+            "  {:<20} {:>3} proc {:>8.1} MiB  (guest RAM mapped {:>6.1} MiB; PSS {:>6.1} MiB)",
             c.name,
             c.procs,
             mib(c.rss_kib),
-            mib(c.guest_ram_kib)
+            mib(c.guest_ram_kib),
+            mib(c.pss_kib)
         );
     }
     println!(
         "  {:<20}          {:>8.1} MiB = {total_mb:.1} MB",
         "total",
         mib(rss.total_kib)
+    );
+    println!(
+        "  PSS total: {:.1} MiB = {:.1} MB (shared pages counted once: the guest RAM the daemons \
+         also map, common libraries); the target is judged on the RSS total",
+        mib(rss.pss_total_kib),
+        rss.pss_total_kib as f64 * 1024.0 / 1e6
     );
     println!(
         "  beyond guest memory: {:.1} MiB (total minus the guest RAM pages each process maps; \
@@ -236,6 +245,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
                 serde_json::json!({
                     "processes": c.procs,
                     "rss_kib": c.rss_kib,
+                    "pss_kib": c.pss_kib,
                     "guest_ram_mapped_kib": c.guest_ram_kib,
                 }),
             )
@@ -275,6 +285,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             "components": components,
             "total_kib": rss.total_kib,
             "total_mb": round3(total_mb),
+            "pss_total_kib": rss.pss_total_kib,
             "beyond_guest_memory_kib": rss.beyond_guest_kib,
             "qemu_rss_kib": rss.qemu_rss_kib,
             "qemu_guest_ram_touched_kib": rss.qemu_guest_ram_kib,
@@ -323,7 +334,8 @@ fn bare_qemu(kernel: &Path, initrd: &Path, khz: u64, memory_mib: u64, serial: &s
         "-accel",
         "tcg",
         "-cpu",
-        "max",
+        // The runtime's TCG model (openshell_runtime::vm::qemu::TCG_CPU).
+        TCG_CPU,
         "-m",
         &memory,
         "-nodefaults",
@@ -462,6 +474,7 @@ struct Component {
     name: &'static str,
     procs: usize,
     rss_kib: u64,
+    pss_kib: u64,
     guest_ram_kib: u64,
 }
 
@@ -469,6 +482,9 @@ struct Rss {
     box_id: String,
     components: Vec<Component>,
     total_kib: u64,
+    /// Proportional set sizes: a page shared by several processes (the guest RAM QEMU and the
+    /// daemons map, common libraries) is split between them instead of counted in each.
+    pss_total_kib: u64,
     beyond_guest_kib: u64,
     qemu_rss_kib: u64,
     qemu_guest_ram_kib: u64,
@@ -576,10 +592,12 @@ fn measure_box(pid: u32, run_dir: &Path, child: &mut Child) -> Result<(Rss, Path
             name,
             procs: 0,
             rss_kib: 0,
+            pss_kib: 0,
             guest_ram_kib: 0,
         });
         c.procs += 1;
         c.rss_kib += rss;
+        c.pss_kib += pss_kib(*p).unwrap_or(0);
         c.guest_ram_kib += guest_ram;
     }
     ensure!(
@@ -592,6 +610,7 @@ fn measure_box(pid: u32, run_dir: &Path, child: &mut Child) -> Result<(Rss, Path
         .filter_map(|n| by_name.remove(n))
         .collect();
     let total_kib = components.iter().map(|c| c.rss_kib).sum();
+    let pss_total_kib = components.iter().map(|c| c.pss_kib).sum();
     let mapped: u64 = components.iter().map(|c| c.guest_ram_kib).sum();
     let rss = Rss {
         box_id: box_dir
@@ -600,6 +619,7 @@ fn measure_box(pid: u32, run_dir: &Path, child: &mut Child) -> Result<(Rss, Path
             .unwrap_or_default(),
         components,
         total_kib,
+        pss_total_kib,
         beyond_guest_kib: total_kib - mapped,
         qemu_rss_kib,
         qemu_guest_ram_kib,
@@ -638,6 +658,16 @@ fn box_processes(box_dir: &Path) -> Vec<(u32, &'static str)> {
         out.push((pid, name));
     }
     out
+}
+
+/// `Pss:` of /proc/PID/smaps_rollup, in KiB.
+fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }
 
 fn vm_rss_kib(pid: u32) -> Option<u64> {

@@ -21,6 +21,7 @@ fn setup_is_ready_once() {
             readonly: true,
         }],
         pids_limit: Some(128),
+        memory_limit_mib: Some(256),
     };
     let mut conn = agent.request(&setup);
     assert!(matches!(recv_event(&mut conn), Event::Ready));
@@ -47,6 +48,7 @@ fn invalid_setup_is_refused() {
             readonly: false,
         }],
         pids_limit: None,
+        memory_limit_mib: None,
     });
     match recv_event(&mut conn) {
         Event::Failed { stage, .. } => assert_eq!(stage, "validate"),

@@ -450,7 +450,7 @@ pub fn launch_restricted(
     plan: &LaunchPlan,
     stdio: Option<[RawFd; 3]>,
 ) -> Result<(i32, RestrictionReport), StageError> {
-    let filter = seccomp::compile().map_err(|e| ("seccomp".to_owned(), error_chain(&e)))?;
+    let filter = seccomp::compiled().map_err(|e| ("seccomp".to_owned(), error_chain(&e)))?;
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ("pipe".to_owned(), errno_text(e)))?;
     match sys::fork_single_threaded().map_err(|e| ("fork".to_owned(), errno_text(e)))? {
@@ -464,7 +464,7 @@ pub fn launch_restricted(
                     }
                 }
             }
-            let (stage, message, code) = restrict_and_exec(plan, &filter, &mut report);
+            let (stage, message, code) = restrict_and_exec(plan, filter, &mut report);
             let line =
                 serde_json::to_string(&FromHelper::Failed { stage, message }).unwrap_or_default();
             let _ = writeln!(report, "F{line}");

@@ -32,9 +32,12 @@ pub enum ToHelper {
 /// paths, read-only where the policy says, served by a single virtiofsd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsServerPlan {
-    /// The guest root on the host: the default guest tree, bind-mounted read-only onto itself;
-    /// or, with `root_view`, where the tree's writable view is mounted (`<box>/merged`).
+    /// Where the helper mounts the guest root (in its own namespace): an empty directory that
+    /// gets a tmpfs with `base`'s layout; or, with `root_view`, where the tree's writable view
+    /// is mounted (`<box>/merged`).
     pub root: PathBuf,
+    /// The default guest tree (directories, symlinks and the agent), without `root_view`.
+    pub base: Option<PathBuf>,
     /// A root filesystem (an image tree): its per-sandbox writable view becomes the root.
     pub root_view: Option<RootPlan>,
     /// Parents before children.

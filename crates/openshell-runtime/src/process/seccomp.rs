@@ -286,6 +286,17 @@ fn rules_for(m: Match) -> Result<Vec<SeccompRule>, SeccompError> {
     })
 }
 
+/// The filter, compiled once per process: it does not depend on the policy, and under TCG a
+/// compilation costs a few milliseconds of every launch.
+pub fn compiled() -> Result<&'static CompiledFilter, SeccompError> {
+    static FILTER: std::sync::OnceLock<CompiledFilter> = std::sync::OnceLock::new();
+    if let Some(filter) = FILTER.get() {
+        return Ok(filter);
+    }
+    let filter = compile()?;
+    Ok(FILTER.get_or_init(|| filter))
+}
+
 /// Compile [`DENIED`] into a BPF program (prefix included).
 pub fn compile() -> Result<CompiledFilter, SeccompError> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();

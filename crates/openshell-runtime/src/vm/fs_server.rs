@@ -112,19 +112,85 @@ fn build_tree(plan: &FsServerPlan) -> Result<(), MountFailure> {
                 })?;
             debug!(method = method.name(), "guest root view ready");
         }
-        None => bind(&plan.root, &plan.root, true)?,
+        None => {
+            let base = plan.base.as_deref().ok_or_else(|| {
+                (
+                    "neither a base tree nor a root filesystem".to_owned(),
+                    nix::Error::EINVAL,
+                )
+            })?;
+            tmpfs_root(base, &plan.root)?;
+        }
     }
+    let create = plan.root_view.is_none();
     for b in &plan.binds {
-        let target = target_in(&plan.root, b)?;
+        let target = mount_point(&plan.root, b, create)?;
         bind(&b.source, &target, b.readonly)?;
+    }
+    if plan.root_view.is_none() {
+        // The root itself is read-only; the read-write shares stay writable.
+        let flags =
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        mount(none, &plan.root, none, flags, none)
+            .map_err(|e| (format!("making {} read-only", plan.root.display()), e))?;
     }
     debug!(root = %plan.root.display(), binds = plan.binds.len(), "vm file tree built");
     Ok(())
 }
 
-/// Where `b` goes under `root`. The mount point must be a real directory inside the tree:
-/// a symlink on the way would let the bind land elsewhere.
-fn target_in(root: &Path, b: &FsBind) -> Result<PathBuf, MountFailure> {
+/// The default guest root: a tmpfs on `root`, in this namespace only, with `base`'s layout:
+/// its directories and symlinks recreated, its files bound read-only. Nothing is copied on the
+/// host, and everything goes with the namespace.
+fn tmpfs_root(base: &Path, root: &Path) -> Result<(), MountFailure> {
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=1m,nr_inodes=4096"),
+    )
+    .map_err(|e| (format!("mounting a tmpfs on {}", root.display()), e))?;
+    copy_layout(base, root)
+}
+
+fn copy_layout(from: &Path, to: &Path) -> Result<(), MountFailure> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |what: String| {
+        move |e: std::io::Error| {
+            (
+                what,
+                nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            )
+        }
+    };
+    let entries = std::fs::read_dir(from).map_err(io(format!("reading {}", from.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io(format!("reading {}", from.display())))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let meta = std::fs::symlink_metadata(&src).map_err(io(format!("{}", src.display())))?;
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            let link = std::fs::read_link(&src).map_err(io(format!("{}", src.display())))?;
+            std::os::unix::fs::symlink(&link, &dst)
+                .map_err(io(format!("creating {}", dst.display())))?;
+        } else if ft.is_dir() {
+            std::fs::DirBuilder::new()
+                .mode(meta.permissions().mode() & 0o7777)
+                .create(&dst)
+                .map_err(io(format!("creating {}", dst.display())))?;
+            copy_layout(&src, &dst)?;
+        } else if ft.is_file() {
+            std::fs::File::create(&dst).map_err(io(format!("creating {}", dst.display())))?;
+            bind(&src, &dst, true)?;
+        }
+    }
+    Ok(())
+}
+
+/// Where `b` goes under `root`. The mount point must be a real directory inside the tree: a
+/// symlink on the way would let the bind land elsewhere. With `create`, missing directories
+/// on the way are made (in the helper's tmpfs).
+fn mount_point(root: &Path, b: &FsBind, create: bool) -> Result<PathBuf, MountFailure> {
     let bad = |why: &str| (format!("{}: {why}", b.guest_path), nix::Error::EINVAL);
     let rel = b
         .guest_path
@@ -140,6 +206,14 @@ fn target_in(root: &Path, b: &FsBind) -> Result<PathBuf, MountFailure> {
         match at.symlink_metadata() {
             Ok(m) if m.is_dir() => {}
             Ok(_) => return Err(bad("the mount point is not a directory")),
+            Err(e) if create && e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&at).map_err(|e| {
+                    (
+                        format!("{}: creating {}", b.guest_path, at.display()),
+                        nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                    )
+                })?;
+            }
             Err(e) => {
                 return Err((
                     format!("{}: {}", b.guest_path, at.display()),
@@ -195,7 +269,7 @@ mod tests {
         std::fs::write(root.join("file"), b"").unwrap();
 
         assert_eq!(
-            target_in(&root, &bind_at("/usr/lib")).unwrap(),
+            mount_point(&root, &bind_at("/usr/lib"), false).unwrap(),
             root.join("usr/lib")
         );
         for bad in [
@@ -208,7 +282,19 @@ mod tests {
             "/usr/../etc",
         ] {
             assert!(
-                target_in(&root, &bind_at(bad)).is_err(),
+                mount_point(&root, &bind_at(bad), false).is_err(),
+                "{bad} was accepted as a mount point"
+            );
+        }
+        // Creating: missing directories are made, symlinks and files still refused.
+        assert_eq!(
+            mount_point(&root, &bind_at("/missing/deeper"), true).unwrap(),
+            root.join("missing/deeper")
+        );
+        assert!(root.join("missing/deeper").is_dir());
+        for bad in ["/link/x", "/file/x", "/usr/../etc"] {
+            assert!(
+                mount_point(&root, &bind_at(bad), true).is_err(),
                 "{bad} was accepted as a mount point"
             );
         }

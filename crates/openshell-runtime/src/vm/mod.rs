@@ -340,14 +340,32 @@ async fn start_session(
     mode: StdioMode,
     main: bool,
 ) -> Result<(Session, Stdio), VmError> {
-    let (guest_stdio, stdout, stderr, stdin, caller_stdio) = stdio_plumbing(mode)?;
     let stream = tokio::time::timeout(Duration::from_secs(10), dial_agent(agent))
         .await
         .map_err(|_| {
             VmError::AgentTimeout(Duration::from_secs(10), "no answer to a new session".into())
         })?
         .map_err(io("connecting to the guest agent"))?;
+    open_session(stream, sandbox, launch, mode, main, None).await
+}
+
+/// Start one process on a connected control `stream`, after `setup` when given: both requests
+/// go out at once, and the agent reads the `Spawn` only if the setup succeeded.
+async fn open_session(
+    stream: UnixStream,
+    sandbox: &str,
+    launch: LaunchPlan,
+    mode: StdioMode,
+    main: bool,
+    setup: Option<Request>,
+) -> Result<(Session, Stdio), VmError> {
+    let (guest_stdio, stdout, stderr, stdin, caller_stdio) = stdio_plumbing(mode)?;
     let (mut reader, mut writer) = stream.into_split();
+    if let Some(setup) = &setup {
+        proto::write_frame_async(&mut writer, &Frame::json(setup))
+            .await
+            .map_err(VmError::Frame)?;
+    }
     proto::write_frame_async(
         &mut writer,
         &Frame::json(&Request::Spawn {
@@ -358,6 +376,28 @@ async fn start_session(
     )
     .await
     .map_err(VmError::Frame)?;
+    if setup.is_some() {
+        match proto::read_frame_async(&mut reader)
+            .await
+            .map_err(VmError::Frame)?
+        {
+            Some(f) if f.kind == Kind::Json => {
+                match f.decode_json::<Event>().map_err(VmError::Frame)? {
+                    Event::Ready => {}
+                    Event::Failed { stage, message } => {
+                        return Err(VmError::Process(setup_error(stage, message)))
+                    }
+                    other => {
+                        return Err(VmError::Helper {
+                            what: "guest agent",
+                            message: format!("unexpected answer to setup: {other:?}"),
+                        })
+                    }
+                }
+            }
+            _ => return Err(VmError::AgentLost),
+        }
+    }
     loop {
         let frame = proto::read_frame_async(&mut reader)
             .await
@@ -602,7 +642,12 @@ impl VmSandbox {
                     warn!(event = "sandbox.vm_share_skipped", sandbox = id, %path, %reason, "policy path not shared into the VM");
                 }
                 let root = box_dir.join("root");
-                build_root(&artifacts.rootfs, &root, &shares)?;
+                match decision.engine {
+                    // The fs server mounts a tmpfs root here, in its own namespace.
+                    Engine::Qemu => std::fs::create_dir(&root)
+                        .map_err(io(format!("creating {}", root.display())))?,
+                    Engine::Krun => build_root(&artifacts.rootfs, &root, &shares)?,
+                }
                 (shares, root)
             }
             Some(tree) => {
@@ -677,7 +722,6 @@ impl VmSandbox {
             }
             None => None,
         };
-
         let console = box_dir.join("console.log");
         let (mut vmm, helpers, agent) = match decision.engine {
             Engine::Qemu => {
@@ -711,16 +755,17 @@ impl VmSandbox {
             Engine::Krun => "krun.log",
         });
 
-        // Wait for the agent, bounded, watching the VMM.
+        // Wait for the agent, bounded, watching the VMM. It dials READY_PORT once its control
+        // port listens (dialling the guest earlier can leave a connection that
+        // vhost-device-vsock never answers); that connection then carries the setup and the
+        // workload.
         let boot_limit = Duration::from_secs(60);
         let started = std::time::Instant::now();
-        // The agent announces itself on READY_PORT once its control port listens; dialling
-        // earlier can leave a connection that vhost-device-vsock never answers.
-        loop {
+        let announced = loop {
             tokio::select! {
                 accepted = ready.accept() => {
-                    if accepted.is_ok() {
-                        break;
+                    if let Ok((stream, _)) = accepted {
+                        break stream;
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -736,17 +781,12 @@ impl VmSandbox {
                 vmm.start_kill();
                 return Err(VmError::AgentTimeout(boot_limit, console_tail(&console)));
             }
-        }
+        };
         drop(ready);
-        let mut setup = tokio::time::timeout(Duration::from_secs(10), dial_agent(&agent))
-            .await
-            .map_err(|_| VmError::AgentTimeout(Duration::from_secs(10), console_tail(&console)))?
-            .map_err(io("connecting to the guest agent"))?;
-
         debug!(
             sandbox = id,
             ms = started.elapsed().as_millis() as u64,
-            "guest agent answered"
+            "guest agent announced itself"
         );
         // The qemu engine's single virtio-fs root already holds every share; libkrun gets one
         // device per share, which the agent mounts.
@@ -760,37 +800,19 @@ impl VmSandbox {
                 readonly: s.readonly,
             })
             .collect();
-        proto::write_frame_async(
-            &mut setup,
-            &Frame::json(&Request::Setup {
-                hostname: config.hostname.clone(),
-                mounts,
-                pids_limit: config.resources.pids,
-            }),
+        let setup = Request::Setup {
+            hostname: config.hostname.clone(),
+            mounts,
+            pids_limit: config.resources.pids,
+            memory_limit_mib: config.resources.memory_mib,
+        };
+        let limit = Duration::from_secs(30);
+        let (main, stdio) = tokio::time::timeout(
+            limit,
+            open_session(announced, id, launch, config.stdio, true, Some(setup)),
         )
         .await
-        .map_err(VmError::Frame)?;
-        match proto::read_frame_async(&mut setup)
-            .await
-            .map_err(VmError::Frame)?
-        {
-            Some(f) if f.kind == Kind::Json => {
-                match f.decode_json::<Event>().map_err(VmError::Frame)? {
-                    Event::Ready => {}
-                    Event::Failed { stage, message } => {
-                        return Err(VmError::Process(setup_error(stage, message)))
-                    }
-                    other => {
-                        return Err(VmError::Helper {
-                            what: "guest agent",
-                            message: format!("unexpected answer to setup: {other:?}"),
-                        })
-                    }
-                }
-            }
-            _ => return Err(VmError::AgentLost),
-        }
-        let (main, stdio) = start_session(&agent, id, launch, config.stdio, true).await?;
+        .map_err(|_| VmError::AgentTimeout(limit, console_tail(&console)))??;
         info!(event = "sandbox.started", sandbox = id, runtime = "vm", program = %config.program, "workload started");
         Ok(VmSandbox {
             id: id.to_owned(),
@@ -840,6 +862,7 @@ impl VmSandbox {
                 })
                 .collect(),
             root_view: vm.root_view.clone(),
+            base: vm.root_view.is_none().then(|| artifacts.rootfs.clone()),
             program: artifacts.virtiofsd.clone(),
             args: qemu::virtiofsd_args(&fs_socket, &vm.root),
             log: box_dir.join("virtiofsd.log"),
