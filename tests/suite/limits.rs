@@ -39,6 +39,15 @@ fn memory_limit_kills_a_memory_bomb() {
             stdout(&out),
             stderr(&out)
         );
+        // Only the bomb dies: the shell around it (and, in a VM, the guest) carries on.
+        let script = format!("{PROBE} alloc 1024; echo status=$?");
+        let out = s.run(backend, &[], &["/bin/sh", "-c", &script]);
+        assert_eq!(
+            (backend, code(&out), stdout(&out).trim()),
+            (backend, 0, "status=137"),
+            "{}",
+            stderr(&out)
+        );
         // Under the limit the same program completes.
         let out = s.run(backend, &[], &[PROBE, "alloc", "16"]);
         assert_eq!((backend, code(&out)), (backend, 0), "{}", stderr(&out));
