@@ -793,6 +793,15 @@ fn check(p: &Paths) -> Result<()> {
 /// An uncompressed `newc` cpio archive with `/bin/busybox`, `/init` (a busybox script) and
 /// `/dev/console`, written here so that no `cpio` tool is needed.
 pub(crate) fn newc_archive(busybox: &[u8], init: &[u8]) -> Vec<u8> {
+    newc_archive_with(busybox, init, &[])
+}
+
+/// [`newc_archive`] plus `extra` files (relative paths; their parent directories are added).
+pub(crate) fn newc_archive_with(
+    busybox: &[u8],
+    init: &[u8],
+    extra: &[(String, Vec<u8>)],
+) -> Vec<u8> {
     const DIR: u32 = 0o040755;
     const FILE: u32 = 0o100755;
     const CHR: u32 = 0o020600;
@@ -834,6 +843,26 @@ pub(crate) fn newc_archive(busybox: &[u8], init: &[u8]) -> Vec<u8> {
     entry("dev/console", CHR, b"", (5, 1));
     entry("bin/busybox", FILE, busybox, (0, 0));
     entry("init", FILE, init, (0, 0));
+    let mut dirs: Vec<String> = vec!["bin".into(), "dev".into()];
+    for (path, data) in extra {
+        let mut parent = String::new();
+        for part in path
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map_or(&[][..], |x| x.1)
+        {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(part);
+            if !dirs.contains(&parent) {
+                entry(&parent, DIR, b"", (0, 0));
+                dirs.push(parent.clone());
+            }
+        }
+        entry(path, FILE, data, (0, 0));
+    }
     entry("TRAILER!!!", 0, b"", (0, 0));
     out
 }
@@ -937,6 +966,12 @@ mod tests {
         assert_eq!(a.len() % 4, 0);
         assert!(a.starts_with(b"070701"));
         assert!(a.windows(10).any(|w| w == b"TRAILER!!!"));
+        let b = newc_archive_with(b"BB", b"#!init", &[("usr/bin/x".into(), b"X".to_vec())]);
+        assert_eq!(b.len() % 4, 0);
+        for name in [&b"usr\0"[..], b"usr/bin\0", b"usr/bin/x\0"] {
+            assert!(b.windows(name.len()).any(|w| w == name), "{name:?}");
+        }
+        assert!(b.windows(10).any(|w| w == b"TRAILER!!!"));
     }
 
     #[test]

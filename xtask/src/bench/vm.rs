@@ -1,8 +1,9 @@
 //! `vm`: the microVM backend (qemu engine, TCG on this machine kind) next to a bare
 //! `qemu-system-x86_64 -M microvm` booting the same kernel to the same command.
 //!
-//! - cold create + exec `/bin/true` + destroy, helpers included, against the bare boot of a
-//!   busybox initramfs whose `/init` runs `true` and reboots (one hyperfine run);
+//! - cold create + exec `/bin/true` + destroy, helpers included, against the bare boot of an
+//!   initramfs whose busybox `/init` runs the host's `/bin/true` (with its loader and libc) and
+//!   reboots, and for reference the same with busybox's static `true` (one hyperfine run);
 //! - time to first output: `/bin/echo first` until the first byte on our stdout, against the bare
 //!   boot until its `/init`'s marker appears on the serial console (stdio);
 //! - host RSS of an idle VM (`/bin/sleep 30`, once the guest agent listens): QEMU, every virtiofsd
@@ -68,21 +69,34 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let tmp = ctx.root.join("target/bench/vm-initrd");
     fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let busybox = fs::read(BUSYBOX).with_context(|| format!("cannot read {BUSYBOX}"))?;
+    // The bare boot runs the same programs as ours: the host's /bin/true and /bin/echo, with
+    // their loader and libraries, from the initramfs; busybox only for /init and the reboot.
+    let host_files = host_programs(&["/bin/true", "/bin/echo"])?;
     let initrd_true = tmp.join("true.cpio");
     fs::write(
         &initrd_true,
-        crate::guest::newc_archive(
+        crate::guest::newc_archive_with(
             &busybox,
-            b"#!/bin/busybox sh\n/bin/busybox true\n/bin/busybox reboot -f\n",
+            b"#!/bin/busybox sh\n/bin/true\n/bin/busybox reboot -f\n",
+            &host_files,
         ),
     )?;
     let initrd_echo = tmp.join("echo.cpio");
     fs::write(
         &initrd_echo,
+        crate::guest::newc_archive_with(
+            &busybox,
+            format!("#!/bin/busybox sh\n/bin/echo {MARKER}\n/bin/busybox reboot -f\n").as_bytes(),
+            &host_files,
+        ),
+    )?;
+    // For reference: the same boot with busybox's static `true` (no dynamic loading).
+    let initrd_static = tmp.join("busybox-true.cpio");
+    fs::write(
+        &initrd_static,
         crate::guest::newc_archive(
             &busybox,
-            format!("#!/bin/busybox sh\n/bin/busybox echo {MARKER}\n/bin/busybox reboot -f\n")
-                .as_bytes(),
+            b"#!/bin/busybox sh\n/bin/busybox true\n/bin/busybox reboot -f\n",
         ),
     )?;
 
@@ -95,18 +109,41 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     // changes a TCG boot (the kernel initialises a page structure per 4 KiB).
     let memory_mib = policy_memory_mib(&ctx.root.join(POLICY))?;
     println!("guest memory (both): {memory_mib} MiB, from {POLICY}");
-    let bare_argv = bare_qemu(&kernel, &initrd_true, khz, memory_mib, "file:/dev/null");
-    let bare_line = bare_argv
-        .iter()
-        .map(|a| {
-            if a.contains(' ') {
-                format!("\"{a}\"")
-            } else {
-                a.clone()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ");
+    let shell_line = |argv: Vec<String>| {
+        argv.iter()
+            .map(|a| {
+                if a.contains(' ') {
+                    format!("\"{a}\"")
+                } else {
+                    a.clone()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // The bare boot's host programs must really run from its initramfs (loader, libc): its
+    // /bin/echo has to print the marker once before anything is measured.
+    first_output(
+        &ctx.root,
+        &bare_qemu(&kernel, &initrd_echo, khz, memory_mib, "stdio"),
+        MARKER.as_bytes(),
+        MARKER.as_bytes(),
+    )
+    .context("bare: the host's /bin/echo did not run from the initramfs")?;
+    let bare_line = shell_line(bare_qemu(
+        &kernel,
+        &initrd_true,
+        khz,
+        memory_mib,
+        "file:/dev/null",
+    ));
+    let static_line = shell_line(bare_qemu(
+        &kernel,
+        &initrd_static,
+        khz,
+        memory_mib,
+        "file:/dev/null",
+    ));
     let cmds = [
         Cmd {
             name: "ours",
@@ -116,8 +153,12 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             name: "bare",
             line: bare_line.clone(),
         },
+        Cmd {
+            name: "bare-busybox-true",
+            line: static_line.clone(),
+        },
     ];
-    let [ours, bare] = hyperfine(&ctx, &cmds)?[..] else {
+    let [ours, bare, bare_static] = hyperfine(&ctx, &cmds)?[..] else {
         unreachable!("hyperfine returns one result per command")
     };
 
@@ -178,7 +219,13 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     };
     row("ours", ours);
     row("bare qemu microvm", bare);
+    row("bare, busybox true", bare_static);
     println!("  ratio ours/bare: {ratio:.2} (median), {ratio_p95:.2} (p95)");
+    println!(
+        "  (bare runs the host's /bin/true with its loader and libc from an initramfs; the \
+         busybox row runs busybox's static `true` instead: ratio {:.2})",
+        ours.median_ms / bare_static.median_ms
+    );
     println!(
         "  target ratio <= {TARGET_RATIO:.1}: {} ({ratio:.2})",
         verdict(ratio_ok)
@@ -263,6 +310,11 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         "cold": {
             "ours": { "command": ours_line, "stats": ours.to_json() },
             "bare": { "command": bare_line, "stats": bare.to_json() },
+            "bare_busybox_true": {
+                "command": static_line,
+                "stats": bare_static.to_json(),
+                "ratio_median": round3(ours.median_ms / bare_static.median_ms),
+            },
             "ratio_median": round3(ratio),
             "ratio_p95": round3(ratio_p95),
         },
@@ -308,6 +360,40 @@ pub fn run(ctx: &Ctx) -> Result<()> {
 }
 
 /// The bare boot: the same kernel, the given initramfs, the issue's tuned command line.
+/// `programs` and the shared objects `ldd` names for them, as initramfs entries at their
+/// absolute paths (the programs themselves at the path given, e.g. `bin/true`).
+fn host_programs(programs: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let add = |path: &str, files: &mut Vec<(String, Vec<u8>)>| -> Result<()> {
+        let rel = path.trim_start_matches('/').to_owned();
+        if files.iter().any(|(p, _)| *p == rel) {
+            return Ok(());
+        }
+        let data = fs::read(path).with_context(|| format!("cannot read {path}"))?;
+        files.push((rel, data));
+        Ok(())
+    };
+    for program in programs {
+        add(program, &mut files)?;
+        let out = Command::new("ldd")
+            .arg(program)
+            .output()
+            .with_context(|| format!("cannot run ldd {program}"))?;
+        ensure!(out.status.success(), "ldd {program} failed");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            };
+            if let Some(path) = path.filter(|p| p.starts_with('/')) {
+                add(path, &mut files)?;
+            }
+        }
+    }
+    Ok(files)
+}
+
 /// `resources.memory_mib` of the benchmark's policy (the vm backend's default, 512, without it).
 fn policy_memory_mib(policy: &Path) -> Result<u64> {
     let text =
