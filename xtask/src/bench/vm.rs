@@ -54,6 +54,9 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let paths = guest::paths()?;
     let kernel = fs::canonicalize(&paths.kernel)
         .with_context(|| format!("no guest kernel at {}", paths.kernel.display()))?;
+    // The bare peer runs the QEMU binary our VMs run.
+    let qemu = fs::canonicalize(&paths.qemu)
+        .with_context(|| format!("no QEMU at {}", paths.qemu.display()))?;
     let run_dir = paths.root.join("run");
 
     let ctx = Ctx {
@@ -93,7 +96,14 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     // changes a TCG boot (the kernel initialises a page structure per 4 KiB).
     let memory_mib = policy_memory_mib(&ctx.root.join(POLICY))?;
     println!("guest memory (both): {memory_mib} MiB, from {POLICY}");
-    let bare_argv = bare_qemu(&kernel, &initrd_true, khz, memory_mib, "file:/dev/null");
+    let bare_argv = bare_qemu(
+        &qemu,
+        &kernel,
+        &initrd_true,
+        khz,
+        memory_mib,
+        "file:/dev/null",
+    );
     let bare_line = bare_argv
         .iter()
         .map(|a| {
@@ -133,7 +143,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     ]
     .map(str::to_owned)
     .to_vec();
-    let bare_echo = bare_qemu(&kernel, &initrd_echo, khz, memory_mib, "stdio");
+    let bare_echo = bare_qemu(&qemu, &kernel, &initrd_echo, khz, memory_mib, "stdio");
     let (mut t_ours, mut t_bare) = (Vec::new(), Vec::new());
     for i in 0..=ctx.runs {
         let a = first_output(&ctx.root, &ours_echo, b"f", b"first")
@@ -314,28 +324,36 @@ fn policy_memory_mib(policy: &Path) -> Result<u64> {
     }
 }
 
-fn bare_qemu(kernel: &Path, initrd: &Path, khz: u64, memory_mib: u64, serial: &str) -> Vec<String> {
+fn bare_qemu(
+    qemu: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    khz: u64,
+    memory_mib: u64,
+    serial: &str,
+) -> Vec<String> {
     let memory = format!("{memory_mib}M");
-    let mut argv: Vec<String> = [
-        "qemu-system-x86_64",
-        "-M",
-        "microvm,x-option-roms=off,rtc=on,acpi=off",
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-        "-m",
-        &memory,
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        serial,
-        "-kernel",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let mut argv: Vec<String> = vec![qemu.display().to_string()];
+    argv.extend(
+        [
+            "-M",
+            "microvm,x-option-roms=off,rtc=on,acpi=off",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            &memory,
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            serial,
+            "-kernel",
+        ]
+        .map(str::to_owned),
+    );
     argv.push(kernel.display().to_string());
     argv.push("-initrd".into());
     argv.push(initrd.display().to_string());
