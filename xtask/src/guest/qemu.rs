@@ -281,8 +281,13 @@ pub fn build(root: &Path, force: bool) -> Result<()> {
         "strip",
         Command::new("strip").arg("-o").arg(&tmp).arg(&built),
     )?;
-    verify(&tmp)
-        .with_context(|| format!("{} is not what the qemu engine needs", built.display()))?;
+    if let Err(e) = verify(&tmp) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e.context(format!(
+            "{} is not what the qemu engine needs",
+            built.display()
+        )));
+    }
     fs::rename(&tmp, &bin)?;
     let info = format!(
         "{header}configure {}\npatches {}\n",
@@ -487,6 +492,17 @@ mod tests {
             .contains(&"--target-list=x86_64-softmmu".to_owned()));
         assert_eq!(recipe.devices_name, "openshell-microvm");
         assert!(!recipe.patches.is_empty());
+    }
+
+    #[test]
+    fn verify_names_what_a_binary_lacks() {
+        let err = verify(Path::new("/bin/true")).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "`qemu-system-x86_64 -M help` (exit status: 0) does not offer \"microvm \""
+            ),
+            "{err}"
+        );
     }
 
     #[test]

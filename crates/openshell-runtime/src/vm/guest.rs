@@ -85,3 +85,55 @@ impl Artifacts {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    /// A guest dir with every artifact present as an empty file, except those named in `skip`.
+    fn guest_dir_without(skip: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for part in [
+            "kernel/current/vmlinux",
+            "qemu/current/qemu-system-x86_64",
+            "rootfs/current/openshell/agent",
+            "helpers/bin/vhost-device-vsock",
+            "helpers/bin/virtiofsd",
+        ] {
+            if !skip.contains(&part) {
+                let path = dir.path().join(part);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, b"").unwrap();
+            }
+        }
+        dir
+    }
+
+    #[test]
+    fn qemu_is_the_guest_dirs_own() {
+        let dir = guest_dir_without(&[]);
+        let found = Artifacts::locate_in(dir.path()).unwrap();
+        assert_eq!(
+            found.qemu,
+            dir.path().join("qemu/current/qemu-system-x86_64")
+        );
+        assert_eq!(found.kernel, dir.path().join("kernel/current/vmlinux"));
+    }
+
+    #[test]
+    fn a_missing_qemu_is_an_error_naming_the_build() {
+        // No fallback: where Debian's qemu-system-x86 is installed (as on the dev machine),
+        // /usr/bin/qemu-system-x86_64 is on PATH and still not used.
+        let dir = guest_dir_without(&["qemu/current/qemu-system-x86_64"]);
+        let err = Artifacts::locate_in(dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "QEMU not found at {}; build the guest with `cargo xtask guest` (or set \
+                 OPENSHELL_GUEST_DIR)",
+                dir.path().join("qemu/current/qemu-system-x86_64").display()
+            )
+        );
+    }
+}
