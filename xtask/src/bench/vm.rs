@@ -333,27 +333,27 @@ fn bare_qemu(
     serial: &str,
 ) -> Vec<String> {
     let memory = format!("{memory_mib}M");
-    let mut argv: Vec<String> = vec![qemu.display().to_string()];
-    argv.extend(
-        [
-            "-M",
-            "microvm,x-option-roms=off,rtc=on,acpi=off",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            &memory,
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            serial,
-            "-kernel",
-        ]
-        .map(str::to_owned),
-    );
+    let qemu = qemu.display().to_string();
+    let mut argv: Vec<String> = [
+        qemu.as_str(),
+        "-M",
+        "microvm,x-option-roms=off,rtc=on,acpi=off",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-m",
+        &memory,
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        serial,
+        "-kernel",
+    ]
+    .map(str::to_owned)
+    .to_vec();
     argv.push(kernel.display().to_string());
     argv.push("-initrd".into());
     argv.push(initrd.display().to_string());
@@ -700,4 +700,21 @@ fn qemu_mem_mib(pid: u32) -> Option<u64> {
         .collect();
     let m = args.iter().position(|a| a == "-m")?;
     args.get(m + 1)?.trim_end_matches(['M', 'm']).parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bare_peer_runs_the_qemu_it_is_given() {
+        let qemu = Path::new("/g/qemu/0123/qemu-system-x86_64");
+        let argv = bare_qemu(qemu, Path::new("/k"), Path::new("/i"), 1000, 512, "stdio");
+        assert_eq!(argv[0], "/g/qemu/0123/qemu-system-x86_64");
+        let at = |flag: &str| &argv[argv.iter().position(|a| a == flag).unwrap() + 1];
+        assert_eq!(
+            (at("-kernel"), at("-initrd"), at("-m")),
+            (&"/k".to_owned(), &"/i".to_owned(), &"512M".to_owned())
+        );
+    }
 }
