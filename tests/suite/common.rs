@@ -46,6 +46,7 @@ fn vm_missing() -> Option<String> {
     let dir = guest_dir();
     for part in [
         "kernel/current/vmlinux",
+        "qemu/current/qemu-system-x86_64",
         "rootfs/current/openshell/agent",
         "helpers/bin/virtiofsd",
         "helpers/bin/vhost-device-vsock",

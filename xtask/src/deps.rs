@@ -59,11 +59,25 @@ pub const VM_PACKAGES: &[(&str, &str)] = &[
     ("make", "kernel build"),
     ("gcc", "kernel build"),
     (
-        "qemu-system-x86",
-        "qemu engine (qemu-system-x86_64 -M microvm)",
+        "qemu-system-data",
+        "bios-microvm.bin for -M microvm; its version is the qemu source built",
     ),
+    ("dpkg-dev", "qemu build: dpkg-source, for apt-get source"),
+    ("patch", "qemu build: guest/qemu/*.patch"),
+    ("python3", "qemu build: configure and meson"),
+    ("meson", "qemu build"),
+    ("ninja-build", "qemu build"),
+    ("pkgconf", "qemu build"),
+    ("libglib2.0-dev", "qemu build (linked statically)"),
+    ("libpixman-1-dev", "qemu build (linked statically)"),
+    ("zlib1g-dev", "qemu build (linked statically)"),
+    ("libfdt-dev", "qemu build (linked statically)"),
+    ("binutils", "qemu build: strip"),
     ("busybox-static", "guest rootfs diagnostics and boot check"),
-    ("libseccomp-dev", "virtiofsd build"),
+    (
+        "libseccomp-dev",
+        "virtiofsd build; qemu build (linked statically)",
+    ),
     ("libcap-ng-dev", "virtiofsd build"),
     ("file", "checks that the guest agent is static"),
 ];
@@ -163,6 +177,23 @@ pub fn version(pkg: &str) -> Result<String> {
     let v = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     if !out.status.success() || v.is_empty() || !installed(pkg)? {
         bail!("package {pkg} is not installed (run `cargo xtask deps --vm`)");
+    }
+    Ok(v)
+}
+
+/// The version of the source package an installed Debian package was built from (without a
+/// binNMU suffix), as `dpkg-query` reports it.
+pub fn source_version(pkg: &str) -> Result<String> {
+    version(pkg)?;
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${source:Version}", pkg])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run dpkg-query for {pkg}"))?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || v.is_empty() {
+        bail!("dpkg-query reports no source version for {pkg}");
     }
     Ok(v)
 }

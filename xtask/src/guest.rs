@@ -5,6 +5,8 @@
 //! Parts, in build order:
 //! - `kernel`: `kernel/<hash>/vmlinux`, from Debian's `linux-source-6.12` and the config fragment
 //!   `guest/kernel/openshell-6.12.config`.
+//! - `qemu`: `qemu/<hash>/qemu-system-x86_64`, a minimal static QEMU from Debian's qemu source
+//!   with the flags, device config and patches in `guest/qemu/` (see [`qemu`]).
 //! - `helpers`: `helpers/bin/{vhost-device-vsock,virtiofsd}` via `cargo install --root`.
 //! - `agent`: `agent/<hash>/openshell-guest-agent`, static, from the workspace crate.
 //! - `rootfs`: `rootfs/<hash>/`, a minimal root directory with the agent and busybox.
@@ -21,6 +23,8 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::deps;
 use crate::util::{self, cargo, display, project_root};
+
+mod qemu;
 
 /// The kernel config fragment, relative to the workspace root.
 const KERNEL_FRAGMENT: &str = "guest/kernel/openshell-6.12.config";
@@ -72,6 +76,7 @@ const BOOT_MARKER: &str = "OPENSHELL-GUEST-BOOT-OK";
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Part {
     Kernel,
+    Qemu,
     Helpers,
     Agent,
     Rootfs,
@@ -81,10 +86,11 @@ impl Part {
     fn parse(s: &str) -> Result<Part> {
         Ok(match s {
             "kernel" => Part::Kernel,
+            "qemu" => Part::Qemu,
             "helpers" => Part::Helpers,
             "agent" => Part::Agent,
             "rootfs" => Part::Rootfs,
-            _ => bail!("--only: expected kernel, helpers, agent or rootfs, got {s:?}"),
+            _ => bail!("--only: expected kernel, qemu, helpers, agent or rootfs, got {s:?}"),
         })
     }
 }
@@ -146,6 +152,7 @@ pub fn guest_dir() -> Result<PathBuf> {
 pub struct Paths {
     pub root: PathBuf,
     pub kernel: PathBuf,
+    pub qemu: PathBuf,
     pub vsock: PathBuf,
     pub virtiofsd: PathBuf,
     pub agent: PathBuf,
@@ -157,6 +164,7 @@ pub fn paths() -> Result<Paths> {
     let root = guest_dir()?;
     Ok(Paths {
         kernel: root.join("kernel/current/vmlinux"),
+        qemu: root.join("qemu/current").join(qemu::BINARY),
         vsock: root.join("helpers/bin").join(VSOCK_CRATE.0),
         virtiofsd: root.join("helpers/bin").join(VIRTIOFSD_CRATE.0),
         agent: root.join("agent/current").join(AGENT),
@@ -183,6 +191,9 @@ pub fn run(opts: &Opts) -> Result<()> {
     };
     if opts.wants(Part::Kernel) {
         part("kernel", &mut || kernel(&p.root, opts.force));
+    }
+    if opts.wants(Part::Qemu) {
+        part("qemu", &mut || qemu::build(&p.root, opts.force));
     }
     if opts.wants(Part::Helpers) {
         part("helpers", &mut || helpers(&p.root, opts.force));
@@ -218,8 +229,8 @@ pub fn run(opts: &Opts) -> Result<()> {
         layout(&p)
     );
     if opts.check {
-        if failed.contains(&"kernel") {
-            eprintln!("guest: check: SKIPPED: the kernel failed to build");
+        if let Some(part) = failed.iter().find(|f| ["kernel", "qemu"].contains(f)) {
+            eprintln!("guest: check: SKIPPED: the {part} failed to build");
         } else {
             check(&p)?;
         }
@@ -251,12 +262,14 @@ fn layout(p: &Paths) -> String {
     format!(
         "guest layout ($OPENSHELL_GUEST_DIR = {}):\n  \
          kernel     {}\n  \
+         qemu       {}\n  \
          vsock      {}\n  \
          virtiofsd  {}\n  \
          agent      {}\n  \
          rootfs     {}",
         p.root.display(),
         show(&p.kernel),
+        show(&p.qemu),
         show(&p.vsock),
         show(&p.virtiofsd),
         show(&p.agent),
@@ -387,8 +400,19 @@ fn dropped_options(fragment: &str, config: &str) -> Vec<String> {
 /// Runs one build step with its output appended to the log, printing a progress line every
 /// [`PROGRESS_EVERY`] with the log's last line. On failure, prints the log's tail.
 fn step(name: &str, cmd: &mut Command, log: &fs::File, log_path: &Path) -> Result<()> {
+    step_in("kernel", name, cmd, log, log_path)
+}
+
+/// [`step`] for the part named `part` (the prefix of its progress lines).
+fn step_in(
+    part: &str,
+    name: &str,
+    cmd: &mut Command,
+    log: &fs::File,
+    log_path: &Path,
+) -> Result<()> {
     let shown = display(cmd);
-    println!("guest: kernel: {name}: $ {shown}");
+    println!("guest: {part}: {name}: $ {shown}");
     let mut l = log.try_clone()?;
     writeln!(l, "\n### {name}: $ {shown}")?;
     let t = Instant::now();
@@ -406,7 +430,7 @@ fn step(name: &str, cmd: &mut Command, log: &fs::File, log_path: &Path) -> Resul
         if t.elapsed() >= next {
             next += PROGRESS_EVERY;
             println!(
-                "guest: kernel: {name}: {:>4}s  {}",
+                "guest: {part}: {name}: {:>4}s  {}",
                 t.elapsed().as_secs(),
                 last_line(log_path).unwrap_or_default()
             );
@@ -425,7 +449,7 @@ fn step(name: &str, cmd: &mut Command, log: &fs::File, log_path: &Path) -> Resul
         );
     }
     println!(
-        "guest: kernel: {name}: done in {:.1}s",
+        "guest: {part}: {name}: done in {:.1}s",
         t.elapsed().as_secs_f64()
     );
     Ok(())
@@ -664,13 +688,18 @@ fn rootfs(root: &Path, agent_hash: &str, force: bool) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // boot check
 
-/// Boots the kernel under `qemu-system-x86_64 -M microvm` with a tiny initramfs whose `/init`
+/// Boots the kernel under our `qemu-system-x86_64 -M microvm` with a tiny initramfs whose `/init`
 /// prints [`BOOT_MARKER`] and reboots (which, with `reboot=t` and `-no-reboot`, ends QEMU).
 fn check(p: &Paths) -> Result<()> {
     ensure!(
         p.kernel.is_file(),
         "no kernel at {} (run `cargo xtask guest --only kernel`)",
         p.kernel.display()
+    );
+    ensure!(
+        p.qemu.is_file(),
+        "no QEMU at {} (run `cargo xtask guest --only qemu`)",
+        p.qemu.display()
     );
     let tmp = p.root.join(format!(".check-{}", std::process::id()));
     fs::create_dir_all(&tmp)?;
@@ -689,7 +718,7 @@ fn check(p: &Paths) -> Result<()> {
         "console=ttyS0 reboot=t panic=-1 noapictimer no_timer_check tsc=reliable \
          tsc_early_khz={khz}"
     );
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = Command::new(&p.qemu);
     cmd.args([
         "-M",
         "microvm,x-option-roms=off,rtc=on,acpi=off",
@@ -714,7 +743,9 @@ fn check(p: &Paths) -> Result<()> {
     println!("guest: check: $ {}", display(&cmd));
 
     let t = Instant::now();
-    let mut child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", p.qemu.display()))?;
     let (tx, rx) = mpsc::channel();
     let stdout = child.stdout.take().context("no stdout")?;
     let stderr = child.stderr.take().context("no stderr")?;

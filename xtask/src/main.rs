@@ -21,9 +21,10 @@ usage: cargo xtask <COMMAND>
 commands:
   deps [--vm]              install the Debian packages tests and benchmarks need (when missing);
                            --vm adds those of the microVM backend (kernel build, qemu, helpers)
-  guest [--force] [--only kernel|helpers|agent|rootfs] [--check]
-                           build what the vm backend needs (guest kernel, vhost-device-vsock and
-                           virtiofsd, static guest agent, root directory), cached by content hash
+  guest [--force] [--only kernel|qemu|helpers|agent|rootfs] [--check]
+                           build what the vm backend needs (guest kernel, minimal static QEMU,
+                           vhost-device-vsock and virtiofsd, static guest agent, root directory),
+                           cached by content hash
                            under $OPENSHELL_GUEST_DIR (see guest/README.md); --force rebuilds,
                            --check then boots the kernel under qemu as a smoke test
   images [--force]         build the OCI test images (busybox; python from Debian packages) as

@@ -57,6 +57,9 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let paths = guest::paths()?;
     let kernel = fs::canonicalize(&paths.kernel)
         .with_context(|| format!("no guest kernel at {}", paths.kernel.display()))?;
+    // The bare peer runs the QEMU binary our VMs run.
+    let qemu = fs::canonicalize(&paths.qemu)
+        .with_context(|| format!("no QEMU at {}", paths.qemu.display()))?;
     let run_dir = paths.root.join("run");
 
     let ctx = Ctx {
@@ -125,12 +128,13 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     // /bin/echo has to print the marker once before anything is measured.
     first_output(
         &ctx.root,
-        &bare_qemu(&kernel, &initrd_echo, khz, memory_mib, "stdio"),
+        &bare_qemu(&qemu, &kernel, &initrd_echo, khz, memory_mib, "stdio"),
         MARKER.as_bytes(),
         MARKER.as_bytes(),
     )
     .context("bare: the host's /bin/echo did not run from the initramfs")?;
     let bare_line = shell_line(bare_qemu(
+        &qemu,
         &kernel,
         &initrd_true,
         khz,
@@ -138,6 +142,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         "file:/dev/null",
     ));
     let static_line = shell_line(bare_qemu(
+        &qemu,
         &kernel,
         &initrd_static,
         khz,
@@ -176,7 +181,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     ]
     .map(str::to_owned)
     .to_vec();
-    let bare_echo = bare_qemu(&kernel, &initrd_echo, khz, memory_mib, "stdio");
+    let bare_echo = bare_qemu(&qemu, &kernel, &initrd_echo, khz, memory_mib, "stdio");
     let (mut t_ours, mut t_bare) = (Vec::new(), Vec::new());
     for i in 0..=ctx.runs {
         let a = first_output(&ctx.root, &ours_echo, b"f", b"first")
@@ -411,10 +416,18 @@ fn policy_memory_mib(policy: &Path) -> Result<u64> {
     }
 }
 
-fn bare_qemu(kernel: &Path, initrd: &Path, khz: u64, memory_mib: u64, serial: &str) -> Vec<String> {
+fn bare_qemu(
+    qemu: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    khz: u64,
+    memory_mib: u64,
+    serial: &str,
+) -> Vec<String> {
     let memory = format!("{memory_mib}M");
+    let qemu = qemu.display().to_string();
     let mut argv: Vec<String> = [
-        "qemu-system-x86_64",
+        qemu.as_str(),
         "-M",
         "microvm,x-option-roms=off,rtc=on,acpi=off",
         "-accel",
@@ -798,4 +811,21 @@ fn qemu_mem_mib(pid: u32) -> Option<u64> {
         .collect();
     let m = args.iter().position(|a| a == "-m")?;
     args.get(m + 1)?.trim_end_matches(['M', 'm']).parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bare_peer_runs_the_qemu_it_is_given() {
+        let qemu = Path::new("/g/qemu/0123/qemu-system-x86_64");
+        let argv = bare_qemu(qemu, Path::new("/k"), Path::new("/i"), 1000, 512, "stdio");
+        assert_eq!(argv[0], "/g/qemu/0123/qemu-system-x86_64");
+        let at = |flag: &str| &argv[argv.iter().position(|a| a == flag).unwrap() + 1];
+        assert_eq!(
+            (at("-kernel"), at("-initrd"), at("-m")),
+            (&"/k".to_owned(), &"/i".to_owned(), &"512M".to_owned())
+        );
+    }
 }
