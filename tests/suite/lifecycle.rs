@@ -93,6 +93,40 @@ fn stdout_and_stderr_are_the_workloads_own() {
 }
 
 #[test]
+fn a_workload_ignoring_sigterm_is_killed_after_the_stop_grace() {
+    if !can_run("a_workload_ignoring_sigterm_is_killed_after_the_stop_grace") {
+        return;
+    }
+    for backend in backends() {
+        let s = Scratch::new("");
+        let mut child = s
+            .command(
+                backend,
+                &["--stop-grace", "1"],
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "trap '' TERM; touch ready; while :; do sleep 0.05; done",
+                ],
+            )
+            .spawn()
+            .expect("spawn");
+        assert!(
+            wait_until(Duration::from_secs(20), || s.work.join("ready").exists()),
+            "{backend}: ready"
+        );
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::SIGTERM,
+        )
+        .expect("kill");
+        // The workload ignores it; the supervisor kills the sandbox once the grace is over.
+        let status = child.wait().expect("wait");
+        assert_eq!((backend, status.code()), (backend, Some(128 + 9)));
+    }
+}
+
+#[test]
 fn sigterm_is_forwarded_to_the_workload() {
     if !can_run("sigterm_is_forwarded_to_the_workload") {
         return;

@@ -144,6 +144,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
 
+    /// After forwarding SIGTERM or SIGINT to the workload, kill the sandbox if the workload has
+    /// not ended within this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub stop_grace: u64,
+
     /// Memory limit in MiB (overrides the policy's resources.memory_mib).
     #[arg(long, value_name = "MIB")]
     pub memory_mib: Option<u64>,

@@ -296,7 +296,14 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
             Some(prepared) => Some(prepared.into_server(ssh_workdir, ssh_env)?),
             None => None,
         };
-        let code = supervise(runtime, config, run.timeout, ssh).await;
+        let code = supervise(
+            runtime,
+            config,
+            run.timeout,
+            Duration::from_secs(run.stop_grace),
+            ssh,
+        )
+        .await;
         for task in [_file_watch, _url_poll].into_iter().flatten() {
             task.abort();
         }
@@ -353,6 +360,7 @@ async fn supervise(
     kind: RuntimeKind,
     config: SpawnConfig,
     timeout: Option<u64>,
+    stop_grace_for: Duration,
     ssh: Option<ssh::Ready>,
 ) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
@@ -373,17 +381,44 @@ async fn supervise(
     };
     tokio::pin!(deadline);
     let mut timed_out = false;
+    // Armed by the first SIGTERM or SIGINT forwarded: a workload (or a VM) that does not end
+    // within `--stop-grace` of it is killed, so the supervisor always answers a stop request.
+    let stop_grace = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(stop_grace);
+    let mut stopping = false;
     let status = loop {
-        tokio::select! {
+        let stop = tokio::select! {
             status = sandbox.wait() => break status?,
-            _ = sigint.recv() => forward(&sandbox, libc::SIGINT),
-            _ = sigterm.recv() => forward(&sandbox, libc::SIGTERM),
-            _ = sighup.recv() => forward(&sandbox, libc::SIGHUP),
+            _ = sigint.recv() => Some(libc::SIGINT),
+            _ = sigterm.recv() => Some(libc::SIGTERM),
+            _ = sighup.recv() => {
+                // Not a stop request (programs reload on it): forwarded only.
+                forward(&sandbox, libc::SIGHUP);
+                None
+            }
+            _ = &mut stop_grace, if stopping => {
+                tracing::warn!(event = "sandbox.stop_timeout", sandbox = sandbox.id(),
+                               grace_seconds = stop_grace_for.as_secs(),
+                               "the workload did not end after the stop signal; killing the sandbox");
+                stopping = false;
+                sandbox.kill()?;
+                None
+            }
             _ = &mut deadline, if !timed_out => {
                 tracing::warn!(event = "sandbox.timeout", sandbox = sandbox.id(), seconds = timeout.unwrap_or(0),
                                "timeout expired; killing the sandbox");
                 timed_out = true;
                 sandbox.kill()?;
+                None
+            }
+        };
+        if let Some(sig) = stop {
+            forward(&sandbox, sig);
+            if !stopping {
+                stopping = true;
+                stop_grace
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + stop_grace_for);
             }
         }
     };
