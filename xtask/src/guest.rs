@@ -393,7 +393,9 @@ fn dropped_options(fragment: &str, config: &str) -> Vec<String> {
         .enumerate()
         .filter_map(|(i, line)| {
             let line = line.trim();
-            let (name, want) = line.split_once('=').filter(|_| line.starts_with("CONFIG_"))?;
+            let (name, want) = line
+                .split_once('=')
+                .filter(|_| line.starts_with("CONFIG_"))?;
             let got = have.get(name).copied().unwrap_or("n");
             (got != want).then(|| format!("{line} (line {}): .config has {name}={got}", i + 1))
         })
