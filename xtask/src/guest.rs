@@ -352,12 +352,13 @@ fn kernel(root: &Path, force: bool) -> Result<()> {
     let dropped = dropped_options(&String::from_utf8_lossy(&fragment), &config);
     if !dropped.is_empty() {
         bail!(
-            "after `make olddefconfig` these `=y` options of {KERNEL_FRAGMENT} are no longer \
-             `=y` (unmet dependencies or a choice that is hidden): {}",
-            dropped.join(" ")
+            "after `make olddefconfig` these lines of {KERNEL_FRAGMENT} do not hold (unmet \
+             dependencies, a hidden choice, an `if EXPERT` prompt, or selected by another \
+             option): {}",
+            dropped.join("; ")
         );
     }
-    println!("guest: kernel: all `=y` options of the fragment survived olddefconfig");
+    println!("guest: kernel: every option of the fragment holds after olddefconfig");
 
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     step(
@@ -385,15 +386,32 @@ fn kernel(root: &Path, force: bool) -> Result<()> {
     set_current(&root.join("kernel"), &hash)
 }
 
-/// The `CONFIG_X=y` lines of `fragment` that are not `CONFIG_X=y` in `config`.
+/// The `CONFIG_X=...` lines of `fragment` that `config` does not hold, each as
+/// `fragment line (line N): config has ...`. `CONFIG_X=n` holds when `config` has
+/// `# CONFIG_X is not set` or no `CONFIG_X` at all; any other value must be in `config` verbatim.
 fn dropped_options(fragment: &str, config: &str) -> Vec<String> {
-    let have: std::collections::HashSet<&str> = config.lines().map(str::trim).collect();
+    let mut have = std::collections::HashMap::new();
+    for line in config.lines().map(str::trim) {
+        if let Some((name, value)) = line.split_once('=').filter(|_| line.starts_with("CONFIG_")) {
+            have.insert(name, value);
+        } else if let Some(name) = line
+            .strip_prefix("# ")
+            .and_then(|l| l.strip_suffix(" is not set"))
+        {
+            have.insert(name, "n");
+        }
+    }
     fragment
         .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with("CONFIG_") && l.ends_with("=y"))
-        .filter(|l| !have.contains(l))
-        .map(|l| l.trim_end_matches("=y").to_owned())
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let line = line.trim();
+            let (name, want) = line
+                .split_once('=')
+                .filter(|_| line.starts_with("CONFIG_"))?;
+            let got = have.get(name).copied().unwrap_or("n");
+            (got != want).then(|| format!("{line} (line {}): .config has {name}={got}", i + 1))
+        })
         .collect()
 }
 
@@ -977,10 +995,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dropped_options_lists_y_lines_not_kept() {
-        let fragment = "# c\nCONFIG_A=y\nCONFIG_B=y\nCONFIG_C=n\nCONFIG_D=\"x\"\n";
-        let config = "CONFIG_A=y\n# CONFIG_B is not set\n";
-        assert_eq!(dropped_options(fragment, config), vec!["CONFIG_B"]);
+    fn dropped_options_lists_lines_that_do_not_hold() {
+        let fragment = "# c\nCONFIG_A=y\nCONFIG_B=y\nCONFIG_C=n\nCONFIG_D=\"x\"\nCONFIG_E=n\n\
+                        CONFIG_F=n\nCONFIG_G=15\nCONFIG_H=y\n";
+        let config = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_D=\"x\"\nCONFIG_E=y\n\
+                      # CONFIG_F is not set\nCONFIG_G=17\n";
+        assert_eq!(
+            dropped_options(fragment, config),
+            vec![
+                "CONFIG_B=y (line 3): .config has CONFIG_B=n",
+                "CONFIG_E=n (line 6): .config has CONFIG_E=y",
+                "CONFIG_G=15 (line 8): .config has CONFIG_G=17",
+                "CONFIG_H=y (line 9): .config has CONFIG_H=n",
+            ]
+        );
     }
 
     #[test]
