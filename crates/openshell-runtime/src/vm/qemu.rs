@@ -18,16 +18,30 @@ use crate::process::sys;
 /// The kernel command line for a TCG/KVM microvm boot of our guest. The root is mounted `rw`
 /// because read-write shares live inside it; the root directory itself and the read-only
 /// shares are read-only bind mounts on the host, so writes to them fail (EROFS).
+///
+/// [`GUEST_TUNING`] is appended: measured on this TCG host with `cargo xtask bench vm`-style
+/// alternating runs, it took about 50 ms off a cold create + exec + destroy.
 pub fn kernel_cmdline(tsc_khz: Option<u64>) -> String {
     let mut cmdline = String::from(
         "console=ttyS0 quiet reboot=t panic=-1 noapictimer no_timer_check tsc=reliable \
          root=root rootfstype=virtiofs rw init=/openshell/agent",
     );
+    cmdline.push(' ');
+    cmdline.push_str(GUEST_TUNING);
     if let Some(khz) = tsc_khz {
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
     }
     cmdline
 }
+
+/// Guest kernel parameters for a small, single-purpose VM:
+/// - `rcupdate.rcu_expedited=1`: every `synchronize_rcu()` is expedited. Moving the workload
+///   into its cgroup waits for one (the cgroup threadgroup lock), as do mounts at boot; a normal
+///   grace period costs 10-20 ms at HZ=100, 25 ms of every launch here.
+/// - hash tables sized for a sandbox, not for the whole guest RAM (dentries, inodes, TCP, mounts):
+///   less memory to clear at boot under TCG, about 1.6 MiB less guest RAM touched.
+pub const GUEST_TUNING: &str = "rcupdate.rcu_expedited=1 dhash_entries=16384 \
+     ihash_entries=8192 thash_entries=1024 uhash_entries=256 mhash_entries=256 mphash_entries=256";
 
 /// The host TSC frequency, for `tsc_early_khz` (TCG's own calibration sometimes fails).
 pub fn host_tsc_khz() -> Option<u64> {
