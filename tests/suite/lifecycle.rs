@@ -92,37 +92,36 @@ fn stdout_and_stderr_are_the_workloads_own() {
     }
 }
 
+/// Start `trap <action> TERM` in a loop on `backend` with `args`, SIGTERM the supervisor once
+/// the trap is set, and return the supervisor's exit code.
+fn sigterm_exit_code(backend: &str, args: &[&str], action: &str) -> Option<i32> {
+    let s = Scratch::new("");
+    let script = format!("trap {action} TERM; touch ready; while :; do sleep 0.05; done");
+    let mut child = s
+        .command(backend, args, &["/bin/sh", "-c", &script])
+        .spawn()
+        .expect("spawn");
+    assert!(
+        wait_until(Duration::from_secs(20), || s.work.join("ready").exists()),
+        "{backend}: ready"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .expect("kill");
+    child.wait().expect("wait").code()
+}
+
 #[test]
 fn a_workload_ignoring_sigterm_is_killed_after_the_stop_grace() {
     if !can_run("a_workload_ignoring_sigterm_is_killed_after_the_stop_grace") {
         return;
     }
     for backend in backends() {
-        let s = Scratch::new("");
-        let mut child = s
-            .command(
-                backend,
-                &["--stop-grace", "1"],
-                &[
-                    "/bin/sh",
-                    "-c",
-                    "trap '' TERM; touch ready; while :; do sleep 0.05; done",
-                ],
-            )
-            .spawn()
-            .expect("spawn");
-        assert!(
-            wait_until(Duration::from_secs(20), || s.work.join("ready").exists()),
-            "{backend}: ready"
-        );
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::SIGTERM,
-        )
-        .expect("kill");
         // The workload ignores it; the supervisor kills the sandbox once the grace is over.
-        let status = child.wait().expect("wait");
-        assert_eq!((backend, status.code()), (backend, Some(128 + 9)));
+        let code = sigterm_exit_code(backend, &["--stop-grace", "1"], "''");
+        assert_eq!((backend, code), (backend, Some(128 + 9)));
     }
 }
 
@@ -132,30 +131,8 @@ fn sigterm_is_forwarded_to_the_workload() {
         return;
     }
     for backend in backends() {
-        let s = Scratch::new("");
-        let mut child = s
-            .command(
-                backend,
-                &[],
-                &[
-                    "/bin/sh",
-                    "-c",
-                    "trap 'exit 42' TERM; touch ready; while :; do sleep 0.05; done",
-                ],
-            )
-            .spawn()
-            .expect("spawn");
-        assert!(
-            wait_until(Duration::from_secs(20), || s.work.join("ready").exists()),
-            "{backend}: ready"
-        );
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::SIGTERM,
-        )
-        .expect("kill");
-        let status = child.wait().expect("wait");
-        assert_eq!((backend, status.code()), (backend, Some(42)));
+        let code = sigterm_exit_code(backend, &[], "'exit 42'");
+        assert_eq!((backend, code), (backend, Some(42)));
     }
 }
 

@@ -302,18 +302,12 @@ fn kernel(root: &Path, force: bool) -> Result<()> {
         "{} not found (is {KERNEL_SOURCE_PKG} installed?)",
         tarball.display()
     );
-    fs::create_dir_all(&dir)?;
-    let work = dir.join("build");
-    let log_path = dir.join("build.log");
-    if work.exists() {
-        fs::remove_dir_all(&work)
-            .with_context(|| format!("cannot remove stale {}", work.display()))?;
-    }
-    fs::create_dir_all(&work)?;
-    let _cleanup = RemoveOnDrop(work.clone());
-    let log = fs::File::create(&log_path)
-        .with_context(|| format!("cannot create {}", log_path.display()))?;
-    println!("guest: kernel: build log {}", log_path.display());
+    let BuildDir {
+        work,
+        log,
+        log_path,
+        cleanup: _cleanup,
+    } = BuildDir::fresh("kernel", &dir)?;
 
     step(
         "extract",
@@ -491,7 +485,39 @@ fn last_line(path: &Path) -> Option<String> {
 }
 
 /// Removes a directory tree when dropped (the kernel build tree, on success and on failure).
-struct RemoveOnDrop(PathBuf);
+pub(crate) struct RemoveOnDrop(PathBuf);
+
+/// A part's fresh build tree `<dir>/build` (removed when `cleanup` drops) and its build log
+/// `<dir>/build.log`.
+pub(crate) struct BuildDir {
+    pub work: PathBuf,
+    pub log: fs::File,
+    pub log_path: PathBuf,
+    pub cleanup: RemoveOnDrop,
+}
+
+impl BuildDir {
+    pub(crate) fn fresh(part: &str, dir: &Path) -> Result<BuildDir> {
+        fs::create_dir_all(dir)?;
+        let work = dir.join("build");
+        let log_path = dir.join("build.log");
+        if work.exists() {
+            fs::remove_dir_all(&work)
+                .with_context(|| format!("cannot remove stale {}", work.display()))?;
+        }
+        fs::create_dir_all(&work)?;
+        let cleanup = RemoveOnDrop(work.clone());
+        let log = fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        println!("guest: {part}: build log {}", log_path.display());
+        Ok(BuildDir {
+            work,
+            log,
+            log_path,
+            cleanup,
+        })
+    }
+}
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::{ensure_static, set_current, sha256_hex, step_in, RemoveOnDrop};
+use super::{ensure_static, set_current, sha256_hex, step_in, BuildDir};
 use crate::deps;
 use crate::util::project_root;
 
@@ -183,18 +183,12 @@ pub fn build(root: &Path, force: bool) -> Result<()> {
         return set_current(&base, &hash);
     }
 
-    fs::create_dir_all(&dir)?;
-    let work = dir.join("build");
-    let log_path = dir.join("build.log");
-    if work.exists() {
-        fs::remove_dir_all(&work)
-            .with_context(|| format!("cannot remove stale {}", work.display()))?;
-    }
-    fs::create_dir_all(&work)?;
-    let cleanup = RemoveOnDrop(work.clone());
-    let log = fs::File::create(&log_path)
-        .with_context(|| format!("cannot create {}", log_path.display()))?;
-    println!("guest: qemu: build log {}", log_path.display());
+    let BuildDir {
+        work,
+        log,
+        log_path,
+        cleanup,
+    } = BuildDir::fresh("qemu", &dir)?;
     let step = |name: &str, cmd: &mut Command| step_in("qemu", name, cmd, &log, &log_path);
 
     // 1. The source, through a private apt configuration.
