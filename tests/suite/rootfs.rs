@@ -34,6 +34,14 @@ struct Tree {
     policy: PathBuf,
 }
 
+impl Tree {
+    /// The tree's policy, parsed, for the runtime-API tests.
+    fn parsed_policy(&self) -> Arc<Policy> {
+        let text = std::fs::read_to_string(&self.policy).expect("policy");
+        Arc::new(Policy::from_yaml("policy.yaml", &text).expect("valid"))
+    }
+}
+
 /// Why `BUSYBOX` cannot serve as the tree's only program, if it cannot: it must be a static
 /// ELF64 executable (no PT_INTERP program header).
 fn busybox_unusable() -> Option<String> {
@@ -434,8 +442,7 @@ fn exec_into_a_rootfs_sandbox_lands_in_the_same_root() {
     };
     use_cli_as_helper();
     let rt = rt();
-    let text = std::fs::read_to_string(&t.policy).expect("policy");
-    let policy = Arc::new(Policy::from_yaml("policy.yaml", &text).expect("valid"));
+    let policy = t.parsed_policy();
     rt.block_on(async {
         for backend in backends() {
             let kind: RuntimeKind = backend.parse().expect("runtime");
@@ -685,8 +692,7 @@ fn pty_mode_works_in_a_rootfs_sandbox() {
     };
     use_cli_as_helper();
     let rt = rt();
-    let text = std::fs::read_to_string(&t.policy).expect("policy");
-    let policy = Arc::new(Policy::from_yaml("policy.yaml", &text).expect("valid"));
+    let policy = t.parsed_policy();
     rt.block_on(async {
         for backend in backends() {
             let kind: RuntimeKind = backend.parse().expect("runtime");
