@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-use openshell_runtime::vm_protocol::GuestMount;
+use openshell_runtime::vm_protocol::{GuestMount, AGENT_DIR, BOOT_REQUESTS};
 
 use crate::{diag, sys};
 
@@ -191,6 +191,35 @@ pub fn boot() {
     }
     // Without a console, at least keep 0..=2 occupied.
     ensure_std_fds(false);
+}
+
+/// The boot requests the qemu engine put in the tree ([`BOOT_REQUESTS`]); `None` when there
+/// are none (the host then sends them on the boot connection). Either way [`AGENT_DIR`] is
+/// then hidden under an empty read-only tmpfs: the workload sees neither the agent binary nor
+/// its own launch plan (which carries its environment). When requests were found and cannot
+/// be hidden, that is an error: the host is told and nothing is launched.
+pub fn take_boot_requests() -> Option<Result<Vec<u8>, String>> {
+    let found = match std::fs::read(BOOT_REQUESTS) {
+        Ok(bytes) => Some(Ok(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(Err(format!("reading {BOOT_REQUESTS}: {e}"))),
+    };
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let hidden = mount(
+        Some("tmpfs"),
+        AGENT_DIR,
+        Some("tmpfs"),
+        flags,
+        Some("size=4k,nr_inodes=1,mode=0555"),
+    );
+    match (found, hidden) {
+        (Some(Ok(_)), Err(e)) => Some(Err(format!("hiding {AGENT_DIR}: {e}"))),
+        (found, Err(e)) => {
+            diag!("boot: hiding {AGENT_DIR}: {e}");
+            found
+        }
+        (found, Ok(())) => found,
+    }
 }
 
 fn loopback_up() -> Result<(), BootError> {

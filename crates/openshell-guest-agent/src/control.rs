@@ -4,12 +4,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 
 use openshell_runtime::vm_protocol::{
-    read_frame_async, write_frame_async, Event, Frame, Kind, Request, MAX_GUEST_WRITE,
+    decode_boot_requests, read_frame_async, write_frame_async, Event, Frame, Kind, Request,
+    MAX_GUEST_WRITE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use crate::fdio::Io;
+use crate::fdio::{Io, PendingConnect};
 use crate::linux::Ctx;
 use crate::{boot, chain, diag, spawn};
 
@@ -94,6 +95,88 @@ pub async fn serve_connection(ctx: Rc<Ctx>, conn: Box<dyn Io>) {
                 &failed("protocol", "no process runs on this connection"),
             )
             .await;
+        }
+    }
+}
+
+/// The workload from the boot requests (see `vm_protocol::BOOT_REQUESTS`): set up and launch it
+/// at once, then report on the boot connection (`announce`, whose dial was started before and
+/// completes meanwhile) as if the host had sent the requests on it: `Ready` (or `Failed`), then
+/// the workload's `Spawn` session.
+pub async fn serve_preloaded(
+    ctx: Rc<Ctx>,
+    requests: Result<Vec<u8>, String>,
+    announce: std::io::Result<PendingConnect>,
+) {
+    enum Boot {
+        SetupFailed(Frame),
+        LaunchFailed(Frame),
+        Launched(spawn::Launched),
+    }
+    let boot = match requests
+        .map_err(|m| failed("boot", m))
+        .and_then(|bytes| decode_boot_requests(&bytes).map_err(|e| failed("protocol", chain(&e))))
+    {
+        Err(frame) => Boot::SetupFailed(frame),
+        Ok((
+            Request::Setup {
+                hostname,
+                mounts,
+                pids_limit,
+                memory_limit_mib,
+            },
+            Request::Spawn { launch, stdio, .. },
+        )) => {
+            let limits = boot::Limits {
+                pids: pids_limit,
+                memory_mib: memory_limit_mib,
+            };
+            match setup(&ctx, &hostname, &mounts, limits) {
+                Err(e) => {
+                    diag!("setup: {}", chain(&e));
+                    Boot::SetupFailed(failed(e.stage(), chain(&e)))
+                }
+                Ok(()) => match spawn::start(&ctx, launch, stdio) {
+                    Ok(process) => Boot::Launched(process),
+                    Err(frame) => Boot::LaunchFailed(frame),
+                },
+            }
+        }
+        // decode_boot_requests checked the kinds.
+        Ok(_) => Boot::SetupFailed(failed("protocol", "unexpected boot requests")),
+    };
+    let conn = match announce {
+        Ok(pending) => pending.finish().await,
+        Err(e) => Err(e),
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            diag!("could not announce readiness: {e}");
+            if let Boot::Launched(process) = &boot {
+                // Nobody could ever receive its output or status.
+                process.kill();
+            }
+            return;
+        }
+    };
+    let (rd, mut wr) = tokio::io::split(Box::new(conn) as Box<dyn Io>);
+    match boot {
+        Boot::SetupFailed(frame) => {
+            send(&mut wr, &frame).await;
+            let _ = wr.shutdown().await;
+        }
+        Boot::LaunchFailed(frame) => {
+            if send(&mut wr, &Frame::json(&Event::Ready)).await {
+                send(&mut wr, &frame).await;
+            }
+        }
+        Boot::Launched(process) => {
+            if send(&mut wr, &Frame::json(&Event::Ready)).await {
+                spawn::session(ctx, rd, wr, process, true).await;
+            } else {
+                process.kill();
+            }
         }
     }
 }

@@ -147,23 +147,46 @@ pub async fn accept(listener: &AsyncFd<OwnedFd>) -> io::Result<FdStream> {
 
 /// Dial `port` on vsock CID `cid` without blocking the thread.
 pub async fn vsock_connect(cid: u32, port: u32) -> io::Result<FdStream> {
+    vsock_connect_start(cid, port)?.finish().await
+}
+
+/// A vsock connection being established: the handshake with the host proceeds while the
+/// agent does other work, and [`finish`](Self::finish) waits for whatever is left of it.
+#[derive(Debug)]
+pub struct PendingConnect {
+    stream: FdStream,
+    in_progress: bool,
+}
+
+/// Start dialling `port` on vsock CID `cid`: the socket and the `connect` call, no waiting.
+pub fn vsock_connect_start(cid: u32, port: u32) -> io::Result<PendingConnect> {
     let fd = socket(
         AddressFamily::Vsock,
         SockType::Stream,
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    match connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)) {
-        Ok(()) => FdStream::new(fd),
-        Err(Errno::EINPROGRESS) | Err(Errno::EINTR) => {
-            let stream = FdStream::new(fd)?;
-            let guard = stream.inner.writable().await?;
+    let in_progress = match connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)) {
+        Ok(()) => false,
+        Err(Errno::EINPROGRESS) | Err(Errno::EINTR) => true,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(PendingConnect {
+        stream: FdStream::new(fd)?,
+        in_progress,
+    })
+}
+
+impl PendingConnect {
+    /// The connected stream, or why the connection failed.
+    pub async fn finish(self) -> io::Result<FdStream> {
+        if self.in_progress {
+            let guard = self.stream.inner.writable().await?;
             drop(guard);
-            match getsockopt(&stream.fd(), sockopt::SocketError)? {
-                0 => Ok(stream),
-                errno => Err(io::Error::from_raw_os_error(errno)),
+            if let errno @ 1.. = getsockopt(&self.stream.fd(), sockopt::SocketError)? {
+                return Err(io::Error::from_raw_os_error(errno));
             }
         }
-        Err(e) => Err(e.into()),
+        Ok(self.stream)
     }
 }

@@ -71,12 +71,14 @@ fn main() {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
+    let mut boot_requests = None;
     if pid1 && !args.test_mode {
         boot::boot();
+        boot_requests = boot::take_boot_requests();
     } else {
         boot::ensure_std_fds(false);
     }
-    let result = linux::run(args);
+    let result = linux::run(args, boot_requests);
     if let Err(e) = &result {
         diag!("fatal: {e:#}");
     }
@@ -125,18 +127,18 @@ mod linux {
     }
 
     impl Args {
-        /// As PID 1, arguments are whatever the kernel did not recognize: ignore them.
+        /// As PID 1, arguments are whatever the kernel did not recognize: they are not even
+        /// parsed (under TCG, building clap's parser took over 10 ms of every boot).
         pub fn from_env(pid1: bool) -> Result<Args, clap::Error> {
-            match Args::try_parse() {
-                Ok(a) => Ok(a),
-                Err(_) if pid1 => Ok(Args {
+            if pid1 {
+                return Ok(Args {
                     test_mode: false,
                     listen_unix: None,
                     egress_listen: None,
                     egress_unix: None,
-                }),
-                Err(e) => Err(e),
+                });
             }
+            Args::try_parse()
         }
     }
 
@@ -169,13 +171,15 @@ mod linux {
         std::process::exit(1);
     }
 
-    pub fn run(args: Args) -> anyhow::Result<()> {
+    /// Serve until the agent powers off. `boot_requests`: what the qemu engine left in the tree
+    /// (see `boot::take_boot_requests`), served as the boot connection's requests.
+    pub fn run(args: Args, boot_requests: Option<Result<Vec<u8>, String>>) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the runtime")?;
         let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, serve(args))
+        local.block_on(&rt, serve(args, boot_requests))
     }
 
     enum ControlListener {
@@ -192,7 +196,10 @@ mod linux {
         }
     }
 
-    async fn serve(args: Args) -> anyhow::Result<()> {
+    async fn serve(
+        args: Args,
+        boot_requests: Option<Result<Vec<u8>, String>>,
+    ) -> anyhow::Result<()> {
         if args.test_mode {
             // Orphans of spawned processes come to the agent, as they would to PID 1.
             nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
@@ -249,29 +256,36 @@ mod linux {
         diag!("listening: control {control_name}, egress {egress_bound}");
         // Tell the host the control port is listening by dialling it: the host sends `Setup`
         // and the workload's `Spawn` on this very connection (no dial back, no extra round
-        // trip), and dials the control port for every later session.
-        let announce = if args.test_mode {
-            None
-        } else {
-            match fdio::vsock_connect(
+        // trip), or left them in the tree; it dials the control port for every later session.
+        let announce = (!args.test_mode).then(|| {
+            fdio::vsock_connect_start(
                 libc::VMADDR_CID_HOST,
                 openshell_runtime::vm_protocol::READY_PORT,
             )
-            .await
-            {
-                Ok(stream) => Some(stream),
-                Err(e) => {
-                    diag!("could not announce readiness: {e}");
-                    None
-                }
-            }
-        };
+        });
 
         let reaper_ctx = ctx.clone();
         tokio::task::spawn_local(async move { reaper_ctx.reaper.run(sigchld).await });
         tokio::task::spawn_local(egress::serve(egress_listener, target));
-        if let Some(stream) = announce {
-            tokio::task::spawn_local(control::serve_connection(ctx.clone(), Box::new(stream)));
+        match (announce, boot_requests) {
+            // The dial completes while the workload is set up and launched.
+            (Some(announce), Some(requests)) => {
+                tokio::task::spawn_local(control::serve_preloaded(ctx.clone(), requests, announce));
+            }
+            (Some(announce), None) => {
+                let ctx = ctx.clone();
+                tokio::task::spawn_local(async move {
+                    let dialled = match announce {
+                        Ok(pending) => pending.finish().await,
+                        Err(e) => Err(e),
+                    };
+                    match dialled {
+                        Ok(stream) => control::serve_connection(ctx, Box::new(stream)).await,
+                        Err(e) => diag!("could not announce readiness: {e}"),
+                    }
+                });
+            }
+            (None, _) => {}
         }
 
         loop {

@@ -119,45 +119,81 @@ fn open_stdio(stdio: GuestStdio) -> std::io::Result<(ParentSide, ChildSide)> {
     }
 }
 
+/// A `Spawn` connection: launch, then relay until the process has ended.
 pub async fn run(
     ctx: Rc<Ctx>,
     rd: Reader,
     mut wr: Writer,
-    mut launch: LaunchPlan,
+    launch: LaunchPlan,
     stdio: GuestStdio,
     main: bool,
 ) {
+    match start(&ctx, launch, stdio) {
+        Ok(process) => session(ctx, rd, wr, process, main).await,
+        Err(frame) => {
+            send(&mut wr, &frame).await;
+        }
+    }
+}
+
+/// A launched process, before its session.
+pub struct Launched {
+    pid: i32,
+    report: openshell_runtime::process::protocol::RestrictionReport,
+    parent: ParentSide,
+    is_pty: bool,
+    exited: tokio::sync::oneshot::Receiver<WaitReport>,
+}
+
+impl Launched {
+    /// Kill the process (its session will never run).
+    pub fn kill(&self) {
+        if let Err(e) = kill(Pid::from_raw(self.pid), Signal::SIGKILL) {
+            diag!("killing pid {}: {e}", self.pid);
+        }
+    }
+}
+
+/// Launch one restricted process with its stdio, without awaiting anything: the reaper learns
+/// of it before this returns. On failure, the `Failed` frame for the host.
+pub fn start(ctx: &Ctx, mut launch: LaunchPlan, stdio: GuestStdio) -> Result<Launched, Frame> {
     let is_pty = matches!(stdio, GuestStdio::Pty { .. });
     if launch.pty != is_pty {
         let msg = "launch.pty must be true exactly when stdio is Pty";
-        send(&mut wr, &failed("protocol", msg)).await;
-        return;
+        return Err(failed("protocol", msg));
     }
     if let Some(procs) = ctx.cgroup_procs.borrow().clone() {
         launch.join_cgroups.push(procs);
     }
-    let (parent, child) = match open_stdio(stdio) {
-        Ok(x) => x,
-        Err(e) => {
-            send(&mut wr, &failed("stdio", e.to_string())).await;
-            return;
-        }
-    };
+    let (parent, child) = open_stdio(stdio).map_err(|e| failed("stdio", e.to_string()))?;
     // Blocks this thread until the process has exec'd or failed; nothing else runs meanwhile,
     // which also keeps the reaper from collecting a failed launch's status.
     let launched = launch_restricted(&launch, Some(child.stdio));
     drop(child.fds);
-    let (pid, report) = match launched {
-        Ok(x) => x,
-        Err((stage, message)) => {
-            diag!("spawn {}: {stage}: {message}", launch.program);
-            send(&mut wr, &failed(&stage, message)).await;
-            return;
-        }
-    };
-    // Registered before the next await: see Reaper::register.
+    let (pid, report) = launched.map_err(|(stage, message)| {
+        diag!("spawn {}: {stage}: {message}", launch.program);
+        failed(&stage, message)
+    })?;
+    // Registered before any await: see Reaper::register.
     let exited = ctx.reaper.register(pid);
+    Ok(Launched {
+        pid,
+        report,
+        parent,
+        is_pty,
+        exited,
+    })
+}
 
+/// Relay a launched process's stdio, signals, terminal size and exit status over a connection.
+pub async fn session(ctx: Rc<Ctx>, rd: Reader, mut wr: Writer, process: Launched, main: bool) {
+    let Launched {
+        pid,
+        report,
+        parent,
+        is_pty,
+        exited,
+    } = process;
     let (tx, mut rx) = mpsc::channel::<Frame>(OUT_QUEUE);
     let writer = spawn_local(async move {
         while let Some(frame) = rx.recv().await {

@@ -8,7 +8,12 @@
 //!   [`Request::Setup`] may be followed by one more request on its connection.
 //! - **Boot** ([`READY_PORT`]): once its control port listens, the agent dials the host. That
 //!   connection is served like a control connection: the host sends `Setup` and the workload's
-//!   `Spawn` back to back on it, without waiting for the agent in between.
+//!   `Spawn` back to back on it, without waiting for the agent in between. The qemu engine
+//!   instead puts both requests in the guest's tree before boot ([`BOOT_REQUESTS`], see
+//!   [`encode_boot_requests`]): the agent sets up and launches the workload at once, then dials
+//!   the host (the dial was started before the launch and completes meanwhile), and the host
+//!   sends nothing on that connection, only reads `Ready` and the workload's events. Every vsock
+//!   round trip before the workload starts is gone.
 //! - **Egress** ([`EGRESS_PORT`]): the agent listens on 127.0.0.1:3128 inside the guest and, for
 //!   each connection, dials the host on this port, sends one caller preamble line (see
 //!   `openshell_proxy::identity`) naming the binary it resolved from the guest's /proc, then relays
@@ -35,6 +40,11 @@ pub const READY_PORT: u32 = 1025;
 pub const EGRESS_PORT: u32 = 3128;
 /// The address the workload's proxy variables point at inside the guest.
 pub const GUEST_PROXY_ADDR: &str = "127.0.0.1:3128";
+/// Where the qemu engine puts the boot requests in the guest's tree (a read-only tmpfs of
+/// its own); the agent reads them, then hides [`AGENT_DIR`] from the workload.
+pub const BOOT_REQUESTS: &str = "/openshell/boot/requests";
+/// The guest directory holding the agent binary and the boot requests.
+pub const AGENT_DIR: &str = "/openshell";
 /// Largest frame accepted (header excluded).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest payload the agent writes in one frame.
@@ -139,6 +149,57 @@ pub enum Event {
     Exited(WaitReport),
     /// A forward is connected.
     Connected,
+}
+
+/// The boot requests file: `setup` then `spawn` (a main `Spawn`), as two frames.
+pub fn encode_boot_requests(setup: &Request, spawn: &Request) -> Vec<u8> {
+    let mut out = Frame::json(setup).encode();
+    out.extend_from_slice(&Frame::json(spawn).encode());
+    out
+}
+
+/// What is wrong with a boot requests file.
+#[derive(Debug, thiserror::Error)]
+pub enum BootRequestsError {
+    #[error("request {index}")]
+    Frame {
+        index: usize,
+        #[source]
+        source: FrameError,
+    },
+    #[error("request {0} is missing")]
+    Missing(usize),
+    #[error("request {0} is not a JSON frame")]
+    NotJson(usize),
+    #[error("expected Setup, then the workload's Spawn (main: true)")]
+    Order,
+    #[error("{0} bytes after the two requests")]
+    Trailing(usize),
+}
+
+/// Decode a boot requests file: a `Setup` and a main `Spawn`, nothing else.
+pub fn decode_boot_requests(bytes: &[u8]) -> Result<(Request, Request), BootRequestsError> {
+    let mut r = bytes;
+    let mut next = |index: usize| -> Result<Request, BootRequestsError> {
+        let frame = read_frame(&mut r)
+            .map_err(|source| BootRequestsError::Frame { index, source })?
+            .ok_or(BootRequestsError::Missing(index))?;
+        if frame.kind != Kind::Json {
+            return Err(BootRequestsError::NotJson(index));
+        }
+        frame
+            .decode_json()
+            .map_err(|source| BootRequestsError::Frame { index, source })
+    };
+    let setup = next(1)?;
+    let spawn = next(2)?;
+    if !r.is_empty() {
+        return Err(BootRequestsError::Trailing(r.len()));
+    }
+    match (&setup, &spawn) {
+        (Request::Setup { .. }, Request::Spawn { main: true, .. }) => Ok((setup, spawn)),
+        _ => Err(BootRequestsError::Order),
+    }
 }
 
 /// Errors reading or writing frames.
@@ -284,6 +345,76 @@ mod tests {
             back.push(f);
         }
         assert_eq!(back, frames);
+    }
+
+    fn setup() -> Request {
+        Request::Setup {
+            hostname: "openshell".into(),
+            mounts: Vec::new(),
+            pids_limit: Some(64),
+            memory_limit_mib: None,
+        }
+    }
+
+    fn spawn(main: bool) -> Request {
+        let launch: LaunchPlan = serde_json::from_value(serde_json::json!({
+            "program": "/bin/true",
+            "argv": ["true"],
+            "env": [],
+            "cwd": "/",
+            "uid": 1000,
+            "gid": 1000,
+            "pty": false,
+            "landlock": { "read_only": [], "read_write": [], "hard_requirement": true },
+            "join_cgroups": [],
+        }))
+        .expect("a launch plan");
+        Request::Spawn {
+            launch,
+            stdio: GuestStdio::Null,
+            main,
+        }
+    }
+
+    #[test]
+    fn boot_requests_are_a_setup_and_the_main_spawn() {
+        let bytes = encode_boot_requests(&setup(), &spawn(true));
+        let (s, p) = decode_boot_requests(&bytes).expect("decoded");
+        assert!(matches!(
+            s,
+            Request::Setup {
+                pids_limit: Some(64),
+                ..
+            }
+        ));
+        assert!(matches!(p, Request::Spawn { main: true, .. }));
+
+        let bad: Vec<(Vec<u8>, &str)> = vec![
+            (Vec::new(), "request 1 is missing"),
+            (Frame::json(&setup()).encode(), "request 2 is missing"),
+            (
+                encode_boot_requests(&spawn(true), &setup()),
+                "expected Setup",
+            ),
+            (
+                encode_boot_requests(&setup(), &spawn(false)),
+                "expected Setup",
+            ),
+            ([bytes.clone(), vec![0]].concat(), "1 bytes after"),
+            (bytes[..bytes.len() - 1].to_vec(), "request 2"),
+            (
+                [
+                    Frame::json(&setup()).encode(),
+                    Frame::empty(Kind::StdinEof).encode(),
+                ]
+                .concat(),
+                "request 2 is not a JSON frame",
+            ),
+        ];
+        for (bytes, expected) in bad {
+            let err = decode_boot_requests(&bytes).expect_err("rejected");
+            assert!(err.to_string().contains(expected), "{err}");
+        }
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub struct FsServerPlan {
     pub args: Vec<String>,
     /// virtiofsd's stdout and stderr.
     pub log: PathBuf,
+    /// The guest's boot requests, written to `vm_protocol::BOOT_REQUESTS` in the tree (on a
+    /// read-only tmpfs of its own, so they never reach a disk).
+    #[serde(default)]
+    pub boot_requests: Option<Vec<u8>>,
 }
 
 /// One policy directory inside an [`FsServerPlan`]'s tree.

@@ -23,6 +23,7 @@ use super::VmError;
 use crate::process::child::Control;
 use crate::process::protocol::{FromHelper, FsBind, FsServerPlan, ToHelper};
 use crate::process::{start_helper, sys};
+use crate::vm_protocol::BOOT_REQUESTS;
 use crate::StdioMode;
 
 /// Start the helper that builds `plan`'s tree and becomes its virtiofsd. Returns once the
@@ -127,6 +128,9 @@ fn build_tree(plan: &FsServerPlan) -> Result<(), MountFailure> {
         let target = mount_point(&plan.root, b, create)?;
         bind(&b.source, &target, b.readonly)?;
     }
+    if let Some(requests) = &plan.boot_requests {
+        write_boot_requests(&plan.root, requests)?;
+    }
     if plan.root_view.is_none() {
         // The root itself is read-only; the read-write shares stay writable.
         let flags =
@@ -135,6 +139,57 @@ fn build_tree(plan: &FsServerPlan) -> Result<(), MountFailure> {
             .map_err(|e| (format!("making {} read-only", plan.root.display()), e))?;
     }
     debug!(root = %plan.root.display(), binds = plan.binds.len(), "vm file tree built");
+    Ok(())
+}
+
+/// The guest's boot requests at `BOOT_REQUESTS` in the tree, on a tmpfs of their own (read-only,
+/// the file mode 0400): they carry the workload's environment and never reach a disk, not even
+/// an image view's upper layer. The agent hides the whole directory once it has read them.
+fn write_boot_requests(root: &Path, requests: &[u8]) -> Result<(), MountFailure> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (dir, file) = BOOT_REQUESTS
+        .rsplit_once('/')
+        .unwrap_or(("/", BOOT_REQUESTS));
+    let at = FsBind {
+        source: PathBuf::new(),
+        guest_path: dir.to_owned(),
+        readonly: true,
+    };
+    // A real directory inside the tree (an image's symlink cannot redirect it); made if missing.
+    let target = mount_point(root, &at, true)?;
+    let none: Option<&str> = None;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let size = requests.len() + 8192;
+    mount(
+        Some("tmpfs"),
+        &target,
+        Some("tmpfs"),
+        flags,
+        Some(format!("size={size},nr_inodes=4,mode=0700").as_str()),
+    )
+    .map_err(|e| (format!("mounting a tmpfs on {}", target.display()), e))?;
+    let path = target.join(file);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(&path)
+        .and_then(|mut f| f.write_all(requests));
+    written.map_err(|e| {
+        (
+            format!("writing {}", path.display()),
+            nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        )
+    })?;
+    mount(
+        none,
+        &target,
+        none,
+        flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        none,
+    )
+    .map_err(|e| (format!("making {} read-only", target.display()), e))?;
     Ok(())
 }
 

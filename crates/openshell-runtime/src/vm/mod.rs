@@ -231,6 +231,15 @@ async fn dial_agent(agent: &AgentAddr) -> std::io::Result<UnixStream> {
     }
 }
 
+/// How the workload's `Setup` and `Spawn` reach the agent.
+enum MainStart {
+    /// In the guest's tree before boot (qemu engine): the stdio plumbing and the encoded
+    /// requests.
+    InTree(Plumbing, Vec<u8>),
+    /// Sent on the boot connection once the agent dials (krun engine).
+    OnConnection(LaunchPlan, Request),
+}
+
 /// A process in the guest, as seen from the host.
 struct Session {
     to_agent: mpsc::UnboundedSender<Frame>,
@@ -359,24 +368,39 @@ async fn open_session(
     main: bool,
     setup: Option<Request>,
 ) -> Result<(Session, Stdio), VmError> {
-    let (guest_stdio, stdout, stderr, stdin, caller_stdio) = stdio_plumbing(mode)?;
-    let (mut reader, mut writer) = stream.into_split();
+    let plumbing = stdio_plumbing(mode)?;
+    let spawn = Request::Spawn {
+        launch,
+        stdio: plumbing.0,
+        main,
+    };
+    let mut requests = Vec::new();
     if let Some(setup) = &setup {
-        proto::write_frame_async(&mut writer, &Frame::json(setup))
-            .await
-            .map_err(VmError::Frame)?;
+        requests.extend_from_slice(&Frame::json(setup).encode());
     }
-    proto::write_frame_async(
-        &mut writer,
-        &Frame::json(&Request::Spawn {
-            launch,
-            stdio: guest_stdio,
-            main,
-        }),
-    )
-    .await
-    .map_err(VmError::Frame)?;
-    if setup.is_some() {
+    requests.extend_from_slice(&Frame::json(&spawn).encode());
+    run_session(stream, sandbox, plumbing, Some(requests), setup.is_some()).await
+}
+
+/// The session on a connected control `stream`: send `requests` (already encoded frames; `None`
+/// when the agent had them before it dialled, see `vm_protocol::BOOT_REQUESTS`), expect `Ready`
+/// first when they include a `Setup`, then the process's events.
+async fn run_session(
+    stream: UnixStream,
+    sandbox: &str,
+    plumbing: Plumbing,
+    requests: Option<Vec<u8>>,
+    with_setup: bool,
+) -> Result<(Session, Stdio), VmError> {
+    let (guest_stdio, stdout, stderr, stdin, caller_stdio) = plumbing;
+    let (mut reader, mut writer) = stream.into_split();
+    if let Some(requests) = requests {
+        writer
+            .write_all(&requests)
+            .await
+            .map_err(|e| VmError::Frame(proto::FrameError::Io(e)))?;
+    }
+    if with_setup {
         match proto::read_frame_async(&mut reader)
             .await
             .map_err(VmError::Frame)?
@@ -722,12 +746,50 @@ impl VmSandbox {
             }
             None => None,
         };
+        // The qemu engine's single virtio-fs root already holds every share; libkrun gets one
+        // device per share, which the agent mounts.
+        let mounts = shares
+            .iter()
+            .skip(1)
+            .filter(|_| decision.engine != Engine::Qemu)
+            .map(|s| GuestMount {
+                tag: s.tag.clone(),
+                path: s.guest_path.clone(),
+                readonly: s.readonly,
+            })
+            .collect();
+        let setup = Request::Setup {
+            hostname: config.hostname.clone(),
+            mounts,
+            pids_limit: config.resources.pids,
+            memory_limit_mib: config.resources.memory_mib,
+        };
+        // The qemu engine puts both requests in the guest's tree (vm_protocol::BOOT_REQUESTS):
+        // the agent launches the workload before it dials, and nothing is sent after.
+        let start = match decision.engine {
+            Engine::Qemu => {
+                let plumbing = stdio_plumbing(config.stdio)?;
+                let spawn = Request::Spawn {
+                    launch,
+                    stdio: plumbing.0,
+                    main: true,
+                };
+                let requests = proto::encode_boot_requests(&setup, &spawn);
+                MainStart::InTree(plumbing, requests)
+            }
+            Engine::Krun => MainStart::OnConnection(launch, setup),
+        };
         let console = box_dir.join("console.log");
         let (mut vmm, helpers, agent) = match decision.engine {
             Engine::Qemu => {
-                let started =
-                    Self::start_qemu(box_dir, &vm, &artifacts, &shares, &decision, &console)
-                        .await?;
+                let requests = match &start {
+                    MainStart::InTree(_, requests) => Some(requests.clone()),
+                    MainStart::OnConnection(..) => None,
+                };
+                let started = Self::start_qemu(
+                    box_dir, &vm, &artifacts, &shares, &decision, &console, requests,
+                )
+                .await?;
                 if config.root.is_some() {
                     log_root_method(id, box_dir)?;
                 }
@@ -788,31 +850,20 @@ impl VmSandbox {
             ms = started.elapsed().as_millis() as u64,
             "guest agent announced itself"
         );
-        // The qemu engine's single virtio-fs root already holds every share; libkrun gets one
-        // device per share, which the agent mounts.
-        let mounts = shares
-            .iter()
-            .skip(1)
-            .filter(|_| decision.engine != Engine::Qemu)
-            .map(|s| GuestMount {
-                tag: s.tag.clone(),
-                path: s.guest_path.clone(),
-                readonly: s.readonly,
-            })
-            .collect();
-        let setup = Request::Setup {
-            hostname: config.hostname.clone(),
-            mounts,
-            pids_limit: config.resources.pids,
-            memory_limit_mib: config.resources.memory_mib,
-        };
         let limit = Duration::from_secs(30);
-        let (main, stdio) = tokio::time::timeout(
-            limit,
-            open_session(announced, id, launch, config.stdio, true, Some(setup)),
-        )
-        .await
-        .map_err(|_| VmError::AgentTimeout(limit, console_tail(&console)))??;
+        let session = async {
+            match start {
+                MainStart::InTree(plumbing, _) => {
+                    run_session(announced, id, plumbing, None, true).await
+                }
+                MainStart::OnConnection(launch, setup) => {
+                    open_session(announced, id, launch, config.stdio, true, Some(setup)).await
+                }
+            }
+        };
+        let (main, stdio) = tokio::time::timeout(limit, session)
+            .await
+            .map_err(|_| VmError::AgentTimeout(limit, console_tail(&console)))??;
         info!(event = "sandbox.started", sandbox = id, runtime = "vm", program = %config.program, "workload started");
         Ok(VmSandbox {
             id: id.to_owned(),
@@ -829,6 +880,7 @@ impl VmSandbox {
     }
 
     /// The qemu engine: the vsock daemon and one virtiofsd per share (sockets ready), then QEMU.
+    /// `boot_requests` go into the guest's tree (`vm_protocol::BOOT_REQUESTS`).
     async fn start_qemu(
         box_dir: &Path,
         vm: &VmDescription,
@@ -836,6 +888,7 @@ impl VmSandbox {
         shares: &[Share],
         decision: &engine::EngineDecision,
         console: &Path,
+        boot_requests: Option<Vec<u8>>,
     ) -> Result<(Vmm, Vec<Child>, AgentAddr), VmError> {
         let vsock_uds = &vm.vsock_uds;
         let mut helpers = Vec::new();
@@ -866,6 +919,7 @@ impl VmSandbox {
             program: artifacts.virtiofsd.clone(),
             args: qemu::virtiofsd_args(&fs_socket, &vm.root),
             log: box_dir.join("virtiofsd.log"),
+            boot_requests,
         };
         // Both daemons start at once; QEMU needs both sockets.
         let fsd = fs_server::start(plan).await;
