@@ -348,22 +348,15 @@ pub fn setup(
         std::fs::write(&max, limit.to_string()).map_err(io(&max))?;
     }
     if let Some(mib) = limits.memory_mib {
-        let meminfo = "/proc/meminfo";
-        let text = std::fs::read_to_string(meminfo).map_err(io(meminfo))?;
-        let bytes = memory_max(mib, mem_total_kib(&text));
+        // sysinfo's total is /proc/meminfo's MemTotal, without formatting all of meminfo.
+        let total = nix::sys::sysinfo::sysinfo()
+            .map_err(|e| io("sysinfo")(std::io::Error::from(e)))?
+            .ram_total();
+        let bytes = memory_max(mib, Some(total / 1024));
         let max = format!("{WORKLOAD_CGROUP}/memory.max");
         std::fs::write(&max, bytes.to_string()).map_err(io(&max))?;
     }
     Ok(Some(Path::new(WORKLOAD_CGROUP).join("cgroup.procs")))
-}
-
-/// `MemTotal` of /proc/meminfo, in KiB.
-fn mem_total_kib(meminfo: &str) -> Option<u64> {
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The workload's `memory.max` in bytes: the asked limit, capped at the guest's memory minus
@@ -388,8 +381,6 @@ mod tests {
 
     #[test]
     fn memory_max_leaves_the_guest_room() {
-        let meminfo = "MemTotal:        1017148 kB\nMemFree:         1001032 kB\n";
-        assert_eq!(mem_total_kib(meminfo), Some(1_017_148));
         // Under the guest's RAM: as asked.
         assert_eq!(memory_max(64, Some(1_017_148)), 64 << 20);
         // The policy's limit is the guest's RAM: capped below it.
@@ -400,7 +391,6 @@ mod tests {
         // A tiny guest keeps a quarter for the workload.
         assert_eq!(memory_max(1024, Some(40_000)), 10_000 * 1024);
         assert_eq!(memory_max(64, None), 64 << 20);
-        assert_eq!(mem_total_kib("nothing"), None);
     }
 
     #[test]

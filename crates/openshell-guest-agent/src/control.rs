@@ -111,7 +111,7 @@ pub async fn serve_preloaded(
     enum Boot {
         SetupFailed(Frame),
         LaunchFailed(Frame),
-        Launched(spawn::Launched),
+        Launched(Box<spawn::Launched>),
     }
     let boot = match requests
         .map_err(|m| failed("boot", m))
@@ -137,7 +137,7 @@ pub async fn serve_preloaded(
                     Boot::SetupFailed(failed(e.stage(), chain(&e)))
                 }
                 Ok(()) => match spawn::start(&ctx, launch, stdio) {
-                    Ok(process) => Boot::Launched(process),
+                    Ok(process) => Boot::Launched(Box::new(process)),
                     Err(frame) => Boot::LaunchFailed(frame),
                 },
             }
@@ -173,7 +173,7 @@ pub async fn serve_preloaded(
         }
         Boot::Launched(process) => {
             if send(&mut wr, &Frame::json(&Event::Ready)).await {
-                spawn::session(ctx, rd, wr, process, true).await;
+                spawn::session(ctx, rd, wr, *process, true).await;
             } else {
                 process.kill();
             }

@@ -357,6 +357,7 @@ mod tests {
     }
 
     fn spawn(main: bool) -> Request {
+        let seccomp = crate::process::seccomp::compiled().expect("the table compiles");
         let launch: LaunchPlan = serde_json::from_value(serde_json::json!({
             "program": "/bin/true",
             "argv": ["true"],
@@ -367,6 +368,7 @@ mod tests {
             "pty": false,
             "landlock": { "read_only": [], "read_write": [], "hard_requirement": true },
             "join_cgroups": [],
+            "seccomp": seccomp,
         }))
         .expect("a launch plan");
         Request::Spawn {

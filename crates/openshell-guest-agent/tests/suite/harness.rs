@@ -149,6 +149,9 @@ pub fn plan(argv: &[&str]) -> LaunchPlan {
             read_write: vec![PathBuf::from("/dev/null")],
             hard_requirement: false,
         },
+        seccomp: openshell_runtime::process::seccomp::compiled()
+            .expect("the seccomp table compiles")
+            .clone(),
     }
 }
 

@@ -450,7 +450,7 @@ pub fn launch_restricted(
     plan: &LaunchPlan,
     stdio: Option<[RawFd; 3]>,
 ) -> Result<(i32, RestrictionReport), StageError> {
-    let filter = seccomp::compiled().map_err(|e| ("seccomp".to_owned(), error_chain(&e)))?;
+    let filter = &plan.seccomp;
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ("pipe".to_owned(), errno_text(e)))?;
     match sys::fork_single_threaded().map_err(|e| ("fork".to_owned(), errno_text(e)))? {

@@ -69,6 +69,8 @@ pub enum ProcessError {
     Nul { what: &'static str },
     #[error("creating the sandbox cgroup")]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("setting up the sandbox network")]
     Net(#[from] net::NetError),
     #[error("{op}")]
@@ -495,6 +497,7 @@ impl Identity {
             pty: matches!(stdio, StdioMode::Pty { .. }),
             join_cgroups,
             landlock: self.landlock.clone(),
+            seccomp: seccomp::compiled()?.clone(),
         })
     }
 }

@@ -147,6 +147,8 @@ pub struct LaunchPlan {
     /// may have no /sys), and hands on an empty list; the launch step joins whatever is left.
     pub join_cgroups: Vec<PathBuf>,
     pub landlock: LandlockPlan,
+    /// The workload's seccomp filter, compiled by the supervisor; the launcher installs it.
+    pub seccomp: super::seccomp::CompiledFilter,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

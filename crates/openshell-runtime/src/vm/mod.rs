@@ -237,7 +237,7 @@ enum MainStart {
     /// requests.
     InTree(Plumbing, Vec<u8>),
     /// Sent on the boot connection once the agent dials (krun engine).
-    OnConnection(LaunchPlan, Request),
+    OnConnection(Box<(LaunchPlan, Request)>),
 }
 
 /// A process in the guest, as seen from the host.
@@ -777,14 +777,14 @@ impl VmSandbox {
                 let requests = proto::encode_boot_requests(&setup, &spawn);
                 MainStart::InTree(plumbing, requests)
             }
-            Engine::Krun => MainStart::OnConnection(launch, setup),
+            Engine::Krun => MainStart::OnConnection(Box::new((launch, setup))),
         };
         let console = box_dir.join("console.log");
         let (mut vmm, helpers, agent) = match decision.engine {
             Engine::Qemu => {
                 let requests = match &start {
                     MainStart::InTree(_, requests) => Some(requests.clone()),
-                    MainStart::OnConnection(..) => None,
+                    MainStart::OnConnection(_) => None,
                 };
                 let started = Self::start_qemu(
                     box_dir, &vm, &artifacts, &shares, &decision, &console, requests,
@@ -856,7 +856,8 @@ impl VmSandbox {
                 MainStart::InTree(plumbing, _) => {
                     run_session(announced, id, plumbing, None, true).await
                 }
-                MainStart::OnConnection(launch, setup) => {
+                MainStart::OnConnection(requests) => {
+                    let (launch, setup) = *requests;
                     open_session(announced, id, launch, config.stdio, true, Some(setup)).await
                 }
             }
