@@ -532,11 +532,17 @@ impl Drop for RemoveOnDrop {
 // ---------------------------------------------------------------------------------------------
 // helpers
 
+/// Our patches to vhost-device-vsock, applied to its crates.io source (see [`vsock_from_source`]).
+const VSOCK_RECIPE_DIR: &str = "guest/vhost-device-vsock";
+/// Bumped when the way the patched daemon is built changes.
+const VSOCK_RECIPE_VERSION: u32 = 1;
+
 fn helpers(root: &Path, force: bool) -> Result<()> {
     let prefix = root.join("helpers");
     let bin = prefix.join("bin");
+    vsock_from_source(&prefix, force)?;
     let mut wanted = Vec::new();
-    for (name, ver) in [VSOCK_CRATE, VIRTIOFSD_CRATE] {
+    for (name, ver) in [VIRTIOFSD_CRATE] {
         match tool_version(&bin.join(name)) {
             Some(v) if !force && v.contains(ver) => {
                 println!("guest: helpers: cached: {name}: {v}");
@@ -579,6 +585,107 @@ fn helpers(root: &Path, force: bool) -> Result<()> {
         );
         println!("guest: helpers: {name}: {v} at {}", path.display());
     }
+    Ok(())
+}
+
+/// The `*.patch` files of [`VSOCK_RECIPE_DIR`] in name order, and the recipe's hash over the
+/// crate, the recipe version and every patch.
+fn vsock_recipe() -> Result<(Vec<(String, PathBuf)>, String)> {
+    let dir = project_root().join(VSOCK_RECIPE_DIR);
+    let mut patches = Vec::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.ends_with(".patch") {
+            patches.push((name, path));
+        }
+    }
+    patches.sort();
+    let (name, ver) = VSOCK_CRATE;
+    let mut input =
+        format!("openshell-vsock recipe={VSOCK_RECIPE_VERSION}\ncrate={name} {ver}\n").into_bytes();
+    for (patch, path) in &patches {
+        input.extend_from_slice(format!("--- {patch}\n").as_bytes());
+        input.extend(fs::read(path).with_context(|| format!("cannot read {}", path.display()))?);
+    }
+    Ok((patches, sha256_hex(&input)?))
+}
+
+/// vhost-device-vsock from its crates.io source with our patches (they fix a connection busy
+/// both ways stalling; see the patch), installed as `helpers/bin/vhost-device-vsock`, with the
+/// recipe's hash in `helpers/vhost-device-vsock.recipe`. The source comes through `cargo vendor`
+/// of a throwaway package that depends on the pinned version (crates.io only, checksummed by
+/// cargo), the patches are applied with `patch -p1`, and `cargo install --locked --path` builds
+/// it with the crate's own lock file.
+fn vsock_from_source(prefix: &Path, force: bool) -> Result<()> {
+    let (name, ver) = VSOCK_CRATE;
+    let (patches, hash) = vsock_recipe()?;
+    let marker = prefix.join(format!("{name}.recipe"));
+    let binary = prefix.join("bin").join(name);
+    let have = fs::read_to_string(&marker).unwrap_or_default();
+    if !force && have.trim() == hash && tool_version(&binary).is_some_and(|v| v.contains(ver)) {
+        println!("guest: helpers: cached: {name} {ver} with {VSOCK_RECIPE_DIR}/ ({hash})");
+        return Ok(());
+    }
+    println!(
+        "guest: helpers: building {name} {ver} from source with {} patch(es) from {VSOCK_RECIPE_DIR}/ \
+         (about a minute)",
+        patches.len()
+    );
+    let build = BuildDir::fresh("helpers", &prefix.join("vsock-build"))?;
+    let fetch = build.work.join("fetch");
+    fs::create_dir_all(fetch.join("src"))?;
+    fs::write(
+        fetch.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"openshell-vsock-fetch\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
+             publish = false\n\n[dependencies]\n{name} = \"={ver}\"\n\n[workspace]\n"
+        ),
+    )?;
+    fs::write(fetch.join("src/lib.rs"), "")?;
+    let mut vendor = cargo();
+    vendor
+        .args(["vendor", "--versioned-dirs", "--quiet"])
+        .arg(build.work.join("vendor"))
+        .current_dir(&fetch)
+        .stdout(Stdio::null());
+    util::run(&mut vendor)?;
+    let src = build.work.join("vendor").join(format!("{name}-{ver}"));
+    ensure!(
+        src.join("Cargo.lock").is_file(),
+        "{} has no Cargo.lock",
+        src.display()
+    );
+    for (patch, path) in &patches {
+        let mut cmd = Command::new("patch");
+        cmd.args(["-p1", "--batch", "--forward", "-i"])
+            .arg(path)
+            .current_dir(&src);
+        util::run(&mut cmd).with_context(|| format!("applying {VSOCK_RECIPE_DIR}/{patch}"))?;
+    }
+    let mut install = cargo();
+    install
+        .args(["install", "--locked", "--force", "--path"])
+        .arg(&src)
+        .arg("--root")
+        .arg(prefix)
+        .env("CARGO_TARGET_DIR", build.work.join("target"))
+        .env_remove("CARGO_BUILD_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    util::run(&mut install)?;
+    let v = tool_version(&binary)
+        .with_context(|| format!("{} --version failed after install", binary.display()))?;
+    ensure!(
+        v.contains(ver),
+        "{} reports {v:?}, expected {ver}",
+        binary.display()
+    );
+    fs::write(&marker, format!("{hash}\n"))?;
+    drop(build);
     Ok(())
 }
 
