@@ -205,6 +205,9 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let ratio_p95 = ours.p95_ms / bare.p95_ms;
     let first_ratio = first_ours.median_ms / first_bare.median_ms;
     let ratio_ok = ratio <= TARGET_RATIO;
+    // The same target, read for the other side-by-side figure: the bare boot's reboot path is
+    // outside this one, so it is the stricter reading.
+    let first_ratio_ok = first_ratio <= TARGET_RATIO;
     let median_ok = ours.median_ms <= TARGET_MEDIAN_MS;
     let total_mb = rss.total_kib as f64 * 1024.0 / 1e6;
     let rss_ok = total_mb <= TARGET_RSS_MB;
@@ -244,6 +247,10 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     row("ours (echo first)", first_ours);
     row("bare (console marker)", first_bare);
     println!("  ratio ours/bare: {first_ratio:.2} (median)");
+    println!(
+        "  target ratio <= {TARGET_RATIO:.1}: {} ({first_ratio:.2})",
+        verdict(first_ratio_ok)
+    );
     println!(
         "host RSS of an idle VM (box {}, after the agent listened + 1 s)",
         rss.box_id
@@ -335,6 +342,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
                 "stats": first_bare.to_json(),
             },
             "ratio_median": round3(first_ratio),
+            "ratio_ok": first_ratio_ok,
         },
         "idle_rss": {
             "workload": "/bin/sleep 30",
@@ -353,6 +361,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         "targets": {
             "ratio_max": TARGET_RATIO,
             "ratio_ok": ratio_ok,
+            "first_output_ratio_ok": first_ratio_ok,
             "median_ms_max": TARGET_MEDIAN_MS,
             "median_ok": median_ok,
             "rss_mb_max": TARGET_RSS_MB,
