@@ -3,7 +3,8 @@
 //!
 //! - cold create + exec `/bin/true` + destroy, helpers included, against the bare boot of an
 //!   initramfs whose busybox `/init` runs the host's `/bin/true` (with its loader and libc) and
-//!   reboots, and for reference the same with busybox's static `true` (one hyperfine run);
+//!   reboots, and for reference the same with busybox's static `true`, in alternating rounds
+//!   (this machine's speed drifts too much for one block of runs per command);
 //! - time to first output: `/bin/echo first` until the first byte on our stdout, against the bare
 //!   boot until its `/init`'s marker appears on the serial console (stdio);
 //! - host RSS of an idle VM (`/bin/sleep 30`, once the guest agent listens): QEMU, every virtiofsd
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use super::{hyperfine, machine, round3, stats, verdict, Cmd, Ctx, Stats};
+use super::{machine, round3, stats, verdict, Ctx, Stats};
 use crate::guest;
 
 /// Target: our median over the bare boot's median (cold create+exec+destroy).
@@ -44,7 +45,7 @@ const MARKER: &str = "OPENSHELL-BENCH-FIRST";
 const AGENT_LISTENING: &str = "openshell-guest-agent: listening";
 /// The CPU model the runtime's qemu engine gives a TCG guest (`vm::qemu::TCG_CPU`).
 const TCG_CPU: &str = "Nehalem,+rdrand";
-/// Bound of every single boot outside hyperfine.
+/// Bound of every single boot the benchmark runs.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where Debian's busybox-static installs its binary.
 const BUSYBOX: &str = "/bin/busybox";
@@ -149,23 +150,59 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         memory_mib,
         "file:/dev/null",
     ));
-    let cmds = [
-        Cmd {
-            name: "ours",
-            line: ours_line.clone(),
-        },
-        Cmd {
-            name: "bare",
-            line: bare_line.clone(),
-        },
-        Cmd {
-            name: "bare-busybox-true",
-            line: static_line.clone(),
-        },
-    ];
-    let [ours, bare, bare_static] = hyperfine(&ctx, &cmds)?[..] else {
-        unreachable!("hyperfine returns one result per command")
-    };
+    // Alternating rounds (ours, bare, busybox), not one block of runs per command: this
+    // machine's speed drifts by a third within a minute, and blocks measured apart turned the
+    // same build's ratio into anything from 1.23 to 1.67.
+    let ours_argv: Vec<String> = [
+        SANDBOX,
+        "--runtime",
+        "vm",
+        "--policy",
+        POLICY,
+        "--",
+        "/bin/true",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let bare_argv = bare_qemu(
+        &qemu,
+        &kernel,
+        &initrd_true,
+        khz,
+        memory_mib,
+        "file:/dev/null",
+    );
+    let static_argv = bare_qemu(
+        &qemu,
+        &kernel,
+        &initrd_static,
+        khz,
+        memory_mib,
+        "file:/dev/null",
+    );
+    println!(
+        "cold create + exec + destroy: {} alternating rounds of ours, bare, bare busybox \
+         ({} unmeasured)",
+        ctx.runs, ctx.warmup
+    );
+    let (mut c_ours, mut c_bare, mut c_static, mut paired) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..ctx.warmup + ctx.runs {
+        let a = timed_run(&ctx.root, &ours_argv).context("ours: cold create + exec + destroy")?;
+        let b = timed_run(&ctx.root, &bare_argv).context("bare: boot")?;
+        let c = timed_run(&ctx.root, &static_argv).context("bare busybox: boot")?;
+        if i >= ctx.warmup {
+            c_ours.push(a.as_secs_f64());
+            c_bare.push(b.as_secs_f64());
+            c_static.push(c.as_secs_f64());
+            paired.push(a.as_secs_f64() / b.as_secs_f64());
+        }
+    }
+    let ours = stats(&c_ours).context("no cold timings")?;
+    let bare = stats(&c_bare).context("no cold timings")?;
+    let bare_static = stats(&c_static).context("no cold timings")?;
+    paired.sort_by(f64::total_cmp);
+    let paired_ratio = paired[paired.len() / 2];
 
     // 2. time to first output, alternating ours and bare (one unmeasured warmup each).
     println!("\ntime to first output ({} runs each)", ctx.runs);
@@ -228,7 +265,10 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     row("ours", ours);
     row("bare qemu microvm", bare);
     row("bare, busybox true", bare_static);
-    println!("  ratio ours/bare: {ratio:.2} (median), {ratio_p95:.2} (p95)");
+    println!(
+        "  ratio ours/bare: {ratio:.2} (median), {ratio_p95:.2} (p95); median of the rounds' own \
+         ratios {paired_ratio:.2}"
+    );
     println!(
         "  (bare runs the host's /bin/true with its loader and libc from an initramfs; the \
          busybox row runs busybox's static `true` instead: ratio {:.2})",
@@ -329,6 +369,8 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             },
             "ratio_median": round3(ratio),
             "ratio_p95": round3(ratio_p95),
+            "ratio_paired_median": round3(paired_ratio),
+            "rounds": "alternating: ours, bare, bare busybox",
         },
         "first_output": {
             "ours": {
@@ -477,6 +519,33 @@ fn krun_status() -> String {
         "not measurable here: no /dev/kvm".to_owned()
     } else {
         "not measured by this benchmark (qemu engine only)".to_owned()
+    }
+}
+
+/// Runs `argv` to its end (stdio to /dev/null, bounded by [`BOOT_TIMEOUT`]) and returns its wall
+/// time; it must succeed.
+fn timed_run(root: &Path, argv: &[String]) -> Result<Duration> {
+    let t = Instant::now();
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", argv[0]))?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let took = t.elapsed();
+            ensure!(status.success(), "{} ended with {status}", argv.join(" "));
+            return Ok(took);
+        }
+        if t.elapsed() > BOOT_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{} did not end within {BOOT_TIMEOUT:?}", argv.join(" "));
+        }
+        std::thread::sleep(Duration::from_micros(500));
     }
 }
 
