@@ -588,30 +588,38 @@ fn helpers(root: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// The `*.patch` files of [`VSOCK_RECIPE_DIR`] in name order, and the recipe's hash over the
-/// crate, the recipe version and every patch.
-fn vsock_recipe() -> Result<(Vec<(String, PathBuf)>, String)> {
-    let dir = project_root().join(VSOCK_RECIPE_DIR);
+/// A recipe directory's `*.patch` files in name order: name, path, bytes.
+pub(crate) fn recipe_patches(dir: &Path) -> Result<Vec<(String, PathBuf, Vec<u8>)>> {
     let mut patches = Vec::new();
-    for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let path = entry?.path();
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         if name.ends_with(".patch") {
-            patches.push((name, path));
+            let bytes =
+                fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            patches.push((name, path, bytes));
         }
     }
-    patches.sort();
+    patches.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(patches)
+}
+
+/// The `*.patch` files of [`VSOCK_RECIPE_DIR`] in name order, and the recipe's hash over the
+/// crate, the recipe version and every patch.
+fn vsock_recipe() -> Result<(Vec<(String, PathBuf)>, String)> {
+    let patches = recipe_patches(&project_root().join(VSOCK_RECIPE_DIR))?;
     let (name, ver) = VSOCK_CRATE;
     let mut input =
         format!("openshell-vsock recipe={VSOCK_RECIPE_VERSION}\ncrate={name} {ver}\n").into_bytes();
-    for (patch, path) in &patches {
+    for (patch, _, bytes) in &patches {
         input.extend_from_slice(format!("--- {patch}\n").as_bytes());
-        input.extend(fs::read(path).with_context(|| format!("cannot read {}", path.display()))?);
+        input.extend_from_slice(bytes);
     }
-    Ok((patches, sha256_hex(&input)?))
+    let hash = sha256_hex(&input)?;
+    Ok((patches.into_iter().map(|(n, p, _)| (n, p)).collect(), hash))
 }
 
 /// vhost-device-vsock from its crates.io source with our patches (they fix a connection busy

@@ -522,18 +522,25 @@ fn krun_status() -> String {
     }
 }
 
+/// Starts `argv` in `root` with stdin from /dev/null, and stdout and stderr piped or to
+/// /dev/null.
+fn start(root: &Path, argv: &[String], piped: bool) -> Result<Child> {
+    let out = || if piped { Stdio::piped() } else { Stdio::null() };
+    Command::new(&argv[0])
+        .args(&argv[1..])
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(out())
+        .stderr(out())
+        .spawn()
+        .with_context(|| format!("cannot start {}", argv[0]))
+}
+
 /// Runs `argv` to its end (stdio to /dev/null, bounded by [`BOOT_TIMEOUT`]) and returns its wall
 /// time; it must succeed.
 fn timed_run(root: &Path, argv: &[String]) -> Result<Duration> {
     let t = Instant::now();
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .current_dir(root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start {}", argv[0]))?;
+    let mut child = start(root, argv, false)?;
     loop {
         if let Some(status) = child.try_wait()? {
             let took = t.elapsed();
@@ -553,14 +560,7 @@ fn timed_run(root: &Path, argv: &[String]) -> Result<Duration> {
 /// it to exit (bounded) and checks that it succeeded and that stdout contained `expect`.
 fn first_output(root: &Path, argv: &[String], needle: &[u8], expect: &[u8]) -> Result<Duration> {
     let t = Instant::now();
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .current_dir(root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {}", argv[0]))?;
+    let mut child = start(root, argv, true)?;
     let mut stdout = child.stdout.take().context("no stdout")?;
     let mut stderr = child.stderr.take().context("no stderr")?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>();

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::{ensure_static, set_current, sha256_hex, step_in, BuildDir};
+use super::{ensure_static, recipe_patches, set_current, sha256_hex, step_in, BuildDir};
 use crate::deps;
 use crate::util::project_root;
 
@@ -101,20 +101,7 @@ impl Recipe {
         let devices_path = dir.join(DEVICES);
         let devices = fs::read(&devices_path)
             .with_context(|| format!("cannot read {}", devices_path.display()))?;
-        let mut patches = Vec::new();
-        for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-            let path = entry?.path();
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if name.ends_with(".patch") {
-                let bytes =
-                    fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                patches.push((name, path, bytes));
-            }
-        }
-        patches.sort_by(|a, b| a.0.cmp(&b.0));
+        let patches = recipe_patches(dir)?;
         Ok(Recipe {
             configure_args,
             configure_bytes,
