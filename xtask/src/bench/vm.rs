@@ -108,7 +108,14 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     println!("krun engine: {krun}");
 
     // 1. cold create + exec + destroy, side by side.
-    let ours_line = format!("{SANDBOX} --runtime vm --policy {POLICY} -- /bin/true");
+    // `openshell-sandbox --runtime vm --policy <default> -- <cmd...>`
+    let ours_cmd = |cmd: &[&str]| -> Vec<String> {
+        [SANDBOX, "--runtime", "vm", "--policy", POLICY, "--"]
+            .iter()
+            .chain(cmd)
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
     // The peer gets the guest memory our VM gets under the same policy: memory size alone
     // changes a TCG boot (the kernel initialises a page structure per 4 KiB).
     let memory_mib = policy_memory_mib(&ctx.root.join(POLICY))?;
@@ -134,36 +141,10 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         MARKER.as_bytes(),
     )
     .context("bare: the host's /bin/echo did not run from the initramfs")?;
-    let bare_line = shell_line(bare_qemu(
-        &qemu,
-        &kernel,
-        &initrd_true,
-        khz,
-        memory_mib,
-        "file:/dev/null",
-    ));
-    let static_line = shell_line(bare_qemu(
-        &qemu,
-        &kernel,
-        &initrd_static,
-        khz,
-        memory_mib,
-        "file:/dev/null",
-    ));
     // Alternating rounds (ours, bare, busybox), not one block of runs per command: this
     // machine's speed drifts by a third within a minute, and blocks measured apart turned the
     // same build's ratio into anything from 1.23 to 1.67.
-    let ours_argv: Vec<String> = [
-        SANDBOX,
-        "--runtime",
-        "vm",
-        "--policy",
-        POLICY,
-        "--",
-        "/bin/true",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let ours_argv = ours_cmd(&["/bin/true"]);
     let bare_argv = bare_qemu(
         &qemu,
         &kernel,
@@ -206,18 +187,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
 
     // 2. time to first output, alternating ours and bare (one unmeasured warmup each).
     println!("\ntime to first output ({} runs each)", ctx.runs);
-    let ours_echo: Vec<String> = [
-        SANDBOX,
-        "--runtime",
-        "vm",
-        "--policy",
-        POLICY,
-        "--",
-        "/bin/echo",
-        "first",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let ours_echo = ours_cmd(&["/bin/echo", "first"]);
     let bare_echo = bare_qemu(&qemu, &kernel, &initrd_echo, khz, memory_mib, "stdio");
     let (mut t_ours, mut t_bare) = (Vec::new(), Vec::new());
     for i in 0..=ctx.runs {
@@ -360,10 +330,10 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         "machine": machine,
         "kernel": kernel.display().to_string(),
         "cold": {
-            "ours": { "command": ours_line, "stats": ours.to_json() },
-            "bare": { "command": bare_line, "stats": bare.to_json() },
+            "ours": { "command": shell_line(ours_argv), "stats": ours.to_json() },
+            "bare": { "command": shell_line(bare_argv), "stats": bare.to_json() },
             "bare_busybox_true": {
-                "command": static_line,
+                "command": shell_line(static_argv),
                 "stats": bare_static.to_json(),
                 "ratio_median": round3(ours.median_ms / bare_static.median_ms),
             },
