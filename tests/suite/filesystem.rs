@@ -166,3 +166,45 @@ fn best_effort_skips_a_missing_path_but_keeps_landlock() {
         );
     }
 }
+
+/// Even a policy that lets the workload read `/openshell` shows it nothing: on the vm backend
+/// the agent binary and the boot requests (the workload's launch plan, environment included)
+/// live there, and the agent hides the directory under an empty read-only tmpfs before it
+/// launches anything. The process backend has no such directory (the path is skipped).
+#[test]
+fn the_workload_cannot_read_the_agent_or_its_launch_plan() {
+    if !can_run("the_workload_cannot_read_the_agent_or_its_launch_plan") {
+        return;
+    }
+    for backend in backends() {
+        let s = Scratch::new("");
+        let text = std::fs::read_to_string(&s.policy)
+            .expect("read")
+            .replace("read_only: [", "read_only: [/openshell, ")
+            .replace(
+                "compatibility: hard_requirement",
+                "compatibility: best_effort",
+            );
+        std::fs::write(&s.policy, text).expect("write");
+        let out = s
+            .command(
+                backend,
+                &["--env", "SECRET_FOR_THE_TEST=hunter2"],
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "ls -A /openshell 2>/dev/null; \
+                     cat /openshell/boot/requests /openshell/agent 2>/dev/null | grep -c hunter2; \
+                     echo end",
+                ],
+            )
+            .output()
+            .expect("run");
+        assert_eq!(
+            (backend, code(&out), stdout(&out)),
+            (backend, 0, "0\nend\n".to_owned()),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
