@@ -63,7 +63,10 @@ pub const VM_PACKAGES: &[(&str, &str)] = &[
         "bios-microvm.bin for -M microvm; its version is the qemu source built",
     ),
     ("dpkg-dev", "qemu build: dpkg-source, for apt-get source"),
-    ("patch", "qemu build: guest/qemu/*.patch"),
+    (
+        "patch",
+        "qemu and vhost-device-vsock builds: guest/{qemu,vhost-device-vsock}/*.patch",
+    ),
     ("python3", "qemu build: configure and meson"),
     ("meson", "qemu build"),
     ("ninja-build", "qemu build"),

@@ -151,7 +151,8 @@ pub enum Event {
     Connected,
 }
 
-/// The boot requests file: `setup` then `spawn` (a main `Spawn`), as two frames.
+/// The boot requests: `setup` then `spawn` (a main `Spawn`), as two frames (the qemu engine's
+/// file, and what the krun engine sends on the ready connection).
 pub fn encode_boot_requests(setup: &Request, spawn: &Request) -> Vec<u8> {
     let mut out = Frame::json(setup).encode();
     out.extend_from_slice(&Frame::json(spawn).encode());

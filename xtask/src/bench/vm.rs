@@ -807,23 +807,22 @@ fn box_processes(box_dir: &Path) -> Vec<(u32, &'static str)> {
     out
 }
 
-/// `Pss:` of /proc/PID/smaps_rollup, in KiB.
-fn pss_kib(pid: u32) -> Option<u64> {
-    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
+/// The KiB figure of the `field` line (e.g. `Pss:`) in /proc/PID/`file`.
+fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
 }
 
+/// `Pss:` of /proc/PID/smaps_rollup, in KiB.
+fn pss_kib(pid: u32) -> Option<u64> {
+    proc_kib(pid, "smaps_rollup", "Pss:")
+}
+
 fn vm_rss_kib(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    proc_kib(pid, "status", "VmRSS:")
 }
 
 /// Resident pages of the guest RAM (QEMU's `memory-backend-memfd`) in this process's mappings.

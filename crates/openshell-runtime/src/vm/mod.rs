@@ -374,11 +374,10 @@ async fn open_session(
         stdio: plumbing.0,
         main,
     };
-    let mut requests = Vec::new();
-    if let Some(setup) = &setup {
-        requests.extend_from_slice(&Frame::json(setup).encode());
-    }
-    requests.extend_from_slice(&Frame::json(&spawn).encode());
+    let requests = match &setup {
+        Some(setup) => proto::encode_boot_requests(setup, &spawn),
+        None => Frame::json(&spawn).encode(),
+    };
     run_session(stream, sandbox, plumbing, Some(requests), setup.is_some()).await
 }
 
