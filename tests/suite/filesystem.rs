@@ -3,6 +3,9 @@
 
 use pretty_assertions::assert_eq;
 
+use std::process::Stdio;
+use std::time::Duration;
+
 use super::common::*;
 
 const EACCES: i32 = 13;
@@ -203,6 +206,81 @@ fn the_workload_cannot_read_the_agent_or_its_launch_plan() {
         assert_eq!(
             (backend, code(&out), stdout(&out)),
             (backend, 0, "0\nend\n".to_owned()),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+/// Files the host changes while the workload runs: a read-write share shows the change at the
+/// next open, a read-only share within its one-second attribute timeout. On the vm backend the
+/// guest keeps its page cache of files on read-only mounts across opens (our virtiofsd patch,
+/// `guest/virtiofsd/`); this checks that it still drops it when the host changed the file. The
+/// edits are in place and keep the size, so only the modification time tells.
+#[test]
+fn host_edits_reach_the_workload() {
+    use std::io::{BufRead, BufReader, Write};
+    if !can_run("host_edits_reach_the_workload") {
+        return;
+    }
+    for backend in backends() {
+        let s = Scratch::new("");
+        let ro = s.outside.join("ro");
+        std::fs::create_dir(&ro).expect("mkdir");
+        let text = std::fs::read_to_string(&s.policy)
+            .expect("read")
+            .replace("read_only: [", &format!("read_only: [{}, ", ro.display()));
+        std::fs::write(&s.policy, text).expect("write");
+        let (rw_file, ro_file) = (s.work.join("note"), ro.join("note"));
+        for f in [&rw_file, &ro_file] {
+            std::fs::write(f, "old\n").expect("write");
+        }
+        let script = format!(
+            "cat note {ro}/note; cat note {ro}/note; echo ready; \
+             read _; cat note; read _; cat {ro}/note",
+            ro = ro.display()
+        );
+        let mut child = s
+            .command(backend, &[], &["/bin/sh", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut next = || lines.next().and_then(Result::ok).unwrap_or_default();
+        let seen: Vec<String> = (0..5).map(|_| next()).collect();
+        assert_eq!(
+            (backend, seen),
+            (
+                backend,
+                vec!["old", "old", "old", "old", "ready"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect()
+            ),
+        );
+        // In place, same size: a new modification time is all that changes.
+        let edit = |f: &std::path::Path| {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(f)
+                .expect("open");
+            file.write_all(b"new\n").expect("edit");
+        };
+        edit(&rw_file);
+        writeln!(stdin, "go").expect("stdin");
+        let after_rw = next();
+        edit(&ro_file);
+        std::thread::sleep(Duration::from_millis(1500));
+        writeln!(stdin, "go").expect("stdin");
+        let after_ro = next();
+        drop(stdin);
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(
+            (backend, after_rw.as_str(), after_ro.as_str(), code(&out)),
+            (backend, "new", "new", 0),
             "{}",
             stderr(&out)
         );

@@ -7,7 +7,8 @@
 //!   `guest/kernel/openshell-6.12.config`.
 //! - `qemu`: `qemu/<hash>/qemu-system-x86_64`, a minimal static QEMU from Debian's qemu source
 //!   with the flags, device config and patches in `guest/qemu/` (see [`qemu`]).
-//! - `helpers`: `helpers/bin/{vhost-device-vsock,virtiofsd}` via `cargo install --root`.
+//! - `helpers`: `helpers/bin/{vhost-device-vsock,virtiofsd}`, each from its crates.io source with
+//!   our patches (`guest/<name>/`), cached by recipe hash.
 //! - `agent`: `agent/<hash>/openshell-guest-agent`, static, from the workspace crate.
 //! - `rootfs`: `rootfs/<hash>/`, a minimal root directory with the agent and busybox.
 
@@ -532,58 +533,44 @@ impl Drop for RemoveOnDrop {
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-/// Our patches to vhost-device-vsock, applied to its crates.io source (see [`vsock_from_source`]).
-const VSOCK_RECIPE_DIR: &str = "guest/vhost-device-vsock";
-/// Bumped when the way the patched daemon is built changes.
-const VSOCK_RECIPE_VERSION: u32 = 1;
+/// A helper built from its crates.io source with our patches (see [`from_source`]).
+struct SourceRecipe {
+    /// The crate and the binary it installs.
+    name: &'static str,
+    version: &'static str,
+    /// Our `*.patch` files for it, relative to the project root.
+    dir: &'static str,
+    /// Names the recipe in its hash; bumped (with `revision`) when the build itself changes.
+    label: &'static str,
+    revision: u32,
+}
+
+/// vhost-device-vsock: a connection busy both ways stalled (see the patch).
+const VSOCK_RECIPE: SourceRecipe = SourceRecipe {
+    name: VSOCK_CRATE.0,
+    version: VSOCK_CRATE.1,
+    dir: "guest/vhost-device-vsock",
+    label: "openshell-vsock",
+    revision: 1,
+};
+
+/// virtiofsd: the guest keeps its page cache of files on read-only mounts (see the patch).
+const VIRTIOFSD_RECIPE: SourceRecipe = SourceRecipe {
+    name: VIRTIOFSD_CRATE.0,
+    version: VIRTIOFSD_CRATE.1,
+    dir: "guest/virtiofsd",
+    label: "openshell-virtiofsd",
+    revision: 1,
+};
 
 fn helpers(root: &Path, force: bool) -> Result<()> {
     let prefix = root.join("helpers");
-    let bin = prefix.join("bin");
-    vsock_from_source(&prefix, force)?;
-    let mut wanted = Vec::new();
-    for (name, ver) in [VIRTIOFSD_CRATE] {
-        match tool_version(&bin.join(name)) {
-            Some(v) if !force && v.contains(ver) => {
-                println!("guest: helpers: cached: {name}: {v}");
-            }
-            found => {
-                if let Some(v) = found {
-                    println!("guest: helpers: {name}: have {v:?}, want {ver}: reinstalling");
-                }
-                wanted.push(format!("{name}@{ver}"));
-            }
-        }
-    }
-    if !wanted.is_empty() {
-        println!(
-            "guest: helpers: installing {} (about a minute each)",
-            wanted.join(" ")
-        );
-        let mut cmd = cargo();
-        cmd.args(["install", "--locked", "--root"])
-            .arg(&prefix)
-            .args(&wanted)
-            // A temporary target dir of cargo's own, not the caller's.
-            .env_remove("CARGO_TARGET_DIR")
-            .env_remove("CARGO_BUILD_TARGET_DIR")
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS");
-        if force {
-            cmd.arg("--force");
-        }
-        util::run(&mut cmd)?;
-    }
-    for (name, ver) in [VSOCK_CRATE, VIRTIOFSD_CRATE] {
-        let path = bin.join(name);
+    for recipe in [&VSOCK_RECIPE, &VIRTIOFSD_RECIPE] {
+        from_source(recipe, &prefix, force)?;
+        let path = prefix.join("bin").join(recipe.name);
         let v = tool_version(&path)
             .with_context(|| format!("{} --version failed after install", path.display()))?;
-        ensure!(
-            v.contains(ver),
-            "{} reports {v:?}, expected {ver}",
-            path.display()
-        );
-        println!("guest: helpers: {name}: {v} at {}", path.display());
+        println!("guest: helpers: {}: {v} at {}", recipe.name, path.display());
     }
     Ok(())
 }
@@ -607,13 +594,15 @@ pub(crate) fn recipe_patches(dir: &Path) -> Result<Vec<(String, PathBuf, Vec<u8>
     Ok(patches)
 }
 
-/// The `*.patch` files of [`VSOCK_RECIPE_DIR`] in name order, and the recipe's hash over the
-/// crate, the recipe version and every patch.
-fn vsock_recipe() -> Result<(Vec<(String, PathBuf)>, String)> {
-    let patches = recipe_patches(&project_root().join(VSOCK_RECIPE_DIR))?;
-    let (name, ver) = VSOCK_CRATE;
-    let mut input =
-        format!("openshell-vsock recipe={VSOCK_RECIPE_VERSION}\ncrate={name} {ver}\n").into_bytes();
+/// The recipe's `*.patch` files in name order, and its hash over the crate, the revision and
+/// every patch.
+fn source_recipe(recipe: &SourceRecipe) -> Result<(Vec<(String, PathBuf)>, String)> {
+    let patches = recipe_patches(&project_root().join(recipe.dir))?;
+    let mut input = format!(
+        "{} recipe={}\ncrate={} {}\n",
+        recipe.label, recipe.revision, recipe.name, recipe.version
+    )
+    .into_bytes();
     for (patch, _, bytes) in &patches {
         input.extend_from_slice(format!("--- {patch}\n").as_bytes());
         input.extend_from_slice(bytes);
@@ -622,34 +611,33 @@ fn vsock_recipe() -> Result<(Vec<(String, PathBuf)>, String)> {
     Ok((patches.into_iter().map(|(n, p, _)| (n, p)).collect(), hash))
 }
 
-/// vhost-device-vsock from its crates.io source with our patches (they fix a connection busy
-/// both ways stalling; see the patch), installed as `helpers/bin/vhost-device-vsock`, with the
-/// recipe's hash in `helpers/vhost-device-vsock.recipe`. The source comes through `cargo vendor`
-/// of a throwaway package that depends on the pinned version (crates.io only, checksummed by
-/// cargo), the patches are applied with `patch -p1`, and `cargo install --locked --path` builds
-/// it with the crate's own lock file.
-fn vsock_from_source(prefix: &Path, force: bool) -> Result<()> {
-    let (name, ver) = VSOCK_CRATE;
-    let (patches, hash) = vsock_recipe()?;
+/// A helper from its crates.io source with our patches, installed as `helpers/bin/<name>`, with
+/// the recipe's hash in `helpers/<name>.recipe`. The source comes through `cargo vendor` of a
+/// throwaway package that depends on the pinned version (crates.io only, checksummed by cargo),
+/// the patches are applied with `patch -p1`, and `cargo install --locked --path` builds it with
+/// the crate's own lock file.
+fn from_source(recipe: &SourceRecipe, prefix: &Path, force: bool) -> Result<()> {
+    let (name, ver, dir) = (recipe.name, recipe.version, recipe.dir);
+    let (patches, hash) = source_recipe(recipe)?;
     let marker = prefix.join(format!("{name}.recipe"));
     let binary = prefix.join("bin").join(name);
     let have = fs::read_to_string(&marker).unwrap_or_default();
     if !force && have.trim() == hash && tool_version(&binary).is_some_and(|v| v.contains(ver)) {
-        println!("guest: helpers: cached: {name} {ver} with {VSOCK_RECIPE_DIR}/ ({hash})");
+        println!("guest: helpers: cached: {name} {ver} with {dir}/ ({hash})");
         return Ok(());
     }
     println!(
-        "guest: helpers: building {name} {ver} from source with {} patch(es) from {VSOCK_RECIPE_DIR}/ \
+        "guest: helpers: building {name} {ver} from source with {} patch(es) from {dir}/ \
          (about a minute)",
         patches.len()
     );
-    let build = BuildDir::fresh("helpers", &prefix.join("vsock-build"))?;
+    let build = BuildDir::fresh("helpers", &prefix.join(format!("{name}-build")))?;
     let fetch = build.work.join("fetch");
     fs::create_dir_all(fetch.join("src"))?;
     fs::write(
         fetch.join("Cargo.toml"),
         format!(
-            "[package]\nname = \"openshell-vsock-fetch\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
+            "[package]\nname = \"openshell-helper-fetch\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
              publish = false\n\n[dependencies]\n{name} = \"={ver}\"\n\n[workspace]\n"
         ),
     )?;
@@ -672,7 +660,7 @@ fn vsock_from_source(prefix: &Path, force: bool) -> Result<()> {
         cmd.args(["-p1", "--batch", "--forward", "-i"])
             .arg(path)
             .current_dir(&src);
-        util::run(&mut cmd).with_context(|| format!("applying {VSOCK_RECIPE_DIR}/{patch}"))?;
+        util::run(&mut cmd).with_context(|| format!("applying {dir}/{patch}"))?;
     }
     let mut install = cargo();
     install

@@ -7,6 +7,9 @@
 //!   (this machine's speed drifts too much for one block of runs per command);
 //! - time to first output: `/bin/echo first` until the first byte on our stdout, against the bare
 //!   boot until its `/init`'s marker appears on the serial console (stdio);
+//! - repeated exec: what each further `/bin/true` costs inside one running VM (busybox's shell
+//!   runs it 20 times, less the same run without them), against the bare boot doing the same
+//!   from its initramfs;
 //! - host RSS of an idle VM (`/bin/sleep 30`, once the guest agent listens): QEMU, every virtiofsd
 //!   and vhost-device-vsock of the box, and what is left beyond the guest RAM they map.
 //!
@@ -47,6 +50,8 @@ const AGENT_LISTENING: &str = "openshell-guest-agent: listening";
 const TCG_CPU: &str = "Nehalem,+rdrand";
 /// Bound of every single boot the benchmark runs.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many `/bin/true` the repeated-exec figure runs in one VM.
+const EXECS: u32 = 20;
 /// Where Debian's busybox-static installs its binary.
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -101,6 +106,27 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         crate::guest::newc_archive(
             &busybox,
             b"#!/bin/busybox sh\n/bin/busybox true\n/bin/busybox reboot -f\n",
+        ),
+    )?;
+
+    // Repeated exec: busybox's shell runs the host's /bin/true EXECS times, or not at all.
+    let exec_loop = format!("i=0; while [ $i -lt {EXECS} ]; do /bin/true; i=$((i+1)); done");
+    let initrd_loop = tmp.join("exec-loop.cpio");
+    fs::write(
+        &initrd_loop,
+        crate::guest::newc_archive_with(
+            &busybox,
+            format!("#!/bin/busybox sh\n{exec_loop}\n/bin/busybox reboot -f\n").as_bytes(),
+            &host_files,
+        ),
+    )?;
+    let initrd_no_loop = tmp.join("exec-none.cpio");
+    fs::write(
+        &initrd_no_loop,
+        crate::guest::newc_archive_with(
+            &busybox,
+            b"#!/bin/busybox sh\n/bin/busybox reboot -f\n",
+            &host_files,
         ),
     )?;
 
@@ -203,7 +229,50 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let first_ours = stats(&t_ours).context("no first-output timings")?;
     let first_bare = stats(&t_bare).context("no first-output timings")?;
 
-    // 3. host RSS of an idle VM.
+    // 3. repeated exec inside one VM: what each further program costs once the VM runs (the
+    // guest's page cache, virtio-fs, Landlock and seccomp against the bare boot's initramfs).
+    let rounds = (ctx.runs / 2).max(3);
+    println!(
+        "\nrepeated exec: {EXECS} x /bin/true from busybox sh in one VM, less the same boot \
+         without them ({rounds} alternating rounds, 1 unmeasured)"
+    );
+    let exec_argvs = [
+        ours_cmd(&[BUSYBOX, "sh", "-c", &exec_loop]),
+        ours_cmd(&[BUSYBOX, "sh", "-c", ":"]),
+        bare_qemu(
+            &qemu,
+            &kernel,
+            &initrd_loop,
+            khz,
+            memory_mib,
+            "file:/dev/null",
+        ),
+        bare_qemu(
+            &qemu,
+            &kernel,
+            &initrd_no_loop,
+            khz,
+            memory_mib,
+            "file:/dev/null",
+        ),
+    ];
+    let (mut e_ours, mut e_bare) = (Vec::new(), Vec::new());
+    for i in 0..=rounds {
+        let mut t = [0.0; 4];
+        for (slot, argv) in t.iter_mut().zip(&exec_argvs) {
+            *slot = timed_run(&ctx.root, argv)
+                .context("repeated exec")?
+                .as_secs_f64();
+        }
+        if i > 0 {
+            e_ours.push((t[0] - t[1]) / f64::from(EXECS));
+            e_bare.push((t[2] - t[3]) / f64::from(EXECS));
+        }
+    }
+    let exec_ours = stats(&e_ours).context("no repeated-exec timings")?;
+    let exec_bare = stats(&e_bare).context("no repeated-exec timings")?;
+
+    // 4. host RSS of an idle VM.
     println!("\nhost RSS of an idle VM (/bin/sleep 30)");
     let rss = idle_rss(&ctx.root, &run_dir)?;
 
@@ -260,6 +329,17 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     println!(
         "  target ratio <= {TARGET_RATIO:.1}: {} ({first_ratio:.2})",
         verdict(first_ratio_ok)
+    );
+    println!(
+        "repeated exec, per /bin/true ({} rounds each)",
+        exec_ours.runs
+    );
+    row("ours", exec_ours);
+    row("bare (initramfs)", exec_bare);
+    println!(
+        "  ratio ours/bare: {:.2} (median; no target: shown for what it costs to run programs \
+         from the host's directories under the policy)",
+        exec_ours.median_ms / exec_bare.median_ms
     );
     println!(
         "host RSS of an idle VM (box {}, after the agent listened + 1 s)",
@@ -355,6 +435,20 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             },
             "ratio_median": round3(first_ratio),
             "ratio_ok": first_ratio_ok,
+        },
+        "repeated_exec": {
+            "per": "/bin/true",
+            "execs": EXECS,
+            "ours": {
+                "commands": [shell_line(exec_argvs[0].clone()), shell_line(exec_argvs[1].clone())],
+                "stats": exec_ours.to_json(),
+            },
+            "bare": {
+                "commands": [shell_line(exec_argvs[2].clone()), shell_line(exec_argvs[3].clone())],
+                "stats": exec_bare.to_json(),
+            },
+            "ratio_median": round3(exec_ours.median_ms / exec_bare.median_ms),
+            "method": "each round: (run with the loop - run without it) / execs",
         },
         "idle_rss": {
             "workload": "/bin/sleep 30",

@@ -143,7 +143,10 @@ pub fn qemu_args(
 /// Arguments for the virtiofsd serving a VM's tree `dir`. No `--tag`: QEMU 7.1 to 8.0 crash
 /// on it. Read-only shares are read-only bind mounts inside the tree (see `fs_server`).
 /// `--no-announce-submounts`: announced, the guest would automount each share lazily, after
-/// the agent's Landlock rules were attached to the mount points underneath.
+/// the agent's Landlock rules were attached to the mount points underneath. `--cache=auto`:
+/// attributes and names are trusted for a second; with our patch (`guest/virtiofsd/`) the guest
+/// keeps its page cache of files on read-only mounts across opens, and drops a writable file's
+/// at each open, so a host edit there shows at once.
 pub fn virtiofsd_args(socket: &Path, dir: &Path) -> Vec<String> {
     vec![
         format!("--socket-path={}", socket.display()),
