@@ -81,54 +81,26 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     // The bare boot runs the same programs as ours: the host's /bin/true and /bin/echo, with
     // their loader and libraries, from the initramfs; busybox only for /init and the reboot.
     let host_files = host_programs(&["/bin/true", "/bin/echo"])?;
-    let initrd_true = tmp.join("true.cpio");
-    fs::write(
-        &initrd_true,
-        crate::guest::newc_archive_with(
-            &busybox,
-            b"#!/bin/busybox sh\n/bin/true\n/bin/busybox reboot -f\n",
-            &host_files,
-        ),
-    )?;
-    let initrd_echo = tmp.join("echo.cpio");
-    fs::write(
-        &initrd_echo,
-        crate::guest::newc_archive_with(
-            &busybox,
-            format!("#!/bin/busybox sh\n/bin/echo {MARKER}\n/bin/busybox reboot -f\n").as_bytes(),
-            &host_files,
-        ),
-    )?;
+    // Each bare boot's busybox /init runs `body`, then reboots; `host` adds the host programs.
+    let initrd = |name: &str, body: &str, host: bool| -> Result<PathBuf> {
+        let path = tmp.join(name);
+        let init = format!("#!/bin/busybox sh\n{body}\n/bin/busybox reboot -f\n");
+        let archive = if host {
+            crate::guest::newc_archive_with(&busybox, init.as_bytes(), &host_files)
+        } else {
+            crate::guest::newc_archive(&busybox, init.as_bytes())
+        };
+        fs::write(&path, archive).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    };
+    let initrd_true = initrd("true.cpio", "/bin/true", true)?;
+    let initrd_echo = initrd("echo.cpio", &format!("/bin/echo {MARKER}"), true)?;
     // For reference: the same boot with busybox's static `true` (no dynamic loading).
-    let initrd_static = tmp.join("busybox-true.cpio");
-    fs::write(
-        &initrd_static,
-        crate::guest::newc_archive(
-            &busybox,
-            b"#!/bin/busybox sh\n/bin/busybox true\n/bin/busybox reboot -f\n",
-        ),
-    )?;
-
+    let initrd_static = initrd("busybox-true.cpio", "/bin/busybox true", false)?;
     // Repeated exec: busybox's shell runs the host's /bin/true EXECS times, or not at all.
     let exec_loop = format!("i=0; while [ $i -lt {EXECS} ]; do /bin/true; i=$((i+1)); done");
-    let initrd_loop = tmp.join("exec-loop.cpio");
-    fs::write(
-        &initrd_loop,
-        crate::guest::newc_archive_with(
-            &busybox,
-            format!("#!/bin/busybox sh\n{exec_loop}\n/bin/busybox reboot -f\n").as_bytes(),
-            &host_files,
-        ),
-    )?;
-    let initrd_no_loop = tmp.join("exec-none.cpio");
-    fs::write(
-        &initrd_no_loop,
-        crate::guest::newc_archive_with(
-            &busybox,
-            b"#!/bin/busybox sh\n/bin/busybox reboot -f\n",
-            &host_files,
-        ),
-    )?;
+    let initrd_loop = initrd("exec-loop.cpio", &exec_loop, true)?;
+    let initrd_no_loop = initrd("exec-none.cpio", ":", true)?;
 
     let krun = krun_status();
     println!("krun engine: {krun}");
