@@ -155,6 +155,17 @@ impl Scratch {
         std::fs::write(&self.policy, text).expect("write policy");
     }
 
+    /// Replace text in the policy written by [`Scratch::write_policy`], each `(from, to)` once;
+    /// panics when `from` is not there, so an edit never silently does nothing.
+    pub fn edit_policy(&self, edits: &[(&str, &str)]) {
+        let mut text = std::fs::read_to_string(&self.policy).expect("read policy");
+        for (from, to) in edits {
+            assert!(text.contains(from), "the policy has no {from:?}:\n{text}");
+            text = text.replacen(from, to, 1);
+        }
+        std::fs::write(&self.policy, text).expect("write policy");
+    }
+
     /// `openshell-sandbox --runtime B --policy P --workdir W [flags] -- cmd...`
     pub fn command(&self, backend: &str, flags: &[&str], cmd: &[&str]) -> Command {
         let mut c = Command::new(SANDBOX);

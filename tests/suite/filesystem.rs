@@ -119,11 +119,10 @@ fn hard_requirement_refuses_a_missing_path() {
     }
     for backend in backends() {
         let s = Scratch::new("");
-        let text = std::fs::read_to_string(&s.policy).expect("read").replace(
+        s.edit_policy(&[(
             "read_write: [/dev/null]",
             "read_write: [/dev/null, /nonexistent/openshell-path]",
-        );
-        std::fs::write(&s.policy, text).expect("write");
+        )]);
         let out = s.run(backend, &[], &["/bin/sh", "-c", "touch ran"]);
         assert_eq!((backend, code(&out)), (backend, 125));
         assert!(
@@ -145,14 +144,13 @@ fn best_effort_skips_a_missing_path_but_keeps_landlock() {
     }
     for backend in backends() {
         let s = Scratch::new("");
-        let text = std::fs::read_to_string(&s.policy)
-            .expect("read")
-            .replace(
+        s.edit_policy(&[
+            (
                 "read_write: [/dev/null]",
                 "read_write: [/dev/null, /nonexistent/openshell-path]",
-            )
-            .replace("hard_requirement", "best_effort");
-        std::fs::write(&s.policy, text).expect("write");
+            ),
+            ("hard_requirement", "best_effort"),
+        ]);
         let outside = s.outside.join("x");
         let out = s.run(backend, &[], &[PROBE, "write", outside.to_str().unwrap()]);
         assert_eq!(
@@ -181,14 +179,13 @@ fn the_workload_cannot_read_the_agent_or_its_launch_plan() {
     }
     for backend in backends() {
         let s = Scratch::new("");
-        let text = std::fs::read_to_string(&s.policy)
-            .expect("read")
-            .replace("read_only: [", "read_only: [/openshell, ")
-            .replace(
+        s.edit_policy(&[
+            ("read_only: [", "read_only: [/openshell, "),
+            (
                 "compatibility: hard_requirement",
                 "compatibility: best_effort",
-            );
-        std::fs::write(&s.policy, text).expect("write");
+            ),
+        ]);
         let out = s
             .command(
                 backend,
@@ -227,10 +224,7 @@ fn host_edits_reach_the_workload() {
         let s = Scratch::new("");
         let ro = s.outside.join("ro");
         std::fs::create_dir(&ro).expect("mkdir");
-        let text = std::fs::read_to_string(&s.policy)
-            .expect("read")
-            .replace("read_only: [", &format!("read_only: [{}, ", ro.display()));
-        std::fs::write(&s.policy, text).expect("write");
+        s.edit_policy(&[("read_only: [", &format!("read_only: [{}, ", ro.display()))]);
         let (rw_file, ro_file) = (s.work.join("note"), ro.join("note"));
         for f in [&rw_file, &ro_file] {
             std::fs::write(f, "old\n").expect("write");

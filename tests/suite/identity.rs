@@ -95,10 +95,7 @@ fn missing_user_is_a_clear_error_and_nothing_runs() {
     }
     for backend in backends() {
         let s = Scratch::new("");
-        let text = std::fs::read_to_string(&s.policy)
-            .expect("read")
-            .replace("run_as_user: nobody", "run_as_user: no-such-user-xyz");
-        std::fs::write(&s.policy, text).expect("write");
+        s.edit_policy(&[("run_as_user: nobody", "run_as_user: no-such-user-xyz")]);
         let out = s.run(backend, &[], &["/bin/sh", "-c", "touch ran"]);
         assert_eq!(code(&out), 125);
         assert!(

@@ -246,13 +246,7 @@ fn ssh_exec_pty_scp_sftp_and_forwards_run_inside_the_sandbox() {
         let ro = s.work.parent().expect("parent").join("ro");
         std::fs::create_dir(&ro).expect("mkdir ro");
         chmod(&ro, 0o777);
-        let text = std::fs::read_to_string(&s.policy).expect("policy");
-        let text = text.replacen(
-            "read_only: [",
-            &format!("read_only: [{}, ", ro.display()),
-            1,
-        );
-        std::fs::write(&s.policy, text).expect("policy");
+        s.edit_policy(&[("read_only: [", &format!("read_only: [{}, ", ro.display()))]);
         let b = SshBox::start(&s, backend);
 
         // exec: exit codes, separate stdout and stderr, the policy's user, the workdir.
