@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-use openshell_runtime::vm_protocol::{GuestMount, AGENT_DIR, BOOT_REQUESTS};
+use openshell_runtime::vm_protocol::{GuestMount, AGENT_DIR, BOOT_REQUESTS, PARK_ARG};
 
 use crate::{diag, sys};
 
@@ -191,6 +191,13 @@ pub fn boot() {
     }
     // Without a console, at least keep 0..=2 occupied.
     ensure_std_fds(false);
+}
+
+/// Whether the kernel command line asks the agent to park for a template
+/// (`vm_protocol::PARK_ARG`, a word of its own).
+pub fn park_requested() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .is_ok_and(|line| line.split_whitespace().any(|w| w == PARK_ARG))
 }
 
 /// The boot requests the qemu engine put in the tree ([`BOOT_REQUESTS`]); `None` when there

@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use openshell_runtime::vm_protocol::{
     decode_boot_requests, read_frame_async, write_frame_async, Event, Frame, Kind, Request,
-    MAX_GUEST_WRITE,
+    MAX_GUEST_WRITE, RESUME_ENTROPY_BYTES,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -96,7 +96,90 @@ pub async fn serve_connection(ctx: Rc<Ctx>, conn: Box<dyn Io>) {
             )
             .await;
         }
+        // The host dials again when a restore's transport reset cut its first `Resume` off
+        // the answer: applied again (more entropy, the clock set again), answered the same.
+        Request::Resume {
+            realtime_ns,
+            entropy,
+        } => {
+            let reply = match apply_resume(realtime_ns, &entropy, !ctx.test_mode) {
+                Ok(()) => Frame::json(&Event::Ready),
+                Err(e) => failed("resume", chain(&e)),
+            };
+            send(&mut wr, &reply).await;
+        }
     }
+}
+
+/// What a connection to a parked agent came to (see [`resume`]).
+#[derive(Debug)]
+pub enum Resumed {
+    /// The guest's clock is set and its random generator reseeded: carry on booting.
+    Yes,
+    /// Not a `Resume` (answered `Failed`): keep waiting for one.
+    NotResume,
+}
+
+/// Why a parked agent cannot go on: its random state is the template's, shared by every VM
+/// restored from it, so nothing may run.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("Resume carries {0} bytes of entropy, expected {RESUME_ENTROPY_BYTES}")]
+    Entropy(usize),
+    #[error("opening /dev/urandom")]
+    Open(#[source] std::io::Error),
+    #[error("reseeding the kernel's random generator")]
+    Reseed(#[source] nix::errno::Errno),
+    #[error("setting the clock")]
+    Clock(#[source] nix::errno::Errno),
+}
+
+/// A parked agent's connection to the host: expects [`Request::Resume`], applies it (entropy
+/// first, then the clock) and answers `Ready`, or `Failed` with the reason. A bad `Resume` is an
+/// error: the host gave a restored clone no fresh randomness. A connection that ends (the
+/// transport reset of a restore) or carries anything else is `NotResume`.
+pub async fn resume(conn: Box<dyn Io>) -> Result<Resumed, ResumeError> {
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let request = read_request(&mut rd).await;
+    let Some(Request::Resume {
+        realtime_ns,
+        entropy,
+    }) = request
+    else {
+        if request.is_some() {
+            send(
+                &mut wr,
+                &failed("protocol", "the agent is parked: the first request must be Resume"),
+            )
+            .await;
+        }
+        return Ok(Resumed::NotResume);
+    };
+    let done = apply_resume(realtime_ns, &entropy, true);
+    let reply = match &done {
+        Ok(()) => Frame::json(&Event::Ready),
+        Err(e) => failed("resume", chain(e)),
+    };
+    send(&mut wr, &reply).await;
+    let _ = wr.shutdown().await;
+    done.map(|()| Resumed::Yes)
+}
+
+/// Check a `Resume` and, with `apply` (not in test mode, on a host), carry it out.
+fn apply_resume(realtime_ns: u64, entropy: &[u8], apply: bool) -> Result<(), ResumeError> {
+    use std::os::fd::AsFd as _;
+    if entropy.len() != RESUME_ENTROPY_BYTES {
+        return Err(ResumeError::Entropy(entropy.len()));
+    }
+    if !apply {
+        return Ok(());
+    }
+    let random = std::fs::File::open("/dev/urandom").map_err(ResumeError::Open)?;
+    crate::sys::reseed_random(random.as_fd(), entropy).map_err(ResumeError::Reseed)?;
+    let ns = i64::try_from(realtime_ns).unwrap_or(i64::MAX);
+    let now = nix::sys::time::TimeSpec::new(ns / 1_000_000_000, ns % 1_000_000_000);
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now)
+        .map_err(ResumeError::Clock)
 }
 
 /// The workload from the boot requests (see `vm_protocol::BOOT_REQUESTS`): set up and launch it

@@ -47,16 +47,8 @@ macro_rules! diag {
 }
 
 /// An error and its sources, joined with ": ".
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
-}
+#[cfg(target_os = "linux")]
+pub use openshell_runtime::error_chain as chain;
 
 #[cfg(not(target_os = "linux"))]
 fn main() {
@@ -71,10 +63,15 @@ fn main() {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
-    let mut boot_requests = None;
+    let mut boot_requests = linux::BootRequests::Read(None);
     if pid1 && !args.test_mode {
         boot::boot();
-        boot_requests = boot::take_boot_requests();
+        // Parked for a template, the tree's requests are the restored sandbox's: read them only
+        // after the resume.
+        boot_requests = match boot::park_requested() {
+            true => linux::BootRequests::AfterResume,
+            false => linux::BootRequests::Read(boot::take_boot_requests()),
+        };
     } else {
         boot::ensure_std_fds(false);
     }
@@ -98,12 +95,12 @@ mod linux {
 
     use anyhow::Context as _;
     use clap::Parser;
-    use openshell_runtime::vm_protocol::{AGENT_PORT, GUEST_PROXY_ADDR};
+    use openshell_runtime::vm_protocol::{AGENT_PORT, GUEST_PROXY_ADDR, READY_PORT};
     use tokio::net::{TcpListener, UnixListener};
     use tokio::signal::unix::{signal, SignalKind};
 
     use crate::reaper::Reaper;
-    use crate::{control, egress, fdio};
+    use crate::{boot, control, egress, fdio};
 
     #[derive(Debug, Parser)]
     #[command(
@@ -171,9 +168,18 @@ mod linux {
         std::process::exit(1);
     }
 
-    /// Serve until the agent powers off. `boot_requests`: what the qemu engine left in the tree
-    /// (see `boot::take_boot_requests`), served as the boot connection's requests.
-    pub fn run(args: Args, boot_requests: Option<Result<Vec<u8>, String>>) -> anyhow::Result<()> {
+    /// The qemu engine's boot requests (see `boot::take_boot_requests`).
+    #[derive(Debug)]
+    pub enum BootRequests {
+        /// Read at boot (`None`: there were none; the host sends them on the boot connection).
+        Read(Option<Result<Vec<u8>, String>>),
+        /// Parked for a template (`vm_protocol::PARK_ARG`): read them once resumed.
+        AfterResume,
+    }
+
+    /// Serve until the agent powers off. `boot_requests`: what the qemu engine left in the tree,
+    /// served as the boot connection's requests.
+    pub fn run(args: Args, boot_requests: BootRequests) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -196,10 +202,38 @@ mod linux {
         }
     }
 
-    async fn serve(
-        args: Args,
-        boot_requests: Option<Result<Vec<u8>, String>>,
-    ) -> anyhow::Result<()> {
+    /// Parked for a template: dial [`READY_PORT`] and wait on that connection for the
+    /// host's `Resume`. The host snapshots the VM while it waits. A restored clone's connection
+    /// is cut by the vsock transport reset that follows a restore: the agent dials again, and
+    /// the restoring host answers that dial with `Resume`. Runs after the listeners are bound
+    /// and before anything a sandbox decides.
+    async fn park() -> anyhow::Result<()> {
+        let mut told = false;
+        loop {
+            let dialled = match fdio::vsock_connect_start(libc::VMADDR_CID_HOST, READY_PORT) {
+                Ok(pending) => pending.finish().await,
+                Err(e) => Err(e),
+            };
+            match dialled {
+                Ok(conn) => {
+                    if !told {
+                        diag!("parked");
+                        told = true;
+                    }
+                    match control::resume(Box::new(conn)).await {
+                        Ok(control::Resumed::Yes) => return Ok(()),
+                        Ok(control::Resumed::NotResume) => {}
+                        Err(e) => return Err(e).context("resuming"),
+                    }
+                }
+                Err(e) => diag!("park: dialling the host: {e}"),
+            }
+            // Not in a hurry: a refused or cut dial waits for the restoring host.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn serve(args: Args, boot_requests: BootRequests) -> anyhow::Result<()> {
         if args.test_mode {
             // Orphans of spawned processes come to the agent, as they would to PID 1.
             nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
@@ -254,6 +288,16 @@ mod linux {
             out.flush().context("writing the bound addresses")?;
         }
         diag!("listening: control {control_name}, egress {egress_bound}");
+        let reaper_ctx = ctx.clone();
+        tokio::task::spawn_local(async move { reaper_ctx.reaper.run(sigchld).await });
+        tokio::task::spawn_local(egress::serve(egress_listener, target));
+        let boot_requests = match boot_requests {
+            BootRequests::Read(requests) => requests,
+            BootRequests::AfterResume => {
+                park().await?;
+                boot::take_boot_requests()
+            }
+        };
         // Tell the host the control port is listening by dialling it: the host sends `Setup`
         // and the workload's `Spawn` on this very connection (no dial back, no extra round
         // trip), or left them in the tree; it dials the control port for every later session.
@@ -264,9 +308,6 @@ mod linux {
             )
         });
 
-        let reaper_ctx = ctx.clone();
-        tokio::task::spawn_local(async move { reaper_ctx.reaper.run(sigchld).await });
-        tokio::task::spawn_local(egress::serve(egress_listener, target));
         match (announce, boot_requests) {
             // The dial completes while the workload is set up and launched.
             (Some(announce), Some(requests)) => {

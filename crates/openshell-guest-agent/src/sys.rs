@@ -75,3 +75,34 @@ pub fn register(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd
     // from tasks on the agent's runtime, so a reactor is present.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(std::io::Error::from)
 }
+
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])` in linux/random.h.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)` in linux/random.h.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mix `entropy` into the kernel's input pool, credited in full, then reseed the kernel's
+/// generator from it (`RNDADDENTROPY`, `RNDRESEEDCRNG` on `random`, a descriptor of
+/// /dev/random or /dev/urandom). Needs CAP_SYS_ADMIN; the agent is PID 1 as root.
+pub fn reseed_random(random: BorrowedFd<'_>, entropy: &[u8]) -> nix::Result<()> {
+    let bits = i32::try_from(entropy.len() * 8).map_err(|_| Errno::EINVAL)?;
+    let size = i32::try_from(entropy.len()).map_err(|_| Errno::EINVAL)?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, built in
+    // u32 words so the buffer is aligned for it.
+    let mut words = vec![0u32; 2 + entropy.len().div_ceil(4)];
+    words[0] = bits as u32;
+    words[1] = size as u32;
+    for (i, chunk) in entropy.chunks(4).enumerate() {
+        let mut bytes = [0u8; 4];
+        bytes[..chunk.len()].copy_from_slice(chunk);
+        // The kernel reads `buf` as bytes: keep their order in memory.
+        words[2 + i] = u32::from_ne_bytes(bytes);
+    }
+    // SAFETY: `random` is live; `words` is a rand_pool_info whose buf_size (in bytes) does not
+    // exceed the buffer that follows it, and the kernel only reads it during the call.
+    let r = unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, words.as_ptr()) };
+    Errno::result(r)?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    let r = unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) };
+    Errno::result(r).map(drop)
+}

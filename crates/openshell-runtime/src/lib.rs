@@ -581,3 +581,16 @@ impl SandboxedExec {
         }
     }
 }
+
+/// An error and its sources, joined with ": " (for one-line reports: a helper's failure stage,
+/// a guest agent's diagnostics, a structured log field).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}

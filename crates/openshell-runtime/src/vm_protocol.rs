@@ -14,6 +14,13 @@
 //!   the host (the dial was started before the launch and completes meanwhile), and the host
 //!   sends nothing on that connection, only reads `Ready` and the workload's events. Every vsock
 //!   round trip before the workload starts is gone.
+//! - **Resume** (qemu engine templates, see `vm::template`): a guest booted with [`PARK_ARG`]
+//!   on its kernel command line sets up only what no sandbox decides (pseudo filesystems, its
+//!   listeners), dials [`READY_PORT`] once to say it is parked, and waits for one control
+//!   connection whose first frame is [`Request::Resume`]. The host snapshots it there. A VM
+//!   restored from that snapshot gets `Resume` (the host's clock and fresh entropy: every clone
+//!   starts with the template's random state), answers `Ready`, then reads its tree's boot
+//!   requests and carries on as a cold-booted guest does.
 //! - **Egress** ([`EGRESS_PORT`]): the agent listens on 127.0.0.1:3128 inside the guest and, for
 //!   each connection, dials the host on this port, sends one caller preamble line (see
 //!   `openshell_proxy::identity`) naming the binary it resolved from the guest's /proc, then relays
@@ -45,6 +52,10 @@ pub const GUEST_PROXY_ADDR: &str = "127.0.0.1:3128";
 pub const BOOT_REQUESTS: &str = "/openshell/boot/requests";
 /// The guest directory holding the agent binary and the boot requests.
 pub const AGENT_DIR: &str = "/openshell";
+/// The kernel command-line word that makes the agent park for a template (see the module docs).
+pub const PARK_ARG: &str = "openshell.park";
+/// How many bytes of host entropy a [`Request::Resume`] carries (and the agent requires).
+pub const RESUME_ENTROPY_BYTES: usize = 64;
 /// Largest frame accepted (header excluded).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest payload the agent writes in one frame.
@@ -132,6 +143,14 @@ pub enum Request {
     Resize { rows: u16, cols: u16 },
     /// Connect to a TCP port on the guest's loopback and relay [`Kind::Data`] frames.
     Forward { port: u16 },
+    /// Only to a parked agent, as the first frame of the first control connection after a
+    /// restore: set the guest's wall clock and mix `entropy` ([`RESUME_ENTROPY_BYTES`] bytes)
+    /// into its random pool, reseeding the kernel's generator. Answered `Ready` or `Failed`.
+    Resume {
+        /// The host's `CLOCK_REALTIME`, in nanoseconds since the epoch.
+        realtime_ns: u64,
+        entropy: Vec<u8>,
+    },
 }
 
 /// What the agent reports.

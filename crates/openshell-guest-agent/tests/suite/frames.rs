@@ -82,3 +82,31 @@ fn bad_frame_during_a_session_ends_it() {
     }
     still_serving(&agent);
 }
+
+#[test]
+fn resume_needs_all_its_entropy() {
+    use openshell_runtime::vm_protocol::RESUME_ENTROPY_BYTES;
+    // In test mode a valid Resume is checked, not applied (it would reseed and set the
+    // host's clock); the check is the same as in a guest.
+    let agent = Agent::start();
+    for (len, want) in [
+        (0, Err("resume")),
+        (RESUME_ENTROPY_BYTES - 1, Err("resume")),
+        (RESUME_ENTROPY_BYTES + 1, Err("resume")),
+        (RESUME_ENTROPY_BYTES, Ok(())),
+    ] {
+        let mut conn = agent.request(&Request::Resume {
+            realtime_ns: 1_700_000_000_000_000_000,
+            entropy: vec![7; len],
+        });
+        match (recv_event(&mut conn), want) {
+            (Event::Ready, Ok(())) => {}
+            (Event::Failed { stage, message }, Err(wanted)) => {
+                assert_eq!(stage, wanted);
+                assert!(message.contains(&format!("expected {RESUME_ENTROPY_BYTES}")), "{message}");
+            }
+            (got, want) => panic!("{len} bytes: got {got:?}, wanted {want:?}"),
+        }
+    }
+    still_serving(&agent);
+}

@@ -291,7 +291,7 @@ fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
     if let Err(e) =
         net::configure_sandbox_side(&plan.net.ifname, plan.net.address, plan.net.prefix_len)
     {
-        ctl.fail("network", error_chain(&e));
+        ctl.fail("network", crate::error_chain(&e));
     }
     let sfd = match SignalFd::with_flags(
         &blocked_set(),
@@ -423,17 +423,6 @@ fn stage(stage: &str) -> impl FnOnce(String) -> StageError + '_ {
     move |m| (stage.to_owned(), m)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
-}
-
 /// Fork the workload, wait until it has exec'd (or failed), report, and return its pid.
 fn launch(ctl: &mut Control, plan: &LaunchPlan) -> Result<Pid, StageError> {
     let (pid, report) = launch_restricted(plan, None)?;
@@ -563,8 +552,8 @@ fn restrict(
     drop_privileges(plan).map_err(stage("privileges"))?;
     nix::sys::prctl::set_no_new_privs().map_err(|e| ("no_new_privs".to_owned(), errno_text(e)))?;
     let outcome =
-        landlock::restrict(&plan.landlock).map_err(|e| ("landlock".to_owned(), error_chain(&e)))?;
-    seccomp::apply(filter).map_err(|e| ("seccomp".to_owned(), error_chain(&e)))?;
+        landlock::restrict(&plan.landlock).map_err(|e| ("landlock".to_owned(), crate::error_chain(&e)))?;
+    seccomp::apply(filter).map_err(|e| ("seccomp".to_owned(), crate::error_chain(&e)))?;
     sys::cloexec_from(3).map_err(|e| ("descriptors".to_owned(), errno_text(e)))?;
     Ok(RestrictionReport {
         landlock_abi: outcome.abi,

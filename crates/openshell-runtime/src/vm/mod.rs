@@ -21,6 +21,8 @@ pub mod krun;
 #[cfg(feature = "krun")]
 mod krun_sys;
 pub mod qemu;
+pub(crate) mod qmp;
+pub(crate) mod template;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -75,6 +77,8 @@ pub enum VmError {
     NoTerminal,
     #[error("connecting to 127.0.0.1:{port} inside the guest: {reason}")]
     Forward { port: u16, reason: String },
+    #[error(transparent)]
+    Template(#[from] template::TemplateError),
 }
 
 fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
@@ -785,14 +789,51 @@ impl VmSandbox {
                     MainStart::InTree(_, requests) => Some(requests.clone()),
                     MainStart::OnConnection(_) => None,
                 };
-                let started = Self::start_qemu(
-                    box_dir, &vm, &artifacts, &shares, &decision, &console, requests,
-                )
-                .await?;
+                // Restored from a template when one fits (the default root only: a template's
+                // tree is the built root's), else booted.
+                let template = match config.root.is_none() && template::enabled() {
+                    true => template::ensure(&vm, decision.accel, &artifacts).await,
+                    false => None,
+                };
+                let restored = match &template {
+                    Some(t) => template::restore(
+                        id,
+                        box_dir,
+                        &ready,
+                        &vm,
+                        t,
+                        decision.accel,
+                        &artifacts,
+                        &console,
+                        requests.clone(),
+                    )
+                    .await
+                    .ok(),
+                    None => None,
+                };
+                let (qemu_child, helpers) = match restored {
+                    Some(started) => started,
+                    None => {
+                        start_qemu(
+                            box_dir,
+                            &vm,
+                            &artifacts,
+                            decision.accel,
+                            &console,
+                            requests,
+                            &[],
+                        )
+                        .await?
+                    }
+                };
                 if config.root.is_some() {
                     log_root_method(id, box_dir)?;
                 }
-                started
+                let agent = AgentAddr {
+                    uds: vm.vsock_uds.clone(),
+                    connect_line: true,
+                };
+                (Vmm::Qemu(qemu_child), helpers, agent)
             }
             #[cfg(feature = "krun")]
             Engine::Krun => {
@@ -877,83 +918,6 @@ impl VmSandbox {
             _egress: egress,
             status: None,
         })
-    }
-
-    /// The qemu engine: the vsock daemon and one virtiofsd per share (sockets ready), then QEMU.
-    /// `boot_requests` go into the guest's tree (`vm_protocol::BOOT_REQUESTS`).
-    async fn start_qemu(
-        box_dir: &Path,
-        vm: &VmDescription,
-        artifacts: &guest::Artifacts,
-        shares: &[Share],
-        decision: &engine::EngineDecision,
-        console: &Path,
-        boot_requests: Option<Vec<u8>>,
-    ) -> Result<(Vmm, Vec<Child>, AgentAddr), VmError> {
-        let vsock_uds = &vm.vsock_uds;
-        let mut helpers = Vec::new();
-        let vhost_vsock = box_dir.join("vhost-vsock.sock");
-        let mut vsockd = qemu::start(
-            &artifacts.vsock_daemon,
-            &qemu::vsock_daemon_args(&vhost_vsock, vsock_uds),
-            &box_dir.join("vsock.log"),
-        )
-        .map_err(|e| VmError::Helper {
-            what: "vhost-device-vsock",
-            message: e.to_string(),
-        })?;
-        let fs_socket = box_dir.join("fs.sock");
-        let plan = FsServerPlan {
-            root: vm.root.clone(),
-            binds: shares
-                .iter()
-                .filter(|s| s.guest_path != "/")
-                .map(|s| FsBind {
-                    source: s.host_path.clone(),
-                    guest_path: s.guest_path.clone(),
-                    readonly: s.readonly,
-                })
-                .collect(),
-            root_view: vm.root_view.clone(),
-            base: vm.root_view.is_none().then(|| artifacts.rootfs.clone()),
-            program: artifacts.virtiofsd.clone(),
-            args: qemu::virtiofsd_args(&fs_socket, &vm.root),
-            log: box_dir.join("virtiofsd.log"),
-            boot_requests,
-        };
-        // Both daemons start at once; QEMU needs both sockets.
-        let fsd = fs_server::start(plan).await;
-        let limit = Duration::from_secs(10);
-        let waited = qemu::wait_for_socket(&vhost_vsock, &mut vsockd, limit).await;
-        helpers.push(vsockd);
-        waited.map_err(|message| VmError::Helper {
-            what: "vhost-device-vsock",
-            message,
-        })?;
-        let mut fsd = fsd?;
-        let waited = qemu::wait_for_socket(&fs_socket, &mut fsd, limit).await;
-        helpers.push(fsd);
-        waited.map_err(|message| {
-            // What the daemon said.
-            let said = std::fs::read_to_string(box_dir.join("virtiofsd.log")).unwrap_or_default();
-            VmError::Helper {
-                what: "virtiofsd",
-                message: format!("{message}: {}", said.trim()),
-            }
-        })?;
-        let args = qemu::qemu_args(vm, decision.accel, &vhost_vsock, &fs_socket, console);
-        let qemu_child =
-            qemu::start(&artifacts.qemu, &args, &box_dir.join("qemu.log")).map_err(|e| {
-                VmError::Helper {
-                    what: "qemu",
-                    message: e.to_string(),
-                }
-            })?;
-        let agent = AgentAddr {
-            uds: vm.vsock_uds.clone(),
-            connect_line: true,
-        };
-        Ok((Vmm::Qemu(qemu_child), helpers, agent))
     }
 
     pub fn id(&self) -> &str {
@@ -1174,6 +1138,83 @@ impl VmHandle {
         });
         Ok(theirs)
     }
+}
+
+/// The qemu engine: the vsock daemon and the virtiofsd serving the guest's tree (sockets
+/// ready), then QEMU with `vm`'s description and `extra` arguments. `boot_requests` go into the
+/// guest's tree (`vm_protocol::BOOT_REQUESTS`). Returns QEMU and the helpers (all killed when
+/// dropped).
+pub(crate) async fn start_qemu(
+    box_dir: &Path,
+    vm: &VmDescription,
+    artifacts: &guest::Artifacts,
+    accel: engine::Accel,
+    console: &Path,
+    boot_requests: Option<Vec<u8>>,
+    extra: &[String],
+) -> Result<(Child, Vec<Child>), VmError> {
+    let vsock_uds = &vm.vsock_uds;
+    let mut helpers = Vec::new();
+    let vhost_vsock = box_dir.join("vhost-vsock.sock");
+    let mut vsockd = qemu::start(
+        &artifacts.vsock_daemon,
+        &qemu::vsock_daemon_args(&vhost_vsock, vsock_uds),
+        &box_dir.join("vsock.log"),
+    )
+    .map_err(|e| VmError::Helper {
+        what: "vhost-device-vsock",
+        message: e.to_string(),
+    })?;
+    let fs_socket = box_dir.join("fs.sock");
+    let plan = FsServerPlan {
+        root: vm.root.clone(),
+        binds: vm
+            .shares
+            .iter()
+            .filter(|s| s.guest_path != "/")
+            .map(|s| FsBind {
+                source: s.host_path.clone(),
+                guest_path: s.guest_path.clone(),
+                readonly: s.readonly,
+            })
+            .collect(),
+        root_view: vm.root_view.clone(),
+        base: vm.root_view.is_none().then(|| artifacts.rootfs.clone()),
+        program: artifacts.virtiofsd.clone(),
+        args: qemu::virtiofsd_args(&fs_socket, &vm.root),
+        log: box_dir.join("virtiofsd.log"),
+        boot_requests,
+    };
+    // Both daemons start at once; QEMU needs both sockets.
+    let fsd = fs_server::start(plan).await;
+    let limit = Duration::from_secs(10);
+    let waited = qemu::wait_for_socket(&vhost_vsock, &mut vsockd, limit).await;
+    helpers.push(vsockd);
+    waited.map_err(|message| VmError::Helper {
+        what: "vhost-device-vsock",
+        message,
+    })?;
+    let mut fsd = fsd?;
+    let waited = qemu::wait_for_socket(&fs_socket, &mut fsd, limit).await;
+    helpers.push(fsd);
+    waited.map_err(|message| {
+        // What the daemon said.
+        let said = std::fs::read_to_string(box_dir.join("virtiofsd.log")).unwrap_or_default();
+        VmError::Helper {
+            what: "virtiofsd",
+            message: format!("{message}: {}", said.trim()),
+        }
+    })?;
+    let mut args = qemu::qemu_args(vm, accel, &vhost_vsock, &fs_socket, console);
+    args.extend_from_slice(extra);
+    let qemu_child =
+        qemu::start(&artifacts.qemu, &args, &box_dir.join("qemu.log")).map_err(|e| {
+            VmError::Helper {
+                what: "qemu",
+                message: e.to_string(),
+            }
+        })?;
+    Ok((qemu_child, helpers))
 }
 
 /// Log how the engine made the root filesystem's view (its record in `<box>/root-method`).

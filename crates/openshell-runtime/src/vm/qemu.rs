@@ -140,6 +140,19 @@ pub fn qemu_args(
     args
 }
 
+/// QEMU's QMP socket at `path` (the templates drive QEMU through it), and with `incoming` the
+/// wait for `migrate-incoming` instead of a boot.
+pub fn qmp_args(path: &Path, incoming: bool) -> Vec<String> {
+    let mut args = vec![
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", path.display()),
+    ];
+    if incoming {
+        args.extend(["-incoming".into(), "defer".into()]);
+    }
+    args
+}
+
 /// Arguments for the virtiofsd serving a VM's tree `dir`. No `--tag`: QEMU 7.1 to 8.0 crash
 /// on it. Read-only shares are read-only bind mounts inside the tree (see `fs_server`).
 /// `--no-announce-submounts`: announced, the guest would automount each share lazily, after
