@@ -13,3 +13,4 @@ mod network;
 mod rootfs;
 mod seccomp;
 mod ssh;
+mod template;

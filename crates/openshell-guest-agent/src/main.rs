@@ -221,7 +221,10 @@ mod linux {
                         told = true;
                     }
                     match control::resume(Box::new(conn)).await {
-                        Ok(control::Resumed::Yes) => return Ok(()),
+                        Ok(control::Resumed::Yes) => {
+                            diag!("resumed");
+                            return Ok(());
+                        }
                         Ok(control::Resumed::NotResume) => {}
                         Err(e) => return Err(e).context("resuming"),
                     }
