@@ -31,8 +31,7 @@ fn run_vm(s: &Scratch, env: &[(&str, &Path)], cmd: &str) -> Output {
 }
 
 /// 16 random bytes in hex, then the guest's clock in seconds.
-const PROBE: &str =
-    "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s.%N";
+const PROBE: &str = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s.%N";
 
 fn random_and_clock(out: &Output) -> (String, f64) {
     let text = stdout(out);
@@ -67,7 +66,10 @@ fn restored_guests_get_fresh_randomness_and_the_hosts_clock() {
         assert!(log.contains("outcome=\"restored\""), "not restored: {log}");
         let (random, clock) = random_and_clock(&out);
         // Two clones of one snapshot must not share the kernel generator's state.
-        assert!(!seen.contains(&random), "{random} was seen before: {seen:?}");
+        assert!(
+            !seen.contains(&random),
+            "{random} was seen before: {seen:?}"
+        );
         seen.push(random);
         assert!(
             clock > before - 1.0 && clock < after + 1.0,
@@ -75,11 +77,7 @@ fn restored_guests_get_fresh_randomness_and_the_hosts_clock() {
         );
     }
     // Templates off: a boot, no template event at all.
-    let out = run_vm(
-        &s,
-        &[("OPENSHELL_VM_TEMPLATE", Path::new("off"))],
-        PROBE,
-    );
+    let out = run_vm(&s, &[("OPENSHELL_VM_TEMPLATE", Path::new("off"))], PROBE);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(!stderr(&out).contains("vm.template"), "{}", stderr(&out));
     let (random, _) = random_and_clock(&out);

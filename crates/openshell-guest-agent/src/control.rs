@@ -149,7 +149,10 @@ pub async fn resume(conn: Box<dyn Io>) -> Result<Resumed, ResumeError> {
         if request.is_some() {
             send(
                 &mut wr,
-                &failed("protocol", "the agent is parked: the first request must be Resume"),
+                &failed(
+                    "protocol",
+                    "the agent is parked: the first request must be Resume",
+                ),
             )
             .await;
         }
@@ -178,8 +181,7 @@ fn apply_resume(realtime_ns: u64, entropy: &[u8], apply: bool) -> Result<(), Res
     crate::sys::reseed_random(random.as_fd(), entropy).map_err(ResumeError::Reseed)?;
     let ns = i64::try_from(realtime_ns).unwrap_or(i64::MAX);
     let now = nix::sys::time::TimeSpec::new(ns / 1_000_000_000, ns % 1_000_000_000);
-    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now)
-        .map_err(ResumeError::Clock)
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now).map_err(ResumeError::Clock)
 }
 
 /// The workload from the boot requests (see `vm_protocol::BOOT_REQUESTS`): set up and launch it

@@ -4,9 +4,12 @@
 //! - cold create + exec `/bin/true` + destroy, helpers included, against the bare boot of an
 //!   initramfs whose busybox `/init` runs the host's `/bin/true` (with its loader and libc) and
 //!   reboots, and for reference the same with busybox's static `true`, in alternating rounds
-//!   (this machine's speed drifts too much for one block of runs per command);
-//! - time to first output: `/bin/echo first` until the first byte on our stdout, against the bare
-//!   boot until its `/init`'s marker appears on the serial console (stdio);
+//!   (this machine's speed drifts too much for one block of runs per command). Ours twice: as a
+//!   user gets it (the VM restored from its template, `vm::template`, made by the first,
+//!   unmeasured, run) and booting (`OPENSHELL_VM_TEMPLATE=off`), which is what the bare peer
+//!   does; both ratios are reported;
+//! - time to first output: `/bin/echo first` until the first byte on our stdout (restored and
+//!   booting), against the bare boot until its `/init`'s marker appears on the serial console;
 //! - repeated exec: what each further `/bin/true` costs inside one running VM (busybox's shell
 //!   runs it 20 times, less the same run without them), against the bare boot doing the same
 //!   from its initramfs;

@@ -103,7 +103,10 @@ fn resume_needs_all_its_entropy() {
             (Event::Ready, Ok(())) => {}
             (Event::Failed { stage, message }, Err(wanted)) => {
                 assert_eq!(stage, wanted);
-                assert!(message.contains(&format!("expected {RESUME_ENTROPY_BYTES}")), "{message}");
+                assert!(
+                    message.contains(&format!("expected {RESUME_ENTROPY_BYTES}")),
+                    "{message}"
+                );
             }
             (got, want) => panic!("{len} bytes: got {got:?}, wanted {want:?}"),
         }

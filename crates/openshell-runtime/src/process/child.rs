@@ -551,8 +551,8 @@ fn restrict(
 
     drop_privileges(plan).map_err(stage("privileges"))?;
     nix::sys::prctl::set_no_new_privs().map_err(|e| ("no_new_privs".to_owned(), errno_text(e)))?;
-    let outcome =
-        landlock::restrict(&plan.landlock).map_err(|e| ("landlock".to_owned(), crate::error_chain(&e)))?;
+    let outcome = landlock::restrict(&plan.landlock)
+        .map_err(|e| ("landlock".to_owned(), crate::error_chain(&e)))?;
     seccomp::apply(filter).map_err(|e| ("seccomp".to_owned(), crate::error_chain(&e)))?;
     sys::cloexec_from(3).map_err(|e| ("descriptors".to_owned(), errno_text(e)))?;
     Ok(RestrictionReport {

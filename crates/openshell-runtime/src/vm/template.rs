@@ -90,9 +90,14 @@ fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> TemplateError {
 
 /// Whether templates are on (the default) for this process.
 pub fn enabled() -> bool {
+    enabled_by(std::env::var(ENV).ok().as_deref())
+}
+
+/// Templates are on unless [`ENV`]'s value says off.
+fn enabled_by(value: Option<&str>) -> bool {
     !matches!(
-        std::env::var(ENV).as_deref().map(str::to_ascii_lowercase).as_deref(),
-        Ok("off" | "0" | "false" | "no")
+        value.map(str::to_ascii_lowercase).as_deref(),
+        Some("off" | "0" | "false" | "no")
     )
 }
 
@@ -462,7 +467,11 @@ pub async fn restore(
 /// sandbox's `ready` listener: that connection gets `Resume` (the host's clock and fresh
 /// entropy) and answers `Ready`. A connection cut before the answer is waited for again, until
 /// [`RESUME_LIMIT`] (the agent answers a repeated `Resume` the same way).
-async fn resume(ready: &UnixListener, vmm: &mut Child, box_dir: &Path) -> Result<u32, TemplateError> {
+async fn resume(
+    ready: &UnixListener,
+    vmm: &mut Child,
+    box_dir: &Path,
+) -> Result<u32, TemplateError> {
     let started = Instant::now();
     let mut attempts = 0;
     loop {
@@ -504,7 +513,10 @@ async fn resume_on(stream: UnixStream, limit: Duration) -> Result<(), Attempt> {
         realtime_ns,
         entropy,
     });
-    if proto::write_frame_async(&mut writer, &request).await.is_err() {
+    if proto::write_frame_async(&mut writer, &request)
+        .await
+        .is_err()
+    {
         return Err(Attempt::Retry);
     }
     let answer = match tokio::time::timeout(limit, proto::read_frame_async(&mut reader)).await {
@@ -520,5 +532,110 @@ async fn resume_on(stream: UnixStream, limit: Duration) -> Result<(), Attempt> {
         Ok(Event::Failed { stage, message }) => refused(format!("{stage}: {message}")),
         Ok(other) => refused(format!("unexpected {other:?}")),
         Err(e) => Err(Attempt::Fatal(TemplateError::Frame(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_are_on_unless_turned_off() {
+        for (value, on) in [
+            (None, true),
+            (Some(""), true),
+            (Some("on"), true),
+            (Some("off"), false),
+            (Some("OFF"), false),
+            (Some("0"), false),
+            (Some("false"), false),
+            (Some("no"), false),
+        ] {
+            assert_eq!(enabled_by(value), on, "{value:?}");
+        }
+    }
+
+    /// Artifacts as empty files in a temporary directory.
+    fn artifacts(dir: &Path) -> guest::Artifacts {
+        let file = |name: &str| {
+            let p = dir.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, name).unwrap();
+            p
+        };
+        file("rootfs/openshell/agent");
+        guest::Artifacts {
+            kernel: file("vmlinux"),
+            rootfs: dir.join("rootfs"),
+            vsock_daemon: file("vhost-device-vsock"),
+            virtiofsd: file("virtiofsd"),
+            qemu: file("qemu"),
+        }
+    }
+
+    #[test]
+    fn the_key_follows_what_the_snapshot_depends_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = artifacts(dir.path());
+        let vm = VmDescription {
+            kernel: a.kernel.clone(),
+            root: "/box/root".into(),
+            root_view: None,
+            shares: Vec::new(),
+            vsock_uds: "/box/vsock.sock".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            cmdline: qemu::kernel_cmdline(Some(2_000_000)),
+        };
+        let key = |vm: &VmDescription, a: &guest::Artifacts| {
+            Template::for_vm(vm, Accel::Tcg, a).unwrap().key
+        };
+        let base = Template::for_vm(&vm, Accel::Tcg, &a).unwrap();
+        assert!(base.cmdline.ends_with(&format!(" {}", proto::PARK_ARG)));
+        // The box's own paths do not matter: every sandbox shares the template.
+        let other_box = VmDescription {
+            root: "/other/root".into(),
+            vsock_uds: "/other/vsock.sock".into(),
+            ..vm.clone()
+        };
+        assert_eq!(key(&other_box, &a), base.key);
+        // Memory, vcpus, the command line, the accelerator and every artifact do.
+        let mut changed = vec![
+            key(
+                &VmDescription {
+                    memory_mib: 1024,
+                    ..vm.clone()
+                },
+                &a,
+            ),
+            key(
+                &VmDescription {
+                    vcpus: 2,
+                    ..vm.clone()
+                },
+                &a,
+            ),
+            key(
+                &VmDescription {
+                    cmdline: qemu::kernel_cmdline(Some(2_000_001)),
+                    ..vm.clone()
+                },
+                &a,
+            ),
+            Template::for_vm(&vm, Accel::Kvm, &a).unwrap().key,
+        ];
+        std::fs::write(&a.virtiofsd, "a longer virtiofsd").unwrap();
+        changed.push(key(&vm, &a));
+        std::fs::write(a.rootfs.join("openshell/agent"), "another agent build").unwrap();
+        changed.push(key(&vm, &a));
+        for k in &changed {
+            assert_ne!(k, &base.key);
+        }
+        changed.sort();
+        changed.dedup();
+        assert_eq!(changed.len(), 6);
+        // A missing artifact is an error, not a key.
+        std::fs::remove_file(&a.qemu).unwrap();
+        assert!(Template::for_vm(&vm, Accel::Tcg, &a).is_err());
     }
 }
