@@ -17,9 +17,10 @@
 //! The key hashes everything the snapshot depends on: QEMU's command line for the VM (memory,
 //! vcpus, accelerator, CPU model, kernel command line), the identities of QEMU, the kernel, the
 //! root (agent included) and the two daemons, and [`FORMAT`]. Creation is serialized per key by
-//! a lock file. A failed creation or restore leaves a `failed` file with the reason and the
-//! sandbox boots; later sandboxes with that key boot without trying again (delete the file, or
-//! the templates directory, to retry). `OPENSHELL_VM_TEMPLATE=off` boots every sandbox.
+//! a lock file. A failed creation or restore boots the sandbox; unless it only ran out of time
+//! (a loaded host), it leaves a `failed` file with the reason, and later sandboxes with that key
+//! boot without trying again (delete the file, or the templates directory, to retry).
+//! `OPENSHELL_VM_TEMPLATE=off` boots every sandbox.
 
 use std::fs::File;
 use std::io::Read as _;
@@ -81,6 +82,19 @@ pub enum TemplateError {
     Refused(String),
     #[error("talking to the restored guest agent")]
     Frame(#[source] proto::FrameError),
+}
+
+impl TemplateError {
+    /// Whether the failure would recur with this template: everything but running out of time
+    /// (a loaded host), after which the next sandbox tries again.
+    fn lasting(&self) -> bool {
+        !matches!(
+            self,
+            TemplateError::NoPark(..)
+                | TemplateError::NoAnswer(_)
+                | TemplateError::Qmp(QmpError::Timeout(..))
+        )
+    }
 }
 
 fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> TemplateError {
@@ -235,8 +249,10 @@ pub async fn ensure(
         }
         Err(e) => {
             let reason = crate::error_chain(&e);
-            warn!(event = "vm.template", outcome = "create_failed", key = %template.key, error = %reason, "template not created: booting");
-            template.mark_failed(&format!("creating: {reason}"));
+            warn!(event = "vm.template", outcome = "create_failed", key = %template.key, error = %reason, lasting = e.lasting(), "template not created: booting");
+            if e.lasting() {
+                template.mark_failed(&format!("creating: {reason}"));
+            }
             None
         }
     }
@@ -455,8 +471,10 @@ pub async fn restore(
                 let _ = std::fs::remove_file(box_dir.join(name));
             }
             let reason = crate::error_chain(&e);
-            warn!(event = "vm.template", outcome = "restore_failed", sandbox = id, key = %template.key, error = %reason, "restore failed: booting");
-            template.mark_failed(&format!("restoring: {reason}"));
+            warn!(event = "vm.template", outcome = "restore_failed", sandbox = id, key = %template.key, error = %reason, lasting = e.lasting(), "restore failed: booting");
+            if e.lasting() {
+                template.mark_failed(&format!("restoring: {reason}"));
+            }
             Err(e.into())
         }
     }
