@@ -5,8 +5,9 @@
 //! Parts, in build order:
 //! - `kernel`: `kernel/<hash>/vmlinux`, from Debian's `linux-source-6.12` and the config fragment
 //!   `guest/kernel/openshell-6.12.config`.
-//! - `qemu`: `qemu/<hash>/qemu-system-x86_64`, a minimal static QEMU from Debian's qemu source
-//!   with the flags, device config and patches in `guest/qemu/` (see [`qemu`]).
+//! - `qemu`: `qemu/<hash>/qemu-system-x86_64`, a minimal static QEMU 10.0 from Debian's qemu
+//!   source (bookworm-backports) with the flags, device config and patches in `guest/qemu/` (see
+//!   [`qemu`]).
 //! - `helpers`: `helpers/bin/{vhost-device-vsock,virtiofsd}`, each from its crates.io source with
 //!   our patches (`guest/<name>/`), cached by recipe hash.
 //! - `agent`: `agent/<hash>/openshell-guest-agent`, static, from the workspace crate.
