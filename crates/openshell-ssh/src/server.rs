@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use openshell_runtime::{ExecConfig, ExitStatus, SandboxHandle, SandboxedExec, Stdio, StdioMode};
+use openshell_runtime::{
+    error_chain, ExecConfig, ExitStatus, SandboxHandle, SandboxedExec, Stdio, StdioMode,
+};
 use russh::keys::{HashAlg, PrivateKey};
 use russh::server::{
     Auth, ChannelOpenHandle, Handle, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
@@ -148,17 +150,6 @@ fn is_transient(e: &std::io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
     )
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// What runs on a session channel.

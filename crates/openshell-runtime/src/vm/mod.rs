@@ -863,25 +863,27 @@ impl VmSandbox {
         // workload.
         let boot_limit = Duration::from_secs(60);
         let started = std::time::Instant::now();
-        let announced = loop {
-            tokio::select! {
-                accepted = ready.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        break stream;
-                    }
-                }
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-            if let Some(status) = vmm.try_exited() {
-                let log = std::fs::read_to_string(&vmm_log).unwrap_or_default();
-                return Err(VmError::Helper {
+        let announced = accept_bounded(
+            &ready,
+            boot_limit,
+            || match vmm.try_exited() {
+                Some(status) => Err(VmError::Helper {
                     what: decision.engine.name(),
-                    message: format!("exited with {status} before the agent answered: {log}"),
-                });
-            }
-            if started.elapsed() > boot_limit {
+                    message: format!(
+                        "exited with {status} before the agent answered: {}",
+                        std::fs::read_to_string(&vmm_log).unwrap_or_default()
+                    ),
+                }),
+                None => Ok(()),
+            },
+            || VmError::AgentTimeout(boot_limit, console_tail(&console)),
+        )
+        .await;
+        let announced = match announced {
+            Ok(stream) => stream,
+            Err(e) => {
                 vmm.start_kill();
-                return Err(VmError::AgentTimeout(boot_limit, console_tail(&console)));
+                return Err(e);
             }
         };
         drop(ready);
@@ -1215,6 +1217,31 @@ pub(crate) async fn start_qemu(
             }
         })?;
     Ok((qemu_child, helpers))
+}
+
+/// Accept one connection on `ready` within `limit`, checking `alive` every 50 ms (its error
+/// ends the wait: the VMM died); `timed_out` makes the error when `limit` passes.
+pub(crate) async fn accept_bounded<E>(
+    ready: &tokio::net::UnixListener,
+    limit: Duration,
+    mut alive: impl FnMut() -> Result<(), E>,
+    timed_out: impl FnOnce() -> E,
+) -> Result<UnixStream, E> {
+    let started = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            accepted = ready.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    return Ok(stream);
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        alive()?;
+        if started.elapsed() > limit {
+            return Err(timed_out());
+        }
+    }
 }
 
 /// Log how the engine made the root filesystem's view (its record in `<box>/root-method`).

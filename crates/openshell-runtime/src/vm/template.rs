@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::engine::{Accel, Share, VmDescription};
 use super::qmp::{Qmp, QmpError};
-use super::{console_tail, guest, qemu, start_qemu, VmError};
+use super::{accept_bounded, console_tail, guest, qemu, start_qemu, VmError};
 use crate::vm_protocol::{self as proto, Event, Frame, Kind, Request};
 
 /// The environment variable that turns templates off (`off`, `0`, `false`, `no`).
@@ -211,41 +211,43 @@ pub async fn ensure(
     accel: Accel,
     artifacts: &guest::Artifacts,
 ) -> Option<Template> {
-    let template = match Template::for_vm(vm, accel, artifacts) {
-        Ok(t) => t,
+    match find_or_create(vm, accel, artifacts).await {
+        Ok(template) => template,
         Err(e) => {
             warn!(event = "vm.template", outcome = "unavailable", error = %crate::error_chain(&e), "no template: booting");
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// [`ensure`]'s work; an error is a template that could not even be looked for.
+async fn find_or_create(
+    vm: &VmDescription,
+    accel: Accel,
+    artifacts: &guest::Artifacts,
+) -> Result<Option<Template>, TemplateError> {
+    let template = Template::for_vm(vm, accel, artifacts)?;
     if template.state.is_file() {
-        return Some(template);
+        return Ok(Some(template));
     }
     let failed = template.dir.join("failed");
     if failed.is_file() {
         debug!(event = "vm.template", outcome = "skipped", key = %template.key, record = %failed.display(), "template failed before: booting");
-        return None;
+        return Ok(None);
     }
     // One creator per key; the others wait and then use its snapshot.
-    let lock_path = template.dir.with_extension("lock");
-    let _lock = match lock(lock_path).await {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(event = "vm.template", outcome = "unavailable", error = %crate::error_chain(&e), "no template: booting");
-            return None;
-        }
-    };
+    let _lock = lock(template.dir.with_extension("lock")).await?;
     if template.state.is_file() {
-        return Some(template);
+        return Ok(Some(template));
     }
     if failed.is_file() {
-        return None;
+        return Ok(None);
     }
     let started = Instant::now();
     match create(&template, vm, accel, artifacts).await {
         Ok(()) => {
             info!(event = "vm.template", outcome = "created", key = %template.key, ms = started.elapsed().as_millis() as u64, state = %template.state.display(), "template created");
-            Some(template)
+            Ok(Some(template))
         }
         Err(e) => {
             let reason = crate::error_chain(&e);
@@ -253,7 +255,7 @@ pub async fn ensure(
             if e.lasting() {
                 template.mark_failed(&format!("creating: {reason}"));
             }
-            None
+            Ok(None)
         }
     }
 }
@@ -343,21 +345,13 @@ async fn create_in(
     .map_err(|e| TemplateError::Start(Box::new(e)))?;
     // Parked: the agent dialled READY_PORT and waits on that connection, which stays open
     // until the snapshot is taken.
-    let started = Instant::now();
-    let _parked = loop {
-        tokio::select! {
-            accepted = ready.accept() => {
-                if let Ok((stream, _)) = accepted {
-                    break stream;
-                }
-            }
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
-        exited(&mut vmm, box_dir, "the template guest booted")?;
-        if started.elapsed() > PARK_LIMIT {
-            return Err(TemplateError::NoPark(PARK_LIMIT, console_tail(&console)));
-        }
-    };
+    let _parked = accept_bounded(
+        &ready,
+        PARK_LIMIT,
+        || exited(&mut vmm, box_dir, "the template guest booted"),
+        || TemplateError::NoPark(PARK_LIMIT, console_tail(&console)),
+    )
+    .await?;
     let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(10)).await?;
     qmp.set_file_migration().await?;
     qmp.execute("stop", None).await?;
