@@ -32,7 +32,7 @@ mod wire;
 pub use error::{PolicyError, StaticSectionChanged};
 pub use model::{
     Access, Endpoint, Enforcement, FilesystemPolicy, L7Rule, LandlockCompatibility, LandlockPolicy,
-    NetworkPolicies, NetworkPolicy, Policy, ProcessPolicy, Protocol, Resources, TlsMode,
+    NetworkPolicies, NetworkPolicy, Policy, ProcessPolicy, Protocol, Resources, TlsMode, TmpMode,
 };
 pub use rego::{
     Decision, DecisionEngine, DecisionInput, ExecInfo, HttpRequest, NetworkTarget, RegoError,

@@ -36,6 +36,21 @@ pub struct FilesystemPolicy {
     pub read_only: Vec<SandboxPath>,
     /// Paths readable and writable beneath; never `/`.
     pub read_write: Vec<SandboxPath>,
+    /// Whose `/tmp` the sandbox sees (our extension).
+    pub tmp: TmpMode,
+}
+
+/// `filesystem_policy.tmp`: the sandbox's `/tmp`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TmpMode {
+    /// A per-sandbox tmpfs, charged to the sandbox's memory and gone with it; whether the
+    /// workload may read or write it is still up to `read_only` / `read_write`.
+    #[default]
+    Private,
+    /// The host's `/tmp` (with every socket and file other programs keep there); `/tmp` must
+    /// be listed in `read_only` or `read_write`.
+    Host,
 }
 
 /// What to do when the kernel cannot enforce the requested Landlock rules.
@@ -313,10 +328,25 @@ fn convert(cx: &mut Cx<'_>, file: wire::PolicyFile) -> Result<Policy, PolicyErro
                     "read_write must not contain /; name the directories that need writes",
                 ));
             }
+            let read_only = dedup(fs.read_only.unwrap_or_default());
+            let read_write = dedup(read_write);
+            let tmp = fs.tmp.unwrap_or_default();
+            let lists_tmp = |p: &SandboxPath| p.as_str() == "/tmp";
+            if tmp == TmpMode::Host
+                && !read_only.iter().any(lists_tmp)
+                && !read_write.iter().any(lists_tmp)
+            {
+                return Err(cx.err(
+                    &[key("filesystem_policy"), key("tmp")],
+                    "tmp: host shares the host's /tmp, which must then be listed in read_only or \
+                     read_write",
+                ));
+            }
             FilesystemPolicy {
                 include_workdir: fs.include_workdir.unwrap_or(false),
-                read_only: dedup(fs.read_only.unwrap_or_default()),
-                read_write: dedup(read_write),
+                read_only,
+                read_write,
+                tmp,
             }
         }
     };
@@ -538,6 +568,7 @@ fn to_wire(p: &Policy) -> wire::PolicyFile {
             include_workdir: Some(p.filesystem.include_workdir),
             read_only: Some(p.filesystem.read_only.clone()),
             read_write: Some(p.filesystem.read_write.clone()),
+            tmp: Some(p.filesystem.tmp),
         }),
         landlock: Some(wire::LandlockDef {
             compatibility: Some(p.landlock.compatibility),

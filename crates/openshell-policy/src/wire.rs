@@ -16,7 +16,7 @@ use crate::error::PolicyError;
 use crate::types::{
     BinaryPattern, HostPattern, IpNet, MethodPattern, PathPattern, Port, SandboxPath,
 };
-use crate::{Access, Enforcement, LandlockCompatibility, Protocol, TlsMode};
+use crate::{Access, Enforcement, LandlockCompatibility, Protocol, TlsMode, TmpMode};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +43,9 @@ pub(crate) struct FilesystemDef {
     pub read_only: Option<Vec<SandboxPath>>,
     #[serde(default)]
     pub read_write: Option<Vec<SandboxPath>>,
+    /// Our extension: whose `/tmp` the sandbox sees (default `private`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmp: Option<TmpMode>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -42,7 +42,17 @@ fn error_table() {
         (
             "unknown nested field",
             "version: 1\nfilesystem_policy:\n  read_onyl: [/usr]\n".to_string(),
-            at(3, 3, "filesystem_policy", "unknown field read_onyl, expected one of include_workdir, read_only, read_write"),
+            at(3, 3, "filesystem_policy", "unknown field read_onyl, expected one of include_workdir, read_only, read_write, tmp"),
+        ),
+        (
+            "tmp: host without /tmp listed",
+            "version: 1\nfilesystem_policy:\n  read_write: [/data]\n  tmp: host\n".to_string(),
+            at(4, 8, "filesystem_policy.tmp", "tmp: host shares the host's /tmp, which must then be listed in read_only or read_write"),
+        ),
+        (
+            "tmp: an unknown mode",
+            "version: 1\nfilesystem_policy:\n  read_write: [/tmp]\n  tmp: shared\n".to_string(),
+            at(4, 8, "filesystem_policy.tmp", "unknown variant shared, expected private or host"),
         ),
         (
             "unknown endpoint field",

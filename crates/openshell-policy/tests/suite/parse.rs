@@ -4,7 +4,7 @@ use openshell_policy::{
     Access, BinaryPattern, Endpoint, Enforcement, FilesystemPolicy, HostPattern, IpNet, L7Rule,
     LandlockCompatibility, LandlockPolicy, MethodPattern, NetworkPolicies, NetworkPolicy,
     PathPattern, Policy, PolicyError, Port, ProcessPolicy, Protocol, Resources, SandboxPath,
-    StaticSectionChanged, TlsMode,
+    StaticSectionChanged, TlsMode, TmpMode,
 };
 use pretty_assertions::assert_eq;
 
@@ -87,6 +87,7 @@ fn expected_block() -> Policy {
             include_workdir: true,
             read_only: vec![path("/usr"), path("/lib/x86_64"), path("/etc")],
             read_write: vec![path("/sandbox"), path("/tmp")],
+            tmp: TmpMode::Private,
         },
         landlock: LandlockPolicy {
             compatibility: LandlockCompatibility::HardRequirement,
@@ -239,6 +240,7 @@ filesystem_policy:
   read_write:
   - /sandbox
   - /tmp
+  tmp: private
 landlock:
   compatibility: hard_requirement
 process:
