@@ -10,17 +10,11 @@ use super::common::*;
 
 const EACCES: i32 = 13;
 const ENOENT: i32 = 2;
+const EROFS: i32 = 30;
 
-/// The errno for a path the policy does not list: the process backend shows the host's file
-/// system and Landlock refuses (EACCES); the VM never shares such a path, so it does not exist
-/// there at all (ENOENT). Either way nothing is read or written.
-fn unlisted(backend: &str) -> i32 {
-    if backend == "vm" {
-        ENOENT
-    } else {
-        EACCES
-    }
-}
+/// A path the policy does not list does not exist in the sandbox, on either backend: the
+/// process backend's view and the vm backend's guest tree hold only the policy's paths.
+const UNLISTED: i32 = ENOENT;
 
 #[test]
 fn writes_land_only_where_the_policy_allows() {
@@ -48,8 +42,9 @@ fn writes_land_only_where_the_policy_allows() {
                 backend,
                 vec![
                     (inside.display().to_string(), 0),
-                    (outside.display().to_string(), unlisted(backend)),
-                    (etc.to_owned(), EACCES)
+                    (outside.display().to_string(), UNLISTED),
+                    // read_only paths are read-only mounts: refused before Landlock is asked.
+                    (etc.to_owned(), EROFS)
                 ]
             )
         );
@@ -98,7 +93,7 @@ fn reads_outside_the_policy_fail() {
         let out = s.run(backend, &[], &[PROBE, "read", secret.to_str().unwrap()]);
         assert_eq!(
             (backend, code(&out)),
-            (backend, unlisted(backend)),
+            (backend, UNLISTED),
             "{}",
             stderr(&out)
         );
@@ -151,19 +146,21 @@ fn best_effort_skips_a_missing_path_but_keeps_landlock() {
             ),
             ("hard_requirement", "best_effort"),
         ]);
-        let outside = s.outside.join("x");
-        let out = s.run(backend, &[], &[PROBE, "write", outside.to_str().unwrap()]);
-        assert_eq!(
-            (backend, code(&out)),
-            (backend, unlisted(backend)),
-            "{}",
-            stderr(&out)
+        // The private /tmp exists but the policy does not list it: only Landlock refuses.
+        let out = s.run(
+            backend,
+            &["--log-level", "info"],
+            &[PROBE, "write", "/tmp/landlock-probe"],
         );
-        assert!(!outside.exists());
+        assert_eq!((backend, code(&out)), (backend, EACCES), "{}", stderr(&out));
         let err = stderr(&out);
         assert!(
             err.contains("sandbox.landlock_skipped") && err.contains("/nonexistent/openshell-path"),
             "{backend}: the skip is reported: {err}"
+        );
+        assert!(
+            err.contains("sandbox.restricted") && err.contains("landlock_status=fully_enforced"),
+            "{backend}: Landlock is enforced: {err}"
         );
     }
 }

@@ -40,24 +40,12 @@ const AGENT: &str = "openshell-guest-agent";
 /// The agent's target triple (explicit, so `RUSTFLAGS` does not reach build scripts).
 const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Bump when the rootfs layout below changes; it is part of the rootfs hash.
-const ROOTFS_LAYOUT_VERSION: u32 = 1;
-/// Top-level directories of the rootfs (mount points; the host's `/usr`, `/etc`, ... are shared
-/// over them at run time when the policy lists them).
-const ROOTFS_DIRS: &[&str] = &[
-    "proc",
-    "sys",
-    "dev",
-    "tmp",
-    "run",
-    "mnt",
-    "root",
-    "home",
-    "var",
-    "etc",
-    "usr",
-    "openshell",
-    "sandbox",
-];
+const ROOTFS_LAYOUT_VERSION: u32 = 2;
+/// Top-level directories of the rootfs: the guest's own file systems and the agent. Nothing
+/// else: the mount points of the policy's paths (`/usr`, `/etc`, the workdir, ...) are made
+/// per sandbox, only for the paths the policy lists, so a path it does not list does not exist
+/// in the guest (as on the process backend).
+const ROOTFS_DIRS: &[&str] = &["proc", "sys", "dev", "tmp", "run", "openshell"];
 /// Debian merged-usr symlinks at the rootfs top level.
 const ROOTFS_LINKS: &[(&str, &str)] = &[
     ("bin", "usr/bin"),
@@ -812,7 +800,6 @@ fn rootfs(root: &Path, agent_hash: &str, force: bool) -> Result<()> {
     for d in ROOTFS_DIRS {
         let mode = match *d {
             "tmp" => 0o1777,
-            "root" => 0o700,
             _ => 0o755,
         };
         let p = tmp.join(d);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-use openshell_runtime::vm_protocol::{GuestMount, AGENT_DIR, BOOT_REQUESTS, PARK_ARG};
+use openshell_runtime::vm_protocol::{GuestMount, GuestTmp, AGENT_DIR, BOOT_REQUESTS, PARK_ARG};
 
 use crate::{diag, sys};
 
@@ -43,6 +43,14 @@ pub enum SetupError {
     MountTag { path: String, tag: String },
     #[error("pids_limit must be at least 1")]
     PidsLimit,
+    #[error("tmp.size_mib must be at least 1")]
+    TmpSize,
+    #[error("tmp.keep {0:?}: expected an absolute, normalized path below /tmp")]
+    TmpKeep(String),
+    #[error("the private /tmp")]
+    Tmp(#[source] openshell_runtime::process::view::ViewError),
+    #[error("the read-only shares")]
+    ReadOnly(#[source] openshell_runtime::process::view::ViewError),
     #[error("memory_limit_mib must be at least 1")]
     MemoryLimit,
     #[error("mount {path}: creating the mount point")]
@@ -77,7 +85,10 @@ impl SetupError {
             | SetupError::MountPath(_)
             | SetupError::MountTag { .. }
             | SetupError::PidsLimit
-            | SetupError::MemoryLimit => "validate",
+            | SetupError::MemoryLimit
+            | SetupError::TmpSize
+            | SetupError::TmpKeep(_) => "validate",
+            SetupError::Tmp(_) | SetupError::ReadOnly(_) => "mount",
             SetupError::Mkdir { .. } | SetupError::Mount { .. } => "mount",
             SetupError::SetHostname(_) => "hostname",
             SetupError::Cgroup { .. } => "cgroup",
@@ -258,6 +269,63 @@ fn valid_mount_path(p: &str) -> bool {
             .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
+/// Bind each read-only share of the tree read-only over itself (links are left alone: they
+/// resolve to paths that are shares themselves).
+fn read_only_shares(paths: &[String]) -> Result<(), SetupError> {
+    use openshell_runtime::process::view;
+    let sys =
+        |what: String| move |source| SetupError::ReadOnly(view::ViewError::Sys { what, source });
+    for path in paths {
+        let fd = view::open_host(Path::new(path)).map_err(sys(format!("opening {path}")))?;
+        view::freeze(fd.as_fd()).map_err(sys(format!("making {path} read only")))?;
+    }
+    Ok(())
+}
+
+/// The guest's private /tmp: a tmpfs on /tmp (guest memory, charged to the workload cgroup
+/// of whoever writes it), with the shares below /tmp (virtio-fs directories the host put in the
+/// tree) opened before the tmpfs hides them and bound back at their paths inside it.
+fn private_tmp(tmp: &GuestTmp) -> Result<(), SetupError> {
+    use openshell_runtime::process::view;
+    let keep = tmp
+        .keep
+        .iter()
+        .map(|m| {
+            view::open_host(Path::new(&m.path))
+                .map(|fd| (fd, m))
+                .map_err(|e| {
+                    SetupError::Tmp(view::ViewError::Sys {
+                        what: format!("opening {}", m.path),
+                        source: e,
+                    })
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let root = view::open_host(Path::new("/")).map_err(|e| {
+        SetupError::Tmp(view::ViewError::Sys {
+            what: "opening /".into(),
+            source: e,
+        })
+    })?;
+    let mut tree = view::Tree::new(root, false);
+    let size = tmp.size_mib.map(|m| format!("{m}m"));
+    let mut options = vec![("mode", "1777")];
+    if let Some(size) = &size {
+        options.push(("size", size.as_str()));
+    }
+    let mut attrs = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+    if tmp.readonly {
+        attrs |= libc::MOUNT_ATTR_RDONLY;
+    }
+    tree.mount_own(Path::new("/tmp"), "tmpfs", &options, attrs)
+        .map_err(SetupError::Tmp)?;
+    for (fd, m) in keep {
+        tree.bind_within(fd.as_fd(), Path::new(&m.path), !m.readonly)
+            .map_err(SetupError::Tmp)?;
+    }
+    Ok(())
+}
+
 /// The workload cgroup's limits from `Setup`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
@@ -269,14 +337,38 @@ pub struct Limits {
 /// `memory.max`, so that a workload at its limit meets a cgroup OOM, not a starved guest.
 const GUEST_RESERVE_KIB: u64 = 48 * 1024;
 
+/// The file system part of a `Setup`: virtio-fs devices to mount (krun engine), the private
+/// /tmp, the tree's read-only shares (qemu engine).
+#[derive(Debug, Clone, Copy)]
+pub struct Shape<'a> {
+    pub mounts: &'a [GuestMount],
+    pub tmp: Option<&'a GuestTmp>,
+    pub read_only: &'a [String],
+}
+
 /// Check a `Setup` request completely before acting on any of it.
-pub fn validate_setup(
-    hostname: &str,
-    mounts: &[GuestMount],
-    limits: Limits,
-) -> Result<(), SetupError> {
+pub fn validate_setup(hostname: &str, shape: &Shape<'_>, limits: Limits) -> Result<(), SetupError> {
+    let mounts = shape.mounts;
     if !valid_hostname(hostname) {
         return Err(SetupError::Hostname(hostname.to_owned()));
+    }
+    for path in shape.read_only {
+        if !valid_mount_path(path) {
+            return Err(SetupError::MountPath(path.clone()));
+        }
+    }
+    if let Some(tmp) = shape.tmp {
+        if tmp.size_mib == Some(0) {
+            return Err(SetupError::TmpSize);
+        }
+        for m in &tmp.keep {
+            if !valid_mount_path(&m.path)
+                || !Path::new(&m.path).starts_with("/tmp")
+                || m.path == "/tmp"
+            {
+                return Err(SetupError::TmpKeep(m.path.clone()));
+            }
+        }
     }
     for m in mounts {
         if !valid_mount_path(&m.path) {
@@ -301,9 +393,10 @@ pub fn validate_setup(
 /// Carry out a validated `Setup`; returns the `cgroup.procs` file spawned processes must join.
 pub fn setup(
     hostname: &str,
-    mounts: &[GuestMount],
+    shape: &Shape<'_>,
     limits: Limits,
 ) -> Result<Option<PathBuf>, SetupError> {
+    let mounts = shape.mounts;
     for m in mounts {
         if let Err(source) = std::fs::create_dir_all(&m.path) {
             return Err(SetupError::Mkdir {
@@ -327,6 +420,10 @@ pub fn setup(
             tag: m.tag.clone(),
             source,
         })?;
+    }
+    read_only_shares(shape.read_only)?;
+    if let Some(tmp) = shape.tmp {
+        private_tmp(tmp)?;
     }
     nix::unistd::sethostname(hostname).map_err(SetupError::SetHostname)?;
     if limits.pids.is_none() && limits.memory_mib.is_none() {
@@ -411,13 +508,19 @@ mod tests {
             pids: n,
             memory_mib: None,
         };
-        assert!(validate_setup("box-1.local", &[m("s0", "/work/data")], pids(Some(64))).is_ok());
+        let shape = |mounts: &'static [GuestMount]| Shape {
+            mounts,
+            tmp: None,
+            read_only: &[],
+        };
+        let data = Box::leak(Box::new([m("s0", "/work/data")]));
+        assert!(validate_setup("box-1.local", &shape(data), pids(Some(64))).is_ok());
         let long = "x".repeat(65);
         let no_memory = Limits {
             pids: None,
             memory_mib: Some(0),
         };
-        assert!(validate_setup("h", &[], no_memory).is_err());
+        assert!(validate_setup("h", &shape(&[]), no_memory).is_err());
         let bad: Vec<(&str, Vec<GuestMount>, Option<u64>)> = vec![
             ("", vec![], None),
             ("a b", vec![], None),
@@ -436,15 +539,52 @@ mod tests {
             assert!(
                 validate_setup(
                     host,
-                    &mounts,
+                    &Shape {
+                        mounts: &mounts,
+                        tmp: None,
+                        read_only: &[],
+                    },
                     Limits {
                         pids,
                         memory_mib: None
-                    }
+                    },
                 )
                 .is_err(),
                 "{host:?} {mounts:?} {pids:?}"
             );
         }
+        let tmp = |size_mib, keep: &str| GuestTmp {
+            size_mib,
+            readonly: false,
+            keep: vec![m("s1", keep)],
+        };
+        fn with_tmp(t: &GuestTmp) -> Shape<'_> {
+            Shape {
+                mounts: &[],
+                tmp: Some(t),
+                read_only: &[],
+            }
+        }
+        let ok = tmp(Some(64), "/tmp/work");
+        assert!(validate_setup("h", &with_tmp(&ok), pids(None)).is_ok());
+        for bad in [
+            tmp(Some(0), "/tmp/work"),
+            tmp(None, "/tmp"),
+            tmp(None, "/etc"),
+            tmp(None, "/tmpx/y"),
+            tmp(None, "/tmp/../etc"),
+        ] {
+            assert!(
+                validate_setup("h", &with_tmp(&bad), pids(None)).is_err(),
+                "{bad:?}"
+            );
+        }
+        let ro = ["/usr/../etc".to_owned()];
+        let bad_ro = Shape {
+            mounts: &[],
+            tmp: None,
+            read_only: &ro,
+        };
+        assert!(validate_setup("h", &bad_ro, pids(None)).is_err());
     }
 }

@@ -50,13 +50,20 @@ pub async fn serve_connection(ctx: Rc<Ctx>, conn: Box<dyn Io>) {
         mounts,
         pids_limit,
         memory_limit_mib,
+        tmp,
+        read_only,
     } = &request
     {
         let limits = boot::Limits {
             pids: *pids_limit,
             memory_mib: *memory_limit_mib,
         };
-        let done = setup(&ctx, hostname, mounts, limits);
+        let shape = boot::Shape {
+            mounts,
+            tmp: tmp.as_ref(),
+            read_only,
+        };
+        let done = setup(&ctx, hostname, shape, limits);
         let reply = match &done {
             Ok(()) => Frame::json(&Event::Ready),
             Err(e) => {
@@ -209,6 +216,8 @@ pub async fn serve_preloaded(
                 mounts,
                 pids_limit,
                 memory_limit_mib,
+                tmp,
+                read_only,
             },
             Request::Spawn { launch, stdio, .. },
         )) => {
@@ -216,7 +225,12 @@ pub async fn serve_preloaded(
                 pids: pids_limit,
                 memory_mib: memory_limit_mib,
             };
-            match setup(&ctx, &hostname, &mounts, limits) {
+            let shape = boot::Shape {
+                mounts: &mounts,
+                tmp: tmp.as_ref(),
+                read_only: &read_only,
+            };
+            match setup(&ctx, &hostname, shape, limits) {
                 Err(e) => {
                     diag!("setup: {}", chain(&e));
                     Boot::SetupFailed(failed(e.stage(), chain(&e)))
@@ -292,17 +306,17 @@ async fn read_request(rd: &mut Reader) -> Option<Request> {
 fn setup(
     ctx: &Ctx,
     hostname: &str,
-    mounts: &[openshell_runtime::vm_protocol::GuestMount],
+    shape: boot::Shape<'_>,
     limits: boot::Limits,
 ) -> Result<(), boot::SetupError> {
     if ctx.setup_done.replace(true) {
         return Err(boot::SetupError::Again);
     }
-    boot::validate_setup(hostname, mounts, limits)?;
+    boot::validate_setup(hostname, &shape, limits)?;
     if ctx.test_mode {
         return Ok(());
     }
-    let procs = boot::setup(hostname, mounts, limits)?;
+    let procs = boot::setup(hostname, &shape, limits)?;
     *ctx.cgroup_procs.borrow_mut() = procs;
     Ok(())
 }

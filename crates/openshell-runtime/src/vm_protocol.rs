@@ -117,6 +117,16 @@ pub struct GuestMount {
     pub readonly: bool,
 }
 
+/// The guest's private /tmp: a tmpfs of at most `size_mib` (`None`: the kernel's default),
+/// read only when the policy lists /tmp only as read_only, with `keep`, the shares below /tmp
+/// (already in the guest's tree), bound back inside it at their paths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestTmp {
+    pub size_mib: Option<u64>,
+    pub readonly: bool,
+    pub keep: Vec<GuestMount>,
+}
+
 /// What the host asks of the agent (first frame of a control connection).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
@@ -130,6 +140,15 @@ pub enum Request {
         /// kernel and the agent keep room (a cgroup OOM, not a whole-guest one).
         #[serde(default)]
         memory_limit_mib: Option<u64>,
+        /// A private /tmp (`filesystem_policy.tmp: private`); `None`: /tmp is a share (the
+        /// host's, with `tmp: host`).
+        #[serde(default)]
+        tmp: Option<GuestTmp>,
+        /// Paths of the guest's tree that are read-only shares (qemu engine): the agent binds
+        /// each read-only over itself, so the guest refuses writes and metadata changes there
+        /// itself (EROFS, as the process backend answers) before any request reaches the host.
+        #[serde(default)]
+        read_only: Vec<String>,
     },
     /// Start a process. `main`: the workload, whose end powers the VM off.
     Spawn {
@@ -373,6 +392,8 @@ mod tests {
             mounts: Vec::new(),
             pids_limit: Some(64),
             memory_limit_mib: None,
+            tmp: None,
+            read_only: Vec::new(),
         }
     }
 

@@ -2,7 +2,7 @@
 
 use openshell_runtime::process::protocol::WaitReport;
 use openshell_runtime::vm_protocol::{
-    Event, Frame, GuestMount, GuestStdio, Kind, Request, MAX_GUEST_WRITE,
+    Event, Frame, GuestMount, GuestStdio, GuestTmp, Kind, Request, MAX_GUEST_WRITE,
 };
 use pretty_assertions::assert_eq;
 
@@ -22,6 +22,16 @@ fn setup_is_ready_once() {
         }],
         pids_limit: Some(128),
         memory_limit_mib: Some(256),
+        tmp: Some(GuestTmp {
+            size_mib: Some(256),
+            readonly: false,
+            keep: vec![GuestMount {
+                tag: "share1".into(),
+                path: "/tmp/work".into(),
+                readonly: false,
+            }],
+        }),
+        read_only: vec!["/usr".into()],
     };
     let mut conn = agent.request(&setup);
     assert!(matches!(recv_event(&mut conn), Event::Ready));
@@ -49,6 +59,8 @@ fn invalid_setup_is_refused() {
         }],
         pids_limit: None,
         memory_limit_mib: None,
+        tmp: None,
+        read_only: Vec::new(),
     });
     match recv_event(&mut conn) {
         Event::Failed { stage, .. } => assert_eq!(stage, "validate"),

@@ -39,7 +39,7 @@ use super::protocol::{
     ExecPlan, FromHelper, LaunchPlan, RestrictionReport, SpawnPlan, ToHelper, WaitReport,
     CONTROL_FD, LIFELINE_FD,
 };
-use super::{cgroup, landlock, net, rootfs, seccomp, sys};
+use super::{cgroup, landlock, net, rootfs, seccomp, sys, view};
 
 /// The control channel as seen from a helper.
 pub(crate) struct Control {
@@ -210,15 +210,14 @@ fn holder(mut ctl: Control, plan: SpawnPlan) -> ! {
             }
         }
     }
-    if let Some(root) = &plan.root {
-        // The overlay lived in init's mount namespace, gone with init; only files remain.
-        if let Err(e) = std::fs::remove_dir_all(&root.box_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                ctl.send(&FromHelper::Failed {
-                    stage: "rootfs cleanup".into(),
-                    message: format!("removing {}: {e}", root.box_dir.display()),
-                });
-            }
+    // The view (or the overlay) lived in init's mount namespace, gone with init; only files
+    // remain.
+    if let Err(e) = std::fs::remove_dir_all(&plan.box_dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            ctl.send(&FromHelper::Failed {
+                stage: "cleanup".into(),
+                message: format!("removing {}: {e}", plan.box_dir.display()),
+            });
         }
     }
     let left = cgroup::remove_dirs(&plan.cgroup_dirs, std::time::Duration::from_secs(5));
@@ -246,44 +245,39 @@ fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
         Some(ToHelper::Go) => {}
         _ => std::process::exit(125),
     }
-    if plan.root.is_some() {
-        // With a root filesystem the holder stays in the host's mount namespace (it needs the
-        // host's view to clean up, and pivot_root would move every process of a shared
-        // namespace): init takes a mount namespace of its own, before any mount.
-        if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNS) {
-            ctl.fail("rootfs", format!("unshare: {}", errno_text(e)));
-        }
+    // init takes a mount namespace of its own, before any mount: the holder keeps the host's
+    // (it removes the per-sandbox directory afterwards, and pivot_root would move every process
+    // of a shared namespace).
+    if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNS) {
+        ctl.fail("mount", format!("unshare: {}", errno_text(e)));
     }
     if let Err(e) =
         mount::<str, str, str, str>(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)
     {
         ctl.fail("mount", format!("making mounts private: {}", errno_text(e)));
     }
-    match &plan.root {
-        None => {
-            if let Err(e) = mount(
-                Some("proc"),
-                "/proc",
-                Some("proc"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                None::<&str>,
-            ) {
-                ctl.fail(
-                    "mount",
-                    format!("mounting a fresh /proc: {}", errno_text(e)),
-                );
+    let new_root = match &plan.root {
+        None => match view::build(&plan.view, &plan.box_dir) {
+            Ok(skipped) => {
+                ctl.send(&FromHelper::ViewReady { skipped });
+                plan.box_dir.clone()
             }
-        }
+            Err(e) => ctl.fail("filesystem", crate::error_chain(&e)),
+        },
         Some(root) => {
             let (merged, method) = match rootfs::make_writable_root(&root.lower, &root.box_dir) {
                 Ok(r) => r,
                 Err(e) => ctl.fail("rootfs", e),
             };
-            if let Err(e) = rootfs::enter_root(&merged) {
+            if let Err(e) = rootfs::own_filesystems(&merged, plan.view.tmp) {
                 ctl.fail("rootfs", e);
             }
             ctl.send(&FromHelper::RootReady(method));
+            merged
         }
+    };
+    if let Err(e) = rootfs::pivot_into(&new_root) {
+        ctl.fail("filesystem", e);
     }
     if let Err(e) = nix::unistd::sethostname(&plan.hostname) {
         ctl.fail("hostname", errno_text(e));

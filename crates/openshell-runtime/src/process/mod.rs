@@ -12,6 +12,7 @@ pub mod protocol;
 pub mod rootfs;
 pub mod seccomp;
 pub(crate) mod sys;
+pub mod view;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -65,6 +66,11 @@ pub enum ProcessError {
     },
     #[error("workdir {0}: must be an absolute path to an existing directory")]
     BadWorkdir(PathBuf),
+    #[error(
+        "workdir {0}: not in the sandbox: include_workdir is false and no filesystem_policy path \
+         contains it"
+    )]
+    WorkdirNotInView(PathBuf),
     #[error("invalid {what}: contains a NUL byte")]
     Nul { what: &'static str },
     #[error("creating the sandbox cgroup")]
@@ -275,6 +281,9 @@ pub(crate) struct Identity {
     gid: u32,
     user: String,
     home: PathBuf,
+    /// The workdir, when `include_workdir` makes it read-write (it is then in
+    /// `landlock.read_write` too): a host path the view always binds, even `/tmp`.
+    workdir_rw: Option<PathBuf>,
     pub(crate) landlock: LandlockPlan,
     /// The egress proxy's address inside the sandbox, when it has egress: every process
     /// launched there (the workload, `exec`, SSH sessions) gets the proxy variables.
@@ -282,6 +291,33 @@ pub(crate) struct Identity {
 }
 
 impl Identity {
+    /// The file system view of a sandbox on the host's root: the policy's paths (this
+    /// identity's Landlock plan, the workdir included), the policy's /tmp, a private /tmp and
+    /// /dev/shm of at most `memory_mib`.
+    pub(crate) fn view(&self, policy: &Policy, memory_mib: Option<u64>) -> view::ViewPlan {
+        view::plan(
+            &self.landlock.read_only,
+            &self.landlock.read_write,
+            self.workdir_rw.as_deref(),
+            policy.filesystem.tmp,
+            memory_mib,
+            self.landlock.hard_requirement,
+        )
+    }
+
+    /// Check that `workdir` exists in a view of the host's root: it is `/`, or a path below one
+    /// the view binds.
+    fn check_workdir_in_view(&self, policy: &Policy, workdir: &Path) -> Result<(), ProcessError> {
+        let plan = self.view(policy, None);
+        let visible = workdir == Path::new("/")
+            || plan.host_root
+            || plan.binds.iter().any(|b| workdir.starts_with(&b.path));
+        match visible {
+            true => Ok(()),
+            false => Err(ProcessError::WorkdirNotInView(workdir.to_owned())),
+        }
+    }
+
     /// The identity for `config`'s workload and its launch plan, with the proxy variables
     /// pointing at `proxy_addr` when the sandbox has egress.
     pub(crate) fn for_workload(
@@ -290,6 +326,9 @@ impl Identity {
     ) -> Result<(Identity, LaunchPlan), ProcessError> {
         let mut identity =
             Identity::resolve(&config.policy, &config.workdir, config.root.as_ref())?;
+        if config.root.is_none() {
+            identity.check_workdir_in_view(&config.policy, &config.workdir)?;
+        }
         if config.egress.is_some() {
             identity.proxy = Some(proxy_addr.to_owned());
         }
@@ -331,11 +370,14 @@ impl Identity {
         } else if fs.include_workdir {
             read_write.push(workdir.to_owned());
         }
+        let workdir_rw =
+            (fs.include_workdir && workdir != Path::new("/")).then(|| workdir.to_owned());
         Ok(Identity {
             uid,
             gid,
             user: user_name,
             home,
+            workdir_rw,
             landlock: LandlockPlan {
                 read_only: fs
                     .read_only
@@ -583,6 +625,12 @@ async fn await_running(ctl: &mut Control, sandbox: &str) -> Result<i32, ProcessE
         match ctl.recv().await {
             Some(FromHelper::Restricted(report)) => log_restrictions(sandbox, &report),
             Some(FromHelper::RootReady(method)) => log_root(sandbox, &method),
+            Some(FromHelper::ViewReady { skipped }) => {
+                for (path, reason) in skipped {
+                    warn!(event = "sandbox.path_skipped", sandbox, %path, %reason,
+                          "policy path left out of the sandbox (compatibility: best_effort)");
+                }
+            }
             Some(FromHelper::Running { pid }) => return Ok(pid),
             Some(FromHelper::Failed { stage, message }) => return Err(setup_error(stage, message)),
             Some(other) => debug!(?other, "unexpected message while starting"),
@@ -664,30 +712,24 @@ impl ProcessSandbox {
         }
         let (identity, launch) = Identity::for_workload(&config, &crate::PROXY_ADDR.to_string())?;
         let id = new_sandbox_id();
-        let root = match &config.root {
-            Some(root) => {
-                let run = rootfs::process_run_dir();
-                rootfs::collect_stale(&run);
-                let box_dir = run.join(&id);
-                std::fs::create_dir_all(&box_dir).map_err(|source| ProcessError::RootDir {
-                    path: box_dir.clone(),
-                    source,
-                })?;
-                Some(protocol::RootPlan {
-                    lower: root.lower.clone(),
-                    box_dir,
-                })
-            }
-            None => None,
-        };
+        let run = rootfs::process_run_dir();
+        rootfs::collect_stale(&run);
+        let box_dir = run.join(&id);
+        std::fs::create_dir_all(&box_dir).map_err(|source| ProcessError::RootDir {
+            path: box_dir.clone(),
+            source,
+        })?;
+        let root = config.root.as_ref().map(|root| protocol::RootPlan {
+            lower: root.lower.clone(),
+            box_dir: box_dir.clone(),
+        });
+        let view = identity.view(&config.policy, config.resources.memory_mib);
         // No limits, no cgroup: on cgroup v1 hosts, moving a process into a cgroup costs an RCU
         // grace period (about 10 ms here), and the pid namespace already bounds the sandbox's
         // lifetime.
         let r = &config.resources;
-        let remove_root = |root: &Option<protocol::RootPlan>| {
-            if let Some(root) = root {
-                let _ = std::fs::remove_dir_all(&root.box_dir);
-            }
+        let remove_root = |_: &Option<protocol::RootPlan>| {
+            let _ = std::fs::remove_dir_all(&box_dir);
         };
         let cgroup = if r.memory_mib.is_some() || r.cpus.is_some() || r.pids.is_some() {
             match cgroup::Cgroup::create(&id, &config.resources) {
@@ -700,7 +742,8 @@ impl ProcessSandbox {
         } else {
             None
         };
-        match Self::start(id.clone(), config, identity, launch, cgroup, root.clone()).await {
+        let dirs = (box_dir.clone(), view, root.clone());
+        match Self::start(id.clone(), config, identity, launch, cgroup, dirs).await {
             Ok(sandbox) => Ok(sandbox),
             Err((e, cgroup)) => {
                 if let Some(cgroup) = cgroup {
@@ -718,18 +761,14 @@ impl ProcessSandbox {
         identity: Identity,
         launch: LaunchPlan,
         cgroup: Option<cgroup::Cgroup>,
-        root: Option<protocol::RootPlan>,
+        (box_dir, view, root): (PathBuf, view::ViewPlan, Option<protocol::RootPlan>),
     ) -> Result<ProcessSandbox, (ProcessError, Option<cgroup::Cgroup>)> {
-        let mut flags = CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWUTS
+        // init makes its own mount namespace (see `child::init_main`); the holder keeps the
+        // host's, which it needs to remove the per-sandbox directory.
+        let flags = CloneFlags::CLONE_NEWUTS
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWPID;
-        if root.is_some() {
-            // init makes its own mount namespace (see `child::init_main`); the holder keeps the
-            // host's, which it needs to remove the per-sandbox directory.
-            flags.remove(CloneFlags::CLONE_NEWNS);
-        }
         let mut holder = match start_helper(config.stdio, flags) {
             Ok(h) => h,
             Err(e) => return Err((e, cgroup)),
@@ -743,6 +782,8 @@ impl ProcessSandbox {
                 prefix_len: net::PREFIX_LEN,
             },
             cgroup_dirs: cgroup.as_ref().map(|c| c.dirs.clone()).unwrap_or_default(),
+            box_dir,
+            view,
             root,
             launch,
         };

@@ -102,8 +102,13 @@ pub struct SpawnPlan {
     pub net: NetPlan,
     /// Per-hierarchy cgroup directories the namespace holder removes once init is gone.
     pub cgroup_dirs: Vec<PathBuf>,
-    /// A root filesystem: init makes the writable view and pivot_roots into it; the holder
-    /// removes `box_dir` once init is gone.
+    /// The per-sandbox directory (the supervisor's, empty): the view is mounted on it in
+    /// init's own mount namespace; the holder removes it once init is gone.
+    pub box_dir: PathBuf,
+    /// Without a root filesystem: the view init builds from the policy and pivots into.
+    pub view: super::view::ViewPlan,
+    /// A root filesystem: init makes the writable view of the tree (in `box_dir`) and
+    /// pivot_roots into it instead.
     pub root: Option<RootPlan>,
     pub launch: LaunchPlan,
 }
@@ -165,6 +170,9 @@ pub enum FromHelper {
     InitPid { pid: i32 },
     /// init made the sandbox's writable root and pivot_rooted into it.
     RootReady(super::rootfs::RootMethod),
+    /// init built the view from the policy and pivot_rooted into it; best_effort left these
+    /// policy paths out, with the reason.
+    ViewReady { skipped: Vec<(String, String)> },
     /// The workload's restrictions are in place; it is about to call execve.
     Restricted(RestrictionReport),
     /// execve succeeded.

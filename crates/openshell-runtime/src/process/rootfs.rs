@@ -10,13 +10,16 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
+
+use super::view;
 
 /// How the sandbox's writable root was made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,165 +166,232 @@ pub fn make_writable_root(lower: &Path, box_dir: &Path) -> Result<(PathBuf, Root
 /// A full copy (no hard links into the tree, so writes never reach it): modes, ownership,
 /// symlinks, hard links within the tree, device nodes and fifos. Regular files go through
 /// `copy_file_range`, which reflinks where the filesystem can.
+///
+/// Root does this inside trees an image controls, so nothing here follows a link: every entry
+/// is read and created relative to directory descriptors (`openat2` without following links,
+/// `O_NOFOLLOW | O_EXCL` creations, `*at` calls with `AT_SYMLINK_NOFOLLOW`), and a link the
+/// image carries is copied as a link, never entered.
 pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    copy_dir(from, to, &mut links)
+    let src = open_dir_nofollow(nix::fcntl::AT_FDCWD, from)?;
+    match nix::sys::stat::mkdirat(nix::fcntl::AT_FDCWD, to, Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(nix::Error::EEXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let dst = open_dir_nofollow(nix::fcntl::AT_FDCWD, to)?;
+    let mut links = HashMap::new();
+    copy_dir_at(&src, &dst, Path::new(""), &dst, &mut links, false)?;
+    copy_owner_and_mode(&src, &dst)
 }
 
-fn copy_dir(
-    from: &Path,
-    to: &Path,
-    links: &mut HashMap<(u64, u64), PathBuf>,
+/// Copy the entries of `upper` into the existing tree `into`, replacing whatever `into` has
+/// at the same names (a directory on both sides is merged; anything else is removed first,
+/// without following it): how the guest's entries enter a per-sandbox copy of an image.
+pub fn merge_into(upper: &Path, into: &Path) -> std::io::Result<()> {
+    let src = open_dir_nofollow(nix::fcntl::AT_FDCWD, upper)?;
+    let dst = open_dir_nofollow(nix::fcntl::AT_FDCWD, into)?;
+    let mut links = HashMap::new();
+    copy_dir_at(&src, &dst, Path::new(""), &dst, &mut links, true)
+}
+
+fn open_dir_nofollow<Fd: AsFd>(dir: Fd, path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    Ok(nix::fcntl::openat2(dir, path, how)?)
+}
+
+fn open_file_nofollow<Fd: AsFd>(dir: Fd, name: &std::ffi::OsStr) -> std::io::Result<std::fs::File> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_BENEATH);
+    Ok(std::fs::File::from(nix::fcntl::openat2(dir, name, how)?))
+}
+
+fn copy_owner_and_mode(
+    src: &std::os::fd::OwnedFd,
+    dst: &std::os::fd::OwnedFd,
 ) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(from)?;
-    match std::fs::create_dir(to) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let src = e.path();
-        let dst = to.join(e.file_name());
-        let m = std::fs::symlink_metadata(&src)?;
-        let ft = m.file_type();
-        if ft.is_dir() {
-            copy_dir(&src, &dst, links)?;
-            continue;
-        }
-        if ft.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
-            std::os::unix::fs::lchown(&dst, Some(m.uid()), Some(m.gid()))?;
-            continue;
-        }
-        if m.nlink() > 1 {
-            if let Some(first) = links.get(&(m.dev(), m.ino())) {
-                std::fs::hard_link(first, &dst)?;
-                continue;
-            }
-            links.insert((m.dev(), m.ino()), dst.clone());
-        }
-        if ft.is_file() {
-            std::fs::copy(&src, &dst)?;
-        } else {
-            use std::os::unix::fs::FileTypeExt;
-            let kind = if ft.is_fifo() {
-                nix::sys::stat::SFlag::S_IFIFO
-            } else if ft.is_char_device() {
-                nix::sys::stat::SFlag::S_IFCHR
-            } else if ft.is_block_device() {
-                nix::sys::stat::SFlag::S_IFBLK
-            } else {
-                // Sockets mean nothing in a copy.
-                continue;
-            };
-            nix::sys::stat::mknod(
-                &dst,
-                kind,
-                Mode::from_bits_truncate(m.mode() & 0o7777),
-                m.rdev(),
-            )?;
-        }
-        std::os::unix::fs::lchown(&dst, Some(m.uid()), Some(m.gid()))?;
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
-    }
-    std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()))?;
-    std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    let st = nix::sys::stat::fstat(src)?;
+    nix::unistd::fchown(
+        dst,
+        Some(nix::unistd::Uid::from_raw(st.st_uid)),
+        Some(nix::unistd::Gid::from_raw(st.st_gid)),
+    )?;
+    nix::sys::stat::fchmod(dst, Mode::from_bits_truncate(st.st_mode & 0o7777))?;
     Ok(())
 }
 
-/// Make sure `root/<name>` is a real directory (created in the writable view, never the tree);
-/// a symlink or a file there is refused, so no mount lands outside the root.
-fn ensure_dir(root: &Path, name: &str, mode: u32) -> Result<PathBuf, String> {
-    let path = root.join(name);
-    match std::fs::symlink_metadata(&path) {
-        Ok(m) if m.file_type().is_dir() => Ok(path),
-        Ok(_) => Err(format!(
-            "/{name} in the root filesystem is not a directory (a symlink or a file)"
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new()
-                .mode(mode)
-                .create(&path)
-                .map_err(|e| format!("creating /{name}: {e}"))?;
-            // The umask does not apply to what we ask for.
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| format!("chmod /{name}: {e}"))?;
-            Ok(path)
-        }
-        Err(e) => Err(format!("/{name}: {e}")),
-    }
+/// Remove `name` in `dir` whatever it is, without following it.
+fn remove_at(dir: &std::os::fd::OwnedFd, name: &std::ffi::OsStr) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // std's remove_dir_all never follows a link (it unlinks one), and walks with openat.
+    let path = Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+    std::fs::remove_dir_all(&path).or_else(|e| match e.kind() {
+        std::io::ErrorKind::NotADirectory => std::fs::remove_file(&path),
+        _ => Err(e),
+    })
 }
 
-/// The host's device nodes bind-mounted into the sandbox's /dev.
-const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
-
-/// Inside `merged`: a fresh /proc (of the caller's pid namespace), a minimal tmpfs /dev (the
-/// host's null, zero, full, random, urandom and tty bind-mounted; a private devpts for PTYs;
-/// /dev/shm), /tmp; then pivot_root into it and detach the old root. Must run in a private
-/// mount namespace whose pid namespace is the sandbox's.
-pub fn enter_root(merged: &Path) -> Result<(), String> {
-    let proc_dir = ensure_dir(merged, "proc", 0o555)?;
-    mount(
-        Some("proc"),
-        &proc_dir,
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(|e| format!("mounting /proc: {}", errno_text(e)))?;
-    let dev = ensure_dir(merged, "dev", 0o755)?;
-    mount(
-        Some("tmpfs"),
-        &dev,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=0755,size=64k"),
-    )
-    .map_err(|e| format!("mounting /dev: {}", errno_text(e)))?;
-    for name in DEVICES {
-        let target = dev.join(name);
-        std::fs::File::create(&target).map_err(|e| format!("creating /dev/{name}: {e}"))?;
-        let source = Path::new("/dev").join(name);
-        mount(
-            Some(&source),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| format!("bind-mounting /dev/{name}: {}", errno_text(e)))?;
+fn copy_dir_at(
+    src: &std::os::fd::OwnedFd,
+    dst: &std::os::fd::OwnedFd,
+    rel: &Path,
+    dst_root: &std::os::fd::OwnedFd,
+    links: &mut HashMap<(u64, u64), PathBuf>,
+    replace: bool,
+) -> std::io::Result<()> {
+    use nix::fcntl::AtFlags;
+    use nix::sys::stat::SFlag;
+    let entries = nix::dir::Dir::from_fd(src.try_clone()?)?;
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(std::ffi::OsStr::from_bytes(name).to_owned());
+        }
     }
-    let pts = dev.join("pts");
-    std::fs::create_dir(&pts).map_err(|e| format!("creating /dev/pts: {e}"))?;
-    mount(
-        Some("devpts"),
-        &pts,
-        Some("devpts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620"),
-    )
-    .map_err(|e| format!("mounting /dev/pts: {}", errno_text(e)))?;
-    let links = [
-        ("ptmx", "pts/ptmx"),
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ];
-    for (name, target) in links {
-        std::os::unix::fs::symlink(target, dev.join(name))
-            .map_err(|e| format!("creating /dev/{name}: {e}"))?;
+    for name in names {
+        let st = nix::sys::stat::fstatat(src, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        let mode = Mode::from_bits_truncate(st.st_mode & 0o7777);
+        let owner = (
+            Some(nix::unistd::Uid::from_raw(st.st_uid)),
+            Some(nix::unistd::Gid::from_raw(st.st_gid)),
+        );
+        if replace {
+            match nix::sys::stat::fstatat(dst, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(existing) => {
+                    let existing_kind = SFlag::from_bits_truncate(existing.st_mode) & SFlag::S_IFMT;
+                    if !(kind == SFlag::S_IFDIR && existing_kind == SFlag::S_IFDIR) {
+                        remove_at(dst, &name)?;
+                    }
+                }
+                Err(nix::Error::ENOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match kind {
+            SFlag::S_IFDIR => {
+                match nix::sys::stat::mkdirat(
+                    dst,
+                    name.as_os_str(),
+                    Mode::from_bits_truncate(0o700),
+                ) {
+                    Ok(()) => {}
+                    Err(nix::Error::EEXIST) if replace => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let sub_src = open_dir_nofollow(src, Path::new(&name))?;
+                let sub_dst = open_dir_nofollow(dst, Path::new(&name))?;
+                copy_dir_at(
+                    &sub_src,
+                    &sub_dst,
+                    &rel.join(&name),
+                    dst_root,
+                    links,
+                    replace,
+                )?;
+                copy_owner_and_mode(&sub_src, &sub_dst)?;
+            }
+            SFlag::S_IFLNK => {
+                let target = nix::fcntl::readlinkat(src, name.as_os_str())?;
+                nix::unistd::symlinkat(target.as_os_str(), dst, name.as_os_str())?;
+                nix::unistd::fchownat(
+                    dst,
+                    name.as_os_str(),
+                    owner.0,
+                    owner.1,
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )?;
+            }
+            SFlag::S_IFREG => {
+                if st.st_nlink > 1 {
+                    if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {
+                        // `first` is a file this copy made, below directories it made: no
+                        // component of it can be a link.
+                        nix::unistd::linkat(
+                            dst_root,
+                            first.as_path(),
+                            dst,
+                            name.as_os_str(),
+                            AtFlags::empty(),
+                        )?;
+                        continue;
+                    }
+                    links.insert((st.st_dev, st.st_ino), rel.join(&name));
+                }
+                let mut from = open_file_nofollow(src, &name)?;
+                let fd = nix::fcntl::openat(
+                    dst,
+                    name.as_os_str(),
+                    OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_WRONLY
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                )?;
+                let mut to = std::fs::File::from(fd);
+                std::io::copy(&mut from, &mut to)?;
+                nix::unistd::fchown(&to, owner.0, owner.1)?;
+                nix::sys::stat::fchmod(&to, mode)?;
+            }
+            SFlag::S_IFIFO | SFlag::S_IFCHR | SFlag::S_IFBLK => {
+                nix::sys::stat::mknodat(dst, name.as_os_str(), kind, mode, st.st_rdev)?;
+                nix::unistd::fchownat(
+                    dst,
+                    name.as_os_str(),
+                    owner.0,
+                    owner.1,
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )?;
+                // mknod applied the umask; the node was just made here and is not a link.
+                nix::sys::stat::fchmodat(
+                    dst,
+                    name.as_os_str(),
+                    mode,
+                    nix::sys::stat::FchmodatFlags::FollowSymlink,
+                )?;
+            }
+            // Sockets mean nothing in a copy.
+            _ => {}
+        }
     }
-    let shm = dev.join("shm");
-    std::fs::DirBuilder::new()
-        .mode(0o1777)
-        .create(&shm)
-        .and_then(|()| std::fs::set_permissions(&shm, std::fs::Permissions::from_mode(0o1777)))
-        .map_err(|e| format!("creating /dev/shm: {e}"))?;
-    ensure_dir(merged, "tmp", 0o1777)?;
+    Ok(())
+}
 
-    nix::unistd::chdir(merged).map_err(|e| format!("entering the root: {}", errno_text(e)))?;
+/// The sandbox's own file systems inside a root filesystem's writable view `merged` (before
+/// the pivot): /proc and /dev as in a policy view ([`view::mount_proc_and_dev`]), and a private
+/// tmpfs on the tree's /tmp. Mount points must be real directories of the view (a symbolic
+/// link or a file there is refused, so no mount lands outside it); missing ones are created in
+/// the writable view, never in the tree.
+pub fn own_filesystems(merged: &Path, tmp: view::TmpPlan) -> Result<(), String> {
+    let root = view::open_host(merged).map_err(|e| format!("opening {}: {e}", merged.display()))?;
+    let mut tree = view::Tree::new(root, true);
+    let size = match tmp {
+        view::TmpPlan::Private { size_mib, .. } => size_mib,
+        view::TmpPlan::Host => None,
+    };
+    view::mount_proc_and_dev(&mut tree, size).map_err(|e| crate::error_chain(&e))?;
+    let size = size.map(|m| format!("{m}m"));
+    let mut options = vec![("mode", "1777")];
+    if let Some(size) = &size {
+        options.push(("size", size.as_str()));
+    }
+    tree.mount_own(
+        Path::new("/tmp"),
+        "tmpfs",
+        &options,
+        libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+    )
+    .map_err(|e| crate::error_chain(&e))
+}
+
+/// Make `dir` (a mount point in the caller's private mount namespace) the root: pivot_root
+/// into it and detach the old root, so nothing of the host's tree stays reachable.
+pub fn pivot_into(dir: &Path) -> Result<(), String> {
+    nix::unistd::chdir(dir).map_err(|e| format!("entering the root: {}", errno_text(e)))?;
     // The old root ends up stacked on the new one; detaching it leaves only the new root.
     nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {}", errno_text(e)))?;
     umount2(".", MntFlags::MNT_DETACH)
@@ -350,6 +420,10 @@ pub fn seed_guest_upper(lower: &Path, upper: &Path, agent: &Path) -> std::io::Re
     }
     let dir = upper.join("openshell");
     std::fs::DirBuilder::new().mode(0o755).create(&dir)?;
+    // Opaque: nothing of the image's own /openshell shows through the overlay (a planted
+    // `boot/requests`, a link where the agent goes); the copy fallback replaces it instead.
+    let opened = std::fs::File::open(&dir)?;
+    super::sys::set_xattr(opened.as_fd(), c"trusted.overlay.opaque", b"y")?;
     // Copied, never linked: the guest root is writable, the host's artifact must stay intact.
     std::fs::copy(agent, dir.join("agent"))?;
     std::fs::set_permissions(dir.join("agent"), std::fs::Permissions::from_mode(0o755))?;
@@ -363,8 +437,10 @@ pub fn seed_guest_upper(lower: &Path, upper: &Path, agent: &Path) -> std::io::Re
 pub fn prepare_guest_view(lower: &Path, box_dir: &Path) -> Result<RootMethod, String> {
     let (merged, method) = make_writable_root(lower, box_dir)?;
     if let RootMethod::Copy { .. } = method {
-        // The copy has no upper layer: put the guest's entries into it.
-        copy_dir(&box_dir.join("upper"), &merged, &mut HashMap::new())
+        // The copy has no upper layer: put the guest's entries into it, replacing whatever the
+        // image has at those names (its own /openshell included), never writing through a
+        // link it carries.
+        merge_into(&box_dir.join("upper"), &merged)
             .map_err(|e| format!("adding the guest's entries to the copy: {e}"))?;
     }
     let record = serde_json::to_string(&method).unwrap_or_default();
@@ -438,6 +514,54 @@ mod tests {
             std::fs::read_to_string(from.join("bin/tool")).expect("read"),
             "#!/bin/sh\n"
         );
+    }
+
+    /// An image that carries `openshell -> <outside>` or `openshell/agent -> <outside>` must
+    /// not make the copy fallback write through the link (root would overwrite a host file).
+    #[test]
+    fn merging_the_guest_entries_never_writes_through_an_image_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let canary = dir.path().join("shadow");
+        std::fs::write(&canary, "host secret\n").expect("write");
+        for image_entry in ["dir-link", "file-link"] {
+            let (upper, merged) = (dir.path().join("upper"), dir.path().join("merged"));
+            let _ = std::fs::remove_dir_all(&upper);
+            let _ = std::fs::remove_dir_all(&merged);
+            std::fs::create_dir_all(upper.join("openshell")).expect("mkdir");
+            std::fs::write(upper.join("openshell/agent"), "agent").expect("write");
+            std::fs::create_dir_all(&merged).expect("mkdir");
+            match image_entry {
+                "dir-link" => {
+                    std::os::unix::fs::symlink(dir.path(), merged.join("openshell"))
+                        .expect("symlink");
+                    std::os::unix::fs::symlink(&canary, dir.path().join("agent")).expect("symlink");
+                }
+                _ => {
+                    std::fs::create_dir(merged.join("openshell")).expect("mkdir");
+                    std::os::unix::fs::symlink(&canary, merged.join("openshell/agent"))
+                        .expect("symlink");
+                }
+            }
+            merge_into(&upper, &merged).expect("merge");
+            assert_eq!(
+                std::fs::read_to_string(&canary).expect("canary"),
+                "host secret\n",
+                "{image_entry}: the host file is untouched"
+            );
+            let agent = merged.join("openshell/agent");
+            assert!(
+                std::fs::symlink_metadata(merged.join("openshell"))
+                    .expect("stat")
+                    .is_dir(),
+                "{image_entry}"
+            );
+            assert!(
+                std::fs::symlink_metadata(&agent).expect("stat").is_file(),
+                "{image_entry}"
+            );
+            assert_eq!(std::fs::read_to_string(&agent).expect("agent"), "agent");
+            let _ = std::fs::remove_file(dir.path().join("agent"));
+        }
     }
 
     #[test]

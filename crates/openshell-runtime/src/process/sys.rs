@@ -239,3 +239,130 @@ pub fn dup_raw_onto(fd: RawFd, target: RawFd) -> nix::Result<()> {
     let r = unsafe { libc::dup2(fd, target) };
     Errno::result(r).map(drop)
 }
+
+/// `open_tree(fd, "", OPEN_TREE_CLONE | AT_EMPTY_PATH)`: a detached copy of the mount at `fd`
+/// (that mount only, not what is mounted below it), as a new descriptor.
+pub fn clone_mount(fd: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
+    let flags =
+        libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as libc::c_uint;
+    // SAFETY: the path is a static empty C string and the descriptor is borrowed, so open for the
+    // duration of the call; the kernel returns a new descriptor or an error.
+    let r = unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) };
+    let fd = RawFd::try_from(Errno::result(r)?).map_err(|_| Errno::EBADF)?;
+    // SAFETY: the kernel just returned this new descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `mount_setattr(fd, "", AT_EMPTY_PATH, {attr_set})` on a detached mount: set mount flags
+/// (`MOUNT_ATTR_*`) on that one mount.
+pub fn set_mount_attrs(fd: BorrowedFd<'_>, attr_set: u64) -> nix::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `attr` lives on this stack frame for the duration of the call and its size is
+    // passed; the path is a static empty C string; the descriptor is borrowed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
+/// `move_mount(from, "", to, "", F_EMPTY_PATH | T_EMPTY_PATH)`: attach the detached mount
+/// `from` on exactly the file or directory `to` names (no path is resolved again).
+pub fn attach_mount(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> nix::Result<()> {
+    let flags = libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH;
+    // SAFETY: both descriptors are borrowed (open for the call) and both paths are static
+    // empty C strings.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            from.as_raw_fd(),
+            c"".as_ptr(),
+            to.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
+/// A new, detached mount of a fresh `fstype` instance (`fsopen`, one `fsconfig` string per
+/// option, `fsmount` with the `MOUNT_ATTR_*` flags `attrs`), as a descriptor to attach with
+/// [`attach_mount`]. A pseudo filesystem made this way belongs to the caller's namespaces (proc:
+/// its pid namespace).
+pub fn new_mount(fstype: &str, options: &[(&str, &str)], attrs: u64) -> nix::Result<OwnedFd> {
+    use std::ffi::CString;
+    let cstr = |s: &str| CString::new(s).map_err(|_| Errno::EINVAL);
+    let fstype = cstr(fstype)?;
+    // SAFETY: `fstype` is a NUL-terminated string that outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), libc::FSOPEN_CLOEXEC) };
+    let raw = RawFd::try_from(Errno::result(r)?).map_err(|_| Errno::EBADF)?;
+    // SAFETY: the kernel just returned this new descriptor and nothing else owns it.
+    let fs = unsafe { OwnedFd::from_raw_fd(raw) };
+    for (key, value) in options {
+        let (key, value) = (cstr(key)?, cstr(value)?);
+        // SAFETY: key and value are NUL-terminated strings that outlive the call; the
+        // descriptor is owned by this frame.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                libc::FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0,
+            )
+        };
+        Errno::result(r)?;
+    }
+    // SAFETY: FSCONFIG_CMD_CREATE takes no key or value (null pointers, aux 0).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            libc::FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    Errno::result(r)?;
+    // SAFETY: fsmount takes the configured context's descriptor and two flag words.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            fs.as_raw_fd(),
+            libc::FSMOUNT_CLOEXEC,
+            attrs as libc::c_uint,
+        )
+    };
+    let raw = RawFd::try_from(Errno::result(r)?).map_err(|_| Errno::EBADF)?;
+    // SAFETY: the kernel just returned this new descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// `fsetxattr(fd, name, value, 0)`.
+pub fn set_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr, value: &[u8]) -> nix::Result<()> {
+    // SAFETY: name is NUL-terminated and value is a live slice whose length is passed; the
+    // descriptor is borrowed for the call.
+    let r = unsafe {
+        libc::fsetxattr(
+            fd.as_raw_fd(),
+            name.as_ptr(),
+            value.as_ptr().cast::<libc::c_void>(),
+            value.len(),
+            0,
+        )
+    };
+    Errno::result(r).map(drop)
+}

@@ -22,7 +22,7 @@ use tracing::debug;
 use super::VmError;
 use crate::process::child::Control;
 use crate::process::protocol::{FromHelper, FsBind, FsServerPlan, ToHelper};
-use crate::process::{start_helper, sys};
+use crate::process::{start_helper, sys, view};
 use crate::vm_protocol::BOOT_REQUESTS;
 use crate::StdioMode;
 
@@ -123,10 +123,22 @@ fn build_tree(plan: &FsServerPlan) -> Result<(), MountFailure> {
             tmpfs_root(base, &plan.root)?;
         }
     }
-    let create = plan.root_view.is_none();
+    // Each share is opened without following a link in any component and bound from that
+    // descriptor onto a mount point opened the same way (see `process::view`); a share the
+    // supervisor found a moment ago and that is gone or replaced by a link now is an error.
+    let root =
+        view::open_host(&plan.root).map_err(|e| (format!("opening {}", plan.root.display()), e))?;
+    let mut tree = view::Tree::new(root, plan.root_view.is_none());
     for b in &plan.binds {
-        let target = mount_point(&plan.root, b, create)?;
-        bind(&b.source, &target, b.readonly)?;
+        let at = Path::new(&b.guest_path);
+        tree.place_host_path(&b.source, at, !b.readonly, true)
+            .and_then(|placed| {
+                placed.map(drop).map_err(|reason| view::ViewError::Path {
+                    path: b.guest_path.clone(),
+                    reason,
+                })
+            })
+            .map_err(|e| (crate::error_chain(&e), nix::Error::EINVAL))?;
     }
     if let Some(requests) = &plan.boot_requests {
         write_boot_requests(&plan.root, requests)?;

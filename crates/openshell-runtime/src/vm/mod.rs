@@ -99,63 +99,99 @@ type Plumbing = (
     Stdio,
 );
 
-/// The shares for a policy: every directory in read_only / read_write (and the workdir),
-/// at the same path in the guest. Virtual filesystems and device files are the guest's own.
-fn shares_for(identity: &Identity, workdir: &Path) -> Result<(Vec<Share>, Skipped), VmError> {
+/// The shares for a policy: the host paths of its view (read_only, read_write, the workdir with
+/// `include_workdir`; see `process::view`), each at the same path in the guest. The guest's own
+/// /proc, /dev and private /tmp are not shares. Each path is opened once here without following
+/// a link in any component, as the file-tree helper opens it again: a missing path, or one with
+/// a link on the way, is skipped (best_effort) or refused (hard_requirement). The qemu engine's
+/// single tree takes directories, files and links (recreated in the tree); the krun engine
+/// shares directories only (one virtio-fs device each).
+fn shares_for(
+    identity: &Identity,
+    policy: &openshell_policy::Policy,
+    engine: Engine,
+) -> Result<(Vec<Share>, Skipped), VmError> {
+    use crate::process::view;
+    use nix::sys::stat::SFlag;
+    let plan = identity.view(policy, None);
     let mut shares: Vec<Share> = Vec::new();
     let mut skipped = Vec::new();
-    let plan = &identity.landlock;
-    let entries = plan
-        .read_only
-        .iter()
-        .map(|p| (p.clone(), true))
-        .chain(plan.read_write.iter().map(|p| (p.clone(), false)))
-        .chain(std::iter::once((workdir.to_owned(), false)));
-    for (path, readonly) in entries {
-        let text = path.display().to_string();
-        if ["/proc", "/sys", "/dev"]
-            .iter()
-            .any(|v| path.starts_with(v))
-        {
-            continue;
+    let mut refuse = |path: String, reason: String| -> Result<(), VmError> {
+        match plan.hard_requirement {
+            true => Err(VmError::Share { path, reason }),
+            false => {
+                skipped.push((path, reason));
+                Ok(())
+            }
         }
-        match std::fs::symlink_metadata(&path) {
-            // Merged-usr symlinks (/bin -> usr/bin) exist in the guest root too.
-            Ok(m) if m.file_type().is_symlink() => continue,
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                skipped.push((
-                    text,
-                    "not a directory: only directories are shared into the VM".into(),
-                ));
+    };
+    if plan.host_root {
+        refuse(
+            "/".into(),
+            "the host's root directory cannot be shared into a VM; list its directories".into(),
+        )?;
+    }
+    for bind in &plan.binds {
+        let text = bind.path.display().to_string();
+        let kind = match view::open_host(&bind.path).and_then(|fd| nix::sys::stat::fstat(&fd)) {
+            Ok(st) => SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT,
+            Err(nix::Error::ENOENT) => {
+                refuse(text, "does not exist".into())?;
                 continue;
             }
-            Err(e) if plan.hard_requirement => {
-                return Err(VmError::Share {
-                    path: text,
-                    reason: e.to_string(),
-                })
+            Err(nix::Error::ELOOP) => {
+                refuse(
+                    text,
+                    "a directory on the way is a symbolic link; list the path it leads to".into(),
+                )?;
+                continue;
             }
             Err(e) => {
-                skipped.push((text, e.to_string()));
+                refuse(text, std::io::Error::from(e).to_string())?;
                 continue;
             }
-        }
-        // A path listed twice keeps its most permissive entry (as Landlock's union does).
-        if let Some(existing) = shares.iter_mut().find(|s| s.host_path == path) {
-            existing.readonly &= readonly;
+        };
+        if engine == Engine::Krun && kind != SFlag::S_IFDIR {
+            // Merged-usr links (/bin -> usr/bin) exist in the krun guest's root too.
+            if kind != SFlag::S_IFLNK {
+                refuse(text, "the krun engine shares directories only".into())?;
+            }
             continue;
         }
         shares.push(Share {
             tag: format!("s{}", shares.len()),
             guest_path: text,
-            host_path: path,
-            readonly,
+            host_path: bind.path.clone(),
+            readonly: !bind.writable,
         });
     }
-    // Parents are mounted before their children.
-    shares.sort_by_key(|s| s.host_path.components().count());
     Ok((shares, skipped))
+}
+
+/// The guest's private /tmp (`filesystem_policy.tmp: private`): a tmpfs the agent mounts, with
+/// the shares that lie below /tmp bound back inside it.
+fn guest_tmp(
+    identity: &Identity,
+    policy: &openshell_policy::Policy,
+    memory_mib: Option<u64>,
+    shares: &[Share],
+) -> Option<proto::GuestTmp> {
+    match identity.view(policy, memory_mib).tmp {
+        crate::process::view::TmpPlan::Host => None,
+        crate::process::view::TmpPlan::Private { size_mib, readonly } => Some(proto::GuestTmp {
+            size_mib,
+            readonly,
+            keep: shares
+                .iter()
+                .filter(|s| Path::new(&s.guest_path).starts_with("/tmp") && s.guest_path != "/tmp")
+                .map(|s| GuestMount {
+                    tag: s.tag.clone(),
+                    path: s.guest_path.clone(),
+                    readonly: s.readonly,
+                })
+                .collect(),
+        }),
+    }
 }
 
 /// Build the per-sandbox guest root: the cached rootfs's layout, the agent, and a mount point
@@ -664,7 +700,7 @@ impl VmSandbox {
         // read_write paths, as on the process backend.
         let (mut shares, root) = match &config.root {
             None => {
-                let (shares, skipped) = shares_for(&identity, &config.workdir)?;
+                let (shares, skipped) = shares_for(&identity, &config.policy, decision.engine)?;
                 for (path, reason) in &skipped {
                     warn!(event = "sandbox.vm_share_skipped", sandbox = id, %path, %reason, "policy path not shared into the VM");
                 }
@@ -761,11 +797,34 @@ impl VmSandbox {
                 readonly: s.readonly,
             })
             .collect();
+        // An image's /tmp is part of its per-sandbox view; the agent mounts a private tmpfs
+        // there as well.
+        let tmp = match &config.root {
+            None => guest_tmp(
+                &identity,
+                &config.policy,
+                config.resources.memory_mib,
+                &shares,
+            ),
+            Some(_) => Some(proto::GuestTmp {
+                size_mib: config.resources.memory_mib,
+                readonly: false,
+                keep: Vec::new(),
+            }),
+        };
+        let read_only = shares
+            .iter()
+            .skip(1)
+            .filter(|s| s.readonly && decision.engine == Engine::Qemu)
+            .map(|s| s.guest_path.clone())
+            .collect();
         let setup = Request::Setup {
             hostname: config.hostname.clone(),
             mounts,
             pids_limit: config.resources.pids,
             memory_limit_mib: config.resources.memory_mib,
+            tmp,
+            read_only,
         };
         // The qemu engine puts both requests in the guest's tree (vm_protocol::BOOT_REQUESTS):
         // the agent launches the workload before it dials, and nothing is sent after.
