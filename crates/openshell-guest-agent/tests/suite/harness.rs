@@ -139,6 +139,7 @@ pub fn plan(argv: &[&str]) -> LaunchPlan {
         cwd: "/".into(),
         uid: 65534,
         gid: 65534,
+        userns: None,
         pty: false,
         join_cgroups: vec![],
         landlock: LandlockPlan {
@@ -152,6 +153,7 @@ pub fn plan(argv: &[&str]) -> LaunchPlan {
         seccomp: openshell_runtime::process::seccomp::compiled()
             .expect("the seccomp table compiles")
             .clone(),
+        mediate_connect: false,
     }
 }
 

@@ -23,7 +23,7 @@
 //! the workload never runs unrestricted.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -36,10 +36,10 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
 use super::protocol::{
-    ExecPlan, FromHelper, LaunchPlan, RestrictionReport, SpawnPlan, ToHelper, WaitReport,
-    CONTROL_FD, LIFELINE_FD,
+    ExecPlan, FromHelper, LaunchPlan, RestrictionReport, SpawnPlan, ToHelper, UsernsMap,
+    WaitReport, CONTROL_FD, FD_CHANNEL, LIFELINE_FD,
 };
-use super::{cgroup, landlock, net, rootfs, seccomp, sys, view};
+use super::{cgroup, channel, landlock, net, rootfs, seccomp, sys, view};
 
 /// The control channel as seen from a helper.
 pub(crate) struct Control {
@@ -294,7 +294,7 @@ fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
         Ok(s) => s,
         Err(e) => ctl.fail("signals", errno_text(e)),
     };
-    let workload = match launch(&mut ctl, &plan.launch) {
+    let workload = match launch(&mut ctl, &plan.launch, plan.pty) {
         Ok(pid) => pid,
         Err((stage, message)) => ctl.fail(&stage, message),
     };
@@ -394,7 +394,7 @@ fn exec_helper(mut ctl: Control, plan: ExecPlan) -> ! {
         }
     }
     drop(fds);
-    let workload = match launch(&mut ctl, &plan.launch) {
+    let workload = match launch(&mut ctl, &plan.launch, plan.pty) {
         Ok(pid) => pid,
         Err((stage, message)) => ctl.fail(&stage, message),
     };
@@ -417,11 +417,44 @@ fn stage(stage: &str) -> impl FnOnce(String) -> StageError + '_ {
     move |m| (stage.to_owned(), m)
 }
 
-/// Fork the workload, wait until it has exec'd (or failed), report, and return its pid.
-fn launch(ctl: &mut Control, plan: &LaunchPlan) -> Result<Pid, StageError> {
-    let (pid, report) = launch_restricted(plan, None)?;
+/// Fork the workload, wait until it has exec'd (or failed), report, and return its pid. With
+/// `pty` (rows, columns), its stdio is a new PTY of the sandbox's own devpts (this process
+/// must be inside the sandbox's mount namespace), whose master goes to the supervisor.
+fn launch(
+    ctl: &mut Control,
+    plan: &LaunchPlan,
+    pty: Option<(u16, u16)>,
+) -> Result<Pid, StageError> {
+    let slave = match pty {
+        Some((rows, cols)) => Some(sandbox_pty(rows, cols).map_err(stage("pty"))?),
+        None => None,
+    };
+    let stdio = slave.as_ref().map(|s| {
+        let fd = s.as_raw_fd();
+        [fd, fd, fd]
+    });
+    let (pid, report) = launch_restricted(plan, stdio)?;
+    drop(slave);
     ctl.send(&FromHelper::Restricted(report));
     Ok(Pid::from_raw(pid))
+}
+
+/// A PTY in the sandbox's own devpts (`/dev/ptmx` of the sandbox's /dev): the master goes to
+/// the supervisor over the descriptor channel; the slave, opened through the master, is
+/// returned for the workload's stdio.
+fn sandbox_pty(rows: u16, cols: u16) -> Result<OwnedFd, String> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(|e| format!("opening /dev/ptmx: {}", errno_text(e)))?;
+    nix::pty::grantpt(&master).map_err(|e| format!("grantpt: {}", errno_text(e)))?;
+    nix::pty::unlockpt(&master).map_err(|e| format!("unlockpt: {}", errno_text(e)))?;
+    sys::set_window_size(master.as_fd(), rows, cols)
+        .map_err(|e| format!("setting the terminal size: {}", errno_text(e)))?;
+    let slave = sys::open_pty_peer(master.as_fd())
+        .map_err(|e| format!("opening the terminal: {}", errno_text(e)))?;
+    channel::send_pty_master(FD_CHANNEL, master.as_fd())
+        .map_err(|e| format!("handing the terminal to the supervisor: {}", errno_text(e)))?;
+    Ok(slave)
 }
 
 /// Fork a child that restricts itself as `plan` says and execs; return its pid (in the caller's
@@ -434,12 +467,13 @@ pub fn launch_restricted(
     stdio: Option<[RawFd; 3]>,
 ) -> Result<(i32, RestrictionReport), StageError> {
     let filter = &plan.seccomp;
-    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| ("pipe".to_owned(), errno_text(e)))?;
+    // Both ends close on exec: end of file tells the parent the workload runs.
+    let (parent_end, child_end) =
+        UnixStream::pair().map_err(|e| ("socketpair".to_owned(), e.to_string()))?;
     match sys::fork_single_threaded().map_err(|e| ("fork".to_owned(), errno_text(e)))? {
         ForkResult::Child => {
-            drop(read_end);
-            let mut report = std::fs::File::from(write_end);
+            drop(parent_end);
+            let mut report = child_end;
             if let Some(fds) = stdio {
                 for (target, fd) in fds.into_iter().enumerate() {
                     if fd != target as RawFd {
@@ -454,12 +488,31 @@ pub fn launch_restricted(
             std::process::exit(code);
         }
         ForkResult::Parent { child } => {
-            drop(write_end);
-            let mut text = String::new();
-            let _ = std::fs::File::from(read_end).read_to_string(&mut text);
+            drop(child_end);
+            let fail = |stage: &str, message: String| {
+                let _ = waitpid(child, None);
+                Err((stage.to_owned(), message))
+            };
+            let mut writer = match parent_end.try_clone() {
+                Ok(w) => w,
+                Err(e) => return fail("socketpair", e.to_string()),
+            };
             let mut restricted = None;
-            for line in text.lines() {
-                if let Some(json) = line.strip_prefix('R') {
+            for line in BufReader::new(parent_end).lines() {
+                let Ok(line) = line else { break };
+                if let Some(pid) = line.strip_prefix('U') {
+                    // The child unshared its user namespace: map it (it cannot map another
+                    // host id itself), then let it go on.
+                    let mapped = match (pid.parse::<i32>(), plan.userns) {
+                        (Ok(pid), Some(map)) => map_user_namespace(pid, plan, map),
+                        _ => Err("an unexpected user namespace request".to_owned()),
+                    };
+                    let answer: &[u8] = if mapped.is_ok() { b"G" } else { b"X" };
+                    let _ = writer.write_all(answer);
+                    if let Err(message) = mapped {
+                        return fail("user namespace", message);
+                    }
+                } else if let Some(json) = line.strip_prefix('R') {
                     if let Ok(report) = serde_json::from_str::<RestrictionReport>(json) {
                         restricted = Some(report);
                     }
@@ -473,25 +526,32 @@ pub fn launch_restricted(
             }
             match restricted {
                 Some(report) => Ok((child.as_raw(), report)),
-                None => {
-                    let _ = waitpid(child, None);
-                    Err((
-                        "launch".into(),
-                        "the workload process ended before exec".into(),
-                    ))
-                }
+                None => fail("launch", "the workload process ended before exec".into()),
             }
         }
     }
+}
+
+/// Write the maps of `pid`'s new user namespace: `plan.uid` → `map.host_uid`, `plan.gid` →
+/// `map.host_gid`, one id each, and setgroups denied (the workload cannot shed the host groups
+/// it never had, nor gain any).
+fn map_user_namespace(pid: i32, plan: &LaunchPlan, map: UsernsMap) -> Result<(), String> {
+    let write = |file: &str, text: String| {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, text).map_err(|e| format!("{path}: {e}"))
+    };
+    write("setgroups", "deny".into())?;
+    write("uid_map", format!("{} {} 1\n", plan.uid, map.host_uid))?;
+    write("gid_map", format!("{} {} 1\n", plan.gid, map.host_gid))
 }
 
 /// In the forked child: restrict, then exec. Returns only on failure, with the exit code to use.
 fn restrict_and_exec(
     plan: &LaunchPlan,
     filter: &seccomp::CompiledFilter,
-    report: &mut std::fs::File,
+    report: &mut UnixStream,
 ) -> (String, String, i32) {
-    match restrict(plan, filter) {
+    match restrict(plan, filter, report) {
         Ok(mut rr) => {
             rr.uid = plan.uid;
             rr.gid = plan.gid;
@@ -514,6 +574,7 @@ fn restrict_and_exec(
 fn restrict(
     plan: &LaunchPlan,
     filter: &seccomp::CompiledFilter,
+    parent: &mut UnixStream,
 ) -> Result<RestrictionReport, StageError> {
     // Default dispositions and an empty mask: the workload must not inherit the helper's.
     for signo in 1..32 {
@@ -543,11 +604,35 @@ fn restrict(
         )
     })?;
 
+    if plan.userns.is_some() {
+        enter_user_namespace(parent).map_err(stage("user namespace"))?;
+    }
     drop_privileges(plan).map_err(stage("privileges"))?;
     nix::sys::prctl::set_no_new_privs().map_err(|e| ("no_new_privs".to_owned(), errno_text(e)))?;
     let outcome = landlock::restrict(&plan.landlock)
         .map_err(|e| ("landlock".to_owned(), crate::error_chain(&e)))?;
-    seccomp::apply(filter).map_err(|e| ("seccomp".to_owned(), crate::error_chain(&e)))?;
+    let unix_connect = if plan.mediate_connect {
+        // The supervisor carries out every connect: without its listener nothing may run.
+        let listener = sys::install_filter_with_listener(&filter.program)
+            .map_err(|e| ("seccomp".to_owned(), errno_text(e)))?;
+        channel::send_listener(FD_CHANNEL, listener.as_fd()).map_err(|e| {
+            (
+                "seccomp".to_owned(),
+                format!(
+                    "handing the connect listener to the supervisor: {}",
+                    errno_text(e)
+                ),
+            )
+        })?;
+        "supervisor"
+    } else {
+        seccomp::apply(filter).map_err(|e| ("seccomp".to_owned(), crate::error_chain(&e)))?;
+        "vm"
+    };
+    let unix_connect = match outcome.rights.iter().any(|r| r == "ResolveUnix") {
+        true => format!("{unix_connect}+landlock"),
+        false => unix_connect.to_owned(),
+    };
     sys::cloexec_from(3).map_err(|e| ("descriptors".to_owned(), errno_text(e)))?;
     Ok(RestrictionReport {
         landlock_abi: outcome.abi,
@@ -558,6 +643,8 @@ fn restrict(
         no_new_privs: nix::sys::prctl::get_no_new_privs().unwrap_or(false),
         uid: plan.uid,
         gid: plan.gid,
+        host_ids: plan.userns.map(|m| (m.host_uid, m.host_gid)),
+        unix_connect,
     })
 }
 
@@ -565,6 +652,22 @@ fn reset_signal(sig: Signal) -> nix::Result<()> {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler};
     let action = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
     sys::sigaction(sig, &action).map(drop)
+}
+
+/// Leave the host's user namespace for a new one, which the parent maps (see
+/// [`map_user_namespace`]): supplementary groups are shed on the host first, then the child
+/// asks and waits for its maps. Afterwards the caller holds every capability of the new
+/// namespace only, which [`drop_privileges`] clears.
+fn enter_user_namespace(parent: &mut UnixStream) -> Result<(), String> {
+    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {}", errno_text(e)))?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| format!("unshare: {}", errno_text(e)))?;
+    writeln!(parent, "U{}", std::process::id()).map_err(|e| format!("asking for maps: {e}"))?;
+    let mut answer = [0u8; 1];
+    match parent.read_exact(&mut answer) {
+        Ok(()) if answer == *b"G" => Ok(()),
+        _ => Err("the user namespace was not mapped".into()),
+    }
 }
 
 fn drop_privileges(plan: &LaunchPlan) -> Result<(), String> {
@@ -578,7 +681,10 @@ fn drop_privileges(plan: &LaunchPlan) -> Result<(), String> {
         .map_err(|e| format!("RLIMIT_CORE: {}", errno_text(e)))?;
     let gid = Gid::from_raw(plan.gid);
     let uid = Uid::from_raw(plan.uid);
-    nix::unistd::setgroups(&[gid]).map_err(|e| format!("setgroups: {}", errno_text(e)))?;
+    // In a user namespace setgroups is denied: the process has no supplementary group.
+    if plan.userns.is_none() {
+        nix::unistd::setgroups(&[gid]).map_err(|e| format!("setgroups: {}", errno_text(e)))?;
+    }
     nix::unistd::setresgid(gid, gid, gid)
         .map_err(|e| format!("setresgid {}: {}", plan.gid, errno_text(e)))?;
     nix::unistd::setresuid(uid, uid, uid)

@@ -5,6 +5,7 @@
 //! `ARCHITECTURE.md` for the start-up sequence and the invariants.
 
 pub mod cgroup;
+pub mod channel;
 pub mod child;
 pub mod landlock;
 pub mod net;
@@ -12,6 +13,7 @@ pub mod protocol;
 pub mod rootfs;
 pub mod seccomp;
 pub(crate) mod sys;
+pub mod unix_connect;
 pub mod view;
 
 use std::collections::BTreeMap;
@@ -34,7 +36,7 @@ use crate::{ExecConfig, ExitStatus, SpawnConfig, Stdio, StdioMode};
 use openshell_policy::{LandlockCompatibility, Policy};
 use protocol::{
     ExecPlan, FromHelper, LandlockPlan, LaunchPlan, NetPlan, RestrictionReport, SpawnPlan,
-    ToHelper, WaitReport, CONTROL_FD, LIFELINE_FD,
+    ToHelper, WaitReport, CONTROL_FD, FD_CHANNEL, LIFELINE_FD,
 };
 
 /// Errors of the process backend.
@@ -85,6 +87,8 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the seccomp filter does not start with its architecture check")]
+    FilterLayout,
     #[error("sandbox setup failed at {stage}: {message}")]
     Setup {
         stage: String,
@@ -172,6 +176,8 @@ pub(crate) struct Helper {
     /// The write end of the lifeline pipe; dropping it tells the helper the supervisor is gone.
     _lifeline: OwnedFd,
     stdio: Stdio,
+    /// The supervisor's end of the descriptor channel (see `channel`), until taken.
+    fds: Option<OwnedFd>,
 }
 
 #[cfg(feature = "vm")]
@@ -198,19 +204,9 @@ fn stdio_for(
         StdioMode::Inherit => (S::inherit(), S::inherit(), S::inherit(), None),
         StdioMode::Piped => (S::piped(), S::piped(), S::piped(), None),
         StdioMode::Null => (S::null(), S::null(), S::null(), None),
-        StdioMode::Pty { rows, cols } => {
-            let pty = nix::pty::openpty(None, None).map_err(|e| ProcessError::Io {
-                op: "opening a pseudo-terminal",
-                source: e.into(),
-            })?;
-            sys::set_window_size(pty.master.as_fd(), rows, cols).map_err(|e| ProcessError::Io {
-                op: "setting the terminal size",
-                source: e.into(),
-            })?;
-            let dup = |fd: &OwnedFd| fd.try_clone().map_err(io("duplicating the terminal"));
-            let (a, b) = (dup(&pty.slave)?, dup(&pty.slave)?);
-            (S::from(pty.slave), S::from(a), S::from(b), Some(pty.master))
-        }
+        // The helper allocates the PTY inside the sandbox (its own devpts) and hands the
+        // master over the descriptor channel.
+        StdioMode::Pty { .. } => (S::null(), S::null(), S::null(), None),
     })
 }
 
@@ -218,6 +214,10 @@ fn stdio_for(
 /// `unshare` is applied in the child just before execve.
 pub(crate) fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Helper, ProcessError> {
     let (ours, theirs) = StdUnixStream::pair().map_err(io("creating the control socket"))?;
+    let (fds_ours, fds_theirs) = channel::pair().map_err(|e| ProcessError::Io {
+        op: "creating the descriptor channel",
+        source: e.into(),
+    })?;
     let (life_r, life_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ProcessError::Io {
             op: "creating the lifeline pipe",
@@ -233,8 +233,13 @@ pub(crate) fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Help
         .kill_on_drop(false);
     let theirs_fd = theirs.as_raw_fd();
     let life_fd = life_r.as_raw_fd();
+    let fds_fd = fds_theirs.as_raw_fd();
     sys::pre_exec(&mut cmd, move || {
-        sys::place_fds(&[(theirs_fd, CONTROL_FD), (life_fd, LIFELINE_FD)])?;
+        sys::place_fds(&[
+            (theirs_fd, CONTROL_FD),
+            (life_fd, LIFELINE_FD),
+            (fds_fd, FD_CHANNEL),
+        ])?;
         nix::unistd::setsid().map_err(std::io::Error::from)?;
         if !unshare.is_empty() {
             nix::sched::unshare(unshare).map_err(std::io::Error::from)?;
@@ -244,6 +249,7 @@ pub(crate) fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Help
     let mut child = cmd.spawn().map_err(io("starting the sandbox helper"))?;
     drop(theirs);
     drop(life_r);
+    drop(fds_theirs);
     ours.set_nonblocking(true)
         .map_err(io("configuring the control socket"))?;
     let stream = UnixStream::from_std(ours).map_err(io("registering the control socket"))?;
@@ -271,7 +277,45 @@ pub(crate) fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Help
         },
         _lifeline: life_w,
         stdio,
+        fds: Some(fds_ours),
     })
+}
+
+/// Serve a helper's descriptor channel until every holder of its other end is gone: each
+/// workload's connect listener is served by `unix_connect` (with `mediator`); the first PTY
+/// master goes to `pty`.
+fn serve_channel(
+    fds: OwnedFd,
+    mediator: Arc<unix_connect::Mediator>,
+    pty: tokio::sync::oneshot::Sender<OwnedFd>,
+) -> Result<(), ProcessError> {
+    let fds = sys::async_fd(fds, tokio::io::Interest::READABLE)
+        .map_err(io("watching the descriptor channel"))?;
+    tokio::spawn(async move {
+        let mut pty = Some(pty);
+        loop {
+            let Ok(mut guard) = fds.readable().await else {
+                return;
+            };
+            match channel::recv(guard.get_inner().as_fd()) {
+                Ok(Some(channel::Passed::Listener(listener))) => {
+                    tokio::spawn(unix_connect::serve(listener, mediator.clone()));
+                }
+                Ok(Some(channel::Passed::PtyMaster(master))) => {
+                    if let Some(tx) = pty.take() {
+                        let _ = tx.send(master);
+                    }
+                }
+                Ok(None) => return,
+                Err(nix::Error::EAGAIN) => guard.clear_ready(),
+                Err(e) => {
+                    warn!(sandbox = %mediator.sandbox, error = %e, "descriptor channel");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// The identity and restrictions every process in one sandbox gets.
@@ -288,6 +332,9 @@ pub(crate) struct Identity {
     /// The egress proxy's address inside the sandbox, when it has egress: every process
     /// launched there (the workload, `exec`, SSH sessions) gets the proxy variables.
     proxy: Option<String>,
+    /// Every process launched with this identity has its `connect` calls carried out by the
+    /// supervisor (see `unix_connect`).
+    mediate_connect: bool,
 }
 
 impl Identity {
@@ -320,12 +367,16 @@ impl Identity {
 
     /// The identity for `config`'s workload and its launch plan, with the proxy variables
     /// pointing at `proxy_addr` when the sandbox has egress.
+    /// `mediate_connect`: the supervisor carries out the workload's `connect` calls (the
+    /// process backend; see `unix_connect`).
     pub(crate) fn for_workload(
         config: &SpawnConfig,
         proxy_addr: &str,
+        mediate_connect: bool,
     ) -> Result<(Identity, LaunchPlan), ProcessError> {
         let mut identity =
             Identity::resolve(&config.policy, &config.workdir, config.root.as_ref())?;
+        identity.mediate_connect = mediate_connect;
         if config.root.is_none() {
             identity.check_workdir_in_view(&config.policy, &config.workdir)?;
         }
@@ -389,6 +440,7 @@ impl Identity {
                     == LandlockCompatibility::HardRequirement,
             },
             proxy: None,
+            mediate_connect: false,
         })
     }
 
@@ -491,6 +543,60 @@ impl Identity {
         Ok((uid, gid, name, home))
     }
 
+    /// uid or gid 0 is never the host's: such a workload runs in a user namespace of its
+    /// own, where 0 is mapped to the unprivileged `nobody`/`nogroup` ids (65534) and any other
+    /// id to itself.
+    fn userns(&self) -> Option<protocol::UsernsMap> {
+        const NOBODY: u32 = 65534;
+        let host = |id: u32| if id == 0 { NOBODY } else { id };
+        (self.uid == 0 || self.gid == 0).then(|| protocol::UsernsMap {
+            host_uid: host(self.uid),
+            host_gid: host(self.gid),
+        })
+    }
+
+    /// The seccomp filter of this identity's processes.
+    fn filter(&self) -> Result<seccomp::CompiledFilter, ProcessError> {
+        let base = seccomp::compiled()?;
+        if !self.mediate_connect {
+            return Ok(base.clone());
+        }
+        let program =
+            unix_connect::notify_connect(&base.program).ok_or(ProcessError::FilterLayout)?;
+        Ok(seccomp::CompiledFilter {
+            program,
+            rules: base.rules + 1,
+        })
+    }
+
+    /// What the connect mediation needs to act as this identity's processes.
+    pub(crate) fn mediator(&self, sandbox: &str) -> unix_connect::Mediator {
+        let (uid, gid, groups) = match self.userns() {
+            Some(map) => (map.host_uid, map.host_gid, Vec::new()),
+            None => (self.uid, self.gid, vec![self.gid]),
+        };
+        let mut listed = std::collections::HashSet::new();
+        for path in self
+            .landlock
+            .read_only
+            .iter()
+            .chain(&self.landlock.read_write)
+        {
+            if let Ok(st) = view::open_host(path).and_then(|fd| nix::sys::stat::fstat(&fd)) {
+                if st.st_mode & libc::S_IFMT == libc::S_IFSOCK {
+                    listed.insert((st.st_dev, st.st_ino));
+                }
+            }
+        }
+        unix_connect::Mediator {
+            sandbox: sandbox.to_owned(),
+            uid,
+            gid,
+            groups,
+            listed,
+        }
+    }
+
     pub(crate) fn launch(
         &self,
         program: &str,
@@ -536,10 +642,12 @@ impl Identity {
             cwd: workdir.to_owned(),
             uid: self.uid,
             gid: self.gid,
+            userns: self.userns(),
             pty: matches!(stdio, StdioMode::Pty { .. }),
             join_cgroups,
             landlock: self.landlock.clone(),
-            seccomp: seccomp::compiled()?.clone(),
+            seccomp: self.filter()?,
+            mediate_connect: self.mediate_connect,
         })
     }
 }
@@ -564,6 +672,11 @@ pub(crate) fn setup_error(stage: String, message: String) -> ProcessError {
 /// Log what was enforced (one structured event per process launched).
 pub(crate) fn log_restrictions(sandbox: &str, r: &RestrictionReport) {
     let rights = r.landlock_rights.join(",");
+    // The ids the process has on the host ("-" when they are its own: no user namespace).
+    let host_ids = match r.host_ids {
+        Some((uid, gid)) => format!("{uid}:{gid}"),
+        None => "-".to_owned(),
+    };
     if r.landlock_status == "fully_enforced" {
         info!(
             event = "sandbox.restricted",
@@ -575,6 +688,8 @@ pub(crate) fn log_restrictions(sandbox: &str, r: &RestrictionReport) {
             no_new_privs = r.no_new_privs,
             uid = r.uid,
             gid = r.gid,
+            userns_host_ids = %host_ids,
+            unix_connect = %r.unix_connect,
             "restrictions applied"
         );
     } else {
@@ -588,6 +703,8 @@ pub(crate) fn log_restrictions(sandbox: &str, r: &RestrictionReport) {
             no_new_privs = r.no_new_privs,
             uid = r.uid,
             gid = r.gid,
+            userns_host_ids = %host_ids,
+            unix_connect = %r.unix_connect,
             "landlock is not fully enforced (compatibility: best_effort)"
         );
     }
@@ -710,7 +827,8 @@ impl ProcessSandbox {
         if let Some(root) = &config.root {
             crate::rootfs::validate_lower(&root.lower)?;
         }
-        let (identity, launch) = Identity::for_workload(&config, &crate::PROXY_ADDR.to_string())?;
+        let (identity, launch) =
+            Identity::for_workload(&config, &crate::PROXY_ADDR.to_string(), true)?;
         let id = new_sandbox_id();
         let run = rootfs::process_run_dir();
         rootfs::collect_stale(&run);
@@ -774,6 +892,19 @@ impl ProcessSandbox {
             Err(e) => return Err((e, cgroup)),
         };
         debug!(sandbox = %id, "holder started");
+        let (pty_tx, pty_rx) = tokio::sync::oneshot::channel();
+        let mediator = Arc::new(identity.mediator(&id));
+        if let Some(fds) = holder.fds.take() {
+            if let Err(e) = serve_channel(fds, mediator, pty_tx) {
+                let _ = holder.child.start_kill();
+                let _ = holder.child.wait().await;
+                return Err((e, cgroup));
+            }
+        }
+        let pty_size = match config.stdio {
+            StdioMode::Pty { rows, cols } => Some((rows, cols)),
+            _ => None,
+        };
         let plan = SpawnPlan {
             hostname: config.hostname.clone(),
             net: NetPlan {
@@ -785,6 +916,7 @@ impl ProcessSandbox {
             box_dir,
             view,
             root,
+            pty: pty_size,
             launch,
         };
         // From here on the holder owns the cgroup's removal; on failure we kill it and wait, so
@@ -840,6 +972,10 @@ impl ProcessSandbox {
             holder.ctl.send(&ToHelper::Go).await?;
             debug!(sandbox = %id, "go sent");
             let _workload = await_running(&mut holder.ctl, &id).await?;
+            if pty_size.is_some() {
+                // init handed the master over before it launched the workload.
+                holder.stdio.pty = Some(pty_rx.await.map_err(|_| ProcessError::HelperLost)?);
+            }
             Ok((init_pid, init_pidfd, edge, egress))
         }
         .await;
@@ -1069,14 +1205,28 @@ async fn exec_in(
             procs,
         )?;
         let mut helper = start_helper(config.stdio, CloneFlags::empty())?;
-        let pty = match &helper.stdio.pty {
-            Some(fd) => Some(fd.try_clone().map_err(io("duplicating the terminal"))?),
-            None => None,
+        let (pty_tx, pty_rx) = tokio::sync::oneshot::channel();
+        if let Some(fds) = helper.fds.take() {
+            serve_channel(fds, Arc::new(identity.mediator(id)), pty_tx)?;
+        }
+        let pty_size = match config.stdio {
+            StdioMode::Pty { rows, cols } => Some((rows, cols)),
+            _ => None,
         };
-        let plan = ExecPlan { init_pid, launch };
+        let plan = ExecPlan {
+            init_pid,
+            pty: pty_size,
+            launch,
+        };
+        let mut pty = None;
         let started = async {
             helper.ctl.send(&ToHelper::Exec(plan)).await?;
             let pid = await_running(&mut helper.ctl, id).await?;
+            if pty_size.is_some() {
+                let master = pty_rx.await.map_err(|_| ProcessError::HelperLost)?;
+                pty = Some(master.try_clone().map_err(io("duplicating the terminal"))?);
+                helper.stdio.pty = Some(master);
+            }
             // A command that already ended has no pidfd; signals then report NotRunning.
             match sys::pidfd_open(nix::unistd::Pid::from_raw(pid)) {
                 Ok(fd) => Ok(Some(fd)),

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 pub const CONTROL_FD: i32 = 3;
 /// The read end of the lifeline pipe: it reaches end-of-file when the supervisor is gone.
 pub const LIFELINE_FD: i32 = 4;
+/// The helpers' end of the descriptor channel (see `channel`).
+pub const FD_CHANNEL: i32 = 5;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToHelper {
@@ -110,6 +112,10 @@ pub struct SpawnPlan {
     /// A root filesystem: init makes the writable view of the tree (in `box_dir`) and
     /// pivot_roots into it instead.
     pub root: Option<RootPlan>,
+    /// The workload's stdio is a PTY of this size (rows, columns), which init allocates in
+    /// the sandbox's own devpts and whose master it hands over the descriptor channel.
+    #[serde(default)]
+    pub pty: Option<(u16, u16)>,
     pub launch: LaunchPlan,
 }
 
@@ -133,6 +139,9 @@ pub struct NetPlan {
 pub struct ExecPlan {
     /// Host pid of the sandbox's init, whose namespaces the command joins.
     pub init_pid: i32,
+    /// As [`SpawnPlan::pty`], allocated by the exec helper once inside the sandbox.
+    #[serde(default)]
+    pub pty: Option<(u16, u16)>,
     pub launch: LaunchPlan,
 }
 
@@ -144,8 +153,13 @@ pub struct LaunchPlan {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
+    /// The workload's uid and gid (inside its user namespace when `userns` is set).
     pub uid: u32,
     pub gid: u32,
+    /// Set when the workload asks for uid or gid 0: it then runs in a user namespace of its
+    /// own, where those ids are mapped to these unprivileged host ids (never host root).
+    #[serde(default)]
+    pub userns: Option<UsernsMap>,
     pub pty: bool,
     /// `cgroup.procs` files to join before restricting (exec into a running sandbox). The exec
     /// helper joins them itself, from the host's view, before it enters the sandbox (whose root
@@ -154,6 +168,18 @@ pub struct LaunchPlan {
     pub landlock: LandlockPlan,
     /// The workload's seccomp filter, compiled by the supervisor; the launcher installs it.
     pub seccomp: super::seccomp::CompiledFilter,
+    /// The filter notifies `connect` (see `unix_connect`): the process installs it with a
+    /// listener and hands the listener to the supervisor over [`FD_CHANNEL`] before `execve`;
+    /// if it cannot, it never runs.
+    #[serde(default)]
+    pub mediate_connect: bool,
+}
+
+/// The host ids a workload's user namespace maps its uid and gid to (one id each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsernsMap {
+    pub host_uid: u32,
+    pub host_gid: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -208,4 +234,12 @@ pub struct RestrictionReport {
     pub no_new_privs: bool,
     pub uid: u32,
     pub gid: u32,
+    /// The ids the process has on the host when it runs in a user namespace of its own.
+    #[serde(default)]
+    pub host_ids: Option<(u32, u32)>,
+    /// Who decides `connect()` to a pathname UNIX socket: "supervisor" (see `unix_connect`),
+    /// plus "landlock" where the kernel has a right for it; "vm" when the host's sockets
+    /// cannot be reached at all (a VM's shares carry no host socket).
+    #[serde(default)]
+    pub unix_connect: String,
 }

@@ -366,3 +366,179 @@ pub fn set_xattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr, value: &[u8]) -> nix
     };
     Errno::result(r).map(drop)
 }
+
+/// Take ownership of a descriptor that `recvmsg` just installed with SCM_RIGHTS.
+pub fn adopt_received_fd(raw: RawFd) -> OwnedFd {
+    // SAFETY: the kernel installed `raw` in this process during the recvmsg that returned it;
+    // nothing else owns it, so the OwnedFd is its only owner (and closes it when dropped).
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// `ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)`: open the slave of the PTY
+/// `master` without looking up its path.
+pub fn open_pty_peer(master: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER takes open flags as an integer argument, no pointers; the descriptor
+    // is borrowed for the call.
+    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER as _, flags) };
+    let fd = Errno::result(r)?;
+    // SAFETY: the kernel just returned this new descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// seccomp user notification (the supervisor carries out the workload's `connect` calls)
+
+/// `struct seccomp_data` (linux/seccomp.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SeccompData {
+    pub nr: i32,
+    pub arch: u32,
+    pub instruction_pointer: u64,
+    pub args: [u64; 6],
+}
+
+/// `struct seccomp_notif`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SeccompNotif {
+    pub id: u64,
+    pub pid: u32,
+    pub flags: u32,
+    pub data: SeccompData,
+}
+
+/// `struct seccomp_notif_resp`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct SeccompNotifResp {
+    id: u64,
+    val: i64,
+    error: i32,
+    flags: u32,
+}
+
+const SECCOMP_SET_MODE_FILTER: libc::c_ulong = 1;
+const SECCOMP_FILTER_FLAG_NEW_LISTENER: libc::c_ulong = 1 << 3;
+// _IOWR('!', 0, struct seccomp_notif), _IOWR('!', 1, struct seccomp_notif_resp),
+// _IOW('!', 2, __u64)
+const SECCOMP_IOCTL_NOTIF_RECV: libc::c_ulong = 0xc050_2100;
+const SECCOMP_IOCTL_NOTIF_SEND: libc::c_ulong = 0xc018_2101;
+const SECCOMP_IOCTL_NOTIF_ID_VALID: libc::c_ulong = 0x4008_2102;
+
+/// Install the classic BPF `program` on the calling thread with a new user-notification
+/// listener, and return the listener. no_new_privs must already be set.
+pub fn install_filter_with_listener(program: &[seccompiler::sock_filter]) -> nix::Result<OwnedFd> {
+    let prog = libc::sock_fprog {
+        len: u16::try_from(program.len()).map_err(|_| Errno::EINVAL)?,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `prog` points at `program`, which outlives the call; the kernel copies the
+    // program and only reads it (seccompiler's sock_filter has the kernel's layout).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            SECCOMP_SET_MODE_FILTER,
+            SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    let fd = RawFd::try_from(Errno::result(r)?).map_err(|_| Errno::EBADF)?;
+    // SAFETY: with NEW_LISTENER the kernel returns a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Receive one notification (blocks until one is pending).
+pub fn notif_recv(listener: BorrowedFd<'_>) -> nix::Result<SeccompNotif> {
+    // The kernel requires a zeroed structure.
+    let mut notif = SeccompNotif::default();
+    // SAFETY: NOTIF_RECV writes one seccomp_notif into `notif`, which lives on this frame and
+    // has the kernel's layout and size (80 bytes, encoded in the request number).
+    let r = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            SECCOMP_IOCTL_NOTIF_RECV as _,
+            &mut notif as *mut SeccompNotif,
+        )
+    };
+    Errno::result(r).map(|_| notif)
+}
+
+/// Answer notification `id`: the call returns `val`, or fails with `errno` when it is not 0.
+pub fn notif_send(listener: BorrowedFd<'_>, id: u64, val: i64, errno: i32) -> nix::Result<()> {
+    let resp = SeccompNotifResp {
+        id,
+        val,
+        error: -errno,
+        flags: 0,
+    };
+    // SAFETY: NOTIF_SEND reads one seccomp_notif_resp, which lives on this frame and has the
+    // kernel's layout and size (24 bytes, encoded in the request number).
+    let r = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            SECCOMP_IOCTL_NOTIF_SEND as _,
+            &resp as *const SeccompNotifResp,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
+/// Whether notification `id` is still pending (its process still waits in the call).
+pub fn notif_id_valid(listener: BorrowedFd<'_>, id: u64) -> bool {
+    // SAFETY: NOTIF_ID_VALID reads one u64, which lives on this frame.
+    let r = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            SECCOMP_IOCTL_NOTIF_ID_VALID as _,
+            &id as *const u64,
+        )
+    };
+    r == 0
+}
+
+/// `pidfd_getfd(pidfd, targetfd, 0)`: a duplicate of another process's descriptor.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, targetfd: i32) -> nix::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd takes a borrowed descriptor and two integers, no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), targetfd, 0) };
+    let fd = RawFd::try_from(Errno::result(r)?).map_err(|_| Errno::EBADF)?;
+    // SAFETY: the kernel just returned this new descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `connect(fd, addr, addr.len())` with a socket address given as raw bytes (a copy of the
+/// workload's); the kernel validates it as for any caller.
+pub fn connect_raw(fd: BorrowedFd<'_>, addr: &[u8]) -> nix::Result<()> {
+    let len = libc::socklen_t::try_from(addr.len()).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: `addr` is a live byte slice of `len` bytes; the kernel copies at most `len`
+    // bytes and validates their content. The descriptor is borrowed for the call.
+    let r = unsafe { libc::connect(fd.as_raw_fd(), addr.as_ptr().cast::<libc::sockaddr>(), len) };
+    Errno::result(r).map(drop)
+}
+
+/// Change the calling **thread's** credentials only (raw system calls: glibc's wrappers would
+/// change every thread of the process). The thread loses its capabilities; it must exit
+/// afterwards and never run anything else.
+pub fn become_on_this_thread(uid: u32, gid: u32, groups: &[u32]) -> nix::Result<()> {
+    // SAFETY: setgroups reads `groups.len()` gids from a live slice.
+    let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+    Errno::result(r)?;
+    // SAFETY: setresgid and setresuid take integers only.
+    let r = unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) };
+    Errno::result(r)?;
+    // SAFETY: as above.
+    let r = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+    Errno::result(r).map(drop)
+}
+
+/// Register `fd` with the async runtime for readiness `interest`.
+pub fn async_fd(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd keeps its descriptor open and unchanged for as long as it lives, and
+    // the AsyncFd owns it for its whole life, which is what `register_with_interest` requires.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(std::io::Error::from)
+}

@@ -410,7 +410,7 @@ impl Tree {
             }
             Err(e) => return Err(sys_err(format!("opening {text}"))(e)),
         };
-        let kind = kind_of(source.as_fd()).map_err(sys_err(format!("{text}")))?;
+        let kind = kind_of(source.as_fd()).map_err(sys_err(text.clone()))?;
         if kind == SFlag::S_IFLNK {
             let target = nix::fcntl::readlinkat(source.as_fd(), "")
                 .map_err(sys_err(format!("reading the link {text}")))?;

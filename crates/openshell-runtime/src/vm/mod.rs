@@ -669,7 +669,8 @@ impl VmSandbox {
         if let Some(root) = &config.root {
             crate::rootfs::validate_lower(&root.lower)?;
         }
-        let (identity, launch) = Identity::for_workload(&config, proto::GUEST_PROXY_ADDR)?;
+        // No connect mediation in the guest: no host socket is reachable from a VM.
+        let (identity, launch) = Identity::for_workload(&config, proto::GUEST_PROXY_ADDR, false)?;
         let id = crate::process::new_sandbox_id();
         let run = guest::guest_dir().join("run");
         // Boxes of supervisors killed with SIGKILL (they cannot clean up their own).
