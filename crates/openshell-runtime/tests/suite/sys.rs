@@ -97,8 +97,8 @@ pub fn run(call: Call, filter: Option<&Filter>) -> Outcome {
 unsafe fn child(call: Call, prog: *const libc::sock_fprog, no_core: &libc::rlimit) -> ! {
     const SECCOMP_SET_MODE_FILTER: u64 = 1;
     const WALL: u64 = 0x4000_0000;
-    // SAFETY (for the calls below): raw system calls whose pointer arguments are null or
-    // point at live memory of this process.
+    // SAFETY: raw system calls whose pointer arguments are null or point at live memory of
+    // this process (`no_core`, `prog`, and whatever `call` was prepared with).
     unsafe {
         syscall6(libc::SYS_setsid as u64, [0; 6]);
         let core = no_core as *const libc::rlimit as u64;
