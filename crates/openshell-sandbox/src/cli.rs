@@ -23,7 +23,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print the seccomp table (each denied system call and why) and exit.
+    /// Print the seccomp table (each denied system call and why, and every difference from
+    /// Docker's default profile and OpenShell's filter) and exit.
     Seccomp,
     /// OCI images in the cache ($OPENSHELL_HOME/images, default ~/.local/share/openshell).
     #[command(subcommand)]

@@ -107,23 +107,43 @@ fn report_error(e: &anyhow::Error) {
 
 #[allow(clippy::print_stdout)]
 fn print_seccomp_table() -> ExitCode {
-    for row in openshell_runtime::process::seccomp::DENIED {
+    use openshell_runtime::process::seccomp::{peers, Match, DENIED, PREFIX};
+    println!("Before the table (x86_64, hand-written prefix):");
+    for row in PREFIX {
+        println!("  {:<38} {:<26} {}", row.what, row.action, row.reason);
+    }
+    println!();
+    println!("Denied calls (EPERM; every other call is allowed):");
+    for row in DENIED {
+        // The width of each compared argument, from its kernel declaration.
+        let widths: Vec<String> = row
+            .matches
+            .args()
+            .iter()
+            .map(|a| match a.width() {
+                Some(w) => format!("{}: {w}", a.decl),
+                None => format!("{}: no width", a.decl),
+            })
+            .collect();
         let what = match row.matches {
-            openshell_runtime::process::seccomp::Match::Always => "always".to_owned(),
-            openshell_runtime::process::seccomp::Match::AnyBit { arg, mask } => {
-                format!("arg{arg} & {mask:#x}")
-            }
-            openshell_runtime::process::seccomp::Match::Domain(d) => format!("domain {d}"),
-            openshell_runtime::process::seccomp::Match::DomainType(d, t) => {
-                format!("domain {d} type {t}")
-            }
+            Match::Always => "always".to_owned(),
+            m => format!("{m} [{}]", widths.join(", ")),
         };
         println!(
-            "{:<24} {:<22} {}",
+            "  {:<20} {:<8} {}",
             row.name.trim_start_matches("SYS_"),
             what,
             row.reason
         );
+    }
+    println!();
+    println!("Compared with Docker's default profile and OpenShell (every difference):");
+    for d in peers::DIFFERENCES {
+        println!("  {}", d.calls.join(", "));
+        println!("    Docker:    {}", d.docker);
+        println!("    OpenShell: {}", d.openshell);
+        println!("    ours:      {}", d.ours);
+        println!("    why:       {}", d.why);
     }
     ExitCode::SUCCESS
 }

@@ -2,29 +2,187 @@
 //!
 //! Everything not in [`DENIED`] is allowed: the filter closes kernel attack surface and the
 //! escape routes a sandboxed agent has no business using. Each row says why. The table is
-//! compiled with seccompiler; a short hand-written prefix runs first and
+//! compiled with seccompiler; a short hand-written prefix ([`PREFIX`]) runs first and
 //! - kills any process using a non-native ABI (i386 `int 0x80`),
 //! - refuses x32 system calls (numbers with bit 30 set), which would otherwise bypass the table,
 //! - answers `clone3` with ENOSYS so libc falls back to `clone`, whose flags the table can see.
+//!
+//! Argument widths: every argument a row compares is declared as the kernel's `SYSCALL_DEFINE`
+//! declares it ([`Arg::decl`]), and the comparison width follows from that type alone
+//! ([`Arg::width`]): an `int` or `unsigned int` is compared on its low 32 bits, because the
+//! kernel truncates the register to them (a 64-bit comparison would let
+//! `socket((1 << 32) | AF_VSOCK, ..)` past a row the kernel then serves as `AF_VSOCK`); an
+//! `unsigned long` on all 64. [`peers`] records how the table differs from Docker's default
+//! profile and OpenShell's filter.
+
+pub mod peers;
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
 
+/// How many bits of an argument the filter compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Width {
+    /// The low 32 bits: the kernel's parameter is `int` or `unsigned int`.
+    Bits32,
+    /// All 64 bits: the kernel's parameter is `unsigned long`.
+    Bits64,
+}
+
+impl fmt::Display for Width {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Width::Bits32 => "32-bit",
+            Width::Bits64 => "64-bit",
+        })
+    }
+}
+
+/// One argument of a system call: its position and its declaration as in the kernel's
+/// `SYSCALL_DEFINE` (type, then name), from which the comparison width follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arg {
+    pub index: u8,
+    pub decl: &'static str,
+}
+
+impl Arg {
+    /// The comparison width for the declared type; `None` for a type the table does not know
+    /// (compiling such a row fails).
+    pub fn width(&self) -> Option<Width> {
+        match self.decl.rsplit_once(' ')?.0 {
+            "int" | "unsigned int" => Some(Width::Bits32),
+            "unsigned long" => Some(Width::Bits64),
+            _ => None,
+        }
+    }
+
+    /// The parameter's name.
+    pub fn name(&self) -> &'static str {
+        self.decl
+            .rsplit_once(' ')
+            .map_or(self.decl, |(_, name)| name)
+    }
+
+    /// The value the filter compares, from a call's six argument registers.
+    pub fn seen(&self, args: &[u64; 6]) -> u64 {
+        let raw = args[usize::from(self.index)];
+        match self.width() {
+            Some(Width::Bits32) => raw & 0xffff_ffff,
+            _ => raw,
+        }
+    }
+}
+
+/// A comparison of one argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Ne,
+    /// `(arg & mask) == value`.
+    MaskedEq(u64),
+}
+
+/// One condition of a row: `arg op value`, with the value's name for the printed table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cond {
+    pub arg: Arg,
+    pub op: Op,
+    pub value: u64,
+    pub value_name: &'static str,
+}
+
+impl Cond {
+    /// Whether the condition holds for a call's argument registers, compared as the filter
+    /// compares them.
+    pub fn holds(&self, args: &[u64; 6]) -> bool {
+        let seen = self.arg.seen(args);
+        match self.op {
+            Op::Eq => seen == self.value,
+            Op::Ne => seen != self.value,
+            Op::MaskedEq(mask) => seen & mask == self.value,
+        }
+    }
+}
+
+impl fmt::Display for Cond {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (arg, value) = (self.arg.name(), self.value_name);
+        match self.op {
+            Op::Eq => write!(f, "{arg} == {value}"),
+            Op::Ne => write!(f, "{arg} != {value}"),
+            Op::MaskedEq(mask) => write!(f, "({arg} & {mask:#x}) == {value}"),
+        }
+    }
+}
+
 /// What a denied call matches.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Match {
     /// Every call.
     Always,
-    /// Calls whose argument `arg` has any of the bits in `mask` set (one rule per bit).
-    AnyBit { arg: u8, mask: u64 },
-    /// `socket(domain, ..)` for this domain.
-    Domain(u64),
-    /// `socket(domain, type, ..)` for this domain and socket type (flags masked off).
-    DomainType(u64, u64),
+    /// Calls whose argument has any of the bits in `mask` set (one rule per bit); `names`
+    /// names the bits for the printed table.
+    AnyBit {
+        arg: Arg,
+        mask: u64,
+        names: &'static str,
+    },
+    /// Calls for which every condition holds.
+    All(&'static [Cond]),
+}
+
+impl Match {
+    /// Whether a call with these argument registers matches, compared as the compiled filter
+    /// compares (the widths included).
+    pub fn hits(&self, args: &[u64; 6]) -> bool {
+        match self {
+            Match::Always => true,
+            Match::AnyBit { arg, mask, .. } => arg.seen(args) & mask != 0,
+            Match::All(conds) => conds.iter().all(|c| c.holds(args)),
+        }
+    }
+
+    /// The arguments the match compares, each once, in order of first use.
+    pub fn args(&self) -> Vec<Arg> {
+        let mut out: Vec<Arg> = Vec::new();
+        let all: Vec<Arg> = match self {
+            Match::Always => Vec::new(),
+            Match::AnyBit { arg, .. } => vec![*arg],
+            Match::All(conds) => conds.iter().map(|c| c.arg).collect(),
+        };
+        for arg in all {
+            if !out.contains(&arg) {
+                out.push(arg);
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for Match {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Match::Always => f.write_str("always"),
+            Match::AnyBit { arg, mask, names } => {
+                write!(f, "{} & ({names} = {mask:#x})", arg.name())
+            }
+            Match::All(conds) => {
+                for (i, c) in conds.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(" && ")?;
+                    }
+                    write!(f, "{c}")?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// One row of the table.
@@ -36,19 +194,123 @@ pub struct Denied {
     pub reason: &'static str,
 }
 
+/// One step of the hand-written prefix, for the printed table.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefixRow {
+    pub what: &'static str,
+    pub action: &'static str,
+    pub reason: &'static str,
+}
+
+/// What the prefix ([`prefix`]) does before the table is consulted.
+pub const PREFIX: &[PrefixRow] = &[
+    PrefixRow {
+        what: "any ABI but x86_64 (i386 int 0x80)",
+        action: "kill the process (SIGSYS)",
+        reason: "a second system call table the rows do not describe",
+    },
+    PrefixRow {
+        what: "x32 calls (number | 0x40000000)",
+        action: "EPERM",
+        reason: "x32 numbers reach the same kernel functions without matching any row",
+    },
+    PrefixRow {
+        what: "clone3",
+        action: "ENOSYS",
+        reason:
+            "its flags sit behind a pointer; libc falls back to clone, whose flags the rows see",
+    },
+];
+
 const NS_FLAGS: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWCGROUP
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWIPC
     | libc::CLONE_NEWUSER
     | libc::CLONE_NEWPID
-    | libc::CLONE_NEWNET) as u64
-    | 0x80; // CLONE_NEWTIME
+    | libc::CLONE_NEWNET) as u64;
+/// `CLONE_NEWTIME` (linux/sched.h): unshare only; for clone this bit is part of the exit
+/// signal (`CSIGNAL`), which the kernel strips from the flags.
+const CLONE_NEWTIME: u64 = 0x80;
 
-/// The obsolete `SOCK_PACKET` socket type (linux/socket.h).
-const SOCK_PACKET: u64 = 10;
+// Values the rows compare, as the filter compares them.
+const AF_UNIX: u64 = libc::AF_UNIX as u64;
 const AF_INET: u64 = libc::AF_INET as u64;
 const AF_INET6: u64 = libc::AF_INET6 as u64;
+const AF_NETLINK: u64 = libc::AF_NETLINK as u64;
+const SOCK_DGRAM: u64 = libc::SOCK_DGRAM as u64;
+const SOCK_RAW: u64 = libc::SOCK_RAW as u64;
+/// The obsolete `SOCK_PACKET` socket type (linux/socket.h).
+const SOCK_PACKET: u64 = 10;
+/// linux/net.h: the socket type; `SOCK_NONBLOCK` and `SOCK_CLOEXEC` sit above it.
+const SOCK_TYPE_MASK: u64 = 0xf;
+const NETLINK_ROUTE: u64 = libc::NETLINK_ROUTE as u64;
+/// The Linux execution domain with no flags (linux/personality.h).
+const PER_LINUX: u64 = 0;
+/// `personality(0xffffffff)` only reports the current personality.
+const PER_QUERY: u64 = 0xffff_ffff;
+/// `open_tree_attr` (Linux 6.15), not yet in the libc crate: the x86_64 table's number.
+#[allow(non_upper_case_globals)]
+const SYS_open_tree_attr: i64 = 467;
+
+// The kernel's declarations (SYSCALL_DEFINE) of the arguments the rows compare.
+/// `SYSCALL_DEFINE3(socket, int, family, int, type, int, protocol)`, and the same three
+/// for `socketpair`.
+const FAMILY: Arg = Arg {
+    index: 0,
+    decl: "int family",
+};
+const TYPE: Arg = Arg {
+    index: 1,
+    decl: "int type",
+};
+const PROTOCOL: Arg = Arg {
+    index: 2,
+    decl: "int protocol",
+};
+/// `SYSCALL_DEFINE1(personality, unsigned int, personality)`.
+const PERSONALITY: Arg = Arg {
+    index: 0,
+    decl: "unsigned int personality",
+};
+/// `SYSCALL_DEFINE1(unshare, unsigned long, unshare_flags)`.
+const UNSHARE_FLAGS: Arg = Arg {
+    index: 0,
+    decl: "unsigned long unshare_flags",
+};
+/// `SYSCALL_DEFINE5(clone, unsigned long, clone_flags, ..)` on x86_64 (the kernel then uses
+/// the low 32 bits; a bit test answers the same on either width).
+const CLONE_FLAGS: Arg = Arg {
+    index: 0,
+    decl: "unsigned long clone_flags",
+};
+
+macro_rules! cond {
+    ($arg:ident == $value:ident) => {
+        Cond {
+            arg: $arg,
+            op: Op::Eq,
+            value: $value,
+            value_name: stringify!($value),
+        }
+    };
+    ($arg:ident != $value:ident) => {
+        Cond {
+            arg: $arg,
+            op: Op::Ne,
+            value: $value,
+            value_name: stringify!($value),
+        }
+    };
+    ($arg:ident & $mask:ident == $value:ident) => {
+        Cond {
+            arg: $arg,
+            op: Op::MaskedEq($mask),
+            value: $value,
+            value_name: stringify!($value),
+        }
+    };
+}
 
 macro_rules! deny {
     ($name:ident, $matches:expr, $reason:literal) => {
@@ -59,11 +321,19 @@ macro_rules! deny {
             reason: $reason,
         }
     };
+    (local $name:ident, $matches:expr, $reason:literal) => {
+        Denied {
+            name: stringify!($name),
+            nr: $name,
+            matches: $matches,
+            reason: $reason,
+        }
+    };
 }
 
 /// The reviewed table: each denied call, what of it is denied, and why.
 pub const DENIED: &[Denied] = &[
-    // Debugging other processes and reading their memory.
+    // Other processes: debugging, their memory, their descriptors.
     deny!(
         SYS_ptrace,
         Match::Always,
@@ -82,7 +352,27 @@ pub const DENIED: &[Denied] = &[
     deny!(
         SYS_kcmp,
         Match::Always,
-        "probing other processes' kernel objects"
+        "comparing other processes' kernel objects (an ordering oracle on kernel pointers)"
+    ),
+    deny!(
+        SYS_pidfd_getfd,
+        Match::Always,
+        "copying a file descriptor out of another process"
+    ),
+    deny!(
+        SYS_process_madvise,
+        Match::Always,
+        "advising the kernel about another process's memory"
+    ),
+    deny!(
+        SYS_migrate_pages,
+        Match::Always,
+        "moving another process's memory between NUMA nodes"
+    ),
+    deny!(
+        SYS_move_pages,
+        Match::Always,
+        "moving (another process's) pages between NUMA nodes"
     ),
     // Kernel attack surface with a long CVE record.
     deny!(
@@ -115,6 +405,11 @@ pub const DENIED: &[Denied] = &[
         Match::Always,
         "io_uring bypasses seccomp for the calls it performs"
     ),
+    deny!(
+        SYS_fanotify_init,
+        Match::Always,
+        "filesystem-wide event monitoring: little-used kernel surface"
+    ),
     // Kernel keyrings are not namespaced.
     deny!(
         SYS_keyctl,
@@ -137,6 +432,11 @@ pub const DENIED: &[Denied] = &[
     deny!(SYS_init_module, Match::Always, "loading kernel modules"),
     deny!(SYS_finit_module, Match::Always, "loading kernel modules"),
     deny!(SYS_delete_module, Match::Always, "unloading kernel modules"),
+    deny!(
+        SYS_uselib,
+        Match::Always,
+        "loading a library the a.out way (gone from current kernels)"
+    ),
     // Changing the filesystem view the policy was computed for.
     deny!(
         SYS_mount,
@@ -155,6 +455,7 @@ pub const DENIED: &[Denied] = &[
     ),
     deny!(SYS_chroot, Match::Always, "changing the root directory"),
     deny!(SYS_open_tree, Match::Always, "new mount API"),
+    deny!(local SYS_open_tree_attr, Match::Always, "new mount API"),
     deny!(SYS_move_mount, Match::Always, "new mount API"),
     deny!(SYS_fsopen, Match::Always, "new mount API"),
     deny!(SYS_fsconfig, Match::Always, "new mount API"),
@@ -166,16 +467,18 @@ pub const DENIED: &[Denied] = &[
     deny!(
         SYS_unshare,
         Match::AnyBit {
-            arg: 0,
-            mask: NS_FLAGS
+            arg: UNSHARE_FLAGS,
+            mask: NS_FLAGS | CLONE_NEWTIME,
+            names: "CLONE_NEW*"
         },
         "new namespaces (user namespaces grant capabilities)"
     ),
     deny!(
         SYS_clone,
         Match::AnyBit {
-            arg: 0,
-            mask: NS_FLAGS
+            arg: CLONE_FLAGS,
+            mask: NS_FLAGS,
+            names: "CLONE_NEW*"
         },
         "new namespaces (user namespaces grant capabilities)"
     ),
@@ -225,38 +528,135 @@ pub const DENIED: &[Denied] = &[
         Match::Always,
         "file handles leak inode identities"
     ),
-    // Network access other than through the proxy's TCP path.
+    // Obsolete calls that still reach filesystems or kernel state.
+    deny!(
+        SYS_lookup_dcookie,
+        Match::Always,
+        "oprofile's path lookup by cookie (gone from current kernels)"
+    ),
+    deny!(
+        SYS_sysfs,
+        Match::Always,
+        "obsolete; lists the kernel's filesystem types"
+    ),
+    deny!(
+        SYS_ustat,
+        Match::Always,
+        "obsolete; filesystem statistics by device number, outside the policy's paths"
+    ),
+    // Execution domains.
+    deny!(
+        SYS_personality,
+        Match::All(&[
+            cond!(PERSONALITY != PER_LINUX),
+            cond!(PERSONALITY != PER_QUERY)
+        ]),
+        "other execution domains switch off ASLR or make data executable"
+    ),
+    // Network access other than through the proxy's TCP path: an allowlist of families.
     deny!(
         SYS_socket,
-        Match::Domain(libc::AF_PACKET as u64),
-        "packet sockets see and forge raw frames"
+        Match::All(&[
+            cond!(FAMILY != AF_UNIX),
+            cond!(FAMILY != AF_INET),
+            cond!(FAMILY != AF_INET6),
+            cond!(FAMILY != AF_NETLINK)
+        ]),
+        "families other than unix, IPv4, IPv6 and netlink (packet, vsock, alg, bluetooth, ...)"
     ),
     deny!(
         SYS_socket,
-        Match::Domain(libc::AF_VSOCK as u64),
-        "vsock reaches the hypervisor host"
+        Match::All(&[
+            cond!(FAMILY == AF_NETLINK),
+            cond!(PROTOCOL != NETLINK_ROUTE)
+        ]),
+        "netlink other than routing (audit, uevents, sock_diag, netfilter, ...)"
     ),
     deny!(
         SYS_socket,
-        Match::DomainType(AF_INET, libc::SOCK_RAW as u64),
+        Match::All(&[
+            cond!(FAMILY == AF_INET),
+            cond!(TYPE & SOCK_TYPE_MASK == SOCK_RAW)
+        ]),
         "raw IPv4 sockets forge packets"
     ),
     deny!(
         SYS_socket,
-        Match::DomainType(AF_INET6, libc::SOCK_RAW as u64),
+        Match::All(&[
+            cond!(FAMILY == AF_INET6),
+            cond!(TYPE & SOCK_TYPE_MASK == SOCK_RAW)
+        ]),
         "raw IPv6 sockets forge packets"
     ),
     deny!(
         SYS_socket,
-        Match::DomainType(AF_INET, SOCK_PACKET),
-        "obsolete packet sockets"
+        Match::All(&[
+            cond!(FAMILY == AF_INET),
+            cond!(TYPE & SOCK_TYPE_MASK == SOCK_PACKET)
+        ]),
+        "the obsolete packet type (the kernel makes it an AF_PACKET socket)"
+    ),
+    deny!(
+        SYS_socket,
+        Match::All(&[
+            cond!(FAMILY == AF_INET6),
+            cond!(TYPE & SOCK_TYPE_MASK == SOCK_PACKET)
+        ]),
+        "the obsolete packet type (refused whatever the kernel does with it)"
+    ),
+    deny!(
+        SYS_socket,
+        Match::All(&[
+            cond!(FAMILY == AF_UNIX),
+            cond!(TYPE & SOCK_TYPE_MASK == SOCK_DGRAM)
+        ]),
+        "unix datagrams reach any pathname socket on each send, unseen by Landlock (ABI <= 7)"
+    ),
+    deny!(
+        SYS_socket,
+        Match::All(&[
+            cond!(FAMILY == AF_UNIX),
+            cond!(TYPE & SOCK_TYPE_MASK == SOCK_RAW)
+        ]),
+        "unix SOCK_RAW, which the kernel makes a datagram socket"
+    ),
+    deny!(
+        SYS_socketpair,
+        Match::All(&[cond!(FAMILY != AF_UNIX)]),
+        "pairs of anything but unix sockets (e.g. TIPC)"
+    ),
+    deny!(
+        SYS_socketpair,
+        Match::All(&[
+            cond!(FAMILY == AF_UNIX),
+            cond!(TYPE & SOCK_TYPE_MASK == SOCK_DGRAM)
+        ]),
+        "a unix datagram pair can still send to any pathname socket"
+    ),
+    deny!(
+        SYS_socketpair,
+        Match::All(&[
+            cond!(FAMILY == AF_UNIX),
+            cond!(TYPE & SOCK_TYPE_MASK == SOCK_RAW)
+        ]),
+        "unix SOCK_RAW, which the kernel makes a datagram socket"
     ),
 ];
 
 /// Errors compiling the table.
 #[derive(Debug, thiserror::Error)]
-#[error("compiling the seccomp filter")]
-pub struct SeccompError(#[source] seccompiler::BackendError);
+pub enum SeccompError {
+    #[error("compiling the seccomp filter")]
+    Compile(#[source] seccompiler::BackendError),
+    #[error(
+        "seccomp table: {call}: argument `{decl}` has no comparison width (int, unsigned int \
+         or unsigned long)"
+    )]
+    ArgType {
+        call: &'static str,
+        decl: &'static str,
+    },
+}
 
 /// A compiled filter and the number of rules it holds.
 ///
@@ -330,25 +730,50 @@ impl TryFrom<WireFilter> for CompiledFilter {
     }
 }
 
-fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SeccompError> {
-    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value).map_err(SeccompError)
+fn width(row: &Denied, arg: Arg) -> Result<SeccompCmpArgLen, SeccompError> {
+    match arg.width() {
+        Some(Width::Bits32) => Ok(SeccompCmpArgLen::Dword),
+        Some(Width::Bits64) => Ok(SeccompCmpArgLen::Qword),
+        None => Err(SeccompError::ArgType {
+            call: row.name,
+            decl: arg.decl,
+        }),
+    }
 }
 
-fn rules_for(m: Match) -> Result<Vec<SeccompRule>, SeccompError> {
-    let rule = |conds: Vec<SeccompCondition>| SeccompRule::new(conds).map_err(SeccompError);
-    Ok(match m {
+fn condition(row: &Denied, c: &Cond) -> Result<SeccompCondition, SeccompError> {
+    let op = match c.op {
+        Op::Eq => SeccompCmpOp::Eq,
+        Op::Ne => SeccompCmpOp::Ne,
+        Op::MaskedEq(mask) => SeccompCmpOp::MaskedEq(mask),
+    };
+    SeccompCondition::new(c.arg.index, width(row, c.arg)?, op, c.value)
+        .map_err(SeccompError::Compile)
+}
+
+fn rules_for(row: &Denied) -> Result<Vec<SeccompRule>, SeccompError> {
+    let rule =
+        |conds: Vec<SeccompCondition>| SeccompRule::new(conds).map_err(SeccompError::Compile);
+    Ok(match row.matches {
         Match::Always => Vec::new(),
-        Match::AnyBit { arg, mask } => (0..64)
-            .map(|b| 1u64 << b)
-            .filter(|bit| mask & bit != 0)
-            .map(|bit| rule(vec![condition(arg, SeccompCmpOp::MaskedEq(bit), bit)?]))
-            .collect::<Result<_, _>>()?,
-        Match::Domain(d) => vec![rule(vec![condition(0, SeccompCmpOp::Eq, d)?])?],
-        // The low byte of `type` is the socket type; SOCK_NONBLOCK and SOCK_CLOEXEC sit above.
-        Match::DomainType(d, t) => vec![rule(vec![
-            condition(0, SeccompCmpOp::Eq, d)?,
-            condition(1, SeccompCmpOp::MaskedEq(0xff), t)?,
-        ])?],
+        Match::AnyBit { arg, mask, .. } => {
+            let len = width(row, arg)?;
+            (0..64)
+                .map(|b| 1u64 << b)
+                .filter(|bit| mask & bit != 0)
+                .map(|bit| {
+                    SeccompCondition::new(arg.index, len.clone(), SeccompCmpOp::MaskedEq(bit), bit)
+                        .map_err(SeccompError::Compile)
+                        .and_then(|c| rule(vec![c]))
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Match::All(conds) => vec![rule(
+            conds
+                .iter()
+                .map(|c| condition(row, c))
+                .collect::<Result<_, _>>()?,
+        )?],
     })
 }
 
@@ -368,7 +793,7 @@ pub fn compile() -> Result<CompiledFilter, SeccompError> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut always: Vec<i64> = Vec::new();
     for row in DENIED {
-        let rules = rules_for(row.matches)?;
+        let rules = rules_for(row)?;
         if rules.is_empty() {
             always.push(row.nr);
         }
@@ -385,8 +810,8 @@ pub fn compile() -> Result<CompiledFilter, SeccompError> {
         SeccompAction::Errno(libc::EPERM as u32),
         TargetArch::x86_64,
     )
-    .map_err(SeccompError)?;
-    let body: BpfProgram = filter.try_into().map_err(SeccompError)?;
+    .map_err(SeccompError::Compile)?;
+    let body: BpfProgram = filter.try_into().map_err(SeccompError::Compile)?;
     let mut program = prefix();
     program.extend(body);
     Ok(CompiledFilter {
@@ -433,6 +858,7 @@ pub fn apply(filter: &CompiledFilter) -> Result<(), seccompiler::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pretty_assertions::assert_eq;
 
     #[test]
     fn table_compiles_and_covers_the_required_calls() {
@@ -442,6 +868,8 @@ mod tests {
             "SYS_ptrace",
             "SYS_process_vm_readv",
             "SYS_process_vm_writev",
+            "SYS_kcmp",
+            "SYS_pidfd_getfd",
             "SYS_bpf",
             "SYS_perf_event_open",
             "SYS_userfaultfd",
@@ -453,8 +881,10 @@ mod tests {
             "SYS_init_module",
             "SYS_finit_module",
             "SYS_delete_module",
+            "SYS_uselib",
             "SYS_mount",
             "SYS_open_tree",
+            "SYS_open_tree_attr",
             "SYS_move_mount",
             "SYS_fsopen",
             "SYS_fsconfig",
@@ -480,7 +910,9 @@ mod tests {
             "SYS_open_by_handle_at",
             "SYS_iopl",
             "SYS_ioperm",
+            "SYS_personality",
             "SYS_socket",
+            "SYS_socketpair",
         ];
         let missing: Vec<&str> = required
             .iter()
@@ -519,12 +951,101 @@ mod tests {
         assert_eq!(without, Vec::<&str>::new());
     }
 
+    /// Each compared argument, the kernel's declaration of it and the width that follows: 32
+    /// bits for `int`/`unsigned int`, 64 for `unsigned long`.
+    #[test]
+    fn every_compared_argument_has_the_width_of_its_declaration() {
+        let got: Vec<(&str, &str, Option<Width>)> = DENIED
+            .iter()
+            .flat_map(|row| {
+                row.matches
+                    .args()
+                    .into_iter()
+                    .map(move |a| (row.name, a.decl, a.width()))
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let b32 = Some(Width::Bits32);
+        let b64 = Some(Width::Bits64);
+        assert_eq!(
+            got,
+            vec![
+                ("SYS_clone", "unsigned long clone_flags", b64),
+                ("SYS_personality", "unsigned int personality", b32),
+                ("SYS_socket", "int family", b32),
+                ("SYS_socket", "int protocol", b32),
+                ("SYS_socket", "int type", b32),
+                ("SYS_socketpair", "int family", b32),
+                ("SYS_socketpair", "int type", b32),
+                ("SYS_unshare", "unsigned long unshare_flags", b64),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_argument_type_without_a_width_is_refused() {
+        let row = Denied {
+            name: "SYS_write",
+            nr: libc::SYS_write,
+            matches: Match::All(&[Cond {
+                arg: Arg {
+                    index: 2,
+                    decl: "size_t count",
+                },
+                op: Op::Eq,
+                value: 0,
+                value_name: "0",
+            }]),
+            reason: "test",
+        };
+        let err = rules_for(&row).expect_err("size_t has no width");
+        assert_eq!(
+            err.to_string(),
+            "seccomp table: SYS_write: argument `size_t count` has no comparison width (int, \
+             unsigned int or unsigned long)"
+        );
+    }
+
+    /// The rows an `int` argument with dirty high bits hits are the rows its low 32 bits hit.
+    #[test]
+    fn high_bits_of_an_int_change_no_answer() {
+        let high = 1u64 << 32;
+        let socket = |args: [u64; 6]| -> Vec<&str> {
+            DENIED
+                .iter()
+                .filter(|r| r.nr == libc::SYS_socket && r.matches.hits(&args))
+                .map(|r| r.reason)
+                .collect()
+        };
+        let vsock = libc::AF_VSOCK as u64;
+        let stream = libc::SOCK_STREAM as u64;
+        assert_eq!(
+            socket([high | vsock, stream, 0, 0, 0, 0]),
+            socket([vsock, stream, 0, 0, 0, 0])
+        );
+        assert_eq!(socket([high | vsock, stream, 0, 0, 0, 0]).len(), 1);
+        assert_eq!(
+            socket([high | AF_UNIX, stream, 0, 0, 0, 0]),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            socket([AF_NETLINK, SOCK_RAW, high | NETLINK_ROUTE, 0, 0, 0]),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            socket([AF_NETLINK, SOCK_RAW, high | 9, 0, 0, 0]).len(),
+            1,
+            "NETLINK_AUDIT with high bits"
+        );
+    }
+
     #[test]
     fn user_namespace_flag_is_covered_for_clone_and_unshare() {
         for name in ["SYS_clone", "SYS_unshare"] {
             let row = DENIED.iter().find(|r| r.name == name).expect("row present");
             match row.matches {
-                Match::AnyBit { arg: 0, mask } => {
+                Match::AnyBit { mask, .. } => {
                     assert_eq!(
                         mask & libc::CLONE_NEWUSER as u64,
                         libc::CLONE_NEWUSER as u64
@@ -533,5 +1054,24 @@ mod tests {
                 other => panic!("{name}: unexpected match {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn rows_print_as_their_conditions() {
+        let printed: Vec<String> = DENIED
+            .iter()
+            .filter(|r| matches!(r.name, "SYS_socketpair" | "SYS_unshare" | "SYS_personality"))
+            .map(|r| format!("{} {}", r.name, r.matches))
+            .collect();
+        assert_eq!(
+            printed,
+            vec![
+                "SYS_unshare unshare_flags & (CLONE_NEW* = 0x7e020080)".to_owned(),
+                "SYS_personality personality != PER_LINUX && personality != PER_QUERY".to_owned(),
+                "SYS_socketpair family != AF_UNIX".to_owned(),
+                "SYS_socketpair family == AF_UNIX && (type & 0xf) == SOCK_DGRAM".to_owned(),
+                "SYS_socketpair family == AF_UNIX && (type & 0xf) == SOCK_RAW".to_owned(),
+            ]
+        );
     }
 }

@@ -6,6 +6,8 @@
 //!
 //! ```text
 //! openshell-probe syscall NAME     ptrace, bpf, mount, unshare-user, clone3, socket-packet, ...
+//!                                  (`-high` variants set bit 32 of an `int` argument, which
+//!                                  the kernel drops)
 //! openshell-probe connect IP:PORT  a TCP connect
 //! openshell-probe write PATH       create and write a file
 //! openshell-probe mmap-write PATH  create a page-sized file and write `mapped` through a shared
@@ -40,6 +42,27 @@ fn raw(nr: libc::c_long, args: [libc::c_long; 6]) -> std::io::Result<()> {
     // SAFETY: every call made through this probe passes only integers or null pointers, which
     // the kernel validates; the probe checks the kernel's answer, not memory effects.
     let r = unsafe { libc::syscall(nr, args[0], args[1], args[2], args[3], args[4], args[5]) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `socketpair(domain, type, 0, fds)` with raw (possibly dirty) argument registers; the pair
+/// is closed at exit.
+fn pair_of(domain: libc::c_long, ty: libc::c_long) -> std::io::Result<()> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a live, writable array of two ints, which is what socketpair writes.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_socketpair,
+            domain,
+            ty,
+            0 as libc::c_long,
+            fds.as_mut_ptr(),
+        )
+    };
     if r < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -91,6 +114,9 @@ fn syscall(name: &str) -> Option<std::io::Result<()>> {
         args
     };
     let ppid = std::os::unix::process::parent_id() as c_long;
+    // Bit 32: above an `int`, dropped by the kernel.
+    let high: c_long = 1 << 32;
+    let x32: c_long = 0x4000_0000;
     Some(match name {
         "ptrace" => raw(SYS_ptrace, with(&[PTRACE_ATTACH as c_long, ppid])),
         "process_vm_readv" => raw(SYS_process_vm_readv, with(&[ppid])),
@@ -154,6 +180,71 @@ fn syscall(name: &str) -> Option<std::io::Result<()>> {
             SYS_socket,
             with(&[AF_UNIX as c_long, SOCK_STREAM as c_long]),
         ),
+        "socket-vsock-high" => raw(
+            SYS_socket,
+            with(&[high | AF_VSOCK as c_long, SOCK_STREAM as c_long]),
+        ),
+        "socket-packet-high" => raw(
+            SYS_socket,
+            with(&[high | AF_PACKET as c_long, SOCK_RAW as c_long]),
+        ),
+        "socket-raw-high" => raw(
+            SYS_socket,
+            with(&[
+                high | AF_INET as c_long,
+                SOCK_RAW as c_long,
+                IPPROTO_ICMP as c_long,
+            ]),
+        ),
+        "socket-netlink-route" => raw(
+            SYS_socket,
+            with(&[
+                AF_NETLINK as c_long,
+                SOCK_RAW as c_long,
+                NETLINK_ROUTE as c_long,
+            ]),
+        ),
+        "socket-netlink-audit" => raw(
+            SYS_socket,
+            with(&[
+                AF_NETLINK as c_long,
+                SOCK_RAW as c_long,
+                NETLINK_AUDIT as c_long,
+            ]),
+        ),
+        "socket-netlink-audit-high" => raw(
+            SYS_socket,
+            with(&[
+                AF_NETLINK as c_long,
+                SOCK_RAW as c_long,
+                high | NETLINK_AUDIT as c_long,
+            ]),
+        ),
+        "socket-unix-dgram" => raw(SYS_socket, with(&[AF_UNIX as c_long, SOCK_DGRAM as c_long])),
+        "socket-unix-raw" => raw(SYS_socket, with(&[AF_UNIX as c_long, SOCK_RAW as c_long])),
+        "socketpair-unix-stream" => pair_of(AF_UNIX as c_long, SOCK_STREAM as c_long),
+        "socketpair-unix-dgram" => pair_of(AF_UNIX as c_long, SOCK_DGRAM as c_long),
+        "socketpair-unix-dgram-high" => pair_of(high | AF_UNIX as c_long, SOCK_DGRAM as c_long),
+        "socketpair-inet" => pair_of(AF_INET as c_long, SOCK_STREAM as c_long),
+        "personality-query" => raw(SYS_personality, with(&[0xffff_ffff])),
+        "personality-noaslr" => raw(SYS_personality, with(&[ADDR_NO_RANDOMIZE as c_long])),
+        "personality-noaslr-high" => {
+            raw(SYS_personality, with(&[high | ADDR_NO_RANDOMIZE as c_long]))
+        }
+        "personality-linux32" => raw(SYS_personality, with(&[0x0008])),
+        "pidfd_getfd" => raw(SYS_pidfd_getfd, with(&[-1])),
+        "kcmp" => raw(SYS_kcmp, with(&[ppid, ppid])),
+        "process_madvise" => raw(SYS_process_madvise, with(&[-1])),
+        "migrate_pages" => raw(SYS_migrate_pages, with(&[ppid])),
+        "move_pages" => raw(SYS_move_pages, with(&[ppid])),
+        "fanotify_init" => raw(SYS_fanotify_init, z),
+        "open_tree_attr" => raw(467, with(&[-1])),
+        "uselib" => raw(SYS_uselib, z),
+        "lookup_dcookie" => raw(SYS_lookup_dcookie, z),
+        "sysfs" => raw(SYS_sysfs, with(&[1])),
+        "ustat" => raw(SYS_ustat, z),
+        "chroot" => raw(SYS_chroot, z),
+        "x32-getpid" => raw(SYS_getpid | x32, z),
         "fork" => clone_with(0),
         _ => return None,
     })
