@@ -172,13 +172,19 @@ impl EffectiveLimits {
             memory_mib = %e.memory_mib,
             cpus = %e.cpus,
             pids = %e.pids,
-            defaults = %self.defaulted.join(","),
-            cli = %self.from_cli.join(","),
-            "resource limits (defaults: what the policy leaves out gets memory_mib {}, cpus {}, pids {})",
-            openshell_policy::EffectiveResources::DEFAULT.memory_mib,
-            openshell_policy::EffectiveResources::DEFAULT.cpus,
-            openshell_policy::EffectiveResources::DEFAULT.pids,
+            defaults = %names(&self.defaulted),
+            cli = %names(&self.from_cli),
+            "resource limits (defaults: what the policy leaves out)"
         );
+    }
+}
+
+/// `a,b` or `none`.
+fn names(list: &[&str]) -> String {
+    if list.is_empty() {
+        "none".to_owned()
+    } else {
+        list.join(",")
     }
 }
 
