@@ -47,9 +47,9 @@ pub enum ProtectError {
         why: String,
     },
     #[error(
-        "{flag} {}: the workload may write it: {} is the directory {} (through another mount), \
-         which {why} makes writable; keep the files the supervisor reads and writes outside the \
-         sandbox's writable paths",
+        "{flag} {}: the workload may write it: {} is {} (the same device and inode: a bind \
+         mount or another path to it), which {why} makes writable; keep the files the supervisor \
+         reads and writes outside the sandbox's writable paths",
         file.display(), alias.display(), writable.display()
     )]
     SameDirectory {
