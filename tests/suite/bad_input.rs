@@ -52,6 +52,30 @@ fn check_policy_prints_the_effective_policy_or_fails_with_1() {
         stdout(&out)
     );
 
+    // The limits that apply: the defaults for what the policy leaves out, the CLI's overrides.
+    assert!(
+        stdout(&out).ends_with("resources:\n  memory_mib: 1024\n  cpus: 1.0\n  pids: 512\n"),
+        "default limits in {}",
+        stdout(&out)
+    );
+    let out = std::process::Command::new(SANDBOX)
+        .arg("--policy")
+        .arg(&good)
+        .args(["--check-policy", "--pids", "unlimited", "--cpus", "2"])
+        .output()
+        .expect("run");
+    assert_eq!(
+        (
+            code(&out),
+            stdout(&out)
+                .ends_with("resources:\n  memory_mib: 1024\n  cpus: 2.0\n  pids: unlimited\n")
+        ),
+        (0, true),
+        "{} {}",
+        stdout(&out),
+        stderr(&out)
+    );
+
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
         &bad,
@@ -125,5 +149,55 @@ fn missing_or_unexecutable_program_exits_127_or_126() {
         chmod(&script, 0o644);
         let out = s.run(backend, &[], &[script.to_str().unwrap()]);
         assert_eq!((backend, code(&out)), (backend, 126), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn bad_resource_values_are_refused_naming_the_flag_or_field() {
+    // Pure validation: needs no privileges.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "version: 1\nresources:\n  memory_mib: lots\n").expect("write");
+    let marker = dir.path().join("ran");
+    let touch = format!("touch {}", marker.display());
+    let out = std::process::Command::new(SANDBOX)
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--", "/bin/sh", "-c", &touch])
+        .output()
+        .expect("run");
+    let expected = format!(
+        "{}:3:15: resources.memory_mib: expected a number or unlimited, got \"lots\"",
+        policy.display()
+    );
+    assert_eq!(
+        (
+            code(&out),
+            stderr(&out).contains(&expected),
+            marker.exists()
+        ),
+        (125, true, false),
+        "{expected:?} in {}",
+        stderr(&out)
+    );
+    for (flag, value, expected) in [
+        ("--memory-mib", "8", "invalid value '8' for '--memory-mib <MIB>': expected at least 16"),
+        ("--pids", "0", "invalid value '0' for '--pids <N>': expected at least 1"),
+        (
+            "--cpus",
+            "none",
+            "invalid value 'none' for '--cpus <CPUS>': expected a number or unlimited, got \"none\"",
+        ),
+    ] {
+        let out = std::process::Command::new(SANDBOX)
+            .args([flag, value, "--", "/bin/sh", "-c", &touch])
+            .output()
+            .expect("run");
+        assert_eq!(
+            (flag, code(&out), stderr(&out).contains(expected), marker.exists()),
+            (flag, 2, true, false),
+            "{expected:?} in {}",
+            stderr(&out)
+        );
     }
 }

@@ -184,7 +184,8 @@ fn l7_rules_and_audit_mode_on_plain_http() {
             "        enforcement: audit\n        access: read-only\n",
         );
         let s = Scratch::new(&network_section(&policies));
-        let audit = s.work.join("audit.jsonl");
+        // Outside the workload's reach: a log in the workdir is refused (protected::*).
+        let audit = s.outside.join("audit.jsonl");
         let script = format!(
             "{CURL_CODE} {a}; echo; {CURL_CODE} -X POST -d x {b}; echo; {CURL_CODE} -X POST -d x {c}; echo",
             a = ro.url("/get"),

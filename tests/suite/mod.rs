@@ -10,6 +10,7 @@ mod image;
 mod lifecycle;
 mod limits;
 mod network;
+mod protected;
 mod rootfs;
 mod seccomp;
 mod ssh;

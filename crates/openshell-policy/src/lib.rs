@@ -26,17 +26,19 @@ mod error;
 mod model;
 mod prefilter;
 pub mod rego;
+pub mod resources;
 pub mod types;
 mod wire;
 
 pub use error::{PolicyError, StaticSectionChanged};
 pub use model::{
     Access, Endpoint, Enforcement, FilesystemPolicy, L7Rule, LandlockCompatibility, LandlockPolicy,
-    NetworkPolicies, NetworkPolicy, Policy, ProcessPolicy, Protocol, Resources, TlsMode, TmpMode,
+    NetworkPolicies, NetworkPolicy, Policy, ProcessPolicy, Protocol, TlsMode, TmpMode,
 };
 pub use rego::{
     Decision, DecisionEngine, DecisionInput, ExecInfo, HttpRequest, NetworkTarget, RegoError,
 };
+pub use resources::{EffectiveResources, Limit, Resources};
 pub use types::{
     BinaryPattern, HostPattern, InvalidValue, IpNet, MethodPattern, PathPattern, Port, SandboxPath,
 };

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PolicyError, StaticSectionChanged};
+use crate::resources::Resources;
 use crate::types::{
     BinaryPattern, HostPattern, IpNet, MethodPattern, PathPattern, Port, SandboxPath,
 };
@@ -23,7 +24,8 @@ pub struct Policy {
     pub process: ProcessPolicy,
     /// `network_policies` (may change live).
     pub network: NetworkPolicies,
-    /// `resources` (static; our extension).
+    /// `resources` as the file wrote it (static; our extension); what applies is
+    /// [`Resources::effective`].
     pub resources: Resources,
 }
 
@@ -78,17 +80,6 @@ pub struct ProcessPolicy {
     pub run_as_user: Option<String>,
     /// Group name or numeric gid; `None` keeps the caller's.
     pub run_as_group: Option<String>,
-}
-
-/// `resources` section (our extension to the OpenShell schema).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Resources {
-    /// Memory limit in MiB, at least 16.
-    pub memory_mib: Option<u64>,
-    /// CPU limit, finite, > 0 and <= 1024.
-    pub cpus: Option<f64>,
-    /// Maximum number of processes/threads, at least 1.
-    pub pids: Option<u64>,
 }
 
 /// The named network policies, keyed by their YAML map key.
@@ -249,7 +240,9 @@ impl Policy {
         convert(&mut cx, file)
     }
 
-    /// Render the effective (validated, normalised) policy as v1 YAML.
+    /// Render the validated, normalised policy as v1 YAML: every default of the OpenShell
+    /// sections written out; `resources` as the file gave them (for the limits that apply, set
+    /// `resources` to `Resources::from(p.resources.effective())` first).
     /// `Policy::from_yaml(_, &p.to_yaml()) == Ok(p)`.
     pub fn to_yaml(&self) -> String {
         match wire::render(&to_wire(self)) {
@@ -261,7 +254,8 @@ impl Policy {
     }
 
     /// Check that the static sections (filesystem, landlock, process,
-    /// resources) of `newer` equal this policy's.
+    /// resources) of `newer` equal this policy's. Resources compare by the limits that apply:
+    /// writing out a default, or leaving it out, changes nothing.
     pub fn check_static_unchanged(&self, newer: &Policy) -> Result<(), StaticSectionChanged> {
         let section = if self.filesystem != newer.filesystem {
             "filesystem_policy"
@@ -269,7 +263,7 @@ impl Policy {
             "landlock"
         } else if self.process != newer.process {
             "process"
-        } else if self.resources != newer.resources {
+        } else if self.resources.effective() != newer.resources.effective() {
             "resources"
         } else {
             return Ok(());

@@ -13,6 +13,7 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::PolicyError;
+use crate::resources::{self, Limit, UNLIMITED};
 use crate::types::{
     BinaryPattern, HostPattern, IpNet, MethodPattern, PathPattern, Port, SandboxPath,
 };
@@ -182,36 +183,68 @@ int_scalar!(Version, u32, "policy version 1", |v| if v == 1 {
     Err(format!("unsupported version {v}, expected 1"))
 });
 
-int_scalar!(MemoryMib, u64, "memory in MiB (>= 16)", |v| {
-    u64::try_from(v)
-        .ok()
-        .filter(|v| *v >= 16)
-        .ok_or_else(|| "expected at least 16".to_string())
-});
+/// A limit in the YAML: an integer checked by `check`, or `unlimited`.
+macro_rules! int_limit {
+    ($ty:ident, $expecting:literal, $check:path) => {
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        pub(crate) struct $ty(pub Limit<u64>);
 
-int_scalar!(Pids, u64, "a process count (>= 1)", |v| {
-    u64::try_from(v)
-        .ok()
-        .filter(|v| *v >= 1)
-        .ok_or_else(|| "expected at least 1".to_string())
-});
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                self.0.serialize(s)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl Visitor<'_> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str($expecting)
+                    }
+                    fn visit_u64<E: de::Error>(self, v: u64) -> Result<$ty, E> {
+                        $check(i128::from(v))
+                            .map(|v| $ty(Limit::Max(v)))
+                            .map_err(E::custom)
+                    }
+                    fn visit_i64<E: de::Error>(self, v: i64) -> Result<$ty, E> {
+                        $check(i128::from(v))
+                            .map(|v| $ty(Limit::Max(v)))
+                            .map_err(E::custom)
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> Result<$ty, E> {
+                        if v == UNLIMITED {
+                            Ok($ty(Limit::Unlimited))
+                        } else {
+                            Err(E::custom(resources::not_unlimited(v)))
+                        }
+                    }
+                }
+                d.deserialize_any(V)
+            }
+        }
+    };
+}
+
+int_limit!(
+    MemoryMib,
+    "memory in MiB (>= 16) or unlimited",
+    resources::check_memory_mib
+);
+
+int_limit!(
+    Pids,
+    "a process count (>= 1) or unlimited",
+    resources::check_pids
+);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Cpus(pub f64);
-
-impl Cpus {
-    fn check(v: f64) -> Result<f64, String> {
-        if v.is_finite() && v > 0.0 && v <= 1024.0 {
-            Ok(v)
-        } else {
-            Err("expected a number > 0 and <= 1024".to_string())
-        }
-    }
-}
+pub(crate) struct Cpus(pub Limit<f64>);
 
 impl Serialize for Cpus {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(self.0)
+        self.0.serialize(s)
     }
 }
 
@@ -221,10 +254,12 @@ impl<'de> Deserialize<'de> for Cpus {
         impl Visitor<'_> for V {
             type Value = Cpus;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a number of CPUs")
+                f.write_str("a number of CPUs or unlimited")
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Cpus, E> {
-                Cpus::check(v).map(Cpus).map_err(E::custom)
+                resources::check_cpus(v)
+                    .map(|v| Cpus(Limit::Max(v)))
+                    .map_err(E::custom)
             }
             #[allow(clippy::cast_precision_loss)]
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Cpus, E> {
@@ -234,8 +269,15 @@ impl<'de> Deserialize<'de> for Cpus {
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Cpus, E> {
                 self.visit_f64(v as f64)
             }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Cpus, E> {
+                if v == UNLIMITED {
+                    Ok(Cpus(Limit::Unlimited))
+                } else {
+                    Err(E::custom(resources::not_unlimited(v)))
+                }
+            }
         }
-        d.deserialize_f64(V)
+        d.deserialize_any(V)
     }
 }
 

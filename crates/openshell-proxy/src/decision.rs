@@ -234,11 +234,30 @@ pub(crate) struct AuditLog {
 }
 
 impl AuditLog {
+    /// Open (or create, mode 0600) the log for appending. The proxy runs as root: the last
+    /// component is never followed (`O_NOFOLLOW`), and anything but a regular file is refused,
+    /// so a planted symlink or FIFO cannot make it write elsewhere or hang. `O_NONBLOCK` keeps
+    /// the open of a FIFO from blocking; it has no effect on a regular file.
     pub(crate) fn open(path: PathBuf) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&path)?;
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path)
+            .map_err(|e| match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_symlink() => std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "is a symbolic link; it is never followed",
+                ),
+                // A FIFO without a reader, or a socket, answers ENXIO.
+                Ok(m) if !m.is_file() && !m.is_dir() => not_a_file(),
+                _ => e,
+            })?;
+        if !file.metadata()?.is_file() {
+            return Err(not_a_file());
+        }
         Ok(Self {
             path,
             file: Mutex::new(file),
@@ -260,6 +279,10 @@ impl AuditLog {
     }
 }
 
+fn not_a_file() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
+}
+
 /// The 403 body for a deny.
 pub(crate) fn deny_body(
     host: &str,
@@ -278,4 +301,50 @@ pub(crate) fn deny_body(
         "suggestion": decision.suggestion,
         "reason": reason,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_audit_log_is_a_regular_file_never_reached_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let p = |name: &str| dir.path().join(name);
+        std::fs::write(p("canary"), "canary\n").unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink(p("canary"), p("link")).unwrap_or_else(|e| panic!("{e}"));
+        // mkfifo(1): this crate has no unsafe and no nix.
+        let made = std::process::Command::new("mkfifo")
+            .arg(p("fifo"))
+            .status()
+            .unwrap_or_else(|e| panic!("mkfifo: {e}"));
+        assert!(made.success(), "mkfifo");
+        let got = [
+            AuditLog::open(p("link"))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            AuditLog::open(p("fifo"))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            AuditLog::open(p("new.jsonl"))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        ];
+        let want = [
+            Err("is a symbolic link; it is never followed".to_owned()),
+            Err("not a regular file".to_owned()),
+            Ok(()),
+        ];
+        assert_eq!(got.to_vec(), want.to_vec());
+        assert_eq!(
+            std::fs::read_to_string(p("canary")).unwrap_or_default(),
+            "canary\n"
+        );
+        let mode = std::fs::metadata(p("new.jsonl"))
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or_default();
+        assert_eq!(mode, 0o600);
+    }
 }

@@ -99,23 +99,10 @@ pub enum StdioMode {
     Null,
 }
 
-/// Resource limits, applied on every backend. `None` leaves a resource unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Resources {
-    pub memory_mib: Option<u64>,
-    pub cpus: Option<f64>,
-    pub pids: Option<u64>,
-}
-
-impl Resources {
-    pub fn from_policy(policy: &Policy) -> Self {
-        Resources {
-            memory_mib: policy.resources.memory_mib,
-            cpus: policy.resources.cpus,
-            pids: policy.resources.pids,
-        }
-    }
-}
+/// Resource limits, applied on every backend: the policy's `resources` with its defaults
+/// filled in ([`openshell_policy::Resources::effective`]). A resource is unlimited only as
+/// [`Limit::Unlimited`], which a policy (or the CLI) must spell out.
+pub use openshell_policy::{EffectiveResources, Limit};
 
 /// What the runtime hands the egress layer for one sandbox, before the workload starts.
 pub struct EgressAttachment {
@@ -200,7 +187,7 @@ pub struct SpawnConfig {
     /// The validated policy. Its static sections (filesystem, landlock, process) are enforced by
     /// the backend.
     pub policy: Arc<Policy>,
-    pub resources: Resources,
+    pub resources: EffectiveResources,
     /// Hostname inside the sandbox.
     pub hostname: String,
     /// The vm backend's engine (`--vm-engine`); ignored by the process backend.
@@ -212,10 +199,11 @@ pub struct SpawnConfig {
 }
 
 impl SpawnConfig {
-    /// A config with the defaults a user would expect: resources from the policy, hostname
+    /// A config with the defaults a user would expect: the policy's resources (defaults filled
+    /// in for what it leaves out), hostname
     /// `openshell`, inherited stdio, no environment.
     pub fn new(program: impl Into<String>, policy: Arc<Policy>, workdir: PathBuf) -> Self {
-        let resources = Resources::from_policy(&policy);
+        let resources = policy.resources.effective();
         SpawnConfig {
             program: program.into(),
             args: Vec::new(),

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use openshell_policy::Limit;
 use openshell_runtime::RuntimeKind;
 
 #[derive(Debug, Parser)]
@@ -150,17 +151,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub stop_grace: u64,
 
-    /// Memory limit in MiB (overrides the policy's resources.memory_mib).
-    #[arg(long, value_name = "MIB")]
-    pub memory_mib: Option<u64>,
+    /// Memory limit in MiB (at least 16), or `unlimited` (overrides the policy's
+    /// resources.memory_mib; default 1024).
+    #[arg(long, value_name = "MIB", value_parser = parse_memory_mib)]
+    pub memory_mib: Option<Limit<u64>>,
 
-    /// CPU limit in CPUs (overrides resources.cpus).
-    #[arg(long, value_name = "CPUS")]
-    pub cpus: Option<f64>,
+    /// CPU limit in CPUs (> 0, <= 1024), or `unlimited` (overrides resources.cpus; default 1).
+    #[arg(long, value_name = "CPUS", value_parser = parse_cpus)]
+    pub cpus: Option<Limit<f64>>,
 
-    /// Process limit (overrides resources.pids).
-    #[arg(long, value_name = "N")]
-    pub pids: Option<u64>,
+    /// Process limit (at least 1), or `unlimited` (overrides resources.pids; default 512).
+    #[arg(long, value_name = "N", value_parser = parse_pids)]
+    pub pids: Option<Limit<u64>>,
 
     /// Log filter: error, warn, info, debug, trace, or a tracing directive (default: warn, or
     /// RUST_LOG).
@@ -221,6 +223,18 @@ pub struct RunArgs {
     /// The command to run, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+fn parse_memory_mib(s: &str) -> Result<Limit<u64>, String> {
+    openshell_policy::resources::parse_memory_mib(s).map_err(|e| e.to_string())
+}
+
+fn parse_cpus(s: &str) -> Result<Limit<f64>, String> {
+    openshell_policy::resources::parse_cpus(s).map_err(|e| e.to_string())
+}
+
+fn parse_pids(s: &str) -> Result<Limit<u64>, String> {
+    openshell_policy::resources::parse_pids(s).map_err(|e| e.to_string())
 }
 
 fn parse_engine(s: &str) -> Result<openshell_runtime::VmEngine, String> {

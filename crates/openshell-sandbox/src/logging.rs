@@ -4,7 +4,6 @@
 //! Landlock, skipped paths, timeouts); `info` lifecycle and security decisions (one structured
 //! event each, `event = "sandbox.*"`); `debug` internal steps. Default: `warn`.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
@@ -56,11 +55,8 @@ pub fn init(level: Option<&str>, format: LogFormat, file: Option<&Path>) -> anyh
         .with_target(false);
     match (file, format) {
         (Some(path), format) => {
-            let f = File::options()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("opening log file {}", path.display()))?;
+            let f = crate::protect::open_append(path)
+                .with_context(|| format!("--log-file {}", path.display()))?;
             let w = Mutex::new(f);
             match format {
                 LogFormat::Json => builder.json().with_writer(w).init(),

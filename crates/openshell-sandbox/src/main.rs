@@ -4,6 +4,7 @@ mod cli;
 mod egress;
 mod image;
 mod logging;
+mod protect;
 mod ssh;
 mod watch;
 
@@ -40,17 +41,7 @@ fn main() -> ExitCode {
         Some(Command::Image(cmd)) => return run_image(cmd),
         None => cli.run,
     };
-    let _guard = match logging::init(
-        run.log_level.as_deref(),
-        run.log_format,
-        run.log_file.as_deref(),
-    ) {
-        Ok(g) => g,
-        Err(e) => {
-            report_error(&e);
-            return ExitCode::from(EXIT_SANDBOX_FAILED);
-        }
-    };
+    // Logging is set up inside, once the files the supervisor owns have been checked.
     match run_main(run) {
         Ok(code) => code,
         Err(e) => {
@@ -162,6 +153,61 @@ fn load_policy(path: Option<&Path>) -> anyhow::Result<Policy> {
     }
 }
 
+/// The limits a sandbox gets: the CLI's overrides, else the policy's `resources`, else the
+/// defaults, and which of the three each came from.
+struct EffectiveLimits {
+    effective: openshell_policy::EffectiveResources,
+    from_cli: Vec<&'static str>,
+    defaulted: Vec<&'static str>,
+}
+
+impl EffectiveLimits {
+    fn of(policy: &Policy, run: &RunArgs) -> EffectiveLimits {
+        let file = policy.resources;
+        let said = openshell_policy::Resources {
+            memory_mib: run.memory_mib.or(file.memory_mib),
+            cpus: run.cpus.or(file.cpus),
+            pids: run.pids.or(file.pids),
+        };
+        let from_cli = [
+            ("memory_mib", run.memory_mib.is_some()),
+            ("cpus", run.cpus.is_some()),
+            ("pids", run.pids.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect();
+        EffectiveLimits {
+            effective: said.effective(),
+            from_cli,
+            defaulted: said.defaulted(),
+        }
+    }
+
+    /// One `sandbox.resources` event: the values that apply and where they came from.
+    fn log(&self) {
+        let e = &self.effective;
+        tracing::info!(
+            event = "sandbox.resources",
+            memory_mib = %e.memory_mib,
+            cpus = %e.cpus,
+            pids = %e.pids,
+            defaults = %names(&self.defaulted),
+            cli = %names(&self.from_cli),
+            "resource limits (defaults: what the policy leaves out)"
+        );
+    }
+}
+
+/// `a,b` or `none`.
+fn names(list: &[&str]) -> String {
+    if list.is_empty() {
+        "none".to_owned()
+    } else {
+        list.join(",")
+    }
+}
+
 fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -188,17 +234,50 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e),
     };
+    let resources = EffectiveLimits::of(&policy, &run);
     if run.check_policy {
+        // The limits that apply (the CLI's and the defaults included), every field written.
+        let mut shown = policy.clone();
+        shown.resources = openshell_policy::Resources::from(resources.effective);
         #[allow(clippy::print_stdout)]
         {
-            print!("{}", policy.to_yaml());
+            print!("{}", shown.to_yaml());
         }
         return Ok(ExitCode::SUCCESS);
     }
     let runtime: RuntimeKind = run.runtime;
+    let host_workdir = match (&run.workdir, run.image.is_some() || run.rootfs.is_some()) {
+        // The policy's paths and the workdir are inside the image tree.
+        (_, true) => None,
+        (Some(dir), false) => Some(std::path::absolute(dir).unwrap_or_else(|_| dir.clone())),
+        (None, false) => {
+            let dir = std::env::current_dir().context("reading the current directory")?;
+            Some(std::path::absolute(&dir).unwrap_or(dir))
+        }
+    };
+    // Before anything starts, logging included: the workload must not be able to write a file
+    // the supervisor reads or writes.
+    let writable = protect::writable_paths(&policy, host_workdir.as_deref())?;
+    protect::check(&protect::owned_files(&run), &writable)?;
+    let _guard = logging::init(
+        run.log_level.as_deref(),
+        run.log_format,
+        run.log_file.as_deref(),
+    )?;
+    resources.log();
     if !runtime.is_available() {
         return Err(RuntimeError::BackendNotBuilt(runtime).into());
     }
+    // The audit log is opened here, before anything is created for the sandbox.
+    let handle =
+        openshell_proxy::PolicyHandle::new(policy.clone()).context("loading the network policy")?;
+    let proxy_config = openshell_proxy::ProxyConfig {
+        max_connections: run.max_connections,
+        audit_log: run.audit_log.clone(),
+        ..Default::default()
+    };
+    let proxy = openshell_proxy::Proxy::new(proxy_config, handle.clone())
+        .context("starting the egress proxy")?;
     let ssh = ssh::prepare(&run)?;
     let mut env = BTreeMap::new();
     for key in ["TERM", "LANG", "LC_ALL"] {
@@ -255,23 +334,10 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
                     "no command given: usage: openshell-sandbox [OPTIONS] -- COMMAND [ARGS...]"
                 );
             };
-            let workdir = match &run.workdir {
-                Some(dir) => dir.clone(),
-                None => std::env::current_dir().context("reading the current directory")?,
-            };
-            let workdir = std::path::absolute(&workdir).unwrap_or(workdir);
+            let workdir = host_workdir.clone().unwrap_or_default();
             (program.clone(), args.to_vec(), env, workdir, None)
         }
     };
-    let handle =
-        openshell_proxy::PolicyHandle::new(policy.clone()).context("loading the network policy")?;
-    let proxy_config = openshell_proxy::ProxyConfig {
-        max_connections: run.max_connections,
-        audit_log: run.audit_log.clone(),
-        ..Default::default()
-    };
-    let proxy = openshell_proxy::Proxy::new(proxy_config, handle.clone())
-        .context("starting the egress proxy")?;
     let ssh_env = env.clone();
     let ssh_workdir = workdir.clone();
     let mut config = SpawnConfig::new(program.clone(), Arc::new(policy), workdir);
@@ -281,15 +347,7 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     config.env = env;
     config.root = root;
     config.stdio = StdioMode::Inherit;
-    if let Some(m) = run.memory_mib {
-        config.resources.memory_mib = Some(m);
-    }
-    if let Some(c) = run.cpus {
-        config.resources.cpus = Some(c);
-    }
-    if let Some(p) = run.pids {
-        config.resources.pids = Some(p);
-    }
+    config.resources = resources.effective;
 
     rt.block_on(async {
         // Live updates: only network_policies may change; anything else is refused and the

@@ -50,6 +50,10 @@ pub enum KeyError {
     HostKeyEncrypted { path: PathBuf },
     #[error("{path}: the host key is accessible by group or others (mode {mode:o}); chmod 600 it")]
     HostKeyMode { path: PathBuf, mode: u32 },
+    #[error("{path}: the host key is a symbolic link, which is never followed; give the key file itself")]
+    HostKeySymlink { path: PathBuf },
+    #[error("{path}: the host key is not a regular file")]
+    HostKeyNotAFile { path: PathBuf },
     #[error("{path}: host key algorithm {algorithm} is not supported")]
     HostKeyAlgorithm { path: PathBuf, algorithm: String },
     #[error("{path}: writing the new host key")]
@@ -164,47 +168,79 @@ pub fn default_host_key_path() -> PathBuf {
 }
 
 /// Load the host key at `path`, or create an Ed25519 key there (mode 0600, parent directories
-/// 0700) if there is none, so clients' `known_hosts` entries hold across restarts.
+/// 0700) if there is none, so clients' `known_hosts` entries hold across restarts. The key's own
+/// name is never followed: a symlink there (dangling or not) is refused, and so is anything but
+/// a regular file.
 pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, KeyError> {
-    match std::fs::metadata(path) {
-        Ok(meta) => {
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(KeyError::HostKeyMode {
-                    path: path.to_owned(),
-                    mode,
-                });
-            }
-            let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-            let key = PrivateKey::from_openssh(text).map_err(|source| KeyError::HostKeyParse {
-                path: path.to_owned(),
-                source,
-            })?;
-            if key.is_encrypted() {
-                return Err(KeyError::HostKeyEncrypted {
-                    path: path.to_owned(),
-                });
-            }
-            if !supported(&key.algorithm()) {
-                return Err(KeyError::HostKeyAlgorithm {
-                    path: path.to_owned(),
-                    algorithm: key.algorithm().as_str().to_owned(),
-                });
-            }
-            info!(event = "ssh.host_key", path = %path.display(),
-                  fingerprint = %key.public_key().fingerprint(HashAlg::Sha256), created = false,
-                  "using the ssh host key");
-            Ok(key)
+    match open_no_follow(path) {
+        Ok(file) => load_host_key(path, file),
+        Err(KeyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            create_host_key(path)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_host_key(path),
-        Err(source) => Err(KeyError::Read {
-            path: path.to_owned(),
-            source,
-        }),
+        Err(e) => Err(e),
     }
+}
+
+/// Open `path` for reading without following a symlink in its last component (`O_NOFOLLOW`,
+/// `O_NONBLOCK` so a FIFO cannot block; it has no effect on a regular file), and check it is a
+/// regular file.
+fn open_no_follow(path: &Path) -> Result<std::fs::File, KeyError> {
+    let read_err = |source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_symlink() => KeyError::HostKeySymlink {
+                path: path.to_owned(),
+            },
+            _ => read_err(e),
+        })?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(KeyError::HostKeyNotAFile {
+            path: path.to_owned(),
+        });
+    }
+    Ok(file)
+}
+
+fn load_host_key(path: &Path, mut file: std::fs::File) -> Result<PrivateKey, KeyError> {
+    let read_err = |source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::HostKeyMode {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(read_err)?;
+    let key = PrivateKey::from_openssh(text).map_err(|source| KeyError::HostKeyParse {
+        path: path.to_owned(),
+        source,
+    })?;
+    if key.is_encrypted() {
+        return Err(KeyError::HostKeyEncrypted {
+            path: path.to_owned(),
+        });
+    }
+    if !supported(&key.algorithm()) {
+        return Err(KeyError::HostKeyAlgorithm {
+            path: path.to_owned(),
+            algorithm: key.algorithm().as_str().to_owned(),
+        });
+    }
+    info!(event = "ssh.host_key", path = %path.display(),
+          fingerprint = %key.public_key().fingerprint(HashAlg::Sha256), created = false,
+          "using the ssh host key");
+    Ok(key)
 }
 
 fn create_host_key(path: &Path) -> Result<PrivateKey, KeyError> {
@@ -227,17 +263,20 @@ fn create_host_key(path: &Path) -> Result<PrivateKey, KeyError> {
             .create(dir)
             .map_err(write_err)?;
     }
-    // create_new: two supervisors starting at once never overwrite each other's key; the
-    // loser reads the winner's.
+    // create_new (O_EXCL, which never follows a symlink; O_NOFOLLOW says so again): two
+    // supervisors starting at once never overwrite each other's key; the loser reads the
+    // winner's. Whatever appeared there meanwhile is opened as an existing key, never created
+    // through, so a symlink planted after the first look is refused, not followed.
     let mut file = match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
     {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return load_or_create_host_key(path)
+            return load_host_key(path, open_no_follow(path)?);
         }
         Err(e) => return Err(write_err(e)),
     };
@@ -300,6 +339,42 @@ mod tests {
         let again = load_or_create_host_key(&path).expect("loaded");
         assert_eq!(first.public_key().key_data(), again.public_key().key_data());
         assert_eq!(again.algorithm(), Algorithm::Ed25519);
+    }
+
+    #[test]
+    fn host_key_symlinks_are_never_followed_or_created_through() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = |name: &str| dir.path().join(name);
+        load_or_create_host_key(&p("real")).expect("created");
+        let real = std::fs::read(p("real")).expect("read");
+        std::os::unix::fs::symlink(p("real"), p("link")).expect("symlink");
+        // Dangling: creating through it would write wherever it points.
+        std::os::unix::fs::symlink(p("elsewhere"), p("dangling")).expect("symlink");
+        std::fs::create_dir(p("dir")).expect("mkdir");
+        let shown = |r: Result<PrivateKey, KeyError>| r.map(drop).map_err(|e| e.to_string());
+        let got = [
+            shown(load_or_create_host_key(&p("link"))),
+            shown(load_or_create_host_key(&p("dangling"))),
+            shown(load_or_create_host_key(&p("dir"))),
+        ];
+        let link_msg = |name: &str| {
+            format!(
+                "{}: the host key is a symbolic link, which is never followed; give the key \
+                 file itself",
+                p(name).display()
+            )
+        };
+        let want = [
+            Err(link_msg("link")),
+            Err(link_msg("dangling")),
+            Err(format!(
+                "{}: the host key is not a regular file",
+                p("dir").display()
+            )),
+        ];
+        assert_eq!(got.to_vec(), want.to_vec());
+        assert!(!p("elsewhere").exists(), "nothing created through the link");
+        assert_eq!(std::fs::read(p("real")).expect("read"), real);
     }
 
     #[test]

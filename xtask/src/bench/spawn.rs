@@ -10,10 +10,13 @@ const TARGET_MEDIAN_MS: f64 = 20.0;
 /// Target: our median over bubblewrap's median.
 const TARGET_RATIO: f64 = 2.0;
 
-const OURS: &str = "target/release/openshell-sandbox --policy policies/default.yaml -- /bin/true";
+/// The workdir is outside the repository: the policy makes the workdir writable, and a
+/// `--policy` file the workload could write is refused.
+const OURS: &str = "target/release/openshell-sandbox --policy policies/default.yaml \
+                    --workdir /var/tmp -- /bin/true";
 /// The same policy built in (no --policy file, so no inotify watch whose teardown costs an SRCU
 /// grace period at exit).
-const OURS_BUILTIN: &str = "target/release/openshell-sandbox -- /bin/true";
+const OURS_BUILTIN: &str = "target/release/openshell-sandbox --workdir /var/tmp -- /bin/true";
 /// Every namespace unshared (user, ipc, pid, net, uts, cgroup), the host root read-only, a
 /// fresh /dev and /proc. Works as root and, where unprivileged user namespaces are allowed, as
 /// anyone else.

@@ -45,6 +45,9 @@ const WARMUP: u32 = 2;
 
 const SANDBOX: &str = "target/release/openshell-sandbox";
 const POLICY: &str = "policies/default.yaml";
+/// Outside the repository: the policy makes the workdir writable, and a `--policy` file the
+/// workload could write is refused.
+const WORKDIR: &str = "/var/tmp";
 /// What the bare boot's `/init` prints for the time-to-first-output figure.
 const MARKER: &str = "OPENSHELL-BENCH-FIRST";
 /// What the guest agent prints on the console once it listens (booted), or once it resumed (a
@@ -115,11 +118,20 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     // 1. cold create + exec + destroy, side by side.
     // `openshell-sandbox --runtime vm --policy <default> -- <cmd...>`
     let ours_cmd = |cmd: &[&str]| -> Vec<String> {
-        [SANDBOX, "--runtime", "vm", "--policy", POLICY, "--"]
-            .iter()
-            .chain(cmd)
-            .map(|s| (*s).to_owned())
-            .collect()
+        [
+            SANDBOX,
+            "--runtime",
+            "vm",
+            "--policy",
+            POLICY,
+            "--workdir",
+            WORKDIR,
+            "--",
+        ]
+        .iter()
+        .chain(cmd)
+        .map(|s| (*s).to_owned())
+        .collect()
     };
     // The peer gets the guest memory our VM gets under the same policy: memory size alone
     // changes a TCG boot (the kernel initialises a page structure per 4 KiB).
@@ -543,7 +555,8 @@ fn host_programs(programs: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(files)
 }
 
-/// `resources.memory_mib` of the benchmark's policy (the vm backend's default, 512, without it).
+/// The guest memory our VM gets under the benchmark's policy: `resources.memory_mib`, the
+/// policy default 1024 without it, 512 for `unlimited` (what the vm backend gives then).
 fn policy_memory_mib(policy: &Path) -> Result<u64> {
     let text =
         fs::read_to_string(policy).with_context(|| format!("cannot read {}", policy.display()))?;
@@ -552,11 +565,12 @@ fn policy_memory_mib(policy: &Path) -> Result<u64> {
             .strip_prefix("memory_mib:")
             .map(|v| v.split('#').next().unwrap_or("").trim().to_owned())
     });
-    match value {
+    match value.as_deref() {
+        Some("unlimited") => Ok(512),
         Some(v) => v
             .parse()
             .with_context(|| format!("{}: memory_mib: {v:?} is not a number", policy.display())),
-        None => Ok(512),
+        None => Ok(1024),
     }
 }
 
@@ -771,6 +785,8 @@ fn idle_rss(root: &Path, run_dir: &Path) -> Result<Rss> {
             "vm",
             "--policy",
             POLICY,
+            "--workdir",
+            WORKDIR,
             "--",
             "/bin/sleep",
             "30",

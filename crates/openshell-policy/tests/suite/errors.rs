@@ -195,6 +195,31 @@ fn error_table() {
             at(3, 9, "resources.pids", "expected at least 1"),
         ),
         (
+            "memory as a word other than unlimited",
+            "version: 1\nresources:\n  memory_mib: lots\n".to_string(),
+            at(3, 15, "resources.memory_mib", "expected a number or unlimited, got \"lots\""),
+        ),
+        (
+            "unlimited is spelled in lowercase",
+            "version: 1\nresources: { pids: Unlimited }\n".to_string(),
+            at(2, 20, "resources.pids", "expected a number or unlimited, got \"Unlimited\""),
+        ),
+        (
+            "cpus as a quoted number",
+            "version: 1\nresources:\n  cpus: \"2\"\n".to_string(),
+            at(3, 9, "resources.cpus", "expected a number or unlimited, got \"2\""),
+        ),
+        (
+            "memory as a list",
+            "version: 1\nresources:\n  memory_mib: [unlimited]\n".to_string(),
+            at(3, 15, "resources.memory_mib", "invalid type: sequence, expected memory in MiB (>= 16) or unlimited"),
+        ),
+        (
+            "pids fractional",
+            "version: 1\nresources:\n  pids: 1.5\n".to_string(),
+            at(3, 9, "resources.pids", "invalid type: floating point 1.5, expected a process count (>= 1) or unlimited"),
+        ),
+        (
             "unknown resources field",
             "version: 1\nresources:\n  memory: 512\n".to_string(),
             at(3, 3, "resources", "unknown field memory, expected one of memory_mib, cpus, pids"),

@@ -1,10 +1,10 @@
 //! Successful parses compared as whole values, round trips, static checks.
 
 use openshell_policy::{
-    Access, BinaryPattern, Endpoint, Enforcement, FilesystemPolicy, HostPattern, IpNet, L7Rule,
-    LandlockCompatibility, LandlockPolicy, MethodPattern, NetworkPolicies, NetworkPolicy,
-    PathPattern, Policy, PolicyError, Port, ProcessPolicy, Protocol, Resources, SandboxPath,
-    StaticSectionChanged, TlsMode, TmpMode,
+    Access, BinaryPattern, EffectiveResources, Endpoint, Enforcement, FilesystemPolicy,
+    HostPattern, IpNet, L7Rule, LandlockCompatibility, LandlockPolicy, Limit, MethodPattern,
+    NetworkPolicies, NetworkPolicy, PathPattern, Policy, PolicyError, Port, ProcessPolicy,
+    Protocol, Resources, SandboxPath, StaticSectionChanged, TlsMode, TmpMode,
 };
 use pretty_assertions::assert_eq;
 
@@ -107,9 +107,9 @@ fn expected_block() -> Policy {
         .into_iter()
         .collect(),
         resources: Resources {
-            memory_mib: Some(512),
-            cpus: Some(1.5),
-            pids: Some(256),
+            memory_mib: Some(Limit::Max(512)),
+            cpus: Some(Limit::Max(1.5)),
+            pids: Some(Limit::Max(256)),
         },
     }
 }
@@ -212,7 +212,14 @@ fn full_endpoint_schema() {
 
 #[test]
 fn to_yaml_round_trips() {
-    for text in [BLOCK, FLOW, FULL_ENDPOINT, "version: 1\n"] {
+    for text in [
+        BLOCK,
+        FLOW,
+        FULL_ENDPOINT,
+        "version: 1\n",
+        RESOURCES_PARTLY,
+        RESOURCES_UNLIMITED,
+    ] {
         let Ok(policy) = load(text) else {
             panic!("fixture did not load: {text}");
         };
@@ -264,6 +271,85 @@ resources:
     assert_eq!(policy.to_yaml(), want);
 }
 
+const RESOURCES_PARTLY: &str = "version: 1\nresources:\n  pids: 64\n";
+const RESOURCES_UNLIMITED: &str =
+    "version: 1\nresources: { memory_mib: unlimited, cpus: unlimited, pids: unlimited }\n";
+
+#[test]
+fn resources_keep_what_the_file_said_apart_from_what_applies() {
+    let said = |text: &str| load(text).map(|p| (p.resources, p.resources.effective()));
+    let got = [
+        said("version: 1\n"),
+        said(RESOURCES_PARTLY),
+        said(RESOURCES_UNLIMITED),
+        said("version: 1\nresources: { cpus: 2, memory_mib: unlimited }\n"),
+    ];
+    let want = [
+        Ok((Resources::default(), EffectiveResources::DEFAULT)),
+        Ok((
+            Resources {
+                memory_mib: None,
+                cpus: None,
+                pids: Some(Limit::Max(64)),
+            },
+            EffectiveResources {
+                memory_mib: Limit::Max(1024),
+                cpus: Limit::Max(1.0),
+                pids: Limit::Max(64),
+            },
+        )),
+        Ok((
+            Resources {
+                memory_mib: Some(Limit::Unlimited),
+                cpus: Some(Limit::Unlimited),
+                pids: Some(Limit::Unlimited),
+            },
+            EffectiveResources {
+                memory_mib: Limit::Unlimited,
+                cpus: Limit::Unlimited,
+                pids: Limit::Unlimited,
+            },
+        )),
+        Ok((
+            Resources {
+                memory_mib: Some(Limit::Unlimited),
+                cpus: Some(Limit::Max(2.0)),
+                pids: None,
+            },
+            EffectiveResources {
+                memory_mib: Limit::Unlimited,
+                cpus: Limit::Max(2.0),
+                pids: Limit::Max(512),
+            },
+        )),
+    ];
+    assert_eq!(got.to_vec(), want.to_vec());
+}
+
+#[test]
+fn effective_resources_render_every_field() {
+    let Ok(mut policy) = load(RESOURCES_PARTLY) else {
+        panic!("fixture did not load");
+    };
+    policy.resources = Resources::from(policy.resources.effective());
+    let rendered = policy.to_yaml();
+    assert!(
+        rendered.ends_with("resources:\n  memory_mib: 1024\n  cpus: 1.0\n  pids: 64\n"),
+        "{rendered}"
+    );
+    let Ok(mut unlimited) = load(RESOURCES_UNLIMITED) else {
+        panic!("fixture did not load");
+    };
+    unlimited.resources = Resources::from(unlimited.resources.effective());
+    let rendered = unlimited.to_yaml();
+    assert!(
+        rendered.ends_with(
+            "resources:\n  memory_mib: unlimited\n  cpus: unlimited\n  pids: unlimited\n"
+        ),
+        "{rendered}"
+    );
+}
+
 #[test]
 fn static_sections_checked() {
     let Ok(base) = load(BLOCK) else {
@@ -279,6 +365,8 @@ fn static_sections_checked() {
         ("hard_requirement", "best_effort", "landlock"),
         ("run_as_user: sandbox", "run_as_user: other", "process"),
         ("pids: 256", "pids: 128", "resources"),
+        ("pids: 256", "pids: unlimited", "resources"),
+        ("  pids: 256\n", "", "resources"),
     ];
     for (from, to, section) in cases {
         assert_eq!(
@@ -294,6 +382,16 @@ fn static_sections_checked() {
         shown,
         Err("filesystem_policy changed; static sections are fixed at start".to_string())
     );
+    // Resources compare by what applies: a default written out or left out is no change.
+    let Ok(bare) = load("version: 1\n") else {
+        panic!("minimal policy did not load");
+    };
+    let Ok(spelled) = load("version: 1\nresources: { memory_mib: 1024, cpus: 1, pids: 512 }\n")
+    else {
+        panic!("spelled-out defaults did not load");
+    };
+    assert_eq!(bare.check_static_unchanged(&spelled), Ok(()));
+    assert_eq!(spelled.check_static_unchanged(&bare), Ok(()));
 }
 
 #[test]

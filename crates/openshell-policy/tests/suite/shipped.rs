@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use openshell_policy::{LandlockCompatibility, Policy, ProcessPolicy, Resources};
+use openshell_policy::{
+    EffectiveResources, LandlockCompatibility, Limit, Policy, ProcessPolicy, Resources,
+};
 use pretty_assertions::assert_eq;
 
 fn load_shipped(name: &str) -> Policy {
@@ -50,11 +52,13 @@ fn default_policy() {
     assert_eq!(
         p.resources,
         Resources {
-            memory_mib: Some(1024),
-            cpus: Some(1.0),
-            pids: Some(512),
+            memory_mib: Some(Limit::Max(1024)),
+            cpus: Some(Limit::Max(1.0)),
+            pids: Some(Limit::Max(512)),
         }
     );
+    // What it ships is what a policy without resources gets.
+    assert_eq!(p.resources.effective(), EffectiveResources::DEFAULT);
     assert!(p.network.is_empty());
     assert_eq!(Policy::from_yaml("x", &p.to_yaml()), Ok(p));
 }

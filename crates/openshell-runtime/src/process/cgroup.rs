@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::Resources;
+use crate::EffectiveResources;
 
 const ROOT: &str = "/sys/fs/cgroup";
 const CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
@@ -97,7 +97,7 @@ fn own_v1_path(controller: &str) -> String {
 
 impl Cgroup {
     /// Create the sandbox's cgroup and write its limits.
-    pub fn create(id: &str, resources: &Resources) -> Result<Cgroup, CgroupError> {
+    pub fn create(id: &str, resources: &EffectiveResources) -> Result<Cgroup, CgroupError> {
         let flavour = detect()?;
         let cgroup = match flavour {
             Flavour::V2 => {
@@ -153,12 +153,12 @@ impl Cgroup {
         }
     }
 
-    fn set_limits(&self, r: &Resources) -> Result<(), CgroupError> {
+    fn set_limits(&self, r: &EffectiveResources) -> Result<(), CgroupError> {
         let period: u64 = 100_000;
         match self.flavour {
             Flavour::V2 => {
                 let dir = &self.dirs[0];
-                if let Some(mib) = r.memory_mib {
+                if let Some(mib) = r.memory_mib.max() {
                     write(&dir.join("memory.max"), &(mib * 1024 * 1024).to_string())?;
                     // Swap would let the workload exceed the limit it was given.
                     let swap = dir.join("memory.swap.max");
@@ -166,16 +166,16 @@ impl Cgroup {
                         write(&swap, "0")?;
                     }
                 }
-                if let Some(pids) = r.pids {
+                if let Some(pids) = r.pids.max() {
                     write(&dir.join("pids.max"), &pids.to_string())?;
                 }
-                if let Some(cpus) = r.cpus {
+                if let Some(cpus) = r.cpus.max() {
                     let quota = cpu_quota(cpus, period);
                     write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
                 }
             }
             Flavour::V1 => {
-                if let Some(mib) = r.memory_mib {
+                if let Some(mib) = r.memory_mib.max() {
                     let dir = self.dir_for("memory");
                     let bytes = (mib * 1024 * 1024).to_string();
                     write(&dir.join("memory.limit_in_bytes"), &bytes)?;
@@ -184,10 +184,10 @@ impl Cgroup {
                         write(&memsw, &bytes)?;
                     }
                 }
-                if let Some(pids) = r.pids {
+                if let Some(pids) = r.pids.max() {
                     write(&self.dir_for("pids").join("pids.max"), &pids.to_string())?;
                 }
-                if let Some(cpus) = r.cpus {
+                if let Some(cpus) = r.cpus.max() {
                     let dir = self.dir_for("cpu");
                     write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
                     write(

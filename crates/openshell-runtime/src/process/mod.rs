@@ -841,15 +841,16 @@ impl ProcessSandbox {
             lower: root.lower.clone(),
             box_dir: box_dir.clone(),
         });
-        let view = identity.view(&config.policy, config.resources.memory_mib);
-        // No limits, no cgroup: on cgroup v1 hosts, moving a process into a cgroup costs an RCU
-        // grace period (about 10 ms here), and the pid namespace already bounds the sandbox's
-        // lifetime.
+        let view = identity.view(&config.policy, config.resources.memory_mib.max());
+        // Every policy gets limits (defaults for what it leaves out), so there is a cgroup
+        // unless the policy made every resource `unlimited`: then, no cgroup, since on cgroup
+        // v1 hosts moving a process into one costs an RCU grace period (about 10 ms here), and
+        // the pid namespace already bounds the sandbox's lifetime.
         let r = &config.resources;
         let remove_root = |_: &Option<protocol::RootPlan>| {
             let _ = std::fs::remove_dir_all(&box_dir);
         };
-        let cgroup = if r.memory_mib.is_some() || r.cpus.is_some() || r.pids.is_some() {
+        let cgroup = if r.any_limited() {
             match cgroup::Cgroup::create(&id, &config.resources) {
                 Ok(c) => Some(c),
                 Err(e) => {

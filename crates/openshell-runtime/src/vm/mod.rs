@@ -86,6 +86,34 @@ fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Io { op, source }
 }
 
+/// The VM's memory when the policy says `memory_mib: unlimited` (the guest's RAM is then the
+/// workload's only bound; no `memory.max` is set).
+const UNLIMITED_MEMORY_VM_MIB: u64 = 512;
+/// The least memory a guest boots with.
+const MIN_VM_MIB: u64 = 128;
+/// The most vCPUs a VM gets (libkrun takes a `u8`).
+const MAX_VCPUS: u32 = 255;
+
+/// vCPUs and memory (MiB) of a sandbox's VM: `ceil(cpus)` vCPUs (the host's CPUs when
+/// unlimited), `memory_mib` of RAM (at least [`MIN_VM_MIB`]; [`UNLIMITED_MEMORY_VM_MIB`] when
+/// unlimited).
+fn vm_size(r: &crate::EffectiveResources) -> (u32, u64) {
+    let vcpus = match r.cpus.max() {
+        // cpus is validated finite, > 0 and <= 1024.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        Some(c) => (c.ceil().max(1.0) as u32).min(MAX_VCPUS),
+        None => std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(MAX_VCPUS))
+            .min(MAX_VCPUS),
+    };
+    let memory_mib = r
+        .memory_mib
+        .max()
+        .unwrap_or(UNLIMITED_MEMORY_VM_MIB)
+        .max(MIN_VM_MIB);
+    (vcpus, memory_mib)
+}
+
 /// Policy paths left out of the VM, with the reason.
 type Skipped = Vec<(String, String)>;
 
@@ -737,12 +765,7 @@ impl VmSandbox {
                 readonly: config.root.is_none(),
             },
         );
-        let vcpus = config
-            .resources
-            .cpus
-            .map(|c| c.ceil().max(1.0) as u32)
-            .unwrap_or(1);
-        let memory_mib = config.resources.memory_mib.unwrap_or(512).max(128);
+        let (vcpus, memory_mib) = vm_size(&config.resources);
         let vsock_uds = box_dir.join("vsock.sock");
         let vm = VmDescription {
             kernel: artifacts.kernel.clone(),
@@ -804,11 +827,11 @@ impl VmSandbox {
             None => guest_tmp(
                 &identity,
                 &config.policy,
-                config.resources.memory_mib,
+                config.resources.memory_mib.max(),
                 &shares,
             ),
             Some(_) => Some(proto::GuestTmp {
-                size_mib: config.resources.memory_mib,
+                size_mib: config.resources.memory_mib.max(),
                 readonly: false,
                 keep: Vec::new(),
             }),
@@ -822,8 +845,10 @@ impl VmSandbox {
         let setup = Request::Setup {
             hostname: config.hostname.clone(),
             mounts,
-            pids_limit: config.resources.pids,
-            memory_limit_mib: config.resources.memory_mib,
+            // The guest's workload cgroup: every policy gets a pids limit unless it says
+            // `pids: unlimited`; with `memory_mib: unlimited` the guest's RAM is the bound.
+            pids_limit: config.resources.pids.max(),
+            memory_limit_mib: config.resources.memory_mib.max(),
             tmp,
             read_only,
         };
@@ -1367,5 +1392,32 @@ impl VmExec {
             Ok(()) | Err(VmError::NotRunning) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EffectiveResources, Limit};
+    use pretty_assertions::assert_eq;
+
+    #[test]
+    fn vm_size_follows_the_effective_limits() {
+        let host = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let with = |cpus, memory_mib| EffectiveResources {
+            cpus,
+            memory_mib,
+            ..EffectiveResources::DEFAULT
+        };
+        let got = [
+            vm_size(&EffectiveResources::DEFAULT),
+            vm_size(&with(Limit::Max(1.5), Limit::Max(64))),
+            vm_size(&with(Limit::Max(1024.0), Limit::Max(4096))),
+            vm_size(&with(Limit::Unlimited, Limit::Unlimited)),
+        ];
+        assert_eq!(
+            got,
+            [(1, 1024), (2, 128), (255, 4096), (host.min(255), 512)]
+        );
     }
 }
