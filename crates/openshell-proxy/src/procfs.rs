@@ -123,6 +123,17 @@ impl ProcfsResolver {
         std::fs::read_link(&path).map_err(|source| IdentityError::Proc { path, source })
     }
 
+    /// Whether `pid` is in the sandbox's pid namespace (its init's). A helper of the
+    /// supervisor that started a process inside (an exec session's helper enters the
+    /// namespaces only for its children) is outside, and so is never an ancestor.
+    fn in_sandbox_pidns(&self, pid: u32) -> bool {
+        let ns = |p: u32| std::fs::read_link(self.proc_path(p, "ns/pid")).ok();
+        match (ns(self.init_pid), ns(pid)) {
+            (Some(sandbox), Some(theirs)) => sandbox == theirs,
+            _ => false,
+        }
+    }
+
     fn parent(&self, pid: u32) -> Option<u32> {
         let status = std::fs::read_to_string(self.proc_path(pid, "status")).ok()?;
         parse_ppid(&status)
@@ -211,7 +222,13 @@ impl IdentityResolver for ProcfsResolver {
             let Some(parent) = self.parent(current) else {
                 break;
             };
-            if parent == 0 || parent == self.init_pid || !members.contains(&parent) {
+            // The walk stops at the sandbox's boundary: its init, a process that is no member
+            // of the sandbox, or one outside its pid namespace.
+            if parent == 0
+                || parent == self.init_pid
+                || !members.contains(&parent)
+                || !self.in_sandbox_pidns(parent)
+            {
                 break;
             }
             let parent_exe = self.exe(parent)?;

@@ -214,6 +214,92 @@ impl Cgroup {
     pub fn remove(&self, patience: Duration) {
         remove_dirs(&self.dirs, patience);
     }
+
+    /// A session's cgroup, `session-<name>` below the sandbox's in each hierarchy: everything a
+    /// session (an `exec`, an SSH channel) starts lands there, stays under the sandbox's
+    /// limits, and can be killed as a whole when the session ends ([`kill_session`]).
+    pub fn session(&self, name: &str) -> Result<Vec<PathBuf>, CgroupError> {
+        let mut made = Vec::new();
+        for dir in &self.dirs {
+            let sub = dir.join(format!("session-{name}"));
+            if let Err(e) = std::fs::create_dir(&sub).map_err(io("create", &sub)) {
+                remove_dirs(&made, Duration::ZERO);
+                return Err(e);
+            }
+            made.push(sub);
+        }
+        Ok(made)
+    }
+}
+
+/// Kill every process in a session's cgroup (opened as `dirs`, directory descriptors) and
+/// wait, bounded, until it is empty: `cgroup.kill` where the kernel has it (v2), else
+/// SIGKILL to each member until none is left (a fork racing the loop lands in the same cgroup
+/// and is caught on the next round; the sandbox's pids limit bounds how many rounds it takes).
+/// Pids are read in the caller's pid namespace.
+pub fn kill_session(dirs: &[std::os::fd::OwnedFd], patience: Duration) -> bool {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    let open = |dir: &std::os::fd::OwnedFd, name: &str, flags: nix::fcntl::OFlag| {
+        nix::fcntl::openat(
+            dir.as_fd(),
+            name,
+            flags | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map(std::fs::File::from)
+    };
+    for dir in dirs {
+        if let Ok(mut kill) = open(dir, "cgroup.kill", nix::fcntl::OFlag::O_WRONLY) {
+            let _ = kill.write_all(b"1");
+        }
+    }
+    let deadline = Instant::now() + patience;
+    loop {
+        let mut any = false;
+        for dir in dirs {
+            let Ok(mut procs) = open(dir, "cgroup.procs", nix::fcntl::OFlag::O_RDONLY) else {
+                continue;
+            };
+            let mut text = String::new();
+            let _ = procs.read_to_string(&mut text);
+            for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                any = true;
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+        }
+        if !any {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The pids of `dir`'s cgroup and of the session cgroups below it (`cgroup.procs` lists only a
+/// cgroup's own members).
+pub fn pids_below(procs_file: &Path) -> std::io::Result<Vec<i32>> {
+    let mut pids: Vec<i32> = std::fs::read_to_string(procs_file)?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    if let Some(dir) = procs_file.parent() {
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir())
+                && entry.file_name().to_string_lossy().starts_with("session-")
+            {
+                if let Ok(text) = std::fs::read_to_string(entry.path().join("cgroup.procs")) {
+                    pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+                }
+            }
+        }
+    }
+    Ok(pids)
 }
 
 /// Write `pid` into each `cgroup.procs` file.
@@ -233,7 +319,20 @@ fn cpu_quota(cpus: f64, period: u64) -> u64 {
 /// while exiting processes leave. Returns the directories that could not be removed.
 pub fn remove_dirs(dirs: &[PathBuf], patience: Duration) -> Vec<PathBuf> {
     let deadline = Instant::now() + patience;
-    let mut left: Vec<PathBuf> = dirs.to_vec();
+    // Session cgroups first: a cgroup with children cannot be removed.
+    let mut left: Vec<PathBuf> = Vec::new();
+    for dir in dirs {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir())
+                    && e.file_name().to_string_lossy().starts_with("session-")
+                {
+                    left.push(e.path());
+                }
+            }
+        }
+    }
+    left.extend(dirs.iter().cloned());
     loop {
         left.retain(|dir| match std::fs::remove_dir(dir) {
             Ok(()) => false,

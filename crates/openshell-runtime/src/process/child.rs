@@ -37,7 +37,7 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
 use super::protocol::{
     ExecPlan, FromHelper, LaunchPlan, RestrictionReport, SpawnPlan, ToHelper, UsernsMap,
-    WaitReport, CONTROL_FD, FD_CHANNEL, LIFELINE_FD,
+    WaitReport, CONTROL_FD, FD_CHANNEL, INIT_PIDFD, LIFELINE_FD,
 };
 use super::{cgroup, channel, landlock, net, rootfs, seccomp, sys, view};
 
@@ -294,7 +294,7 @@ fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
         Ok(s) => s,
         Err(e) => ctl.fail("signals", errno_text(e)),
     };
-    let workload = match launch(&mut ctl, &plan.launch, plan.pty) {
+    let workload = match launch(&mut ctl, &plan.launch, plan.pty, &[]) {
         Ok(pid) => pid,
         Err((stage, message)) => ctl.fail(&stage, message),
     };
@@ -362,47 +362,65 @@ fn exec_helper(mut ctl: Control, plan: ExecPlan) -> ! {
         Ok(s) => s,
         Err(e) => ctl.fail("signals", errno_text(e)),
     };
-    // Join the cgroup from the host's view: inside a sandbox with its own root filesystem there
-    // is no /sys/fs/cgroup. The launched command inherits the membership.
+    // The session's cgroup, opened from the host's view (the sandbox's root has no
+    // /sys/fs/cgroup): the launched command joins it through these descriptors, this helper
+    // never does (it is no member of the sandbox, so it is nobody's egress ancestor), and kills
+    // whatever is left in it when the command ends or the supervisor goes away.
     let mut plan = plan;
+    let open = |path: &Path, flags: nix::fcntl::OFlag| {
+        nix::fcntl::open(
+            path,
+            flags | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+    };
+    let mut join = Vec::new();
     for file in std::mem::take(&mut plan.launch.join_cgroups) {
-        if let Err(e) = std::fs::write(&file, "0") {
-            ctl.fail("cgroup", format!("{}: {e}", file.display()));
+        match open(&file, nix::fcntl::OFlag::O_WRONLY) {
+            Ok(fd) => join.push(fd),
+            Err(e) => ctl.fail("cgroup", format!("{}: {}", file.display(), errno_text(e))),
         }
     }
-    // The mount namespace last: after it, /proc is the sandbox's, and so is the root (setns
-    // into a mount namespace moves the caller to its root). Nothing here re-executes a host
-    // path after that point.
-    let kinds = [
-        ("ipc", CloneFlags::CLONE_NEWIPC),
-        ("uts", CloneFlags::CLONE_NEWUTS),
-        ("net", CloneFlags::CLONE_NEWNET),
-        ("pid", CloneFlags::CLONE_NEWPID),
-        ("mnt", CloneFlags::CLONE_NEWNS),
-    ];
-    let mut fds = Vec::new();
-    for (name, flag) in kinds {
-        let path = format!("/proc/{}/ns/{name}", plan.init_pid);
-        match std::fs::File::open(&path) {
-            Ok(f) => fds.push((f, flag)),
-            Err(e) => ctl.fail("join sandbox", format!("{path}: {e}")),
+    let mut session = Vec::new();
+    for dir in &plan.session_cgroups {
+        match open(
+            dir,
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+        ) {
+            Ok(fd) => session.push(fd),
+            Err(e) => ctl.fail("cgroup", format!("{}: {}", dir.display(), errno_text(e))),
         }
     }
-    for (f, flag) in &fds {
-        if let Err(e) = nix::sched::setns(f.as_fd(), *flag) {
-            ctl.fail("join sandbox", format!("setns {flag:?}: {}", errno_text(e)));
-        }
+    // Enter init's namespaces through its pidfd (never by pid number: a pid can be recycled),
+    // all at once; the mount namespace moves this process to the sandbox's root, and nothing
+    // here re-executes a host path afterwards.
+    let init = take_fd(INIT_PIDFD);
+    let flags = CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNS;
+    if let Err(e) = nix::sched::setns(init.as_fd(), flags) {
+        ctl.fail("join sandbox", format!("setns: {}", errno_text(e)));
     }
-    drop(fds);
-    let workload = match launch(&mut ctl, &plan.launch, plan.pty) {
+    drop(init);
+    let workload = match launch(&mut ctl, &plan.launch, plan.pty, &join) {
         Ok(pid) => pid,
         Err((stage, message)) => ctl.fail(&stage, message),
     };
+    drop(join);
     ctl.send(&FromHelper::Running {
         pid: workload.as_raw(),
     });
     null_stdio();
     let status = supervise(workload, &sfd, Some(&lifeline));
+    // What the command left running (in the background, in a session of its own) ends with it.
+    if !cgroup::kill_session(&session, std::time::Duration::from_secs(5)) {
+        ctl.send(&FromHelper::Failed {
+            stage: "session cleanup".into(),
+            message: "processes were still running in the session's cgroup".into(),
+        });
+    }
     ctl.send(&FromHelper::WorkloadExited(status));
     std::process::exit(0);
 }
@@ -424,6 +442,7 @@ fn launch(
     ctl: &mut Control,
     plan: &LaunchPlan,
     pty: Option<(u16, u16)>,
+    join: &[OwnedFd],
 ) -> Result<Pid, StageError> {
     let slave = match pty {
         Some((rows, cols)) => Some(sandbox_pty(rows, cols).map_err(stage("pty"))?),
@@ -433,7 +452,7 @@ fn launch(
         let fd = s.as_raw_fd();
         [fd, fd, fd]
     });
-    let (pid, report) = launch_restricted(plan, stdio)?;
+    let (pid, report) = launch_joining(plan, stdio, join)?;
     drop(slave);
     ctl.send(&FromHelper::Restricted(report));
     Ok(Pid::from_raw(pid))
@@ -466,6 +485,16 @@ pub fn launch_restricted(
     plan: &LaunchPlan,
     stdio: Option<[RawFd; 3]>,
 ) -> Result<(i32, RestrictionReport), StageError> {
+    launch_joining(plan, stdio, &[])
+}
+
+/// [`launch_restricted`], the child first writing itself into each `cgroup.procs` descriptor
+/// of `join`.
+fn launch_joining(
+    plan: &LaunchPlan,
+    stdio: Option<[RawFd; 3]>,
+    join: &[OwnedFd],
+) -> Result<(i32, RestrictionReport), StageError> {
     let filter = &plan.seccomp;
     // Both ends close on exec: end of file tells the parent the workload runs.
     let (parent_end, child_end) =
@@ -481,7 +510,7 @@ pub fn launch_restricted(
                     }
                 }
             }
-            let (stage, message, code) = restrict_and_exec(plan, filter, &mut report);
+            let (stage, message, code) = restrict_and_exec(plan, filter, &mut report, join);
             let line =
                 serde_json::to_string(&FromHelper::Failed { stage, message }).unwrap_or_default();
             let _ = writeln!(report, "F{line}");
@@ -550,8 +579,9 @@ fn restrict_and_exec(
     plan: &LaunchPlan,
     filter: &seccomp::CompiledFilter,
     report: &mut UnixStream,
+    join: &[OwnedFd],
 ) -> (String, String, i32) {
-    match restrict(plan, filter, report) {
+    match restrict(plan, filter, report, join) {
         Ok(mut rr) => {
             rr.uid = plan.uid;
             rr.gid = plan.gid;
@@ -575,6 +605,7 @@ fn restrict(
     plan: &LaunchPlan,
     filter: &seccomp::CompiledFilter,
     parent: &mut UnixStream,
+    join: &[OwnedFd],
 ) -> Result<RestrictionReport, StageError> {
     // Default dispositions and an empty mask: the workload must not inherit the helper's.
     for signo in 1..32 {
@@ -590,6 +621,14 @@ fn restrict(
     for file in &plan.join_cgroups {
         std::fs::write(file, "0")
             .map_err(|e| ("cgroup".to_owned(), format!("{}: {e}", file.display())))?;
+    }
+    for fd in join {
+        nix::unistd::write(fd, b"0").map_err(|e| {
+            (
+                "cgroup".to_owned(),
+                format!("joining the session: {}", errno_text(e)),
+            )
+        })?;
     }
     if plan.pty {
         nix::unistd::setsid().map_err(|e| ("pty".to_owned(), errno_text(e)))?;

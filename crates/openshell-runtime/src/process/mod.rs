@@ -36,7 +36,7 @@ use crate::{ExecConfig, ExitStatus, SpawnConfig, Stdio, StdioMode};
 use openshell_policy::{LandlockCompatibility, Policy};
 use protocol::{
     ExecPlan, FromHelper, LandlockPlan, LaunchPlan, NetPlan, RestrictionReport, SpawnPlan,
-    ToHelper, WaitReport, CONTROL_FD, FD_CHANNEL, LIFELINE_FD,
+    ToHelper, WaitReport, CONTROL_FD, FD_CHANNEL, INIT_PIDFD, LIFELINE_FD,
 };
 
 /// Errors of the process backend.
@@ -212,7 +212,19 @@ fn stdio_for(
 
 /// Start the helper binary with the control socket at fd 3 and the lifeline at fd 4.
 /// `unshare` is applied in the child just before execve.
-pub(crate) fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Helper, ProcessError> {
+pub(crate) fn start_helper(
+    stdio: StdioMode,
+    unshare: CloneFlags,
+    init: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<Helper, ProcessError> {
+    // An exec helper's own copy of init's pidfd (`INIT_PIDFD`), closed here once it is placed.
+    let init = match init {
+        Some(fd) => Some(
+            fd.try_clone_to_owned()
+                .map_err(io("duplicating init's pidfd"))?,
+        ),
+        None => None,
+    };
     let (ours, theirs) = StdUnixStream::pair().map_err(io("creating the control socket"))?;
     let (fds_ours, fds_theirs) = channel::pair().map_err(|e| ProcessError::Io {
         op: "creating the descriptor channel",
@@ -234,12 +246,16 @@ pub(crate) fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Help
     let theirs_fd = theirs.as_raw_fd();
     let life_fd = life_r.as_raw_fd();
     let fds_fd = fds_theirs.as_raw_fd();
+    let init_fd = init.as_ref().map(|fd| fd.as_raw_fd());
     sys::pre_exec(&mut cmd, move || {
         sys::place_fds(&[
             (theirs_fd, CONTROL_FD),
             (life_fd, LIFELINE_FD),
             (fds_fd, FD_CHANNEL),
         ])?;
+        if let Some(fd) = init_fd {
+            sys::place_fds(&[(fd, INIT_PIDFD)])?;
+        }
         nix::unistd::setsid().map_err(std::io::Error::from)?;
         if !unshare.is_empty() {
             nix::sched::unshare(unshare).map_err(std::io::Error::from)?;
@@ -250,6 +266,7 @@ pub(crate) fn start_helper(stdio: StdioMode, unshare: CloneFlags) -> Result<Help
     drop(theirs);
     drop(life_r);
     drop(fds_theirs);
+    drop(init);
     ours.set_nonblocking(true)
         .map_err(io("configuring the control socket"))?;
     let stream = UnixStream::from_std(ours).map_err(io("registering the control socket"))?;
@@ -779,8 +796,7 @@ fn pidns_members(init_pid: i32) -> Vec<i32> {
 fn read_pids(procs: &[PathBuf]) -> Vec<i32> {
     procs
         .iter()
-        .find_map(|p| std::fs::read_to_string(p).ok())
-        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .find_map(|p| cgroup::pids_below(p).ok())
         .unwrap_or_default()
 }
 
@@ -888,7 +904,7 @@ impl ProcessSandbox {
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWPID;
-        let mut holder = match start_helper(config.stdio, flags) {
+        let mut holder = match start_helper(config.stdio, flags, None) {
             Ok(h) => h,
             Err(e) => return Err((e, cgroup)),
         };
@@ -1088,7 +1104,7 @@ impl ProcessSandbox {
         }
         exec_in(
             &self.id,
-            self.init_pid,
+            self.init_pidfd.as_fd(),
             &self.identity,
             procs_files(&self.cgroup),
             config,
@@ -1106,7 +1122,6 @@ impl ProcessSandbox {
         Ok(ProcessHandle {
             inner: Arc::new(HandleInner {
                 id: self.id.clone(),
-                init_pid: self.init_pid,
                 init_pidfd,
                 identity: self.identity.clone(),
                 procs: procs_files(&self.cgroup),
@@ -1124,7 +1139,6 @@ pub struct ProcessHandle {
 #[derive(Debug)]
 struct HandleInner {
     id: String,
-    init_pid: i32,
     /// Identifies the sandbox's init without a pid race: signal 0 tells whether it still runs,
     /// and `setns` through it enters the sandbox's network namespace.
     init_pidfd: OwnedFd,
@@ -1148,7 +1162,14 @@ impl ProcessHandle {
     pub async fn exec(&self, config: ExecConfig) -> Result<ProcessExec, ProcessError> {
         self.check_running()?;
         let i = &self.inner;
-        exec_in(&i.id, i.init_pid, &i.identity, i.procs.clone(), config).await
+        exec_in(
+            &i.id,
+            i.init_pidfd.as_fd(),
+            &i.identity,
+            i.procs.clone(),
+            config,
+        )
+        .await
     }
 
     /// Connect to `127.0.0.1:port` inside the sandbox's network namespace. The socket is made
@@ -1191,21 +1212,42 @@ impl ProcessHandle {
 /// Start `config` inside the sandbox whose init is `init_pid`.
 async fn exec_in(
     id: &str,
-    init_pid: i32,
+    init: std::os::fd::BorrowedFd<'_>,
     identity: &Identity,
     procs: Vec<PathBuf>,
     config: ExecConfig,
 ) -> Result<ProcessExec, ProcessError> {
     {
+        // The session's own cgroup below the sandbox's (see `cgroup::Cgroup::session`).
+        static SESSIONS: AtomicU32 = AtomicU32::new(0);
+        let name = SESSIONS.fetch_add(1, Ordering::Relaxed).to_string();
+        let mut session_cgroups = Vec::new();
+        for file in &procs {
+            let Some(dir) = file.parent() else { continue };
+            let sub = dir.join(format!("session-{name}"));
+            if let Err(source) = std::fs::create_dir(&sub) {
+                cgroup::remove_dirs(&session_cgroups, Duration::ZERO);
+                return Err(ProcessError::Io {
+                    op: "creating the session's cgroup",
+                    source,
+                });
+            }
+            session_cgroups.push(sub);
+        }
+        let session = SessionCgroups(session_cgroups.clone());
+        let join = session_cgroups
+            .iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect();
         let launch = identity.launch(
             &config.program,
             &config.args,
             &config.env,
             &config.workdir,
             config.stdio,
-            procs,
+            join,
         )?;
-        let mut helper = start_helper(config.stdio, CloneFlags::empty())?;
+        let mut helper = start_helper(config.stdio, CloneFlags::empty(), Some(init))?;
         let (pty_tx, pty_rx) = tokio::sync::oneshot::channel();
         if let Some(fds) = helper.fds.take() {
             serve_channel(fds, Arc::new(identity.mediator(id)), pty_tx)?;
@@ -1215,8 +1257,8 @@ async fn exec_in(
             _ => None,
         };
         let plan = ExecPlan {
-            init_pid,
             pty: pty_size,
+            session_cgroups,
             launch,
         };
         let mut pty = None;
@@ -1247,6 +1289,7 @@ async fn exec_in(
                     pidfd,
                     pty,
                     status: None,
+                    _session: session,
                 })
             }
             Err(e) => {
@@ -1266,6 +1309,19 @@ pub struct ProcessExec {
     /// A duplicate of the PTY master (for resizing after the caller took the terminal).
     pty: Option<OwnedFd>,
     status: Option<ExitStatus>,
+    /// Removed (and emptied, should the helper have been killed before it did) when dropped.
+    _session: SessionCgroups,
+}
+
+/// A session's cgroup directories; dropping the value kills what is left in them and removes
+/// them, so nothing a session started outlives it.
+#[derive(Debug)]
+struct SessionCgroups(Vec<PathBuf>);
+
+impl Drop for SessionCgroups {
+    fn drop(&mut self) {
+        cgroup::remove_dirs(&self.0, Duration::from_millis(200));
+    }
 }
 
 impl ProcessExec {

@@ -14,6 +14,8 @@ pub const CONTROL_FD: i32 = 3;
 pub const LIFELINE_FD: i32 = 4;
 /// The helpers' end of the descriptor channel (see `channel`).
 pub const FD_CHANNEL: i32 = 5;
+/// An exec helper's pidfd of the sandbox's init, whose namespaces it joins.
+pub const INIT_PIDFD: i32 = 6;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToHelper {
@@ -137,11 +139,14 @@ pub struct NetPlan {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecPlan {
-    /// Host pid of the sandbox's init, whose namespaces the command joins.
-    pub init_pid: i32,
     /// As [`SpawnPlan::pty`], allocated by the exec helper once inside the sandbox.
     #[serde(default)]
     pub pty: Option<(u16, u16)>,
+    /// The session's cgroup directories (one per hierarchy): the launched command joins
+    /// them (`launch.join_cgroups` are their `cgroup.procs`), and whatever is left in them is
+    /// killed when the command ends.
+    #[serde(default)]
+    pub session_cgroups: Vec<PathBuf>,
     pub launch: LaunchPlan,
 }
 

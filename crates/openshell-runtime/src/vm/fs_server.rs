@@ -33,7 +33,7 @@ pub async fn start(plan: FsServerPlan) -> Result<Child, VmError> {
         what: "virtiofsd",
         message,
     };
-    let mut helper = start_helper(StdioMode::Null, CloneFlags::CLONE_NEWNS)
+    let mut helper = start_helper(StdioMode::Null, CloneFlags::CLONE_NEWNS, None)
         .map_err(|e| helper_err(e.to_string()))?;
     helper
         .ctl

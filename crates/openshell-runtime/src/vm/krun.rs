@@ -170,7 +170,7 @@ impl KrunShim {
     /// configuration. The VM does not start before [`KrunShim::boot`].
     pub async fn start(plan: KrunPlan) -> Result<KrunShim, KrunError> {
         let mut helper =
-            start_helper(StdioMode::Null, jail_namespaces()).map_err(KrunError::Start)?;
+            start_helper(StdioMode::Null, jail_namespaces(), None).map_err(KrunError::Start)?;
         let pid = helper.child.id().unwrap_or(0);
         let log = plan.log.clone();
         helper
