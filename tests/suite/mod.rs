@@ -13,4 +13,5 @@ mod network;
 mod rootfs;
 mod seccomp;
 mod ssh;
+mod stdio;
 mod template;

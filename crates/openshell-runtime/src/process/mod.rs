@@ -189,7 +189,6 @@ fn stdio_for(
 > {
     use std::process::Stdio as S;
     Ok(match mode {
-        StdioMode::Inherit => (S::inherit(), S::inherit(), S::inherit(), None),
         StdioMode::Piped => (S::piped(), S::piped(), S::piped(), None),
         StdioMode::Null => (S::null(), S::null(), S::null(), None),
         StdioMode::Pty { rows, cols } => {
@@ -643,6 +642,8 @@ pub struct ProcessSandbox {
     /// Keeps the proxy serving this sandbox.
     _egress: Option<crate::EgressGuard>,
     identity: Identity,
+    /// A duplicate of the workload's PTY master (for resizing after the caller took it).
+    pty: Option<OwnedFd>,
     workload_status: Option<WaitReport>,
     status: Option<ExitStatus>,
 }
@@ -749,6 +750,10 @@ impl ProcessSandbox {
         // From here on the holder owns the cgroup's removal; on failure we kill it and wait, so
         // the cgroup is gone when this returns.
         let result = async {
+            let pty = match &holder.stdio.pty {
+                Some(fd) => Some(fd.try_clone().map_err(io("duplicating the terminal"))?),
+                None => None,
+            };
             holder.ctl.send(&ToHelper::Spawn(plan)).await?;
             let init_pid = match holder.ctl.recv().await {
                 Some(FromHelper::InitPid { pid }) => pid,
@@ -799,11 +804,11 @@ impl ProcessSandbox {
             holder.ctl.send(&ToHelper::Go).await?;
             debug!(sandbox = %id, "go sent");
             let _workload = await_running(&mut holder.ctl, &id).await?;
-            Ok((init_pid, init_pidfd, edge, egress))
+            Ok((init_pid, init_pidfd, edge, egress, pty))
         }
         .await;
         match result {
-            Ok((init_pid, init_pidfd, edge, egress)) => {
+            Ok((init_pid, init_pidfd, edge, egress, pty)) => {
                 info!(event = "sandbox.started", sandbox = %id, runtime = "process", init_pid,
                       program = %config.program, "workload started");
                 Ok(ProcessSandbox {
@@ -815,6 +820,7 @@ impl ProcessSandbox {
                     edge: Arc::new(edge),
                     _egress: egress,
                     identity,
+                    pty,
                     workload_status: None,
                     status: None,
                 })
@@ -889,6 +895,12 @@ impl ProcessSandbox {
         }
         sys::pidfd_send_signal(self.init_pidfd.as_fd(), signal)
             .map_err(|source| ProcessError::Signal { signal, source })
+    }
+
+    /// Set the terminal size of a workload started with a PTY.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ProcessError> {
+        let pty = self.pty.as_ref().ok_or(ProcessError::NoTerminal)?;
+        sys::set_window_size(pty.as_fd(), rows, cols).map_err(ProcessError::Resize)
     }
 
     /// Kill init, and with it every process in the sandbox. Never blocks.

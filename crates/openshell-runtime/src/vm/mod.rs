@@ -280,32 +280,6 @@ fn stdio_plumbing(mode: StdioMode) -> Result<Plumbing, VmError> {
         Ok((tx, rx))
     };
     Ok(match mode {
-        StdioMode::Inherit => {
-            // Our stdin is read on a detached thread: a blocking read must never hold up exit.
-            let (tx, rx) = pipe()?;
-            std::thread::spawn(move || {
-                let mut tx = tx.into_blocking_fd().ok().map(std::fs::File::from);
-                let mut buf = [0u8; 16384];
-                loop {
-                    match std::io::Read::read(&mut std::io::stdin(), &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            let Some(f) = tx.as_mut() else { break };
-                            if std::io::Write::write_all(f, &buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            });
-            (
-                GuestStdio::Piped,
-                Some(Box::new(tokio::io::stdout())),
-                Some(Box::new(tokio::io::stderr())),
-                Some(Box::new(rx)),
-                Stdio::default(),
-            )
-        }
         StdioMode::Null => (GuestStdio::Null, None, None, None, Stdio::default()),
         StdioMode::Piped => {
             let (in_tx, in_rx) = pipe()?;
@@ -615,6 +589,8 @@ pub struct VmSandbox {
     helpers: Vec<Child>,
     main: Session,
     stdio: Stdio,
+    /// Whether the workload runs on a PTY (it can be resized).
+    pty: bool,
     identity: Identity,
     _egress: Option<crate::EgressGuard>,
     status: Option<ExitStatus>,
@@ -916,6 +892,7 @@ impl VmSandbox {
             helpers,
             main,
             stdio,
+            pty: matches!(config.stdio, StdioMode::Pty { .. }),
             identity,
             _egress: egress,
             status: None,
@@ -976,6 +953,20 @@ impl VmSandbox {
             };
         }
         self.main.signal(signal)
+    }
+
+    /// Set the terminal size of a workload started with a PTY.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), VmError> {
+        if !self.pty {
+            return Err(VmError::NoTerminal);
+        }
+        if self.status.is_some() || self.main.exited.borrow().is_some() {
+            return Err(VmError::NotRunning);
+        }
+        self.main
+            .to_agent
+            .send(Frame::json(&Request::Resize { rows, cols }))
+            .map_err(|_| VmError::NotRunning)
     }
 
     /// Kill the VM (and with it everything in it). Never blocks.
