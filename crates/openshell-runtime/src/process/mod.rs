@@ -196,6 +196,19 @@ fn stdio_for(
                 op: "opening a pseudo-terminal",
                 source: e.into(),
             })?;
+            // Close-on-exec like every other descriptor of ours: a helper started meanwhile
+            // (an SSH session's) must not keep the slave open, or the master never sees the
+            // workload's end. The helper gets the slave as its stdio (dup2 clears the flag).
+            for fd in [&pty.master, &pty.slave] {
+                nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                )
+                .map_err(|e| ProcessError::Io {
+                    op: "configuring the pseudo-terminal",
+                    source: e.into(),
+                })?;
+            }
             sys::set_window_size(pty.master.as_fd(), rows, cols).map_err(|e| ProcessError::Io {
                 op: "setting the terminal size",
                 source: e.into(),
