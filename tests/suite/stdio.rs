@@ -279,31 +279,51 @@ fn the_workload_cannot_change_the_callers_terminal_settings() {
     if !can_run("the_workload_cannot_change_the_callers_terminal_settings") {
         return;
     }
+    struct Case {
+        name: &'static str,
+        flags: &'static [&'static str],
+        script: String,
+        stop: Option<Signal>,
+        code: i32,
+    }
     let change = "stty -echo -icanon min 1 && stty raw && touch changed";
-    let cases: [(&str, &[&str], String, Option<Signal>, i32); 4] = [
-        ("exits", &[], format!("{change}; exit 3"), None, 3),
-        ("killed", &[], format!("{change}; kill -KILL $$"), None, 137),
-        (
-            "timeout",
-            &["--timeout", "1"],
-            format!("{change}; sleep 600"),
-            None,
-            124,
-        ),
-        (
-            "stop grace",
-            &["--stop-grace", "1"],
-            format!("trap '' TERM; {change}; while :; do sleep 0.1; done"),
-            Some(Signal::SIGTERM),
-            137,
-        ),
+    let cases = [
+        Case {
+            name: "exits",
+            flags: &[],
+            script: format!("{change}; exit 3"),
+            stop: None,
+            code: 3,
+        },
+        Case {
+            name: "killed",
+            flags: &[],
+            script: format!("{change}; kill -KILL $$"),
+            stop: None,
+            code: 137,
+        },
+        Case {
+            name: "timeout",
+            flags: &["--timeout", "1"],
+            script: format!("{change}; sleep 600"),
+            stop: None,
+            code: 124,
+        },
+        Case {
+            name: "stop grace",
+            flags: &["--stop-grace", "1"],
+            script: format!("trap '' TERM; {change}; while :; do sleep 0.1; done"),
+            stop: Some(Signal::SIGTERM),
+            code: 137,
+        },
     ];
     for backend in backends() {
-        for (case, flags, script, stop, expected) in &cases {
-            let (before, after, code, changed) = settings_around(backend, flags, script, *stop);
+        for case in &cases {
+            let (before, after, code, changed) =
+                settings_around(backend, case.flags, &case.script, case.stop);
             assert_eq!(
-                (backend, *case, after, code, changed),
-                (backend, *case, before, Some(*expected), true)
+                (backend, case.name, after, code, changed),
+                (backend, case.name, before, Some(case.code), true)
             );
         }
     }
