@@ -472,3 +472,31 @@ fn ctrl_c_at_the_callers_terminal_interrupts_only_the_workload() {
         }
     }
 }
+
+/// The caller's stdout is a pipe whose reader leaves after a few bytes (`| head -c 10`): the
+/// workload writing into it ends with SIGPIPE (141), as in any pipeline, instead of running on
+/// with its output relayed and dropped (vm: the host tells the agent to deliver the SIGPIPE).
+#[test]
+fn a_workload_writing_into_a_closed_pipe_ends_with_sigpipe() {
+    if !can_run("a_workload_writing_into_a_closed_pipe_ends_with_sigpipe") {
+        return;
+    }
+    for backend in backends() {
+        let s = Scratch::new("");
+        let mut child = s
+            .command(backend, &[], &["/usr/bin/yes"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let mut out = child.stdout.take().expect("stdout");
+        let mut head = [0u8; 10];
+        out.read_exact(&mut head).expect("read the first bytes");
+        drop(out);
+        let code = finish(&mut child, Duration::from_secs(60));
+        assert_eq!(
+            (backend, &head, code),
+            (backend, b"y\ny\ny\ny\ny\n", Some(128 + 13))
+        );
+    }
+}

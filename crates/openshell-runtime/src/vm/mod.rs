@@ -453,24 +453,34 @@ async fn run_session(
     } else if guest_stdio == GuestStdio::Piped {
         let _ = to_agent.send(Frame::empty(Kind::StdinEof));
     }
+    // When the caller closes its end of an output stream, the process hears of it as it would
+    // on the process backend: SIGPIPE for a pipe, SIGHUP for a terminal (a hangup). Without
+    // that, a workload writing into a closed `| head` would run forever, its output relayed
+    // and dropped.
+    let closed_signal = match guest_stdio {
+        GuestStdio::Pty { .. } => libc::SIGHUP,
+        _ => libc::SIGPIPE,
+    };
+    let signals = to_agent.clone();
     tasks.push(tokio::spawn(async move {
         let mut stdout = stdout;
         let mut stderr = stderr;
         let mut report = None;
+        let mut told = false;
         while let Ok(Some(frame)) = proto::read_frame_async(&mut reader).await {
+            let delivered = match frame.kind {
+                Kind::Stdout => deliver(&mut stdout, &frame.payload).await,
+                Kind::Stderr => deliver(&mut stderr, &frame.payload).await,
+                _ => true,
+            };
+            if !delivered && !told {
+                told = true;
+                let signal = Request::Signal {
+                    signal: closed_signal,
+                };
+                let _ = signals.send(Frame::json(&signal));
+            }
             match frame.kind {
-                Kind::Stdout => {
-                    if let Some(s) = stdout.as_mut() {
-                        let _ = s.write_all(&frame.payload).await;
-                        let _ = s.flush().await;
-                    }
-                }
-                Kind::Stderr => {
-                    if let Some(s) = stderr.as_mut() {
-                        let _ = s.write_all(&frame.payload).await;
-                        let _ = s.flush().await;
-                    }
-                }
                 Kind::StdoutEof => {
                     if let Some(mut s) = stdout.take() {
                         let _ = s.shutdown().await;
@@ -502,6 +512,23 @@ async fn run_session(
         },
         caller_stdio,
     ))
+}
+
+/// Write one frame's payload to `sink` (nothing when there is none); `false` when the caller
+/// has closed its end, after which the sink is dropped.
+async fn deliver(sink: &mut Option<Sink>, payload: &[u8]) -> bool {
+    let Some(s) = sink.as_mut() else {
+        return true;
+    };
+    let written = match s.write_all(payload).await {
+        Ok(()) => s.flush().await,
+        Err(e) => Err(e),
+    };
+    if written.is_err() {
+        *sink = None;
+        return false;
+    }
+    true
 }
 
 impl Session {
