@@ -14,4 +14,5 @@ mod protected;
 mod rootfs;
 mod seccomp;
 mod ssh;
+mod stdio;
 mod template;

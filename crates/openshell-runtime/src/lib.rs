@@ -86,16 +86,21 @@ impl FromStr for RuntimeKind {
 }
 
 /// How the workload's standard streams are connected.
+///
+/// Every mode gives the workload descriptors the runtime made for it; none hands over the
+/// caller's own. There is deliberately no "inherit" mode: the workload runs in a session of its
+/// own, so job control would not stop it from reading the caller's terminal while the caller is
+/// in the background, the terminal settings it changes would outlive it, and a stdout that is a
+/// file could be truncated (`ftruncate(1)`). A caller that wants the workload's output on its
+/// own streams relays `Piped` or `Pty` (the CLI does, see `openshell-sandbox`'s `stdio.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StdioMode {
-    /// The workload shares the caller's stdin, stdout and stderr.
-    #[default]
-    Inherit,
     /// stdin, stdout and stderr are pipes the caller reads and writes as they are produced.
     Piped,
     /// stdin, stdout and stderr are one pseudo-terminal; the caller gets the master side.
     Pty { rows: u16, cols: u16 },
     /// stdin reads nothing; stdout and stderr are discarded.
+    #[default]
     Null,
 }
 
@@ -200,8 +205,8 @@ pub struct SpawnConfig {
 
 impl SpawnConfig {
     /// A config with the defaults a user would expect: the policy's resources (defaults filled
-    /// in for what it leaves out), hostname
-    /// `openshell`, inherited stdio, no environment.
+    /// in for what it leaves out), hostname `openshell`, no stdio ([`StdioMode::Null`]), no
+    /// environment.
     pub fn new(program: impl Into<String>, policy: Arc<Policy>, workdir: PathBuf) -> Self {
         let resources = policy.resources.effective();
         SpawnConfig {
@@ -209,7 +214,7 @@ impl SpawnConfig {
             args: Vec::new(),
             env: BTreeMap::new(),
             workdir,
-            stdio: StdioMode::Inherit,
+            stdio: StdioMode::Null,
             root: None,
             policy,
             resources,
@@ -415,6 +420,17 @@ impl SandboxedProcess {
             SandboxedProcess::Process(p) => Ok(p.signal(signal)?),
             #[cfg(all(target_os = "linux", feature = "vm"))]
             SandboxedProcess::Vm(v) => Ok(v.signal(signal)?),
+        }
+    }
+
+    /// Set the terminal size of a workload started with [`StdioMode::Pty`] (the workload gets
+    /// SIGWINCH from its terminal).
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), RuntimeError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            SandboxedProcess::Process(p) => Ok(p.resize(rows, cols)?),
+            #[cfg(all(target_os = "linux", feature = "vm"))]
+            SandboxedProcess::Vm(v) => Ok(v.resize(rows, cols)?),
         }
     }
 

@@ -6,6 +6,8 @@ mod image;
 mod logging;
 mod protect;
 mod ssh;
+mod stdio;
+mod sys;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -17,7 +19,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use openshell_policy::Policy;
-use openshell_runtime::{ExitStatus, RuntimeError, RuntimeKind, SpawnConfig, StdioMode};
+use openshell_runtime::{ExitStatus, RuntimeError, RuntimeKind, SpawnConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
 use cli::{Cli, Command, RunArgs};
@@ -346,7 +348,8 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     config.args = args;
     config.env = env;
     config.root = root;
-    config.stdio = StdioMode::Inherit;
+    // Never our own descriptors: a terminal of its own, or pipes, relayed (see `stdio.rs`).
+    config.stdio = stdio::mode();
     config.resources = resources.effective;
 
     rt.block_on(async {
@@ -444,8 +447,16 @@ async fn supervise(
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+    let mut sigwinch =
+        signal(SignalKind::window_change()).context("installing a SIGWINCH handler")?;
+    // Only observed (the stop and the continuation are the kernel's): a supervisor continued
+    // after a stop puts its terminal back in raw mode.
+    let mut sigcont =
+        signal(SignalKind::from_raw(libc::SIGCONT)).context("installing a SIGCONT handler")?;
 
     let mut sandbox = openshell_runtime::spawn(kind, config).await?;
+    // Restores the terminal when dropped: on every way out of this function from here on.
+    let mut relay = stdio::Relay::start(&mut sandbox)?;
     // Serves for as long as the sandbox runs; aborted (every connection with it) when it ends.
     let _ssh = match ssh {
         Some(ready) => Some(AbortOnDrop(ready.serve(sandbox.handle()?))),
@@ -474,6 +485,14 @@ async fn supervise(
                 forward(&sandbox, libc::SIGHUP);
                 None
             }
+            _ = sigwinch.recv() => {
+                relay.window_changed(&sandbox);
+                None
+            }
+            _ = sigcont.recv() => {
+                relay.continued(&sandbox);
+                None
+            }
             _ = &mut stop_grace, if stopping => {
                 tracing::warn!(event = "sandbox.stop_timeout", sandbox = sandbox.id(),
                                grace_seconds = stop_grace_for.as_secs(),
@@ -500,6 +519,18 @@ async fn supervise(
             }
         }
     };
+    // The sandbox is gone: nothing holds the other end of its streams once it is dropped (the
+    // vm backend's session tasks with it), so the relays reach their end of file. Everything
+    // the workload wrote is written out before the status is returned, unless a stop request
+    // comes meanwhile (our stdout may be a pipe nobody reads).
+    drop(_ssh);
+    drop(sandbox);
+    tokio::select! {
+        _ = relay.drained() => {}
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+    }
+    drop(relay);
     if timed_out {
         return Ok(ExitCode::from(EXIT_TIMEOUT));
     }

@@ -201,11 +201,11 @@ fn stdio_for(
 > {
     use std::process::Stdio as S;
     Ok(match mode {
-        StdioMode::Inherit => (S::inherit(), S::inherit(), S::inherit(), None),
         StdioMode::Piped => (S::piped(), S::piped(), S::piped(), None),
         StdioMode::Null => (S::null(), S::null(), S::null(), None),
         // The helper allocates the PTY inside the sandbox (its own devpts) and hands the
-        // master over the descriptor channel.
+        // master over the descriptor channel (close-on-exec on both sides, so no helper
+        // started later keeps the slave open).
         StdioMode::Pty { .. } => (S::null(), S::null(), S::null(), None),
     })
 }
@@ -824,6 +824,8 @@ pub struct ProcessSandbox {
     /// Keeps the proxy serving this sandbox.
     _egress: Option<crate::EgressGuard>,
     identity: Identity,
+    /// A duplicate of the workload's PTY master (for resizing after the caller took it).
+    pty: Option<OwnedFd>,
     workload_status: Option<WaitReport>,
     status: Option<ExitStatus>,
 }
@@ -989,15 +991,19 @@ impl ProcessSandbox {
             holder.ctl.send(&ToHelper::Go).await?;
             debug!(sandbox = %id, "go sent");
             let _workload = await_running(&mut holder.ctl, &id).await?;
+            // init handed the terminal's master over before it launched the workload; a
+            // duplicate stays here for resizes.
+            let mut pty = None;
             if pty_size.is_some() {
-                // init handed the master over before it launched the workload.
-                holder.stdio.pty = Some(pty_rx.await.map_err(|_| ProcessError::HelperLost)?);
+                let master = pty_rx.await.map_err(|_| ProcessError::HelperLost)?;
+                pty = Some(master.try_clone().map_err(io("duplicating the terminal"))?);
+                holder.stdio.pty = Some(master);
             }
-            Ok((init_pid, init_pidfd, edge, egress))
+            Ok((init_pid, init_pidfd, edge, egress, pty))
         }
         .await;
         match result {
-            Ok((init_pid, init_pidfd, edge, egress)) => {
+            Ok((init_pid, init_pidfd, edge, egress, pty)) => {
                 info!(event = "sandbox.started", sandbox = %id, runtime = "process", init_pid,
                       program = %config.program, "workload started");
                 Ok(ProcessSandbox {
@@ -1009,6 +1015,7 @@ impl ProcessSandbox {
                     edge: Arc::new(edge),
                     _egress: egress,
                     identity,
+                    pty,
                     workload_status: None,
                     status: None,
                 })
@@ -1083,6 +1090,12 @@ impl ProcessSandbox {
         }
         sys::pidfd_send_signal(self.init_pidfd.as_fd(), signal)
             .map_err(|source| ProcessError::Signal { signal, source })
+    }
+
+    /// Set the terminal size of a workload started with a PTY.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ProcessError> {
+        let pty = self.pty.as_ref().ok_or(ProcessError::NoTerminal)?;
+        sys::set_window_size(pty.as_fd(), rows, cols).map_err(ProcessError::Resize)
     }
 
     /// Kill init, and with it every process in the sandbox. Never blocks.

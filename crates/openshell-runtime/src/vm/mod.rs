@@ -344,32 +344,6 @@ fn stdio_plumbing(mode: StdioMode) -> Result<Plumbing, VmError> {
         Ok((tx, rx))
     };
     Ok(match mode {
-        StdioMode::Inherit => {
-            // Our stdin is read on a detached thread: a blocking read must never hold up exit.
-            let (tx, rx) = pipe()?;
-            std::thread::spawn(move || {
-                let mut tx = tx.into_blocking_fd().ok().map(std::fs::File::from);
-                let mut buf = [0u8; 16384];
-                loop {
-                    match std::io::Read::read(&mut std::io::stdin(), &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            let Some(f) = tx.as_mut() else { break };
-                            if std::io::Write::write_all(f, &buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            });
-            (
-                GuestStdio::Piped,
-                Some(Box::new(tokio::io::stdout())),
-                Some(Box::new(tokio::io::stderr())),
-                Some(Box::new(rx)),
-                Stdio::default(),
-            )
-        }
         StdioMode::Null => (GuestStdio::Null, None, None, None, Stdio::default()),
         StdioMode::Piped => {
             let (in_tx, in_rx) = pipe()?;
@@ -543,24 +517,34 @@ async fn run_session(
     } else if guest_stdio == GuestStdio::Piped {
         let _ = to_agent.send(Frame::empty(Kind::StdinEof));
     }
+    // When the caller closes its end of an output stream, the process hears of it as it would
+    // on the process backend: SIGPIPE for a pipe, SIGHUP for a terminal (a hangup). Without
+    // that, a workload writing into a closed `| head` would run forever, its output relayed
+    // and dropped.
+    let closed_signal = match guest_stdio {
+        GuestStdio::Pty { .. } => libc::SIGHUP,
+        _ => libc::SIGPIPE,
+    };
+    let signals = to_agent.clone();
     tasks.push(tokio::spawn(async move {
         let mut stdout = stdout;
         let mut stderr = stderr;
         let mut report = None;
+        let mut told = false;
         while let Ok(Some(frame)) = proto::read_frame_async(&mut reader).await {
+            let delivered = match frame.kind {
+                Kind::Stdout => deliver(&mut stdout, &frame.payload).await,
+                Kind::Stderr => deliver(&mut stderr, &frame.payload).await,
+                _ => true,
+            };
+            if !delivered && !told {
+                told = true;
+                let signal = Request::Signal {
+                    signal: closed_signal,
+                };
+                let _ = signals.send(Frame::json(&signal));
+            }
             match frame.kind {
-                Kind::Stdout => {
-                    if let Some(s) = stdout.as_mut() {
-                        let _ = s.write_all(&frame.payload).await;
-                        let _ = s.flush().await;
-                    }
-                }
-                Kind::Stderr => {
-                    if let Some(s) = stderr.as_mut() {
-                        let _ = s.write_all(&frame.payload).await;
-                        let _ = s.flush().await;
-                    }
-                }
                 Kind::StdoutEof => {
                     if let Some(mut s) = stdout.take() {
                         let _ = s.shutdown().await;
@@ -592,6 +576,23 @@ async fn run_session(
         },
         caller_stdio,
     ))
+}
+
+/// Write one frame's payload to `sink` (nothing when there is none); `false` when the caller
+/// has closed its end, after which the sink is dropped.
+async fn deliver(sink: &mut Option<Sink>, payload: &[u8]) -> bool {
+    let Some(s) = sink.as_mut() else {
+        return true;
+    };
+    let written = match s.write_all(payload).await {
+        Ok(()) => s.flush().await,
+        Err(e) => Err(e),
+    };
+    if written.is_err() {
+        *sink = None;
+        return false;
+    }
+    true
 }
 
 impl Session {
@@ -679,6 +680,8 @@ pub struct VmSandbox {
     helpers: Vec<Child>,
     main: Session,
     stdio: Stdio,
+    /// Whether the workload runs on a PTY (it can be resized).
+    pty: bool,
     identity: Identity,
     _egress: Option<crate::EgressGuard>,
     status: Option<ExitStatus>,
@@ -1001,6 +1004,7 @@ impl VmSandbox {
             helpers,
             main,
             stdio,
+            pty: matches!(config.stdio, StdioMode::Pty { .. }),
             identity,
             _egress: egress,
             status: None,
@@ -1061,6 +1065,20 @@ impl VmSandbox {
             };
         }
         self.main.signal(signal)
+    }
+
+    /// Set the terminal size of a workload started with a PTY.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), VmError> {
+        if !self.pty {
+            return Err(VmError::NoTerminal);
+        }
+        if self.status.is_some() || self.main.exited.borrow().is_some() {
+            return Err(VmError::NotRunning);
+        }
+        self.main
+            .to_agent
+            .send(Frame::json(&Request::Resize { rows, cols }))
+            .map_err(|_| VmError::NotRunning)
     }
 
     /// Kill the VM (and with it everything in it). Never blocks.

@@ -180,7 +180,10 @@ pub fn vsock_daemon_args(socket: &Path, uds: &Path) -> Vec<String> {
     ]
 }
 
-/// Start `program` so that it dies with the supervisor.
+/// Start `program` so that it dies with the supervisor, in a process group of its own: a
+/// signal from the caller's terminal (^C, ^Z, SIGTTIN) goes to the supervisor's group, and the
+/// supervisor decides what reaches the sandbox, as on the process backend (whose helpers run in
+/// sessions of their own).
 pub fn start(program: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
     let log_out = std::fs::File::create(log)?;
     let log_err = log_out.try_clone()?;
@@ -189,6 +192,7 @@ pub fn start(program: &Path, args: &[String], log: &Path) -> std::io::Result<Chi
         .stdin(std::process::Stdio::null())
         .stdout(log_out)
         .stderr(log_err)
+        .process_group(0)
         .kill_on_drop(true);
     sys::pre_exec(&mut cmd, || {
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)

@@ -15,6 +15,7 @@
 //! openshell-probe read PATH        open a file for reading
 //! openshell-probe fork N           start up to N sleeping children; 0 once fork is refused
 //! openshell-probe alloc MIB        allocate and touch MIB mebibytes
+//! openshell-probe ftruncate FD     truncate the open descriptor FD (e.g. 1: stdout) to 0 bytes
 //! ```
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -339,8 +340,15 @@ fn main() -> ExitCode {
         "mmap-write" => result(mmap_write(arg(1))),
         "fork" => fork_until_refused(arg(1).parse().unwrap_or(1000)),
         "alloc" => alloc(arg(1).parse().unwrap_or(1024)),
+        "ftruncate" => match arg(1).parse::<libc::c_long>() {
+            Ok(fd) => result(raw(libc::SYS_ftruncate, [fd, 0, 0, 0, 0, 0])),
+            Err(e) => {
+                eprintln!("openshell-probe: ftruncate {:?}: {e}", arg(1));
+                ExitCode::from(255)
+            }
+        },
         _ => {
-            eprintln!("usage: openshell-probe syscall NAME | connect IP:PORT | write PATH | mmap-write PATH | read PATH | fork N | alloc MIB");
+            eprintln!("usage: openshell-probe syscall NAME | connect IP:PORT | write PATH | mmap-write PATH | read PATH | fork N | alloc MIB | ftruncate FD");
             ExitCode::from(255)
         }
     }
