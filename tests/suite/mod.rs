@@ -7,6 +7,7 @@ mod egress;
 mod filesystem;
 mod identity;
 mod image;
+mod isolation;
 mod lifecycle;
 mod limits;
 mod network;

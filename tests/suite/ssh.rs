@@ -711,3 +711,38 @@ fn an_idle_ssh_connection_is_closed_and_its_process_killed() {
         );
     }
 }
+
+/// A session's processes have no ancestor outside the sandbox: a policy whose binaries cover the
+/// supervisor's own install directory (the exec helper that starts every session is that binary)
+/// gives a session nothing through it.
+#[test]
+fn a_sessions_egress_never_borrows_the_supervisors_identity() {
+    if !ssh_can_run("a_sessions_egress_never_borrows_the_supervisors_identity") {
+        return;
+    }
+    for backend in backends() {
+        let up = super::egress::Upstream::start("127.0.0.5");
+        let dir = Path::new(SANDBOX).parent().expect("the binary's directory");
+        let s = Scratch::new(&format!(
+            "network_policies:\n  up:\n    endpoints:\n      - host: \"{ip}\"\n        port: {port}\n        allowed_ips: [127.0.0.0/8]\n    binaries: [{{ path: \"{dir}/*\" }}]\n",
+            ip = up.addr.ip(),
+            port = up.addr.port(),
+            dir = dir.display(),
+        ));
+        let b = SshBox::start(&s, backend);
+        let out = b.ssh(
+            &[],
+            &format!(
+                "curl -s -o /dev/null -w '%{{http_code}}' {}",
+                up.url("/borrowed")
+            ),
+        );
+        assert_eq!(
+            (backend, stdout(&out)),
+            (backend, "403".to_owned()),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!((backend, up.seen()), (backend, Vec::<String>::new()));
+    }
+}

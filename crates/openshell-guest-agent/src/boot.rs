@@ -11,7 +11,8 @@ use openshell_runtime::vm_protocol::{GuestMount, GuestTmp, AGENT_DIR, BOOT_REQUE
 
 use crate::{diag, sys};
 
-/// The cgroup every spawned process joins when the host set a pids limit.
+/// The cgroup every spawned process joins (the workload directly, each other session in a
+/// cgroup of its own below it).
 pub const WORKLOAD_CGROUP: &str = "/sys/fs/cgroup/workload";
 
 /// A boot step that failed.
@@ -426,9 +427,8 @@ pub fn setup(
         private_tmp(tmp)?;
     }
     nix::unistd::sethostname(hostname).map_err(SetupError::SetHostname)?;
-    if limits.pids.is_none() && limits.memory_mib.is_none() {
-        return Ok(None);
-    }
+    // The workload cgroup exists even without limits: every session gets a cgroup below it,
+    // so what a session starts can be killed with it.
     let io = |path: &str| {
         let path = path.to_owned();
         move |source| SetupError::Cgroup { path, source }
@@ -441,7 +441,9 @@ pub fn setup(
     if limits.memory_mib.is_some() {
         controllers.push("+memory");
     }
-    std::fs::write(control, controllers.join(" ")).map_err(io(control))?;
+    if !controllers.is_empty() {
+        std::fs::write(control, controllers.join(" ")).map_err(io(control))?;
+    }
     match std::fs::create_dir(WORKLOAD_CGROUP) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

@@ -235,7 +235,7 @@ pub async fn serve_preloaded(
                     diag!("setup: {}", chain(&e));
                     Boot::SetupFailed(failed(e.stage(), chain(&e)))
                 }
-                Ok(()) => match spawn::start(&ctx, launch, stdio) {
+                Ok(()) => match spawn::start(&ctx, launch, stdio, true) {
                     Ok(process) => Boot::Launched(Box::new(process)),
                     Err(frame) => Boot::LaunchFailed(frame),
                 },

@@ -128,7 +128,7 @@ pub async fn run(
     stdio: GuestStdio,
     main: bool,
 ) {
-    match start(&ctx, launch, stdio) {
+    match start(&ctx, launch, stdio, main) {
         Ok(process) => session(ctx, rd, wr, process, main).await,
         Err(frame) => {
             send(&mut wr, &frame).await;
@@ -136,9 +136,52 @@ pub async fn run(
     }
 }
 
+/// A session's cgroup below the workload's: created before the launch, and on drop every
+/// process left in it is killed (`cgroup.kill`) and the cgroup removed.
+struct SessionCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl SessionCgroup {
+    fn new(workload_procs: &std::path::Path) -> Result<SessionCgroup, String> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let parent = workload_procs
+            .parent()
+            .ok_or_else(|| "the workload cgroup has no directory".to_owned())?;
+        let dir = parent.join(format!("session-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(SessionCgroup { dir })
+    }
+}
+
+impl Drop for SessionCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(self.dir.join("cgroup.kill"), "1") {
+            diag!("{}: cgroup.kill: {e}", self.dir.display());
+        }
+        // The killed processes leave asynchronously; the reaper collects them meanwhile.
+        for _ in 0..200 {
+            match std::fs::remove_dir(&self.dir) {
+                Ok(()) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => {
+                    diag!("{}: {e}", self.dir.display());
+                    return;
+                }
+            }
+        }
+        diag!("{}: still busy", self.dir.display());
+    }
+}
+
 /// A launched process, before its session.
 pub struct Launched {
     pid: i32,
+    /// The session's own cgroup (not the main process's): killed when the session ends.
+    session_cgroup: Option<SessionCgroup>,
     report: openshell_runtime::process::protocol::RestrictionReport,
     parent: ParentSide,
     is_pty: bool,
@@ -156,14 +199,26 @@ impl Launched {
 
 /// Launch one restricted process with its stdio, without awaiting anything: the reaper learns
 /// of it before this returns. On failure, the `Failed` frame for the host.
-pub fn start(ctx: &Ctx, mut launch: LaunchPlan, stdio: GuestStdio) -> Result<Launched, Frame> {
+pub fn start(
+    ctx: &Ctx,
+    mut launch: LaunchPlan,
+    stdio: GuestStdio,
+    main: bool,
+) -> Result<Launched, Frame> {
     let is_pty = matches!(stdio, GuestStdio::Pty { .. });
     if launch.pty != is_pty {
         let msg = "launch.pty must be true exactly when stdio is Pty";
         return Err(failed("protocol", msg));
     }
+    let mut session_cgroup = None;
     if let Some(procs) = ctx.cgroup_procs.borrow().clone() {
-        launch.join_cgroups.push(procs);
+        if main {
+            launch.join_cgroups.push(procs);
+        } else {
+            let session = SessionCgroup::new(&procs).map_err(|e| failed("cgroup", e))?;
+            launch.join_cgroups.push(session.dir.join("cgroup.procs"));
+            session_cgroup = Some(session);
+        }
     }
     let (parent, child) = open_stdio(stdio).map_err(|e| failed("stdio", e.to_string()))?;
     // Blocks this thread until the process has exec'd or failed; nothing else runs meanwhile,
@@ -178,6 +233,7 @@ pub fn start(ctx: &Ctx, mut launch: LaunchPlan, stdio: GuestStdio) -> Result<Lau
     let exited = ctx.reaper.register(pid);
     Ok(Launched {
         pid,
+        session_cgroup,
         report,
         parent,
         is_pty,
@@ -189,6 +245,7 @@ pub fn start(ctx: &Ctx, mut launch: LaunchPlan, stdio: GuestStdio) -> Result<Lau
 pub async fn session(ctx: Rc<Ctx>, rd: Reader, mut wr: Writer, process: Launched, main: bool) {
     let Launched {
         pid,
+        session_cgroup,
         report,
         parent,
         is_pty,
@@ -252,6 +309,9 @@ pub async fn session(ctx: Rc<Ctx>, rd: Reader, mut wr: Writer, process: Launched
     let status = exited
         .await
         .unwrap_or(WaitReport::Signal(Signal::SIGKILL as i32));
+    // What the process left running (in the background, in a session of its own) ends with
+    // it, before its status is reported.
+    drop(session_cgroup);
 
     let drain = futures_join_all(&mut readers);
     if tokio::time::timeout(OUTPUT_GRACE, drain).await.is_err() {

@@ -440,6 +440,13 @@ pub fn prepare_guest_view(lower: &Path, box_dir: &Path) -> Result<RootMethod, St
         // The copy has no upper layer: put the guest's entries into it, replacing whatever the
         // image has at those names (its own /openshell included), never writing through a
         // link it carries.
+        let merged_dir = open_dir_nofollow(nix::fcntl::AT_FDCWD, &merged)
+            .map_err(|e| format!("opening {}: {e}", merged.display()))?;
+        match remove_at(&merged_dir, std::ffi::OsStr::new("openshell")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("removing the image's /openshell: {e}")),
+        }
         merge_into(&box_dir.join("upper"), &merged)
             .map_err(|e| format!("adding the guest's entries to the copy: {e}"))?;
     }

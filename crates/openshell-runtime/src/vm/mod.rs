@@ -179,6 +179,12 @@ fn shares_for(
                 continue;
             }
         };
+        if kind == SFlag::S_IFSOCK {
+            // A host socket is connectable only on the host: a VM's virtio-fs shows the file,
+            // but nothing in the guest is bound to it.
+            refuse(text, "a host socket cannot be reached from a VM".into())?;
+            continue;
+        }
         if engine == Engine::Krun && kind != SFlag::S_IFDIR {
             // Merged-usr links (/bin -> usr/bin) exist in the krun guest's root too.
             if kind != SFlag::S_IFLNK {
