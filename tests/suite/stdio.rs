@@ -153,6 +153,11 @@ fn finish(child: &mut Child, limit: Duration) -> Option<i32> {
 
 /// Host processes other than `except` with a descriptor open on `path`, as (pid, name).
 fn holders_of(path: &Path, except: &[i32]) -> Vec<(i32, String)> {
+    use std::os::unix::fs::MetadataExt;
+    // Compared by device and inode, not by name: a sandbox's own devpts has a `/dev/pts/0` too.
+    let want = std::fs::metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .expect("stat the terminal");
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").expect("read /proc").flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -166,7 +171,7 @@ fn holders_of(path: &Path, except: &[i32]) -> Vec<(i32, String)> {
         };
         if fds
             .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == path))
+            .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| (m.dev(), m.ino()) == want))
         {
             let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
             found.push((pid, comm.trim().to_owned()));

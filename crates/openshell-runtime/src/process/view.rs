@@ -508,7 +508,14 @@ const PROC_READONLY: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
 /// host's `/dev`, a private devpts, `/dev/shm` of `shm_size_mib`, the usual links).
 pub fn mount_proc_and_dev(tree: &mut Tree, shm_size_mib: Option<u64>) -> Result<(), ViewError> {
     let nosuid_nodev_noexec = NOSUID | NODEV | NOEXEC;
-    tree.mount_own(Path::new("/proc"), "proc", &[], nosuid_nodev_noexec)?;
+    // hidepid=invisible: the workload sees its own processes, not init's (the supervisor's
+    // binary, as root), as in the guest.
+    tree.mount_own(
+        Path::new("/proc"),
+        "proc",
+        &[("hidepid", "invisible")],
+        nosuid_nodev_noexec,
+    )?;
     tree.mount_own(
         Path::new("/dev"),
         "tmpfs",
