@@ -644,9 +644,10 @@ fn a_copy_serves_when_overlayfs_is_unavailable() {
 }
 
 /// An image that carries links where the runtime works as root (`/openshell/agent` pointing at
-/// a host file, `/openshell/boot` at a host directory) cannot make a root helper write through
+/// a host file; `/openshell/boot` at a host directory) cannot make a root helper write through
 /// them: with overlayfs refused (the copy fallback, where the vm backend used to write the
-/// agent through the image's link), the host's files stay byte-for-byte as they were.
+/// agent through the image's link), the host's files stay byte-for-byte as they were, and the
+/// sandbox runs.
 #[test]
 fn root_helpers_never_follow_an_images_links() {
     use std::os::unix::fs::PermissionsExt;
@@ -658,74 +659,84 @@ fn root_helpers_never_follow_an_images_links() {
         .tempdir()
         .expect("tempdir");
     let canary = host.path().join("shadow");
-    std::fs::write(&canary, "host secret\n").expect("canary");
-    chmod(&canary, 0o600);
     let host_dir = host.path().join("dir");
     std::fs::create_dir(&host_dir).expect("mkdir");
     std::fs::create_dir(t.root.join("openshell")).expect("mkdir");
-    std::os::unix::fs::symlink(&canary, t.root.join("openshell/agent")).expect("symlink");
-    std::os::unix::fs::symlink(&host_dir, t.root.join("openshell/boot")).expect("symlink");
-    for backend in backends() {
-        let scratch = tempfile::tempdir().expect("tempdir");
-        let (upper, work, mnt) = (
-            scratch.path().join("u"),
-            scratch.path().join("w"),
-            scratch.path().join("m"),
-        );
-        let lower = scratch.path().join("l");
-        for d in [&upper, &work, &mnt, &lower] {
-            std::fs::create_dir(d).expect("mkdir");
+    for link in ["agent", "boot"] {
+        std::fs::write(&canary, "host secret\n").expect("canary");
+        chmod(&canary, 0o600);
+        let (target, at) = match link {
+            "agent" => (&canary, t.root.join("openshell/agent")),
+            _ => (&host_dir, t.root.join("openshell/boot")),
+        };
+        let _ = std::fs::remove_file(t.root.join("openshell/agent"));
+        let _ = std::fs::remove_file(t.root.join("openshell/boot"));
+        std::os::unix::fs::symlink(target, &at).expect("symlink");
+        for backend in backends() {
+            let scratch = tempfile::tempdir().expect("tempdir");
+            let (upper, work, mnt) = (
+                scratch.path().join("u"),
+                scratch.path().join("w"),
+                scratch.path().join("m"),
+            );
+            let lower = scratch.path().join("l");
+            for d in [&upper, &work, &mnt, &lower] {
+                std::fs::create_dir(d).expect("mkdir");
+            }
+            let lower = if backend == "vm" { guest_dir() } else { lower };
+            let options = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                upper.display(),
+                work.display()
+            );
+            let out = Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg("mount -t overlay overlay -o \"$1\" \"$2\" && shift 2 && exec \"$@\"")
+                .arg("sh")
+                .arg(&options)
+                .arg(&mnt)
+                .arg("env")
+                .arg(format!("OPENSHELL_RUN_DIR={}", mnt.display()))
+                .arg(format!("OPENSHELL_GUEST_DIR={}", mnt.display()))
+                .arg(SANDBOX)
+                .args(["--runtime", backend, "--policy"])
+                .arg(&t.policy)
+                .arg("--rootfs")
+                .arg(&t.root)
+                .args(["--workdir", "/data", "--", "/bin/sh", "-c", "cat /marker"])
+                .stdin(Stdio::null())
+                .output()
+                .expect("unshare (util-linux)");
+            // The host first: a failed run may still have written through the link.
+            assert_eq!(
+                (
+                    backend,
+                    link,
+                    String::from_utf8_lossy(&std::fs::read(&canary).expect("canary")).into_owned(),
+                    std::fs::metadata(&canary)
+                        .expect("stat")
+                        .permissions()
+                        .mode()
+                        & 0o7777,
+                    std::fs::read_dir(&host_dir).expect("read_dir").count()
+                ),
+                (backend, link, "host secret\n".to_owned(), 0o600, 0),
+                "the host's file and directory are untouched: {}",
+                stderr(&out)
+            );
+            assert_eq!(
+                (backend, link, code(&out), stdout(&out)),
+                (backend, link, 0, "only in the tree\n".to_owned()),
+                "stderr: {}",
+                stderr(&out)
+            );
+            assert!(
+                stderr(&out).contains("method=\"copy\""),
+                "{backend}: the copy fallback ran: {}",
+                stderr(&out)
+            );
         }
-        let lower = if backend == "vm" { guest_dir() } else { lower };
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
-            upper.display(),
-            work.display()
-        );
-        let out = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg("mount -t overlay overlay -o \"$1\" \"$2\" && shift 2 && exec \"$@\"")
-            .arg("sh")
-            .arg(&options)
-            .arg(&mnt)
-            .arg("env")
-            .arg(format!("OPENSHELL_RUN_DIR={}", mnt.display()))
-            .arg(format!("OPENSHELL_GUEST_DIR={}", mnt.display()))
-            .arg(SANDBOX)
-            .args(["--runtime", backend, "--policy"])
-            .arg(&t.policy)
-            .arg("--rootfs")
-            .arg(&t.root)
-            .args(["--workdir", "/data", "--", "/bin/sh", "-c", "cat /marker"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("unshare (util-linux)");
-        assert_eq!(
-            (backend, code(&out), stdout(&out)),
-            (backend, 0, "only in the tree\n".to_owned()),
-            "stderr: {}",
-            stderr(&out)
-        );
-        assert!(
-            stderr(&out).contains("method=\"copy\""),
-            "{backend}: the copy fallback ran: {}",
-            stderr(&out)
-        );
-        assert_eq!(
-            (
-                backend,
-                std::fs::read_to_string(&canary).expect("canary"),
-                std::fs::metadata(&canary)
-                    .expect("stat")
-                    .permissions()
-                    .mode()
-                    & 0o7777,
-                std::fs::read_dir(&host_dir).expect("read_dir").count()
-            ),
-            (backend, "host secret\n".to_owned(), 0o600, 0),
-            "the host's file and directory are untouched"
-        );
     }
 }
 

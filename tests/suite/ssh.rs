@@ -723,8 +723,9 @@ fn a_sessions_egress_never_borrows_the_supervisors_identity() {
     for backend in backends() {
         let up = super::egress::Upstream::start("127.0.0.5");
         let dir = Path::new(SANDBOX).parent().expect("the binary's directory");
+        // With limits (a cgroup: its members are who the proxy considers), as every policy has.
         let s = Scratch::new(&format!(
-            "network_policies:\n  up:\n    endpoints:\n      - host: \"{ip}\"\n        port: {port}\n        allowed_ips: [127.0.0.0/8]\n    binaries: [{{ path: \"{dir}/*\" }}]\n",
+            "resources:\n  pids: 512\nnetwork_policies:\n  up:\n    endpoints:\n      - host: \"{ip}\"\n        port: {port}\n        allowed_ips: [127.0.0.0/8]\n    binaries: [{{ path: \"{dir}/*\" }}]\n",
             ip = up.addr.ip(),
             port = up.addr.port(),
             dir = dir.display(),
