@@ -572,6 +572,56 @@ fn rootfs_sandboxes_leave_no_mounts_or_directories() {
     assert!(!t.root.join("data/ready").exists() && !t.root.join("data/f").exists());
 }
 
+/// Run `cmd` in a `--rootfs` sandbox of `t` whose per-sandbox directories lie on an overlayfs,
+/// which overlayfs refuses as an upper layer (so the copy fallback runs); done in a private
+/// mount namespace (unshare), so nothing leaks to the host. Returns the output and the overlay's
+/// upper directory (where the boxes went), kept alive by the returned tempdir.
+fn run_without_overlayfs(
+    t: &Tree,
+    backend: &str,
+    workdir: &str,
+    cmd: &[&str],
+) -> (std::process::Output, PathBuf, tempfile::TempDir) {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (upper, work, mnt) = (
+        scratch.path().join("u"),
+        scratch.path().join("w"),
+        scratch.path().join("m"),
+    );
+    let lower = scratch.path().join("l");
+    for d in [&upper, &work, &mnt, &lower] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    // The vm backend's directories live in the guest directory: overlay the real one.
+    let lower = if backend == "vm" { guest_dir() } else { lower };
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t overlay overlay -o \"$1\" \"$2\" && shift 2 && exec \"$@\"")
+        .arg("sh")
+        .arg(&options)
+        .arg(&mnt)
+        .arg("env")
+        .arg(format!("OPENSHELL_RUN_DIR={}", mnt.display()))
+        .arg(format!("OPENSHELL_GUEST_DIR={}", mnt.display()))
+        .arg(SANDBOX)
+        .args(["--runtime", backend, "--policy"])
+        .arg(&t.policy)
+        .arg("--rootfs")
+        .arg(&t.root)
+        .args(["--workdir", workdir, "--"])
+        .args(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare (util-linux)");
+    (out, upper, scratch)
+}
+
 #[test]
 fn a_copy_serves_when_overlayfs_is_unavailable() {
     let Some(t) = tree("a_copy_serves_when_overlayfs_is_unavailable", "") else {
@@ -579,50 +629,17 @@ fn a_copy_serves_when_overlayfs_is_unavailable() {
     };
     let before = t.snapshot();
     for backend in backends() {
-        // The per-sandbox directories on an overlayfs, which overlayfs refuses as an upper
-        // layer; done in a private mount namespace (unshare), so nothing leaks to the host.
-        let scratch = tempfile::tempdir().expect("tempdir");
-        let (upper, work, mnt) = (
-            scratch.path().join("u"),
-            scratch.path().join("w"),
-            scratch.path().join("m"),
-        );
-        let lower = scratch.path().join("l");
-        for d in [&upper, &work, &mnt, &lower] {
-            std::fs::create_dir(d).expect("mkdir");
-        }
-        // The vm backend's directories live in the guest directory: overlay the real one.
-        let lower = if backend == "vm" { guest_dir() } else { lower };
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
-            upper.display(),
-            work.display()
-        );
-        let out = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg("mount -t overlay overlay -o \"$1\" \"$2\" && shift 2 && exec \"$@\"")
-            .arg("sh")
-            .arg(&options)
-            .arg(&mnt)
-            .arg("env")
-            .arg(format!("OPENSHELL_RUN_DIR={}", mnt.display()))
-            .arg(format!("OPENSHELL_GUEST_DIR={}", mnt.display()))
-            .arg(SANDBOX)
-            .args(["--runtime", backend, "--policy"])
-            .arg(&t.policy)
-            .arg("--rootfs")
-            .arg(&t.root)
-            .args(["--workdir", "/data", "--"])
-            .args([
+        let (out, upper, _scratch) = run_without_overlayfs(
+            &t,
+            backend,
+            "/data",
+            &[
                 "/bin/sh",
                 "-c",
                 "cat /marker; echo x > /data/new && cat /data/new; \
                  echo x > /etc/new 2>/dev/null || echo etc-denied",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("unshare (util-linux)");
+            ],
+        );
         assert_eq!(
             (backend, code(&out), stdout(&out)),
             (backend, 0, "only in the tree\nx\netc-denied\n".to_owned()),
@@ -673,41 +690,8 @@ fn root_helpers_never_follow_an_images_links() {
         let _ = std::fs::remove_file(t.root.join("openshell/boot"));
         std::os::unix::fs::symlink(target, &at).expect("symlink");
         for backend in backends() {
-            let scratch = tempfile::tempdir().expect("tempdir");
-            let (upper, work, mnt) = (
-                scratch.path().join("u"),
-                scratch.path().join("w"),
-                scratch.path().join("m"),
-            );
-            let lower = scratch.path().join("l");
-            for d in [&upper, &work, &mnt, &lower] {
-                std::fs::create_dir(d).expect("mkdir");
-            }
-            let lower = if backend == "vm" { guest_dir() } else { lower };
-            let options = format!(
-                "lowerdir={},upperdir={},workdir={}",
-                lower.display(),
-                upper.display(),
-                work.display()
-            );
-            let out = Command::new("unshare")
-                .args(["--mount", "--propagation", "private", "sh", "-c"])
-                .arg("mount -t overlay overlay -o \"$1\" \"$2\" && shift 2 && exec \"$@\"")
-                .arg("sh")
-                .arg(&options)
-                .arg(&mnt)
-                .arg("env")
-                .arg(format!("OPENSHELL_RUN_DIR={}", mnt.display()))
-                .arg(format!("OPENSHELL_GUEST_DIR={}", mnt.display()))
-                .arg(SANDBOX)
-                .args(["--runtime", backend, "--policy"])
-                .arg(&t.policy)
-                .arg("--rootfs")
-                .arg(&t.root)
-                .args(["--workdir", "/data", "--", "/bin/sh", "-c", "cat /marker"])
-                .stdin(Stdio::null())
-                .output()
-                .expect("unshare (util-linux)");
+            let (out, _, _scratch) =
+                run_without_overlayfs(&t, backend, "/data", &["/bin/sh", "-c", "cat /marker"]);
             // The host first: a failed run may still have written through the link.
             assert_eq!(
                 (

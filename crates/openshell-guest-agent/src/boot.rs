@@ -309,16 +309,7 @@ fn private_tmp(tmp: &GuestTmp) -> Result<(), SetupError> {
         })
     })?;
     let mut tree = view::Tree::new(root, false);
-    let size = tmp.size_mib.map(|m| format!("{m}m"));
-    let mut options = vec![("mode", "1777")];
-    if let Some(size) = &size {
-        options.push(("size", size.as_str()));
-    }
-    let mut attrs = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
-    if tmp.readonly {
-        attrs |= libc::MOUNT_ATTR_RDONLY;
-    }
-    tree.mount_own(Path::new("/tmp"), "tmpfs", &options, attrs)
+    tree.mount_private_tmp(tmp.size_mib, tmp.readonly)
         .map_err(SetupError::Tmp)?;
     for (fd, m) in keep {
         tree.bind_within(fd.as_fd(), Path::new(&m.path), !m.readonly)

@@ -87,8 +87,6 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the seccomp filter does not start with its architecture check")]
-    FilterLayout,
     #[error("sandbox setup failed at {stage}: {message}")]
     Setup {
         stage: String,
@@ -578,12 +576,7 @@ impl Identity {
         if !self.mediate_connect {
             return Ok(base.clone());
         }
-        let program =
-            unix_connect::notify_connect(&base.program).ok_or(ProcessError::FilterLayout)?;
-        Ok(seccomp::CompiledFilter {
-            program,
-            rules: base.rules + 1,
-        })
+        Ok(seccomp::with_connect_notified(base))
     }
 
     /// What the connect mediation needs to act as this identity's processes.

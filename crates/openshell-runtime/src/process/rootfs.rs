@@ -221,6 +221,18 @@ fn copy_owner_and_mode(
     Ok(())
 }
 
+/// Give the entry `name` of `dir` (just made by the copy) the `owner`, without following it.
+fn chown_entry(
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::OsStr,
+    owner: (Option<nix::unistd::Uid>, Option<nix::unistd::Gid>),
+) -> std::io::Result<()> {
+    let nofollow = nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW;
+    Ok(nix::unistd::fchownat(
+        dir, name, owner.0, owner.1, nofollow,
+    )?)
+}
+
 /// Remove `name` in `dir` whatever it is, without following it.
 fn remove_at(dir: &std::os::fd::OwnedFd, name: &std::ffi::OsStr) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -297,13 +309,7 @@ fn copy_dir_at(
             SFlag::S_IFLNK => {
                 let target = nix::fcntl::readlinkat(src, name.as_os_str())?;
                 nix::unistd::symlinkat(target.as_os_str(), dst, name.as_os_str())?;
-                nix::unistd::fchownat(
-                    dst,
-                    name.as_os_str(),
-                    owner.0,
-                    owner.1,
-                    AtFlags::AT_SYMLINK_NOFOLLOW,
-                )?;
+                chown_entry(dst, &name, owner)?;
             }
             SFlag::S_IFREG => {
                 if st.st_nlink > 1 {
@@ -339,13 +345,7 @@ fn copy_dir_at(
             }
             SFlag::S_IFIFO | SFlag::S_IFCHR | SFlag::S_IFBLK => {
                 nix::sys::stat::mknodat(dst, name.as_os_str(), kind, mode, st.st_rdev)?;
-                nix::unistd::fchownat(
-                    dst,
-                    name.as_os_str(),
-                    owner.0,
-                    owner.1,
-                    AtFlags::AT_SYMLINK_NOFOLLOW,
-                )?;
+                chown_entry(dst, &name, owner)?;
                 // mknod applied the umask; the node was just made here and is not a link.
                 nix::sys::stat::fchmodat(
                     dst,
@@ -374,18 +374,8 @@ pub fn own_filesystems(merged: &Path, tmp: view::TmpPlan) -> Result<(), String> 
         view::TmpPlan::Host => None,
     };
     view::mount_proc_and_dev(&mut tree, size).map_err(|e| crate::error_chain(&e))?;
-    let size = size.map(|m| format!("{m}m"));
-    let mut options = vec![("mode", "1777")];
-    if let Some(size) = &size {
-        options.push(("size", size.as_str()));
-    }
-    tree.mount_own(
-        Path::new("/tmp"),
-        "tmpfs",
-        &options,
-        libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
-    )
-    .map_err(|e| crate::error_chain(&e))
+    tree.mount_private_tmp(size, false)
+        .map_err(|e| crate::error_chain(&e))
 }
 
 /// Make `dir` (a mount point in the caller's private mount namespace) the root: pivot_root

@@ -850,6 +850,29 @@ fn prefix() -> BpfProgram {
     ]
 }
 
+const SECCOMP_RET_USER_NOTIF: u32 = 0x7fc0_0000;
+
+/// `filter` with `connect` answered by a user notification (the supervisor carries it out; see
+/// `unix_connect`): three instructions right after the architecture check, so every other row,
+/// x32 and clone3 included, sees the call only if it is not `connect`. The rule counts as one
+/// more row.
+pub fn with_connect_notified(filter: &CompiledFilter) -> CompiledFilter {
+    // The first three instructions of `prefix`: load the architecture, accept x86_64, kill.
+    let arch_check = 3;
+    let mut program = Vec::with_capacity(filter.program.len() + 3);
+    program.extend_from_slice(&filter.program[..arch_check]);
+    program.extend([
+        insn(BPF_LD_W_ABS, 0, 0, OFFSET_NR),
+        insn(BPF_JEQ_K, 0, 1, libc::SYS_connect as u32),
+        insn(BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
+    ]);
+    program.extend_from_slice(&filter.program[arch_check..]);
+    CompiledFilter {
+        program,
+        rules: filter.rules + 1,
+    }
+}
+
 /// Install `filter` on the calling thread. no_new_privs must already be set.
 pub fn apply(filter: &CompiledFilter) -> Result<(), seccompiler::Error> {
     seccompiler::apply_filter(&filter.program)
@@ -859,6 +882,25 @@ pub fn apply(filter: &CompiledFilter) -> Result<(), seccompiler::Error> {
 mod tests {
     use super::*;
     use pretty_assertions::assert_eq;
+
+    #[test]
+    fn connect_is_notified_right_after_the_architecture_check() {
+        let filter = compile().expect("table compiles");
+        let out = with_connect_notified(&filter);
+        let p = &out.program;
+        assert_eq!(p.len(), filter.program.len() + 3);
+        assert_eq!(&p[..3], &filter.program[..3]);
+        assert_eq!(
+            (p[0].k, p[1].k, p[2].k),
+            (OFFSET_ARCH, AUDIT_ARCH_X86_64, SECCOMP_RET_KILL_PROCESS),
+            "the architecture check comes first"
+        );
+        assert_eq!((p[3].code, p[3].k), (BPF_LD_W_ABS, OFFSET_NR));
+        assert_eq!((p[4].k, p[4].jt, p[4].jf), (libc::SYS_connect as u32, 0, 1));
+        assert_eq!(p[5].k, SECCOMP_RET_USER_NOTIF);
+        assert_eq!(&p[6..], &filter.program[3..]);
+        assert_eq!(out.rules, filter.rules + 1);
+    }
 
     #[test]
     fn table_compiles_and_covers_the_required_calls() {

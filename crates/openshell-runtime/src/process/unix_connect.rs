@@ -51,47 +51,6 @@ pub struct Mediator {
     pub listed: HashSet<(u64, u64)>,
 }
 
-/// BPF: load the syscall number, and notify on `connect` (inserted after the architecture
-/// check of the workload's filter).
-const LD_NR: seccompiler::sock_filter = seccompiler::sock_filter {
-    code: 0x20,
-    jt: 0,
-    jf: 0,
-    k: 0,
-};
-const SECCOMP_RET_USER_NOTIF: u32 = 0x7fc0_0000;
-
-/// The workload's filter with `connect` turned into a user notification: three instructions
-/// after the filter's architecture check (its first three instructions, checked here).
-pub fn notify_connect(
-    program: &[seccompiler::sock_filter],
-) -> Option<Vec<seccompiler::sock_filter>> {
-    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-    let arch_check = program.get(..3)?;
-    let loads_arch = arch_check[0].code == 0x20 && arch_check[0].k == 4;
-    let checks_x86_64 = arch_check[1].code == 0x15 && arch_check[1].k == AUDIT_ARCH_X86_64;
-    if !(loads_arch && checks_x86_64 && arch_check[1].jt == 1 && arch_check[1].jf == 0) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(program.len() + 3);
-    out.extend_from_slice(arch_check);
-    out.push(LD_NR);
-    out.push(seccompiler::sock_filter {
-        code: 0x15,
-        jt: 0,
-        jf: 1,
-        k: libc::SYS_connect as u32,
-    });
-    out.push(seccompiler::sock_filter {
-        code: 0x06,
-        jt: 0,
-        jf: 0,
-        k: SECCOMP_RET_USER_NOTIF,
-    });
-    out.extend_from_slice(&program[3..]);
-    Some(out)
-}
-
 /// Serve one workload's listener until every process using its filter is gone. Each
 /// notification is handled on a thread of its own (a blocking connect stalls nobody else).
 pub async fn serve(listener: OwnedFd, mediator: Arc<Mediator>) {
@@ -350,26 +309,5 @@ fn bound_socket_inodes() -> nix::Result<HashSet<(u32, u32, u32)>> {
             }
             at += (msg_len + 3) & !3;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connect_is_notified_right_after_the_architecture_check() {
-        let filter = super::super::seccomp::compile().expect("table compiles");
-        let out = notify_connect(&filter.program).expect("the filter starts with the arch check");
-        assert_eq!(out.len(), filter.program.len() + 3);
-        assert_eq!(&out[..3], &filter.program[..3]);
-        assert_eq!(out[3].k, 0, "loads the syscall number");
-        assert_eq!(
-            (out[4].k, out[4].jt, out[4].jf),
-            (libc::SYS_connect as u32, 0, 1)
-        );
-        assert_eq!(out[5].k, SECCOMP_RET_USER_NOTIF);
-        assert_eq!(&out[6..], &filter.program[3..]);
-        assert!(notify_connect(&filter.program[1..]).is_none());
     }
 }

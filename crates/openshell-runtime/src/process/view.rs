@@ -469,6 +469,25 @@ impl Tree {
         }
     }
 
+    /// A tmpfs of the sandbox's own on `/tmp` (mode 1777, nosuid, nodev): at most `size_mib`
+    /// (`None`: the kernel's default, half of RAM), read only when `readonly`.
+    pub fn mount_private_tmp(
+        &mut self,
+        size_mib: Option<u64>,
+        readonly: bool,
+    ) -> Result<(), ViewError> {
+        let size = size_mib.map(|m| format!("{m}m"));
+        let mut options = vec![("mode", "1777")];
+        if let Some(size) = &size {
+            options.push(("size", size.as_str()));
+        }
+        let mut attrs = NOSUID | NODEV;
+        if readonly {
+            attrs |= RDONLY;
+        }
+        self.mount_own(Path::new("/tmp"), "tmpfs", &options, attrs)
+    }
+
     /// Make the view's root read only (its own mount only).
     pub fn seal_root(&self) -> Result<(), ViewError> {
         sys::set_mount_attrs(self.root.as_fd(), RDONLY)
@@ -639,16 +658,7 @@ pub fn build(plan: &ViewPlan, at: &Path) -> Result<Vec<Skipped>, ViewError> {
     };
     mount_proc_and_dev(&mut tree, shm)?;
     if let TmpPlan::Private { size_mib, readonly } = plan.tmp {
-        let size = size_mib.map(|m| format!("{m}m"));
-        let mut options = vec![("mode", "1777")];
-        if let Some(size) = &size {
-            options.push(("size", size.as_str()));
-        }
-        let mut attrs = NOSUID | NODEV;
-        if readonly {
-            attrs |= RDONLY;
-        }
-        tree.mount_own(Path::new("/tmp"), "tmpfs", &options, attrs)?;
+        tree.mount_private_tmp(size_mib, readonly)?;
     }
     let mut skipped = Vec::new();
     for bind in &plan.binds {
