@@ -17,3 +17,4 @@ mod seccomp;
 mod ssh;
 mod stdio;
 mod template;
+mod vmm_jail;

@@ -1,5 +1,6 @@
 //! `cargo xtask deps [--vm]`: install the Debian packages the tests and benchmarks need, and with
-//! `--vm` also those the microVM backend's guest build and engine need ([`VM_PACKAGES`]).
+//! `--vm` also those the microVM backend's guest build and engine need ([`VM_PACKAGES`]) and the
+//! system user its VMM programs run as ([`VMM_USER`]).
 //!
 //! Idempotent: packages already installed are left alone, and when nothing is missing no
 //! `apt-get` runs at all.
@@ -98,7 +99,56 @@ pub fn ensure_with(vm: bool) -> Result<()> {
             }
         }
     }
-    ensure_packages(&all)
+    ensure_packages(&all)?;
+    if vm {
+        ensure_vmm_user()?;
+    }
+    Ok(())
+}
+
+/// The system user the vm backend runs its VMM programs as (QEMU, the vsock daemon): the same
+/// name as `openshell_runtime::vm::jail::VMM_USER`. Without it the vm backend refuses to start.
+pub const VMM_USER: &str = "openshell-vmm";
+
+/// Creates [`VMM_USER`] (a system user with a group of its own, no home, no login shell) when
+/// missing.
+pub fn ensure_vmm_user() -> Result<()> {
+    let exists = Command::new("getent")
+        .args(["passwd", VMM_USER])
+        .stdout(Stdio::null())
+        .status()
+        .context("running getent")?
+        .success();
+    if exists {
+        println!("deps: user {VMM_USER} present");
+        return Ok(());
+    }
+    let mut cmd = if is_root()? {
+        Command::new("useradd")
+    } else if on_path("sudo") {
+        let mut c = Command::new("sudo");
+        c.args(["-n", "useradd"]);
+        c
+    } else {
+        bail!(
+            "not root and sudo not found: create the VMM user as root: \
+             useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {VMM_USER}"
+        );
+    };
+    cmd.args([
+        "--system",
+        "--user-group",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent",
+        "--shell",
+        "/usr/sbin/nologin",
+        VMM_USER,
+    ])
+    .stdin(Stdio::null());
+    run(&mut cmd).with_context(|| format!("creating the system user {VMM_USER}"))?;
+    println!("deps: created the system user {VMM_USER}");
+    Ok(())
 }
 
 /// Installs whatever of [`PACKAGES`] is missing.

@@ -167,6 +167,7 @@ pub fn paths() -> Result<Paths> {
 pub fn run(opts: &Opts) -> Result<()> {
     let started = Instant::now();
     deps::ensure_packages(deps::VM_PACKAGES)?;
+    deps::ensure_vmm_user()?;
     let p = paths()?;
     println!("guest: artifacts under {}", p.root.display());
     fs::create_dir_all(&p.root).with_context(|| format!("cannot create {}", p.root.display()))?;

@@ -21,6 +21,7 @@ usage: cargo xtask <COMMAND>
 commands:
   deps [--vm]              install the Debian packages tests and benchmarks need (when missing);
                            --vm adds those of the microVM backend (kernel build, qemu, helpers)
+                           and its VMM system user, openshell-vmm
   guest [--force] [--only kernel|qemu|helpers|agent|rootfs] [--check]
                            build what the vm backend needs (guest kernel, minimal static QEMU,
                            vhost-device-vsock and virtiofsd, static guest agent, root directory),

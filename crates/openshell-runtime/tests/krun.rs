@@ -78,6 +78,7 @@ fn description(dir: &Path) -> VmDescription {
         vcpus: 1,
         memory_mib: 256,
         cmdline: krun::kernel_cmdline(false),
+        workload_ids: None,
     }
 }
 

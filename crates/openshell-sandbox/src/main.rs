@@ -454,7 +454,14 @@ async fn supervise(
     let mut sigcont =
         signal(SignalKind::from_raw(libc::SIGCONT)).context("installing a SIGCONT handler")?;
 
-    let mut sandbox = openshell_runtime::spawn(kind, config).await?;
+    // A stop request while the sandbox starts (a VM's template can take seconds) ends the
+    // start: what it made so far goes with the dropped future and with this process.
+    let mut sandbox = tokio::select! {
+        spawned = openshell_runtime::spawn(kind, config) => spawned?,
+        _ = sigint.recv() => return Ok(stopped_while_starting(libc::SIGINT)),
+        _ = sigterm.recv() => return Ok(stopped_while_starting(libc::SIGTERM)),
+        _ = sighup.recv() => return Ok(stopped_while_starting(libc::SIGHUP)),
+    };
     // Restores the terminal when dropped: on every way out of this function from here on.
     let mut relay = stdio::Relay::start(&mut sandbox)?;
     // Serves for as long as the sandbox runs; aborted (every connection with it) when it ends.
@@ -535,6 +542,17 @@ async fn supervise(
         return Ok(ExitCode::from(EXIT_TIMEOUT));
     }
     Ok(ExitCode::from(exit_byte(status)))
+}
+
+/// The exit of a supervisor stopped by `sig` before its sandbox ran: 128 + the signal, as a shell
+/// reports a program the signal ended.
+fn stopped_while_starting(sig: i32) -> ExitCode {
+    tracing::warn!(
+        event = "sandbox.start_interrupted",
+        signal = sig,
+        "stopped while the sandbox was starting"
+    );
+    ExitCode::from(u8::try_from(128 + sig).unwrap_or(EXIT_SANDBOX_FAILED))
 }
 
 /// Aborts a task when dropped.

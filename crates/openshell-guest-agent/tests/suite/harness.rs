@@ -140,6 +140,9 @@ pub fn plan(argv: &[&str]) -> LaunchPlan {
         uid: 65534,
         gid: 65534,
         userns: None,
+        groups: vec![],
+        fresh_proc: false,
+        keep_caps: 0,
         pty: false,
         join_cgroups: vec![],
         landlock: LandlockPlan {

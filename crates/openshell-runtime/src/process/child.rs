@@ -103,9 +103,9 @@ pub fn helper_main() -> ! {
             "this binary was built without the krun engine (feature `krun`)".into(),
         ),
         #[cfg(feature = "vm")]
-        Some(ToHelper::FsServer(plan)) => crate::vm::fs_server::main(ctl, plan),
+        Some(ToHelper::Jail(plan)) => crate::vm::jail::main(ctl, *plan),
         #[cfg(not(feature = "vm"))]
-        Some(ToHelper::FsServer(_)) => ctl.fail(
+        Some(ToHelper::Jail(_)) => ctl.fail(
             "protocol",
             "this binary was built without the vm backend (feature `vm`)".into(),
         ),
@@ -532,7 +532,7 @@ fn launch_joining(
                 if let Some(pid) = line.strip_prefix('U') {
                     // The child unshared its user namespace: map it (it cannot map another
                     // host id itself), then let it go on.
-                    let mapped = match (pid.parse::<i32>(), plan.userns) {
+                    let mapped = match (pid.parse::<i32>(), &plan.userns) {
                         (Ok(pid), Some(map)) => map_user_namespace(pid, plan, map),
                         _ => Err("an unexpected user namespace request".to_owned()),
                     };
@@ -562,16 +562,23 @@ fn launch_joining(
 }
 
 /// Write the maps of `pid`'s new user namespace: `plan.uid` → `map.host_uid`, `plan.gid` →
-/// `map.host_gid`, one id each, and setgroups denied (the workload cannot shed the host groups
-/// it never had, nor gain any).
-fn map_user_namespace(pid: i32, plan: &LaunchPlan, map: UsernsMap) -> Result<(), String> {
+/// `map.host_gid`, and each of `map.also_uids`/`also_gids` to itself, one id each; setgroups
+/// denied (the process cannot shed the host groups it never had, nor gain any).
+fn map_user_namespace(pid: i32, plan: &LaunchPlan, map: &UsernsMap) -> Result<(), String> {
     let write = |file: &str, text: String| {
         let path = format!("/proc/{pid}/{file}");
         std::fs::write(&path, text).map_err(|e| format!("{path}: {e}"))
     };
+    let lines = |first: (u32, u32), also: &[u32]| {
+        let mut text = format!("{} {} 1\n", first.0, first.1);
+        for id in also.iter().filter(|id| **id != first.0 && **id != first.1) {
+            text.push_str(&format!("{id} {id} 1\n"));
+        }
+        text
+    };
     write("setgroups", "deny".into())?;
-    write("uid_map", format!("{} {} 1\n", plan.uid, map.host_uid))?;
-    write("gid_map", format!("{} {} 1\n", plan.gid, map.host_gid))
+    write("uid_map", lines((plan.uid, map.host_uid), &map.also_uids))?;
+    write("gid_map", lines((plan.gid, map.host_gid), &map.also_gids))
 }
 
 /// In the forked child: restrict, then exec. Returns only on failure, with the exit code to use.
@@ -636,6 +643,16 @@ fn restrict(
         let stdin = std::io::stdin();
         sys::set_controlling_tty(stdin.as_fd()).map_err(|e| ("pty".to_owned(), errno_text(e)))?;
     }
+    if plan.fresh_proc {
+        mount(
+            Some("proc"),
+            "/proc",
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|e| ("proc".to_owned(), errno_text(e)))?;
+    }
     nix::unistd::chdir(&plan.cwd).map_err(|e| {
         (
             "workdir".to_owned(),
@@ -644,10 +661,27 @@ fn restrict(
     })?;
 
     if plan.userns.is_some() {
-        enter_user_namespace(parent).map_err(stage("user namespace"))?;
+        enter_user_namespace(parent, &plan.groups).map_err(stage("user namespace"))?;
     }
     drop_privileges(plan).map_err(stage("privileges"))?;
+    // A change of credentials clears the parent-death signal: set it again, so the process
+    // still dies with its launcher (a jailed VMM program with its jail's helper; an exec with
+    // its helper); a launcher already gone means nobody waits for it.
+    // (`getppid` cannot tell: in a pid namespace of its own the parent is 0; the report socket
+    // hangs up when the launcher is gone.)
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|e| ("pdeathsig".to_owned(), errno_text(e)))?;
+    let mut fds = [PollFd::new(parent.as_fd(), PollFlags::empty())];
+    let gone = poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR));
+    if gone {
+        return Err(("pdeathsig".to_owned(), "the launcher is gone".to_owned()));
+    }
     nix::sys::prctl::set_no_new_privs().map_err(|e| ("no_new_privs".to_owned(), errno_text(e)))?;
+    // Read back now: a jailed program's allowlist has no prctl for its launcher.
+    let no_new_privs = nix::sys::prctl::get_no_new_privs().unwrap_or(false);
     let outcome = landlock::restrict(&plan.landlock)
         .map_err(|e| ("landlock".to_owned(), crate::error_chain(&e)))?;
     let unix_connect = if plan.mediate_connect {
@@ -679,10 +713,10 @@ fn restrict(
         landlock_rights: outcome.rights,
         landlock_skipped: outcome.skipped,
         seccomp_rules: filter.rules,
-        no_new_privs: nix::sys::prctl::get_no_new_privs().unwrap_or(false),
+        no_new_privs,
         uid: plan.uid,
         gid: plan.gid,
-        host_ids: plan.userns.map(|m| (m.host_uid, m.host_gid)),
+        host_ids: plan.userns.as_ref().map(|m| (m.host_uid, m.host_gid)),
         unix_connect,
     })
 }
@@ -697,8 +731,9 @@ fn reset_signal(sig: Signal) -> nix::Result<()> {
 /// [`map_user_namespace`]): supplementary groups are shed on the host first, then the child
 /// asks and waits for its maps. Afterwards the caller holds every capability of the new
 /// namespace only, which [`drop_privileges`] clears.
-fn enter_user_namespace(parent: &mut UnixStream) -> Result<(), String> {
-    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {}", errno_text(e)))?;
+fn enter_user_namespace(parent: &mut UnixStream, groups: &[u32]) -> Result<(), String> {
+    let groups: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    nix::unistd::setgroups(&groups).map_err(|e| format!("setgroups: {}", errno_text(e)))?;
     nix::sched::unshare(CloneFlags::CLONE_NEWUSER)
         .map_err(|e| format!("unshare: {}", errno_text(e)))?;
     writeln!(parent, "U{}", std::process::id()).map_err(|e| format!("asking for maps: {e}"))?;
@@ -714,7 +749,15 @@ fn drop_privileges(plan: &LaunchPlan) -> Result<(), String> {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(63);
-    sys::drop_bounding_set(last_cap)
+    // Capabilities are kept only where they mean nothing on the host: inside a user namespace
+    // of the process's own (a jailed virtiofsd's, over the ids its namespace maps).
+    let keep = plan.keep_caps;
+    if keep != 0 && plan.userns.is_none() {
+        return Err(format!(
+            "capabilities {keep:#x} may be kept only inside a user namespace"
+        ));
+    }
+    sys::drop_bounding_set(last_cap, keep)
         .map_err(|e| format!("dropping the bounding set: {}", errno_text(e)))?;
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
         .map_err(|e| format!("RLIMIT_CORE: {}", errno_text(e)))?;
@@ -722,7 +765,9 @@ fn drop_privileges(plan: &LaunchPlan) -> Result<(), String> {
     let uid = Uid::from_raw(plan.uid);
     // In a user namespace setgroups is denied: the process has no supplementary group.
     if plan.userns.is_none() {
-        nix::unistd::setgroups(&[gid]).map_err(|e| format!("setgroups: {}", errno_text(e)))?;
+        let mut groups = vec![gid];
+        groups.extend(plan.groups.iter().map(|g| Gid::from_raw(*g)));
+        nix::unistd::setgroups(&groups).map_err(|e| format!("setgroups: {}", errno_text(e)))?;
     }
     nix::unistd::setresgid(gid, gid, gid)
         .map_err(|e| format!("setresgid {}: {}", plan.gid, errno_text(e)))?;
@@ -730,12 +775,12 @@ fn drop_privileges(plan: &LaunchPlan) -> Result<(), String> {
         .map_err(|e| format!("setresuid {}: {}", plan.uid, errno_text(e)))?;
     sys::clear_ambient_caps()
         .map_err(|e| format!("clearing ambient capabilities: {}", errno_text(e)))?;
-    sys::clear_all_caps().map_err(|e| format!("clearing capabilities: {}", errno_text(e)))?;
+    sys::set_caps(keep).map_err(|e| format!("dropping capabilities: {}", errno_text(e)))?;
     let caps =
         sys::effective_caps().map_err(|e| format!("reading capabilities: {}", errno_text(e)))?;
-    if caps != 0 {
+    if caps != keep {
         return Err(format!(
-            "capabilities still present after dropping: {caps:#x}"
+            "capabilities {caps:#x} present after dropping to {keep:#x}"
         ));
     }
     nix::sys::prctl::set_dumpable(false).map_err(|e| format!("dumpable: {}", errno_text(e)))?;

@@ -567,6 +567,8 @@ impl Identity {
         (self.uid == 0 || self.gid == 0).then(|| protocol::UsernsMap {
             host_uid: host(self.uid),
             host_gid: host(self.gid),
+            also_uids: Vec::new(),
+            also_gids: Vec::new(),
         })
     }
 
@@ -579,11 +581,22 @@ impl Identity {
         Ok(seccomp::with_connect_notified(base))
     }
 
+    /// The uid and gid this identity's processes have as the kernel that runs them sees them
+    /// (the host's, or the guest's in a VM): 65534 for 0.
+    pub(crate) fn kernel_ids(&self) -> (u32, u32) {
+        match self.userns() {
+            Some(map) => (map.host_uid, map.host_gid),
+            None => (self.uid, self.gid),
+        }
+    }
+
     /// What the connect mediation needs to act as this identity's processes.
     pub(crate) fn mediator(&self, sandbox: &str) -> unix_connect::Mediator {
-        let (uid, gid, groups) = match self.userns() {
-            Some(map) => (map.host_uid, map.host_gid, Vec::new()),
-            None => (self.uid, self.gid, vec![self.gid]),
+        let (uid, gid) = self.kernel_ids();
+        let groups = if self.userns().is_some() {
+            Vec::new()
+        } else {
+            vec![self.gid]
         };
         let mut listed = std::collections::HashSet::new();
         for path in self
@@ -653,6 +666,9 @@ impl Identity {
             uid: self.uid,
             gid: self.gid,
             userns: self.userns(),
+            groups: Vec::new(),
+            fresh_proc: false,
+            keep_caps: 0,
             pty: matches!(stdio, StdioMode::Pty { .. }),
             join_cgroups,
             landlock: self.landlock.clone(),

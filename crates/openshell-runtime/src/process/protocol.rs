@@ -27,15 +27,37 @@ pub enum ToHelper {
     Go,
     /// Become the shim of one libkrun VM (first message to a krun shim; feature `krun`).
     KrunShim(KrunPlan),
-    /// Build a VM's file tree in this helper's own mount namespace, then become the one
-    /// virtiofsd that serves it (qemu engine; feature `vm`).
-    FsServer(FsServerPlan),
+    /// Build a jail's root, pivot into it and run one VMM program there (QEMU,
+    /// vhost-device-vsock, virtiofsd with the VM's file tree; feature `vm`; see `vm::jail`).
+    Jail(Box<JailPlan>),
+}
+
+/// One jailed VMM program: its root's host paths and its launch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JailPlan {
+    /// An empty directory where the helper mounts the jail's root.
+    pub root: PathBuf,
+    /// Its stdout and stderr (opened by the helper, before the pivot).
+    pub log: PathBuf,
+    /// Host paths bound at the same path: (path, writable).
+    pub paths: Vec<(PathBuf, bool)>,
+    /// A guest file tree to build first and bind into the root (virtiofsd's).
+    #[serde(default)]
+    pub tree: Option<JailTree>,
+    pub launch: LaunchPlan,
+}
+
+/// A guest file tree and where the jail has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailTree {
+    pub tree: GuestTree,
+    pub at: PathBuf,
 }
 
 /// One VM's file tree: the guest root with the policy's directories bind-mounted at their
 /// paths, read-only where the policy says, served by a single virtiofsd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FsServerPlan {
+pub struct GuestTree {
     /// Where the helper mounts the guest root (in its own namespace): an empty directory that
     /// gets a tmpfs with `base`'s layout; or, with `root_view`, where the tree's writable view
     /// is mounted (`<box>/merged`).
@@ -46,18 +68,15 @@ pub struct FsServerPlan {
     pub root_view: Option<RootPlan>,
     /// Parents before children.
     pub binds: Vec<FsBind>,
-    /// virtiofsd and its arguments (its shared directory is `root`).
-    pub program: PathBuf,
-    pub args: Vec<String>,
-    /// virtiofsd's stdout and stderr.
-    pub log: PathBuf,
     /// The guest's boot requests, written to `vm_protocol::BOOT_REQUESTS` in the tree (on a
-    /// read-only tmpfs of its own, so they never reach a disk).
+    /// read-only tmpfs of its own, so they never reach a disk), owned by `guest_root`.
     #[serde(default)]
     pub boot_requests: Option<Vec<u8>>,
+    /// The host uid and gid guest root is on this tree (the VMM user's).
+    pub guest_root: (u32, u32),
 }
 
-/// One policy directory inside an [`FsServerPlan`]'s tree.
+/// One policy directory inside a [`GuestTree`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsBind {
     pub source: PathBuf,
@@ -165,6 +184,19 @@ pub struct LaunchPlan {
     /// own, where those ids are mapped to these unprivileged host ids (never host root).
     #[serde(default)]
     pub userns: Option<UsernsMap>,
+    /// Supplementary groups on the host (set before the user namespace; `[gid]` when empty
+    /// and there is none).
+    #[serde(default)]
+    pub groups: Vec<u32>,
+    /// Mount a fresh /proc (of the process's pid namespace) on `/proc` before restricting
+    /// (a jail's program, which is pid 1 of a new pid namespace).
+    #[serde(default)]
+    pub fresh_proc: bool,
+    /// Capabilities (a mask of capability numbers) kept through the privilege drop and the
+    /// `execve`: only with `userns`, where they reach only the ids the namespace maps (a jailed
+    /// virtiofsd's file-serving ones). 0 for everything else.
+    #[serde(default)]
+    pub keep_caps: u64,
     pub pty: bool,
     /// `cgroup.procs` files to join before restricting (exec into a running sandbox). The exec
     /// helper joins them itself, from the host's view, before it enters the sandbox (whose root
@@ -180,11 +212,17 @@ pub struct LaunchPlan {
     pub mediate_connect: bool,
 }
 
-/// The host ids a workload's user namespace maps its uid and gid to (one id each).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The host ids a process's user namespace maps its uid and gid to (one id each), and the
+/// further ids it maps to themselves (a jailed virtiofsd's: the workload's, which the guest's
+/// requests carry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsernsMap {
     pub host_uid: u32,
     pub host_gid: u32,
+    #[serde(default)]
+    pub also_uids: Vec<u32>,
+    #[serde(default)]
+    pub also_gids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -820,6 +820,26 @@ pub fn compile() -> Result<CompiledFilter, SeccompError> {
     })
 }
 
+/// A filter that allows exactly the calls `allowed` (system call numbers) and answers every
+/// other one with `unlisted` (EPERM for the jailed daemons; `SeccompAction::Log` while their
+/// lists are recorded), behind the same prefix as the workload's table (non-native ABIs killed,
+/// x32 refused, clone3 ENOSYS so libc falls back to clone, which must then be allowed).
+pub fn compile_allowlist(
+    allowed: &[i64],
+    unlisted: SeccompAction,
+) -> Result<CompiledFilter, SeccompError> {
+    let map: BTreeMap<i64, Vec<SeccompRule>> = allowed.iter().map(|nr| (*nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(map, unlisted, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(SeccompError::Compile)?;
+    let body: BpfProgram = filter.try_into().map_err(SeccompError::Compile)?;
+    let mut program = prefix();
+    program.extend(body);
+    Ok(CompiledFilter {
+        program,
+        rules: allowed.len(),
+    })
+}
+
 // Classic BPF opcodes (linux/filter.h, linux/seccomp.h).
 const BPF_LD_W_ABS: u16 = 0x20;
 const BPF_JEQ_K: u16 = 0x15;

@@ -17,9 +17,9 @@ pub fn fork_single_threaded() -> nix::Result<ForkResult> {
     unsafe { nix::unistd::fork() }
 }
 
-/// Drop every capability from the bounding set, `0..=last_cap`.
-pub fn drop_bounding_set(last_cap: u32) -> nix::Result<()> {
-    for cap in 0..=last_cap {
+/// Drop every capability from the bounding set, `0..=last_cap`, but those in `keep`.
+pub fn drop_bounding_set(last_cap: u32, keep: u64) -> nix::Result<()> {
+    for cap in (0..=last_cap).filter(|c| *c >= 64 || keep & (1 << c) == 0) {
         // SAFETY: PR_CAPBSET_DROP takes a capability number and no pointers.
         let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
         match Errno::result(r) {
@@ -63,13 +63,19 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Empty the effective, permitted and inheritable sets of the calling thread.
-pub fn clear_all_caps() -> nix::Result<()> {
+/// Set the calling thread's effective and permitted capability sets to `keep` (a mask of
+/// capability numbers) and its inheritable set to nothing.
+pub fn set_caps(keep: u64) -> nix::Result<()> {
     let mut header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [CapData::default(); 2];
+    let word = |w: u64| CapData {
+        effective: w as u32,
+        permitted: w as u32,
+        inheritable: 0,
+    };
+    let data = [word(keep & 0xffff_ffff), word(keep >> 32)];
     // SAFETY: header and data point to live, correctly sized structures for version 3 (two
     // CapData entries); the kernel only reads them.
     let r = unsafe {
@@ -243,8 +249,16 @@ pub fn dup_raw_onto(fd: RawFd, target: RawFd) -> nix::Result<()> {
 /// `open_tree(fd, "", OPEN_TREE_CLONE | AT_EMPTY_PATH)`: a detached copy of the mount at `fd`
 /// (that mount only, not what is mounted below it), as a new descriptor.
 pub fn clone_mount(fd: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
-    let flags =
+    clone_mounts(fd, false)
+}
+
+/// As [`clone_mount`]; with `recursive`, the mounts below it come along (`AT_RECURSIVE`).
+pub fn clone_mounts(fd: BorrowedFd<'_>, recursive: bool) -> nix::Result<OwnedFd> {
+    let mut flags =
         libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as libc::c_uint;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as libc::c_uint;
+    }
     // SAFETY: the path is a static empty C string and the descriptor is borrowed, so open for the
     // duration of the call; the kernel returns a new descriptor or an error.
     let r = unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) };
@@ -256,6 +270,16 @@ pub fn clone_mount(fd: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
 /// `mount_setattr(fd, "", AT_EMPTY_PATH, {attr_set})` on a detached mount: set mount flags
 /// (`MOUNT_ATTR_*`) on that one mount.
 pub fn set_mount_attrs(fd: BorrowedFd<'_>, attr_set: u64) -> nix::Result<()> {
+    set_mounts_attrs(fd, attr_set, false)
+}
+
+/// As [`set_mount_attrs`]; with `recursive`, on every mount below it too (`AT_RECURSIVE`), each
+/// keeping the flags it has besides.
+pub fn set_mounts_attrs(fd: BorrowedFd<'_>, attr_set: u64, recursive: bool) -> nix::Result<()> {
+    let mut flags = libc::AT_EMPTY_PATH;
+    if recursive {
+        flags |= libc::AT_RECURSIVE;
+    }
     let attr = libc::mount_attr {
         attr_set,
         attr_clr: 0,
@@ -269,7 +293,7 @@ pub fn set_mount_attrs(fd: BorrowedFd<'_>, attr_set: u64) -> nix::Result<()> {
             libc::SYS_mount_setattr,
             fd.as_raw_fd(),
             c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
+            flags,
             &attr as *const libc::mount_attr,
             std::mem::size_of::<libc::mount_attr>(),
         )

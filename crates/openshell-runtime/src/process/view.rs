@@ -429,6 +429,22 @@ impl Tree {
         Ok(Ok(Placed::Bound))
     }
 
+    /// Bind the directory `source` with every mount below it at `path`, writable where each
+    /// mount is, nosuid and nodev throughout (a VM's guest tree in virtiofsd's jail).
+    pub fn bind_recursive(&mut self, source: BorrowedFd<'_>, path: &Path) -> Result<(), ViewError> {
+        let target = self.dir(path)?;
+        let tree = sys::clone_mounts(source, true)
+            .map_err(sys_err(format!("cloning the mounts of {}", path.display())))?;
+        sys::set_mounts_attrs(tree.as_fd(), NOSUID | NODEV, true).map_err(sys_err(format!(
+            "setting the mount flags of {}",
+            path.display()
+        )))?;
+        sys::attach_mount(tree.as_fd(), target.as_fd())
+            .map_err(sys_err(format!("binding {}", path.display())))?;
+        self.mounts.push((path.to_owned(), false));
+        Ok(())
+    }
+
     /// Bind `source` (an already opened directory or file, e.g. one the caller is about to
     /// hide under a new mount) at `path`: nosuid, nodev, read only unless `writable`.
     pub fn bind_within(

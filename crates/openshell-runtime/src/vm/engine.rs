@@ -176,6 +176,10 @@ pub struct VmDescription {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub cmdline: String,
+    /// The workload's uid and gid as the guest kernel knows them (its file requests carry
+    /// them): the ids the file server acts as on the host besides guest root. `None`: guest root
+    /// alone (a template's VM).
+    pub workload_ids: Option<(u32, u32)>,
 }
 
 #[cfg(test)]

@@ -2,101 +2,56 @@
 //!
 //! The guest sees a single virtio-fs root: the per-sandbox root directory with every policy
 //! directory bind-mounted at its own path, read-only where the policy says; or, for a root
-//! filesystem (an image tree), the tree's per-sandbox writable view and nothing of the host. The tree is built
-//! by a helper process in a mount namespace of its own, which then becomes virtiofsd
-//! (`execve`). Nothing is mounted in the host's namespace, so nothing outlives the daemon, even
-//! after a SIGKILL of the supervisor; and read-only shares are enforced by the host kernel
-//! (read-only bind mounts) under a daemon that itself can write only to read-write shares.
+//! filesystem (an image tree), the tree's per-sandbox writable view and nothing of the host.
+//! The tree is built by the helper of virtiofsd's jail (`jail`), in the jail's own mount
+//! namespace, and bound into the jail's root; virtiofsd then runs there, unprivileged on the
+//! host. Nothing is mounted in the host's namespace, so nothing outlives the daemon, even after
+//! a SIGKILL of the supervisor; and read-only shares are enforced by the host kernel (read-only
+//! bind mounts) under a daemon that itself can write only to read-write shares.
 //!
 //! Binds are not recursive: mounts nested below a policy directory on the host are not shown.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use nix::mount::{mount, MsFlags};
-use nix::sched::CloneFlags;
-use tokio::process::Child;
 use tracing::debug;
 
-use super::VmError;
-use crate::process::child::Control;
-use crate::process::protocol::{FromHelper, FsBind, FsServerPlan, ToHelper};
-use crate::process::{start_helper, sys, view};
+use super::{jail, VmError};
+use crate::process::protocol::{FsBind, GuestTree};
+use crate::process::view;
 use crate::vm_protocol::BOOT_REQUESTS;
-use crate::StdioMode;
 
-/// Start the helper that builds `plan`'s tree and becomes its virtiofsd. Returns once the
-/// helper has exec'd virtiofsd (its control socket closed) or failed.
-pub async fn start(plan: FsServerPlan) -> Result<Child, VmError> {
-    let helper_err = |message: String| VmError::Helper {
+/// The jail of the virtiofsd serving `tree` on `socket` (see `jail`): the tree is built by the
+/// jail's helper in the jail's own mount namespace and bound at `jail::GUEST_TREE`; virtiofsd
+/// is root of a user namespace of its own that maps guest root to the VMM user and the
+/// workload's ids (`workload`, as the guest kernel knows them) to themselves.
+pub fn jail_spec(
+    vmm_box: &super::VmmBox,
+    program: &Path,
+    tree: GuestTree,
+    socket: &Path,
+    workload: Option<(u32, u32)>,
+) -> Result<jail::JailSpec, VmError> {
+    Ok(jail::JailSpec {
         what: "virtiofsd",
-        message,
-    };
-    let mut helper = start_helper(StdioMode::Null, CloneFlags::CLONE_NEWNS, None)
-        .map_err(|e| helper_err(e.to_string()))?;
-    helper
-        .ctl
-        .send(&ToHelper::FsServer(plan))
-        .await
-        .map_err(|e| helper_err(format!("sending the plan: {e}")))?;
-    let limit = Duration::from_secs(10);
-    match tokio::time::timeout(limit, helper.ctl.recv()).await {
-        // The control socket is close-on-exec: end of file means virtiofsd is running.
-        Ok(None) => Ok(helper.into_child()),
-        Ok(Some(FromHelper::Failed { stage, message })) => {
-            let _ = helper.child.wait().await;
-            Err(helper_err(format!("{stage}: {message}")))
-        }
-        Ok(Some(other)) => {
-            let _ = helper.child.start_kill();
-            Err(helper_err(format!("unexpected message {other:?}")))
-        }
-        Err(_) => {
-            let _ = helper.child.start_kill();
-            let _ = helper.child.wait().await;
-            Err(helper_err(format!(
-                "building the file tree took over {limit:?}"
-            )))
-        }
-    }
+        program: program.to_owned(),
+        args: super::qemu::virtiofsd_args(socket, Path::new(jail::GUEST_TREE)),
+        log: vmm_box.dir.join("virtiofsd.log"),
+        root: vmm_box.dir.join("jail-fs"),
+        read_only: super::jail::host_libraries(),
+        read_write: vec![vmm_box.fs.clone()],
+        kvm: false,
+        syscalls: super::vmm_syscalls::VIRTIOFSD,
+        ids: jail::JailIds::file_server(vmm_box.ids, workload)?,
+        keep_caps: jail::FILE_SERVER_START_CAPS,
+        tree: Some(tree),
+    })
 }
 
-/// The helper side: build the tree, then exec virtiofsd. Runs single-threaded in a fresh
-/// mount namespace (the supervisor unshared it before exec).
-pub(crate) fn main(mut ctl: Control, plan: FsServerPlan) -> ! {
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
-        ctl.fail("pdeathsig", e.to_string());
-    }
-    if let Err((what, e)) = build_tree(&plan) {
-        ctl.fail("mount", format!("{what}: {e}"));
-    }
-    let log = match std::fs::File::create(&plan.log) {
-        Ok(f) => f,
-        Err(e) => ctl.fail("log", format!("{}: {e}", plan.log.display())),
-    };
-    let err = match log.try_clone() {
-        Ok(f) => f,
-        Err(e) => ctl.fail("log", e.to_string()),
-    };
-    // Everything but stdio closes at exec, the control socket included: its end of file tells
-    // the supervisor that virtiofsd runs.
-    if let Err(e) = sys::cloexec_from(3) {
-        ctl.fail("exec", format!("marking descriptors close-on-exec: {e}"));
-    }
-    let e = std::process::Command::new(&plan.program)
-        .args(&plan.args)
-        .env_clear()
-        .stdin(std::process::Stdio::null())
-        .stdout(log)
-        .stderr(err)
-        .exec();
-    ctl.fail("exec", format!("{}: {e}", plan.program.display()))
-}
+pub(crate) type MountFailure = (String, nix::Error);
 
-type MountFailure = (String, nix::Error);
-
-fn build_tree(plan: &FsServerPlan) -> Result<(), MountFailure> {
+/// Build `plan`'s tree at `plan.root`, in the calling helper's own mount namespace.
+pub(crate) fn build_tree(plan: &GuestTree) -> Result<(), MountFailure> {
     let none: Option<&str> = None;
     // Nothing done here may reach the host's mount namespace.
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
@@ -141,7 +96,7 @@ fn build_tree(plan: &FsServerPlan) -> Result<(), MountFailure> {
             .map_err(|e| (crate::error_chain(&e), nix::Error::EINVAL))?;
     }
     if let Some(requests) = &plan.boot_requests {
-        write_boot_requests(&plan.root, requests)?;
+        write_boot_requests(&plan.root, requests, plan.guest_root)?;
     }
     if plan.root_view.is_none() {
         // The root itself is read-only; the read-write shares stay writable.
@@ -157,7 +112,11 @@ fn build_tree(plan: &FsServerPlan) -> Result<(), MountFailure> {
 /// The guest's boot requests at `BOOT_REQUESTS` in the tree, on a tmpfs of their own (read-only,
 /// the file mode 0400): they carry the workload's environment and never reach a disk, not even
 /// an image view's upper layer. The agent hides the whole directory once it has read them.
-fn write_boot_requests(root: &Path, requests: &[u8]) -> Result<(), MountFailure> {
+fn write_boot_requests(
+    root: &Path,
+    requests: &[u8],
+    (uid, gid): (u32, u32),
+) -> Result<(), MountFailure> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let (dir, file) = BOOT_REQUESTS
@@ -178,7 +137,7 @@ fn write_boot_requests(root: &Path, requests: &[u8]) -> Result<(), MountFailure>
         &target,
         Some("tmpfs"),
         flags,
-        Some(format!("size={size},nr_inodes=4,mode=0700").as_str()),
+        Some(format!("size={size},nr_inodes=4,mode=0700,uid={uid},gid={gid}").as_str()),
     )
     .map_err(|e| (format!("mounting a tmpfs on {}", target.display()), e))?;
     let path = target.join(file);
@@ -187,7 +146,11 @@ fn write_boot_requests(root: &Path, requests: &[u8]) -> Result<(), MountFailure>
         .create_new(true)
         .mode(0o400)
         .open(&path)
-        .and_then(|mut f| f.write_all(requests));
+        .and_then(|mut f| {
+            f.write_all(requests)?;
+            // Guest root reads them: on the host that is the VMM user.
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+        });
     written.map_err(|e| {
         (
             format!("writing {}", path.display()),

@@ -43,11 +43,12 @@ pub fn guest_dir() -> PathBuf {
     home.join("guest")
 }
 
+/// `path` with every link resolved (`current` is a link to a hashed build): the VMM's jail binds
+/// each artifact at its real path, without following links.
 fn need(what: &'static str, path: PathBuf) -> Result<PathBuf, MissingArtifact> {
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(MissingArtifact { what, path })
+    match std::fs::canonicalize(&path) {
+        Ok(real) => Ok(real),
+        Err(_) => Err(MissingArtifact { what, path }),
     }
 }
 
@@ -114,11 +115,9 @@ mod tests {
     fn qemu_is_the_guest_dirs_own() {
         let dir = guest_dir_without(&[]);
         let found = Artifacts::locate_in(dir.path()).unwrap();
-        assert_eq!(
-            found.qemu,
-            dir.path().join("qemu/current/qemu-system-x86_64")
-        );
-        assert_eq!(found.kernel, dir.path().join("kernel/current/vmlinux"));
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(found.qemu, real.join("qemu/current/qemu-system-x86_64"));
+        assert_eq!(found.kernel, real.join("kernel/current/vmlinux"));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 pub mod engine;
 pub(crate) mod fs_server;
 pub mod guest;
+pub mod jail;
 #[cfg(feature = "krun")]
 pub mod krun;
 #[cfg(feature = "krun")]
@@ -23,6 +24,7 @@ mod krun_sys;
 pub mod qemu;
 pub(crate) mod qmp;
 pub(crate) mod template;
+pub(crate) mod vmm_syscalls;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -34,7 +36,7 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::process::protocol::{FsBind, FsServerPlan, LaunchPlan, WaitReport};
+use crate::process::protocol::{FsBind, GuestTree, LaunchPlan, WaitReport};
 use crate::process::{log_restrictions, setup_error, Identity, ProcessError};
 use crate::vm_protocol::{self as proto, Event, Frame, GuestMount, GuestStdio, Kind, Request};
 use crate::{ExecConfig, ExitStatus, SpawnConfig, Stdio, StdioMode};
@@ -79,6 +81,8 @@ pub enum VmError {
     Forward { port: u16, reason: String },
     #[error(transparent)]
     Template(#[from] template::TemplateError),
+    #[error("the VMM's system user {user}: {reason}")]
+    VmmUser { user: &'static str, reason: String },
 }
 
 fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
@@ -272,12 +276,28 @@ struct AgentAddr {
     /// vhost-device-vsock (qemu engine) wants `CONNECT <port>`; libkrun's listening socket
     /// (krun engine) is the port itself.
     connect_line: bool,
+    /// The uid the socket's listener must have (the jailed vsock daemon's): the socket sits in
+    /// a directory the VMM user can write, so a connection to anything else is refused.
+    peer_uid: Option<u32>,
 }
 
 /// Dial the agent's control port: through vhost-device-vsock (`CONNECT <port>` → `OK <n>`),
 /// or straight into libkrun's socket for AGENT_PORT.
 async fn dial_agent(agent: &AgentAddr) -> std::io::Result<UnixStream> {
     let mut stream = UnixStream::connect(&agent.uds).await?;
+    if let Some(uid) = agent.peer_uid {
+        let peer = stream.peer_cred()?;
+        if peer.uid() != uid {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is not the VMM's socket (uid {})",
+                    agent.uds.display(),
+                    peer.uid()
+                ),
+            ));
+        }
+    }
     if !agent.connect_line {
         return Ok(stream);
     }
@@ -693,6 +713,23 @@ pub struct VmSandbox {
     status: Option<ExitStatus>,
 }
 
+/// A directory removed when the guard is dropped, unless disarmed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 impl VmSandbox {
     pub async fn spawn(config: SpawnConfig, choice: EngineChoice) -> Result<VmSandbox, VmError> {
         let decision = engine::decide(choice, engine::kvm_support())?;
@@ -714,13 +751,12 @@ impl VmSandbox {
         crate::process::rootfs::collect_stale(&run);
         let box_dir = run.join(&id);
         std::fs::create_dir_all(&box_dir).map_err(io(format!("creating {}", box_dir.display())))?;
-        match Self::boot(&id, &box_dir, config, identity, launch, artifacts, decision).await {
-            Ok(vm) => Ok(vm),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&box_dir);
-                Err(e)
-            }
-        }
+        // Removed on an error and when this future is dropped mid-start (a stop during the
+        // boot); kept once the box belongs to a running sandbox.
+        let guard = RemoveOnDrop(Some(box_dir.clone()));
+        let vm = Self::boot(&id, &box_dir, config, identity, launch, artifacts, decision).await?;
+        guard.disarm();
+        Ok(vm)
     }
 
     async fn boot(
@@ -775,7 +811,16 @@ impl VmSandbox {
             },
         );
         let (vcpus, memory_mib) = vm_size(&config.resources);
-        let vsock_uds = box_dir.join("vsock.sock");
+        // The qemu engine's VMM runs jailed as its own user, with its sockets in the box's
+        // `vmm/`; the krun shim keeps them in the box.
+        let vmm_box = match decision.engine {
+            Engine::Qemu => Some(VmmBox::prepare(box_dir)?),
+            Engine::Krun => None,
+        };
+        let vsock_uds = match &vmm_box {
+            Some(b) => b.vsock_uds(),
+            None => box_dir.join("vsock.sock"),
+        };
         let vm = VmDescription {
             kernel: artifacts.kernel.clone(),
             root: root.clone(),
@@ -795,18 +840,28 @@ impl VmSandbox {
                 Engine::Krun => krun::kernel_cmdline(config.root.is_some()),
                 _ => qemu::kernel_cmdline(qemu::host_tsc_khz()),
             },
+            workload_ids: Some(identity.kernel_ids()),
         };
         info!(event = "sandbox.vm_engine", sandbox = id, engine = decision.engine.name(), reason = %decision.reason, vcpus, memory_mib, "vm engine chosen");
 
         // Guest→host listeners exist before boot: readiness, then egress.
-        let ready_path = PathBuf::from(format!("{}_{}", vsock_uds.display(), proto::READY_PORT));
-        let ready = tokio::net::UnixListener::bind(&ready_path)
-            .map_err(io(format!("binding {}", ready_path.display())))?;
+        let guest_listener = |port: u32| match &vmm_box {
+            Some(b) => b.listen(port),
+            None => {
+                let path = PathBuf::from(format!("{}_{port}", vsock_uds.display()));
+                std::os::unix::net::UnixListener::bind(&path)
+                    .map_err(io(format!("binding {}", path.display())))
+            }
+        };
+        let ready = guest_listener(proto::READY_PORT)?;
+        ready
+            .set_nonblocking(true)
+            .map_err(io("configuring the ready listener"))?;
+        let ready = tokio::net::UnixListener::from_std(ready)
+            .map_err(io("registering the ready listener"))?;
         let egress = match &config.egress {
             Some(egress) => {
-                let path = PathBuf::from(format!("{}_{}", vsock_uds.display(), proto::EGRESS_PORT));
-                let listener = std::os::unix::net::UnixListener::bind(&path)
-                    .map_err(io(format!("binding {}", path.display())))?;
+                let listener = guest_listener(proto::EGRESS_PORT)?;
                 Some(
                     egress
                         .attach(crate::EgressAttachment {
@@ -876,9 +931,12 @@ impl VmSandbox {
             }
             Engine::Krun => MainStart::OnConnection(Box::new((launch, setup))),
         };
-        let console = box_dir.join("console.log");
-        let (mut vmm, helpers, agent) = match decision.engine {
-            Engine::Qemu => {
+        let console = match &vmm_box {
+            Some(b) => b.console(),
+            None => box_dir.join("console.log"),
+        };
+        let (mut vmm, helpers, agent) = match (decision.engine, &vmm_box) {
+            (Engine::Qemu, Some(vmm_box)) => {
                 let requests = match &start {
                     MainStart::InTree(_, requests) => Some(requests.clone()),
                     MainStart::OnConnection(_) => None,
@@ -892,13 +950,12 @@ impl VmSandbox {
                 let restored = match &template {
                     Some(t) => template::restore(
                         id,
-                        box_dir,
+                        vmm_box,
                         &ready,
                         &vm,
                         t,
                         decision.accel,
                         &artifacts,
-                        &console,
                         requests.clone(),
                     )
                     .await
@@ -908,16 +965,8 @@ impl VmSandbox {
                 let (qemu_child, helpers) = match restored {
                     Some(started) => started,
                     None => {
-                        start_qemu(
-                            box_dir,
-                            &vm,
-                            &artifacts,
-                            decision.accel,
-                            &console,
-                            requests,
-                            &[],
-                        )
-                        .await?
+                        start_qemu(vmm_box, &vm, &artifacts, decision.accel, requests, &[], &[])
+                            .await?
                     }
                 };
                 if config.root.is_some() {
@@ -926,11 +975,18 @@ impl VmSandbox {
                 let agent = AgentAddr {
                     uds: vm.vsock_uds.clone(),
                     connect_line: true,
+                    peer_uid: Some(vmm_box.ids.uid),
                 };
                 (Vmm::Qemu(qemu_child), helpers, agent)
             }
+            (Engine::Qemu, None) => {
+                return Err(VmError::Helper {
+                    what: "qemu",
+                    message: "no VMM box was prepared".into(),
+                })
+            }
             #[cfg(feature = "krun")]
-            Engine::Krun => {
+            (Engine::Krun, _) => {
                 let mut shim = krun::KrunShim::start(krun::plan_for(&vm)).await?;
                 debug!(sandbox = id, pid = shim.pid(), jail = ?shim.jail, "krun shim configured");
                 if config.root.is_some() {
@@ -940,11 +996,12 @@ impl VmSandbox {
                 let agent = AgentAddr {
                     uds: vsock_uds.clone(),
                     connect_line: false,
+                    peer_uid: None,
                 };
                 (Vmm::Krun(Box::new(shim)), Vec::new(), agent)
             }
             #[cfg(not(feature = "krun"))]
-            Engine::Krun => return Err(engine::EngineError::KrunNotBuilt.into()),
+            (Engine::Krun, _) => return Err(engine::EngineError::KrunNotBuilt.into()),
         };
         let vmm_log = box_dir.join(match decision.engine {
             Engine::Qemu => "qemu.log",
@@ -1251,33 +1308,141 @@ impl VmHandle {
     }
 }
 
-/// The qemu engine: the vsock daemon and the virtiofsd serving the guest's tree (sockets
-/// ready), then QEMU with `vm`'s description and `extra` arguments. `boot_requests` go into the
-/// guest's tree (`vm_protocol::BOOT_REQUESTS`). Returns QEMU and the helpers (all killed when
+/// A box's places for the qemu engine's jailed VMM:
+/// - `vmm/` (mode 0700, the VMM user's): the vsock daemon's sockets and the supervisor's
+///   guest→host listeners next to them (`vsock.sock_<port>`, handed to the VMM user), QMP, the
+///   console, a template's state while it is written;
+/// - `fs/` (mode 0700, the VMM user's): virtiofsd's socket, apart from `vmm/` so that virtiofsd
+///   reaches nothing of QEMU's (QMP, the vsock sockets);
+/// - `jail-qemu/`, `jail-vsock/`, `jail-fs/`: empty mount points for the jails' roots.
+///
+/// Everything root does in `vmm/` goes through its directory descriptor without following a
+/// link; logs stay in the box itself, which only root can write.
+#[derive(Debug, Clone)]
+pub(crate) struct VmmBox {
+    pub dir: PathBuf,
+    pub vmm: PathBuf,
+    pub fs: PathBuf,
+    pub ids: jail::VmmIds,
+}
+
+impl VmmBox {
+    pub fn prepare(box_dir: &Path) -> Result<VmmBox, VmError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let ids = jail::vmm_ids()?;
+        let mkdir = |name: &str, mode: u32| {
+            let path = box_dir.join(name);
+            std::fs::DirBuilder::new()
+                .mode(mode)
+                .create(&path)
+                .map_err(io(format!("creating {}", path.display())))?;
+            Ok::<_, VmError>(path)
+        };
+        let owned = |name: &str| {
+            let path = mkdir(name, 0o700)?;
+            let dir =
+                std::fs::File::open(&path).map_err(io(format!("opening {}", path.display())))?;
+            nix::unistd::fchown(
+                &dir,
+                Some(nix::unistd::Uid::from_raw(ids.uid)),
+                Some(nix::unistd::Gid::from_raw(ids.gid)),
+            )
+            .map_err(|e| VmError::Io {
+                op: format!("handing {} to {}", path.display(), jail::VMM_USER),
+                source: e.into(),
+            })?;
+            Ok::<_, VmError>(path)
+        };
+        let vmm = owned("vmm")?;
+        let fs = owned("fs")?;
+        mkdir("jail-qemu", 0o755)?;
+        mkdir("jail-vsock", 0o755)?;
+        mkdir("jail-fs", 0o755)?;
+        Ok(VmmBox {
+            dir: box_dir.to_owned(),
+            vmm,
+            fs,
+            ids,
+        })
+    }
+
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.vmm.join("vsock.sock")
+    }
+
+    pub fn console(&self) -> PathBuf {
+        self.vmm.join("console.log")
+    }
+
+    pub fn qmp(&self) -> PathBuf {
+        self.vmm.join("qmp.sock")
+    }
+
+    /// Hand the socket `name` of `dir` (one root bound there) to the VMM user, without
+    /// following a link.
+    pub fn hand_over(&self, dir: &Path, name: &str) -> Result<(), VmError> {
+        let at = std::fs::File::open(dir).map_err(io(format!("opening {}", dir.display())))?;
+        nix::unistd::fchownat(
+            &at,
+            name,
+            Some(nix::unistd::Uid::from_raw(self.ids.uid)),
+            Some(nix::unistd::Gid::from_raw(self.ids.gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| VmError::Io {
+            op: format!("handing {}/{name} to {}", dir.display(), jail::VMM_USER),
+            source: e.into(),
+        })
+    }
+
+    /// Bind a guest→host listener at `<vsock.sock>_<port>` (before the vsock daemon starts)
+    /// and hand it to the VMM user.
+    pub fn listen(&self, port: u32) -> Result<std::os::unix::net::UnixListener, VmError> {
+        let name = format!("vsock.sock_{port}");
+        let path = self.vmm.join(&name);
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(io(format!("binding {}", path.display())))?;
+        self.hand_over(&self.vmm, &name)?;
+        Ok(listener)
+    }
+}
+
+/// The qemu engine: the vsock daemon (jailed) and the virtiofsd serving the guest's tree
+/// (sockets ready), then QEMU (jailed) with `vm`'s description and `extra` arguments, seeing
+/// `extra_read_only` too (a template's state). `boot_requests` go into the guest's tree
+/// (`vm_protocol::BOOT_REQUESTS`). Returns QEMU's jail and the helpers (all killed when
 /// dropped).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_qemu(
-    box_dir: &Path,
+    vmm_box: &VmmBox,
     vm: &VmDescription,
     artifacts: &guest::Artifacts,
     accel: engine::Accel,
-    console: &Path,
     boot_requests: Option<Vec<u8>>,
     extra: &[String],
+    extra_read_only: &[PathBuf],
 ) -> Result<(Child, Vec<Child>), VmError> {
+    let box_dir = &vmm_box.dir;
     let vsock_uds = &vm.vsock_uds;
     let mut helpers = Vec::new();
-    let vhost_vsock = box_dir.join("vhost-vsock.sock");
-    let mut vsockd = qemu::start(
-        &artifacts.vsock_daemon,
-        &qemu::vsock_daemon_args(&vhost_vsock, vsock_uds),
-        &box_dir.join("vsock.log"),
-    )
-    .map_err(|e| VmError::Helper {
+    let vhost_vsock = vmm_box.vmm.join("vhost-vsock.sock");
+    // The daemon is dynamically linked: its loader and libraries come from the host's /usr.
+    let vsock_jail = jail::JailSpec {
         what: "vhost-device-vsock",
-        message: e.to_string(),
-    })?;
-    let fs_socket = box_dir.join("fs.sock");
-    let plan = FsServerPlan {
+        program: artifacts.vsock_daemon.clone(),
+        args: qemu::vsock_daemon_args(&vhost_vsock, vsock_uds),
+        log: box_dir.join("vsock.log"),
+        root: box_dir.join("jail-vsock"),
+        read_only: jail::host_libraries(),
+        read_write: vec![vmm_box.vmm.clone()],
+        kvm: false,
+        syscalls: vmm_syscalls::VSOCK,
+        ids: jail::JailIds::vmm(vmm_box.ids),
+        keep_caps: 0,
+        tree: None,
+    };
+    let fs_socket = vmm_box.fs.join("fs.sock");
+    let tree = GuestTree {
         root: vm.root.clone(),
         binds: vm
             .shares
@@ -1291,19 +1456,38 @@ pub(crate) async fn start_qemu(
             .collect(),
         root_view: vm.root_view.clone(),
         base: vm.root_view.is_none().then(|| artifacts.rootfs.clone()),
-        program: artifacts.virtiofsd.clone(),
-        args: qemu::virtiofsd_args(&fs_socket, &vm.root),
-        log: box_dir.join("virtiofsd.log"),
         boot_requests,
+        guest_root: (vmm_box.ids.uid, vmm_box.ids.gid),
     };
+    let fs_jail = fs_server::jail_spec(
+        vmm_box,
+        &artifacts.virtiofsd,
+        tree,
+        &fs_socket,
+        vm.workload_ids,
+    )?;
     // Both daemons start at once; QEMU needs both sockets.
-    let fsd = fs_server::start(plan).await;
+    let (vsockd, fsd) = tokio::join!(jail::start(vsock_jail), jail::start(fs_jail));
     let limit = Duration::from_secs(10);
+    let mut vsockd = match vsockd {
+        Ok(child) => child,
+        Err(e) => {
+            if let Ok(mut fsd) = fsd {
+                let _ = fsd.start_kill();
+            }
+            return Err(e);
+        }
+    };
     let waited = qemu::wait_for_socket(&vhost_vsock, &mut vsockd, limit).await;
     helpers.push(vsockd);
     waited.map_err(|message| VmError::Helper {
         what: "vhost-device-vsock",
-        message,
+        message: format!(
+            "{message}: {}",
+            std::fs::read_to_string(box_dir.join("vsock.log"))
+                .unwrap_or_default()
+                .trim()
+        ),
     })?;
     let mut fsd = fsd?;
     let waited = qemu::wait_for_socket(&fs_socket, &mut fsd, limit).await;
@@ -1316,15 +1500,34 @@ pub(crate) async fn start_qemu(
             message: format!("{message}: {}", said.trim()),
         }
     })?;
-    let mut args = qemu::qemu_args(vm, accel, &vhost_vsock, &fs_socket, console);
+    let mut args = qemu::qemu_args(vm, accel, &vhost_vsock, &fs_socket, &vmm_box.console());
     args.extend_from_slice(extra);
-    let qemu_child =
-        qemu::start(&artifacts.qemu, &args, &box_dir.join("qemu.log")).map_err(|e| {
-            VmError::Helper {
-                what: "qemu",
-                message: e.to_string(),
-            }
-        })?;
+    let qemu_dir = artifacts
+        .qemu
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut read_only = vec![qemu_dir, vm.kernel.clone(), vmm_box.fs.clone()];
+    // Its firmware (`qboot.rom`), where the distribution's qemu-system-data puts it.
+    if Path::new(qemu::FIRMWARE_DIR).is_dir() {
+        read_only.push(PathBuf::from(qemu::FIRMWARE_DIR));
+    }
+    read_only.extend(extra_read_only.iter().cloned());
+    let qemu_jail = jail::JailSpec {
+        what: "qemu",
+        program: artifacts.qemu.clone(),
+        args,
+        log: box_dir.join("qemu.log"),
+        root: box_dir.join("jail-qemu"),
+        read_only,
+        read_write: vec![vmm_box.vmm.clone()],
+        kvm: accel == engine::Accel::Kvm,
+        syscalls: vmm_syscalls::QEMU,
+        ids: jail::JailIds::vmm(vmm_box.ids),
+        keep_caps: 0,
+        tree: None,
+    };
+    let qemu_child = jail::start(qemu_jail).await?;
     Ok((qemu_child, helpers))
 }
 
@@ -1364,8 +1567,23 @@ fn log_root_method(id: &str, box_dir: &Path) -> Result<(), VmError> {
     Ok(())
 }
 
+/// The console's last lines. The console lies in a directory the VMM user can write: opened
+/// without following a link, and only a regular file is read.
 fn console_tail(console: &Path) -> String {
-    let text = std::fs::read_to_string(console).unwrap_or_default();
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(console)
+    {
+        if let Some(m) = f.metadata().ok().filter(|m| m.is_file()) {
+            use std::io::Seek as _;
+            let _ = f.seek(std::io::SeekFrom::Start(m.len().saturating_sub(64 * 1024)));
+            let _ = f.take(64 * 1024).read_to_string(&mut text);
+        }
+    }
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }

@@ -160,16 +160,30 @@ pub fn qmp_args(path: &Path, incoming: bool) -> Vec<String> {
 /// attributes and names are trusted for a second; with our patch (`guest/virtiofsd/`) the guest
 /// keeps its page cache of files on read-only mounts across opens, and drops a writable file's
 /// at each open, so a host edit there shows at once.
+///
+/// virtiofsd runs in its jail (`jail`): `--sandbox=none`, as the jail already gives it its
+/// namespaces and a root holding the tree at `dir`; root of a user namespace of its own, so it
+/// carries out each request with the guest's ids as they are mapped there (guest root is the VMM
+/// user on the host) and has only the capabilities it was left. `--modcaps=-mknod:-setfcap`:
+/// it does not ask for the two it does not have (device nodes, file capabilities);
+/// `--inode-file-handles=never`: opening a file handle needs CAP_DAC_READ_SEARCH on the host,
+/// which it never has, so it keeps O_PATH descriptors (its default would ask for that
+/// capability).
 pub fn virtiofsd_args(socket: &Path, dir: &Path) -> Vec<String> {
     vec![
         format!("--socket-path={}", socket.display()),
         format!("--shared-dir={}", dir.display()),
         "--cache=auto".into(),
-        "--sandbox=namespace".into(),
+        "--sandbox=none".into(),
+        "--modcaps=-mknod:-setfcap".into(),
+        "--inode-file-handles=never".into(),
         "--no-announce-submounts".into(),
         "--log-level=error".into(),
     ]
 }
+
+/// Where Debian's qemu-system-data keeps QEMU's firmware (the microvm's `qboot.rom`).
+pub const FIRMWARE_DIR: &str = "/usr/share/qemu";
 
 /// Arguments for vhost-device-vsock.
 pub fn vsock_daemon_args(socket: &Path, uds: &Path) -> Vec<String> {
@@ -249,6 +263,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 256,
             cmdline: kernel_cmdline(Some(2_596_122)),
+            workload_ids: None,
         };
         let args = qemu_args(
             &vm,

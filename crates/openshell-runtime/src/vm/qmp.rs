@@ -37,6 +37,9 @@ pub enum QmpError {
     Timeout(String, Duration),
 }
 
+/// How long QEMU may take to answer one command.
+const REPLY_LIMIT: Duration = Duration::from_secs(30);
+
 /// A QMP connection in command mode.
 #[derive(Debug)]
 pub struct Qmp {
@@ -47,11 +50,28 @@ pub struct Qmp {
 impl Qmp {
     /// Connect to QEMU's QMP socket at `path` (retrying while QEMU starts, for up to `limit`),
     /// read the greeting and enter command mode.
-    pub async fn connect(path: &Path, limit: Duration) -> Result<Qmp, QmpError> {
+    /// Connect to QEMU's QMP socket at `path`; the listener must be `uid`'s (the jailed QEMU):
+    /// the socket lies in a directory that user can write.
+    pub async fn connect(path: &Path, uid: u32, limit: Duration) -> Result<Qmp, QmpError> {
         let start = Instant::now();
         let stream = loop {
             match UnixStream::connect(path).await {
-                Ok(s) => break s,
+                Ok(s) => {
+                    let peer = s.peer_cred().map_err(|source| QmpError::Connect {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                    if peer.uid() != uid {
+                        return Err(QmpError::Connect {
+                            path: path.display().to_string(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::PermissionDenied,
+                                format!("not QEMU's socket (uid {})", peer.uid()),
+                            ),
+                        });
+                    }
+                    break s;
+                }
                 Err(source) if start.elapsed() > limit => {
                     return Err(QmpError::Connect {
                         path: path.display().to_string(),
@@ -71,12 +91,13 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// The next message; QEMU answers every command at once (a migration is polled), so one
+    /// that says nothing within [`REPLY_LIMIT`] is stuck (e.g. on a vhost-user daemon).
     async fn read_message(&mut self, during: &str) -> Result<Value, QmpError> {
         let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
+        let n = tokio::time::timeout(REPLY_LIMIT, self.reader.read_line(&mut line))
             .await
+            .map_err(|_| QmpError::Timeout(during.to_owned(), REPLY_LIMIT))?
             .map_err(QmpError::Io)?;
         if n == 0 {
             return Err(QmpError::Closed(during.to_owned()));

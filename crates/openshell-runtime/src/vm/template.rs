@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::engine::{Accel, Share, VmDescription};
 use super::qmp::{Qmp, QmpError};
-use super::{accept_bounded, console_tail, guest, qemu, start_qemu, VmError};
+use super::{accept_bounded, console_tail, guest, qemu, start_qemu, VmError, VmmBox};
 use crate::vm_protocol::{self as proto, Event, Frame, Kind, Request};
 
 /// The environment variable that turns templates off (`off`, `0`, `false`, `no`).
@@ -294,12 +294,8 @@ async fn create(
     std::fs::create_dir_all(&root).map_err(io(format!("creating {}", root.display())))?;
     std::fs::create_dir_all(&template.dir)
         .map_err(io(format!("creating {}", template.dir.display())))?;
-    let tmp = template.dir.join(format!("state.tmp-{id}"));
-    let result = create_in(template, vm, accel, artifacts, &box_dir, &tmp).await;
+    let result = create_in(template, vm, accel, artifacts, &box_dir).await;
     let _ = std::fs::remove_dir_all(&box_dir);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
     result
 }
 
@@ -309,13 +305,20 @@ async fn create_in(
     accel: Accel,
     artifacts: &guest::Artifacts,
     box_dir: &Path,
-    tmp: &Path,
 ) -> Result<(), TemplateError> {
     let root = box_dir.join("root");
-    let vsock_uds = box_dir.join("vsock.sock");
-    let ready_path = PathBuf::from(format!("{}_{}", vsock_uds.display(), proto::READY_PORT));
-    let ready = tokio::net::UnixListener::bind(&ready_path)
-        .map_err(io(format!("binding {}", ready_path.display())))?;
+    let vmm_box = VmmBox::prepare(box_dir).map_err(|e| TemplateError::Start(Box::new(e)))?;
+    // QEMU (jailed, as the VMM user) writes the state into its own directory; root moves it
+    // into place once QEMU has ended (see `take_state`).
+    let tmp = vmm_box.vmm.join("state.tmp");
+    let vsock_uds = vmm_box.vsock_uds();
+    let ready = vmm_box
+        .listen(proto::READY_PORT)
+        .map_err(|e| TemplateError::Start(Box::new(e)))?;
+    ready
+        .set_nonblocking(true)
+        .map_err(io("configuring the ready listener"))?;
+    let ready = UnixListener::from_std(ready).map_err(io("registering the ready listener"))?;
     // The built root alone: no share, no boot requests, nothing of any sandbox.
     let tvm = VmDescription {
         root: root.clone(),
@@ -328,18 +331,19 @@ async fn create_in(
         }],
         vsock_uds,
         cmdline: template.cmdline.clone(),
+        workload_ids: None,
         ..vm.clone()
     };
-    let console = box_dir.join("console.log");
-    let qmp_path = box_dir.join("qmp.sock");
+    let console = vmm_box.console();
+    let qmp_path = vmm_box.qmp();
     let (mut vmm, _helpers) = start_qemu(
-        box_dir,
+        &vmm_box,
         &tvm,
         artifacts,
         accel,
-        &console,
         None,
         &qemu::qmp_args(&qmp_path, false),
+        &[],
     )
     .await
     .map_err(|e| TemplateError::Start(Box::new(e)))?;
@@ -352,7 +356,7 @@ async fn create_in(
         || TemplateError::NoPark(PARK_LIMIT, console_tail(&console)),
     )
     .await?;
-    let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(10)).await?;
+    let mut qmp = Qmp::connect(&qmp_path, vmm_box.ids.uid, Duration::from_secs(10)).await?;
     qmp.set_file_migration().await?;
     qmp.execute("stop", None).await?;
     qmp.execute(
@@ -368,12 +372,7 @@ async fn create_in(
     {
         let _ = vmm.start_kill();
     }
-    // Durable before it is used: a torn snapshot would restore a broken guest.
-    File::open(tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io(format!("syncing {}", tmp.display())))?;
-    std::fs::rename(tmp, &template.state)
-        .map_err(io(format!("renaming {} to state", tmp.display())))?;
+    take_state(&vmm_box, &tmp, &template.state)?;
     let info = json!({
         "format": FORMAT,
         "key": template.key,
@@ -387,6 +386,40 @@ async fn create_in(
     });
     let _ = std::fs::write(template.dir.join("info.json"), format!("{info:#}\n"));
     Ok(())
+}
+
+/// Move the state QEMU wrote (`tmp`, in the VMM user's directory) to `state`, once QEMU and
+/// everything else of the VMM user in this box has ended: it must be a regular file of the
+/// VMM user's (never a link it left), synced before it is used (a torn snapshot would restore a
+/// broken guest), and the template keeps it read-only and root's.
+fn take_state(vmm_box: &VmmBox, tmp: &Path, state: &Path) -> Result<(), TemplateError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let shown = tmp.display().to_string();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(tmp)
+        .map_err(io(format!("opening {shown}")))?;
+    let meta = file.metadata().map_err(io(shown.to_string()))?;
+    if !meta.is_file() || meta.uid() != vmm_box.ids.uid {
+        return Err(TemplateError::Io {
+            op: format!("{shown}: not a regular file of {}", super::jail::VMM_USER),
+            source: std::io::ErrorKind::InvalidData.into(),
+        });
+    }
+    file.sync_all().map_err(io(format!("syncing {shown}")))?;
+    nix::unistd::fchown(
+        &file,
+        Some(nix::unistd::Uid::from_raw(0)),
+        Some(nix::unistd::Gid::from_raw(0)),
+    )
+    .map_err(|e| TemplateError::Io {
+        op: format!("handing {shown} to root"),
+        source: e.into(),
+    })?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(io(format!("chmod {shown}")))?;
+    std::fs::rename(tmp, state).map_err(io(format!("renaming {shown} to {}", state.display())))
 }
 
 /// Fails when QEMU has exited.
@@ -410,33 +443,33 @@ fn exited(vmm: &mut Child, box_dir: &Path, during: &'static str) -> Result<(), T
 #[allow(clippy::too_many_arguments)]
 pub async fn restore(
     id: &str,
-    box_dir: &Path,
+    vmm_box: &VmmBox,
     ready: &UnixListener,
     vm: &VmDescription,
     template: &Template,
     accel: Accel,
     artifacts: &guest::Artifacts,
-    console: &Path,
     boot_requests: Option<Vec<u8>>,
 ) -> Result<(Child, Vec<Child>), VmError> {
     let started = Instant::now();
+    let box_dir = &vmm_box.dir;
     let rvm = VmDescription {
         cmdline: template.cmdline.clone(),
         ..vm.clone()
     };
-    let qmp_path = box_dir.join("qmp.sock");
+    let qmp_path = vmm_box.qmp();
     let (mut vmm, mut helpers) = start_qemu(
-        box_dir,
+        vmm_box,
         &rvm,
         artifacts,
         accel,
-        console,
         boot_requests,
         &qemu::qmp_args(&qmp_path, true),
+        std::slice::from_ref(&template.state),
     )
     .await?;
     let resumed = async {
-        let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(10)).await?;
+        let mut qmp = Qmp::connect(&qmp_path, vmm_box.ids.uid, Duration::from_secs(10)).await?;
         qmp.set_file_migration().await?;
         qmp.execute(
             "migrate-incoming",
@@ -462,7 +495,8 @@ pub async fn restore(
                 let _ = h.kill().await;
             }
             for name in RESTORE_LEFTOVERS {
-                let _ = std::fs::remove_file(box_dir.join(name));
+                let _ = std::fs::remove_file(vmm_box.vmm.join(name));
+                let _ = std::fs::remove_file(vmm_box.fs.join(name));
             }
             let reason = crate::error_chain(&e);
             warn!(event = "vm.template", outcome = "restore_failed", sandbox = id, key = %template.key, error = %reason, lasting = e.lasting(), "restore failed: booting");
@@ -598,6 +632,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 512,
             cmdline: qemu::kernel_cmdline(Some(2_000_000)),
+            workload_ids: None,
         };
         let key = |vm: &VmDescription, a: &guest::Artifacts| {
             Template::for_vm(vm, Accel::Tcg, a).unwrap().key
