@@ -64,9 +64,14 @@ pub mod policy;
 pub mod procfs;
 mod server;
 pub mod ssrf;
+mod tls;
+#[cfg(feature = "watch")]
 pub mod watch;
 
-pub use decision::{Decided, Decider};
-pub use identity::{Caller, FixedIdentity, IdentityError, IdentityResolver};
+pub use decision::{AuditRotation, Decided, Decider};
+pub use identity::{
+    Caller, Connector, FixedIdentity, Identified, IdentityError, IdentityResolver, ProcKey,
+    ProcessHistory,
+};
 pub use policy::{PolicyHandle, UpdateError};
 pub use server::{Proxy, ProxyConfig, ProxyError, SandboxContext, ServeGuard};

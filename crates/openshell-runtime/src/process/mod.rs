@@ -9,6 +9,7 @@ pub mod channel;
 pub mod child;
 pub mod landlock;
 pub mod net;
+pub mod notify;
 pub mod protocol;
 pub mod rootfs;
 pub mod seccomp;
@@ -350,6 +351,9 @@ pub(crate) struct Identity {
     /// Every process launched with this identity has its `connect` calls carried out by the
     /// supervisor (see `unix_connect`).
     mediate_connect: bool,
+    /// The sandbox's record of connects and execs, shared by every process launched with
+    /// this identity and by the egress proxy.
+    pub(crate) lineage: Arc<crate::lineage::Lineage>,
 }
 
 impl Identity {
@@ -456,6 +460,7 @@ impl Identity {
             },
             proxy: None,
             mediate_connect: false,
+            lineage: Arc::new(crate::lineage::Lineage::new()),
         })
     }
 
@@ -570,13 +575,11 @@ impl Identity {
         })
     }
 
-    /// The seccomp filter of this identity's processes.
+    /// The seccomp filter of this identity's processes: on both backends `connect`,
+    /// `execve` and `execveat` are notified (the supervisor or the guest agent records them;
+    /// see `lineage`).
     fn filter(&self) -> Result<seccomp::CompiledFilter, ProcessError> {
-        let base = seccomp::compiled()?;
-        if !self.mediate_connect {
-            return Ok(base.clone());
-        }
-        Ok(seccomp::with_connect_notified(base))
+        Ok(seccomp::with_connect_notified(seccomp::compiled()?))
     }
 
     /// What the connect mediation needs to act as this identity's processes.
@@ -600,6 +603,8 @@ impl Identity {
         }
         unix_connect::Mediator {
             sandbox: sandbox.to_owned(),
+            lineage: self.lineage.clone(),
+            proxy: crate::PROXY_ADDR,
             uid,
             gid,
             groups,
@@ -658,6 +663,7 @@ impl Identity {
             landlock: self.landlock.clone(),
             seccomp: self.filter()?,
             mediate_connect: self.mediate_connect,
+            notify_launcher: !self.mediate_connect,
         })
     }
 }
@@ -975,6 +981,8 @@ impl ProcessSandbox {
                             listener,
                             init_pid,
                             members,
+                            lineage: identity.lineage.clone(),
+                            writable: identity.landlock.read_write.clone(),
                         },
                     };
                     Some(egress.attach(attachment).map_err(ProcessError::Egress)?)

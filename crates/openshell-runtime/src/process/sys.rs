@@ -485,6 +485,32 @@ pub fn notif_send(listener: BorrowedFd<'_>, id: u64, val: i64, errno: i32) -> ni
     Errno::result(r).map(drop)
 }
 
+/// `SECCOMP_USER_NOTIF_FLAG_CONTINUE`: the kernel carries the call out as if it had not
+/// been intercepted.
+const SECCOMP_USER_NOTIF_FLAG_CONTINUE: u32 = 1;
+
+/// Let notification `id`'s call proceed unchanged. Only for calls whose outcome the
+/// supervisor does not decide (it recorded them; see `lineage`): the call's arguments are read
+/// again by the kernel, after the supervisor looked at them.
+pub fn notif_continue(listener: BorrowedFd<'_>, id: u64) -> nix::Result<()> {
+    let resp = SeccompNotifResp {
+        id,
+        val: 0,
+        error: 0,
+        flags: SECCOMP_USER_NOTIF_FLAG_CONTINUE,
+    };
+    // SAFETY: NOTIF_SEND reads one seccomp_notif_resp, which lives on this frame and has the
+    // kernel's layout and size (24 bytes, encoded in the request number).
+    let r = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            SECCOMP_IOCTL_NOTIF_SEND as _,
+            &resp as *const SeccompNotifResp,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
 /// Whether notification `id` is still pending (its process still waits in the call).
 pub fn notif_id_valid(listener: BorrowedFd<'_>, id: u64) -> bool {
     // SAFETY: NOTIF_ID_VALID reads one u64, which lives on this frame.

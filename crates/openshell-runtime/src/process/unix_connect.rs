@@ -26,6 +26,11 @@
 //!
 //! The connecting socket's peer credentials are the workload's uid and gid; its pid is the
 //! supervisor's (0 as seen from inside the sandbox).
+//!
+//! A connect to the egress proxy is written into the sandbox's [`crate::lineage::Lineage`]
+//! (socket inode, calling process, its executable) before it is carried out, and the same
+//! listener receives the workload's `execve`/`execveat`, which are recorded there and let
+//! through (see `notify`).
 
 use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -43,6 +48,10 @@ use super::sys;
 #[derive(Debug, Clone)]
 pub struct Mediator {
     pub sandbox: String,
+    /// The sandbox's record of who connected what and who exec'd when (see `lineage`).
+    pub lineage: Arc<crate::lineage::Lineage>,
+    /// The egress proxy's address inside the sandbox: connects to it are recorded.
+    pub proxy: std::net::SocketAddr,
     /// The workload's host uid, gid and supplementary groups.
     pub uid: u32,
     pub gid: u32,
@@ -93,6 +102,16 @@ pub async fn serve(listener: OwnedFd, mediator: Arc<Mediator>) {
         };
         drop(guard);
         let listener = listener.clone();
+        let nr = i64::from(notif.data.nr);
+        if nr == libc::SYS_execve || nr == libc::SYS_execveat {
+            // Recorded, then let through; on a pooled thread (it reads /proc, changes nothing).
+            let lineage = mediator.lineage.clone();
+            tokio::task::spawn_blocking(move || {
+                lineage.record_exec(notif.pid);
+                let _ = sys::notif_continue(listener.get_ref().as_fd(), notif.id);
+            });
+            continue;
+        }
         let for_thread = mediator.clone();
         // A thread of its own, never reused: a pathname connect changes the thread's
         // namespaces and identity (see `resolve_and_connect`).
@@ -165,6 +184,13 @@ fn handle(m: &Mediator, listener: BorrowedFd<'_>, n: &sys::SeccompNotif) -> Opti
         let path = PathBuf::from(std::ffi::OsStr::from_bytes(path));
         resolve_and_connect(m, &pidfd, pid, &socket, &path)
     } else {
+        // The connection is credited to this process: recorded before it exists.
+        if super::notify::inet_address(&addr) == Some(m.proxy) {
+            match nix::sys::stat::fstat(&socket) {
+                Ok(st) => m.lineage.record_connect(n.pid, st.st_ino),
+                Err(e) => return Some(e),
+            }
+        }
         sys::connect_raw(socket.as_fd(), &addr)
     };
     Some(match result {
