@@ -37,24 +37,30 @@ pub fn inet_address(raw: &[u8]) -> Option<SocketAddr> {
 }
 
 /// Whether notification `n` is a `connect` of a socket to `proxy`: the address read from
-/// the caller's memory.
+/// the caller's memory (`process_vm_readv`, or `/proc/PID/mem` on kernels without
+/// CONFIG_CROSS_MEMORY_ATTACH, as the guest's).
 fn connects_to(n: &sys::SeccompNotif, proxy: SocketAddr) -> bool {
     let len = (n.data.args[2] as u32 as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
     if len < 8 {
         return false;
     }
+    let base = n.data.args[1] as usize;
     let mut addr = vec![0u8; len];
     let local = [std::io::IoSliceMut::new(&mut addr)];
-    let remote = [nix::sys::uio::RemoteIoVec {
-        base: n.data.args[1] as usize,
-        len,
-    }];
+    let remote = [nix::sys::uio::RemoteIoVec { base, len }];
     let mut local = local;
     let pid = nix::unistd::Pid::from_raw(n.pid as i32);
-    match nix::sys::uio::process_vm_readv(pid, &mut local, &remote) {
-        Ok(read) if read == len => inet_address(&addr) == Some(proxy),
-        _ => false,
-    }
+    let read = match nix::sys::uio::process_vm_readv(pid, &mut local, &remote) {
+        Ok(read) => read == len,
+        Err(Errno::ENOSYS) => {
+            use std::os::unix::fs::FileExt;
+            std::fs::File::open(format!("/proc/{}/mem", n.pid))
+                .and_then(|mem| mem.read_exact_at(&mut addr, base as u64))
+                .is_ok()
+        }
+        Err(_) => false,
+    };
+    read && inet_address(&addr) == Some(proxy)
 }
 
 /// The inode of descriptor `fd` of the notification's caller.
