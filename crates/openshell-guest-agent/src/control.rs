@@ -55,7 +55,8 @@ pub async fn serve_connection(ctx: Rc<Ctx>, conn: Box<dyn Io>) {
         identity_max_binary_bytes,
     } = &request
     {
-        ctx.identity_max_binary_bytes.set(*identity_max_binary_bytes);
+        ctx.identity_max_binary_bytes
+            .set(*identity_max_binary_bytes);
         let limits = boot::Limits {
             pids: *pids_limit,
             memory_mib: *memory_limit_mib,

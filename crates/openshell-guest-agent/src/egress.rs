@@ -168,7 +168,10 @@ async fn credit(
     local: SocketAddr,
 ) -> (Result<Caller, IdentityError>, Vec<u8>) {
     let Ok(_permit) = budget.acquire().await else {
-        return (Err(IdentityError::Other("identity budget closed".into())), Vec::new());
+        return (
+            Err(IdentityError::Other("identity budget closed".into())),
+            Vec::new(),
+        );
     };
     let (first, head) = tokio::join!(resolver.identify_here(peer, local), read_head(client));
     let second = resolver.identify_here(peer, local).await;
@@ -183,7 +186,12 @@ async fn credit(
     (resolver.verify_here(&identified).await, head)
 }
 
-async fn relay(ctx: Rc<Ctx>, budget: Rc<tokio::sync::Semaphore>, mut client: TcpStream, target: EgressTarget) {
+async fn relay(
+    ctx: Rc<Ctx>,
+    budget: Rc<tokio::sync::Semaphore>,
+    mut client: TcpStream,
+    target: EgressTarget,
+) {
     let (peer, local) = match (client.peer_addr(), client.local_addr()) {
         (Ok(p), Ok(l)) => (p, l),
         _ => return,

@@ -136,7 +136,10 @@ impl Lineage {
             for entry in entries.flatten() {
                 if let Ok(text) = std::fs::read_to_string(entry.path().join("children")) {
                     have_files = true;
-                    found.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                    found.extend(
+                        text.split_whitespace()
+                            .filter_map(|p| p.parse::<u32>().ok()),
+                    );
                 }
             }
         }
@@ -147,11 +150,16 @@ impl Lineage {
             let mut map: HashMap<u32, Vec<u32>> = HashMap::new();
             if let Ok(entries) = std::fs::read_dir(&self.proc_root) {
                 for entry in entries.flatten() {
-                    let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+                    let Some(child) = entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.parse::<u32>().ok())
                     else {
                         continue;
                     };
-                    if let Some((_, parent)) = self.read(child, "stat").as_deref().and_then(parse_stat) {
+                    if let Some((_, parent)) =
+                        self.read(child, "stat").as_deref().and_then(parse_stat)
+                    {
                         map.entry(parent).or_default().push(child);
                     }
                 }
@@ -256,7 +264,10 @@ impl Lineage {
             exec.before.retain(|key| self.key(key.pid) == Some(*key));
         }
         if state.execs.len() >= MAX_EXECS {
-            tracing::warn!(event = "sandbox.lineage_overflow", "too many processes to follow: no process counts as an ancestor from now on");
+            tracing::warn!(
+                event = "sandbox.lineage_overflow",
+                "too many processes to follow: no process counts as an ancestor from now on"
+            );
             state.overflowed = true;
             state.execs.clear();
         }
@@ -366,7 +377,9 @@ mod tests {
         let anyone = ProcKey { pid: 1, start: 1 };
         assert_eq!(lineage.credits(me(), anyone), false);
         lineage.record_connect(std::process::id(), 4242);
-        let c = lineage.connector(4242).unwrap_or_else(|| panic!("no record"));
+        let c = lineage
+            .connector(4242)
+            .unwrap_or_else(|| panic!("no record"));
         assert_eq!((c.process, c.seq > lineage.exec_seq(me())), (me(), true));
         assert_eq!(lineage.connector(4343), None);
     }

@@ -78,8 +78,7 @@ fn egress_sends_preamble_then_relays() {
 fn a_connection_no_launched_process_opened_is_refused() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let host = UnixListener::bind(dir.path().join("egress")).unwrap_or_else(|e| panic!("{e}"));
-    host.set_nonblocking(true)
-        .unwrap_or_else(|e| panic!("{e}"));
+    host.set_nonblocking(true).unwrap_or_else(|e| panic!("{e}"));
     let agent = Agent::start_in(dir);
     let mut client = TcpStream::connect(agent.egress).unwrap_or_else(|e| panic!("{e}"));
     let _ = client.write_all(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n");

@@ -633,10 +633,7 @@ fn parent_side(
         }
         let ready: Vec<bool> = fds
             .iter()
-            .map(|f| {
-                f.revents()
-                    .is_some_and(|r| !r.is_empty())
-            })
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
             .collect();
         drop(fds);
         let mut at = 1;

@@ -64,7 +64,11 @@ fn connects_to(n: &sys::SeccompNotif, proxy: SocketAddr) -> bool {
 }
 
 /// The inode of descriptor `fd` of the notification's caller.
-pub(crate) fn socket_inode(listener: BorrowedFd<'_>, n: &sys::SeccompNotif, fd: i32) -> Option<u64> {
+pub(crate) fn socket_inode(
+    listener: BorrowedFd<'_>,
+    n: &sys::SeccompNotif,
+    fd: i32,
+) -> Option<u64> {
     let pidfd = sys::pidfd_open(nix::unistd::Pid::from_raw(n.pid as i32)).ok()?;
     // The pid named the caller when the pidfd was opened only if the notification still waits.
     if !sys::notif_id_valid(listener, n.id) {
@@ -101,7 +105,11 @@ pub(crate) fn record_and_continue(
 }
 
 /// Receive and record one pending notification, if there is one.
-pub(crate) fn serve_one(listener: BorrowedFd<'_>, lineage: &Lineage, proxy: SocketAddr) -> nix::Result<()> {
+pub(crate) fn serve_one(
+    listener: BorrowedFd<'_>,
+    lineage: &Lineage,
+    proxy: SocketAddr,
+) -> nix::Result<()> {
     match sys::notif_recv(listener) {
         Ok(n) => {
             record_and_continue(listener, &n, lineage, proxy);
@@ -158,7 +166,12 @@ mod tests {
         let mut v6 = (libc::AF_INET6 as u16).to_ne_bytes().to_vec();
         v6.extend_from_slice(&3128u16.to_be_bytes());
         v6.extend_from_slice(&[0; 4]);
-        v6.extend_from_slice(&"::ffff:10.200.0.1".parse::<Ipv6Addr>().map(|a| a.octets()).unwrap_or_default());
+        v6.extend_from_slice(
+            &"::ffff:10.200.0.1"
+                .parse::<Ipv6Addr>()
+                .map(|a| a.octets())
+                .unwrap_or_default(),
+        );
         v6.extend_from_slice(&[0; 4]);
         let want: Option<SocketAddr> = "10.200.0.1:3128".parse().ok();
         assert_eq!((inet_address(&v4), inet_address(&v6)), (want, want));

@@ -857,8 +857,14 @@ const SECCOMP_RET_USER_NOTIF: u32 = 0x7fc0_0000;
 /// guest agent records it) and `execve`/`execveat` (recorded, then let through; see
 /// [`crate::lineage`]).
 pub const NOTIFIED: [(i64, &str); 3] = [
-    (libc::SYS_connect, "connect: who opens each socket, decided or recorded by the supervisor"),
-    (libc::SYS_execve, "execve: recorded so an exec after a fork does not lend its program"),
+    (
+        libc::SYS_connect,
+        "connect: who opens each socket, decided or recorded by the supervisor",
+    ),
+    (
+        libc::SYS_execve,
+        "execve: recorded so an exec after a fork does not lend its program",
+    ),
     (libc::SYS_execveat, "execveat: as execve"),
 ];
 
