@@ -166,8 +166,10 @@ pub fn check_with(ip: IpAddr, allowed_ips: &[IpNet], own: &[IpAddr]) -> Result<(
 /// kernel reports an address change (rtnetlink's IPv4/IPv6 address groups).
 #[derive(Debug, Clone)]
 pub struct HostAddresses {
-    current: tokio::sync::watch::Receiver<Option<Arc<Vec<IpAddr>>>>,
+    current: Arc<std::sync::OnceLock<Receiver>>,
 }
+
+type Receiver = tokio::sync::watch::Receiver<Option<Arc<Vec<IpAddr>>>>;
 
 /// How long a decision waits for the first reading of the host's addresses.
 const FIRST_READING: std::time::Duration = std::time::Duration::from_secs(5);
@@ -175,32 +177,43 @@ const FIRST_READING: std::time::Duration = std::time::Duration::from_secs(5);
 impl HostAddresses {
     /// A fixed list (tests).
     pub fn fixed(addresses: Vec<IpAddr>) -> Self {
-        let (_tx, current) = tokio::sync::watch::channel(Some(Arc::new(addresses)));
-        Self { current }
+        let (_tx, rx) = tokio::sync::watch::channel(Some(Arc::new(addresses)));
+        let current = std::sync::OnceLock::new();
+        let _ = current.set(rx);
+        Self {
+            current: Arc::new(current),
+        }
     }
 
-    /// Start reading (a task on the current tokio runtime, which must exist).
+    /// Start reading on the current tokio runtime, or, without one, on the first use (which
+    /// is on a runtime).
     pub fn watch() -> Self {
-        let (tx, current) = tokio::sync::watch::channel(None);
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(follow(tx));
-            }
-            Err(_) => {
-                tracing::error!(target: "openshell::proxy", "no async runtime: the host's own addresses are unknown, so destinations without allowed_ips are refused");
-            }
+        let this = Self {
+            current: Arc::new(std::sync::OnceLock::new()),
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            this.receiver();
         }
-        Self { current }
+        this
+    }
+
+    fn receiver(&self) -> Receiver {
+        self.current
+            .get_or_init(|| {
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                tokio::spawn(follow(tx));
+                rx
+            })
+            .clone()
     }
 
     /// The addresses; `Err` when they are not known (yet), which refuses the destination.
+    /// Must be called on a tokio runtime.
     pub async fn current(&self) -> Result<Arc<Vec<IpAddr>>, String> {
-        let mut rx = self.current.clone();
+        let mut rx = self.receiver();
         let known = tokio::time::timeout(FIRST_READING, rx.wait_for(Option::is_some)).await;
         match known {
-            Ok(Ok(guard)) => guard
-                .clone()
-                .ok_or_else(|| "host addresses unknown".to_string()),
+            Ok(Ok(guard)) => guard.clone().ok_or_else(|| "host addresses unknown".to_string()),
             _ => Err("the proxy does not know this host's own addresses".to_string()),
         }
     }

@@ -100,7 +100,17 @@ fn report_error(e: &anyhow::Error) {
 
 #[allow(clippy::print_stdout)]
 fn print_seccomp_table() -> ExitCode {
-    use openshell_runtime::process::seccomp::{peers, Match, DENIED, PREFIX};
+    use openshell_runtime::process::seccomp::{peers, Match, DENIED, NOTIFIED, PREFIX};
+    println!("First, right after the architecture check (user notification, both backends):");
+    for (nr, reason) in NOTIFIED {
+        let name = match nr {
+            libc::SYS_connect => "connect",
+            libc::SYS_execve => "execve",
+            _ => "execveat",
+        };
+        println!("  {name:<20} {reason}");
+    }
+    println!();
     println!("Before the table (x86_64, hand-written prefix):");
     for row in PREFIX {
         println!("  {:<38} {:<26} {}", row.what, row.action, row.reason);
