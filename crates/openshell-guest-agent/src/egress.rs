@@ -159,7 +159,8 @@ async fn read_head(client: &mut TcpStream) -> Vec<u8> {
 }
 
 /// Who the connection may be credited to: identified at accept and after the head (equal),
-/// then verified.
+/// then verified. Each step holds one of the [`IDENTITY_AT_ONCE`] permits only while it works
+/// (not while the client takes its time with the head).
 async fn credit(
     resolver: &ProcfsResolver,
     budget: &tokio::sync::Semaphore,
@@ -167,14 +168,12 @@ async fn credit(
     peer: SocketAddr,
     local: SocketAddr,
 ) -> (Result<Caller, IdentityError>, Vec<u8>) {
-    let Ok(_permit) = budget.acquire().await else {
-        return (
-            Err(IdentityError::Other("identity budget closed".into())),
-            Vec::new(),
-        );
+    let identify = || async {
+        let _permit = budget.acquire().await;
+        resolver.identify_here(peer, local).await
     };
-    let (first, head) = tokio::join!(resolver.identify_here(peer, local), read_head(client));
-    let second = resolver.identify_here(peer, local).await;
+    let (first, head) = tokio::join!(identify(), read_head(client));
+    let second = identify().await;
     let identified = match (first, second) {
         (Ok(a), Ok(b)) if a == b => b,
         (Ok(_), Ok(_)) => {
@@ -183,6 +182,7 @@ async fn credit(
         }
         (Err(e), _) | (_, Err(e)) => return (Err(e), head),
     };
+    let _permit = budget.acquire().await;
     (resolver.verify_here(&identified).await, head)
 }
 

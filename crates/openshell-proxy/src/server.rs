@@ -454,11 +454,8 @@ impl Inner {
             (_, Some(caller)) => Ok(caller),
             (Ok(Some(identified)), None) => Ok(identified.caller.clone()),
             (Ok(None), None) => Err(IdentityError::Other("no caller".into())),
-            (Err(e), None) => Err(IdentityError::Other(e.to_string())),
+            (Err(e), None) => Err(IdentityError::Other(identity_reason(e))),
         };
-        if let Err(error) = &identified {
-            caller = Err(IdentityError::Other(identity_reason(error)));
-        }
         let mut outcome = self.decide(&head, caller.as_ref());
         // The expensive identity checks only for what the policy allows.
         if let (true, Ok(Some(identified))) = (outcome.allowed(), &identified) {

@@ -213,7 +213,9 @@ impl HostAddresses {
         let mut rx = self.receiver();
         let known = tokio::time::timeout(FIRST_READING, rx.wait_for(Option::is_some)).await;
         match known {
-            Ok(Ok(guard)) => guard.clone().ok_or_else(|| "host addresses unknown".to_string()),
+            Ok(Ok(guard)) => guard
+                .clone()
+                .ok_or_else(|| "host addresses unknown".to_string()),
             _ => Err("the proxy does not know this host's own addresses".to_string()),
         }
     }

@@ -1,11 +1,14 @@
 //! What a sandbox's processes did that /proc cannot tell afterwards: which process called
 //! `connect` on a socket, and which processes existed when another one started a new program.
 //!
-//! Both backends' workload filters turn `connect`, `execve` and `execveat` into seccomp user
-//! notifications (the process backend's supervisor carries out each connect itself; the guest
-//! agent lets both calls continue once recorded). For each one the handler calls
-//! [`Lineage::record_connect`] or [`Lineage::record_exec`] **before** the call proceeds, so the
-//! record always precedes its effect:
+//! Both backends' workload filters turn `connect` into a seccomp user notification (the process
+//! backend's supervisor carries out each connect itself; the guest agent lets it continue once
+//! recorded), and the handler calls [`Lineage::record_connect`] **before** the call proceeds.
+//! Execs are learnt differently on each backend: in the guest the filter notifies `execve` and
+//! `execveat` too and the agent calls [`Lineage::record_exec`] before they proceed; on the host
+//! the kernel's process events say every fork and exec ([`Lineage::from_events`],
+//! `process::proc_events`), so the workload never waits on the supervisor to exec. Either way
+//! a record precedes what it records:
 //!
 //! - a connect to the egress proxy records the socket's inode with the calling process and
 //!   its executable then. The proxy credits a connection to that process only, never to
@@ -80,6 +83,9 @@ const MAX_DESCENDANTS: usize = 16_384;
 pub struct Lineage {
     proc_root: PathBuf,
     state: Mutex<State>,
+    /// The process backend: forks and execs come from the host's process events instead of
+    /// notifications (which would make every exec wait on the supervisor).
+    events: Option<std::sync::Arc<crate::process::proc_events::ProcEvents>>,
 }
 
 /// `(start time, parent pid)` of a `/proc/PID/stat` text.
@@ -102,6 +108,17 @@ impl Lineage {
         Self {
             proc_root: proc_root.into(),
             state: Mutex::new(State::default()),
+            events: None,
+        }
+    }
+
+    /// A record whose forks and execs are the host's process events (the process backend);
+    /// only connects are recorded into it.
+    pub fn from_events(events: std::sync::Arc<crate::process::proc_events::ProcEvents>) -> Self {
+        Self {
+            proc_root: PathBuf::from("/proc"),
+            state: Mutex::new(State::default()),
+            events: Some(events),
         }
     }
 
@@ -231,6 +248,16 @@ impl Lineage {
         let Ok(meta) = std::fs::metadata(exe) else {
             return;
         };
+        // With process events the sequence is the process's own exec generation (all its
+        // execs so far are in the queue, which this drains); a process they do not know
+        // gets no record, and its connection is denied.
+        let generation = match &self.events {
+            Some(events) => match events.exec_gen(tgid) {
+                Some(g) => Some(g),
+                None => return,
+            },
+            None => None,
+        };
         let Ok(mut state) = self.state.lock() else {
             return;
         };
@@ -238,7 +265,7 @@ impl Lineage {
         let record = Connect {
             process: key,
             exe: (meta.dev(), meta.ino()),
-            seq: state.seq,
+            seq: generation.unwrap_or(state.seq),
             at: Instant::now(),
         };
         state.connects.insert(inode, record);
@@ -281,6 +308,9 @@ impl Lineage {
     /// Whether `parent` counts as `child`'s ancestor: it has not started another program
     /// since `child` was created.
     pub fn credits(&self, parent: ProcKey, child: ProcKey) -> bool {
+        if let Some(events) = &self.events {
+            return events.credits(parent.pid, child.pid);
+        }
         let Ok(state) = self.state.lock() else {
             return false;
         };
@@ -296,6 +326,9 @@ impl Lineage {
     /// The sequence number of the process's last exec (0: none seen). After an overflow,
     /// the largest number, so nothing can be credited.
     pub fn exec_seq(&self, process: ProcKey) -> u64 {
+        if let Some(events) = &self.events {
+            return events.exec_gen(process.pid).unwrap_or(u64::MAX);
+        }
         let Ok(state) = self.state.lock() else {
             return u64::MAX;
         };

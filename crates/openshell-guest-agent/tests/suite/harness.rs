@@ -151,7 +151,7 @@ pub fn plan(argv: &[&str]) -> LaunchPlan {
             hard_requirement: false,
         },
         // As the vm backend makes it: connect and exec notified to the agent.
-        seccomp: openshell_runtime::process::seccomp::with_connect_notified(
+        seccomp: openshell_runtime::process::seccomp::with_lineage_notified(
             openshell_runtime::process::seccomp::compiled().expect("the seccomp table compiles"),
         ),
         mediate_connect: false,

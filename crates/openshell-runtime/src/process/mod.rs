@@ -10,6 +10,7 @@ pub mod child;
 pub mod landlock;
 pub mod net;
 pub mod notify;
+pub mod proc_events;
 pub mod protocol;
 pub mod rootfs;
 pub mod seccomp;
@@ -401,6 +402,14 @@ impl Identity {
         }
         if config.egress.is_some() {
             identity.proxy = Some(proxy_addr.to_owned());
+            if mediate_connect {
+                // The process backend learns forks and execs from the host's process events.
+                let events = proc_events::ProcEvents::global().map_err(|e| ProcessError::Io {
+                    op: "starting the process events reader (CONFIG_PROC_EVENTS, CAP_NET_ADMIN)",
+                    source: std::io::Error::other(e),
+                })?;
+                identity.lineage = Arc::new(crate::lineage::Lineage::from_events(events));
+            }
         }
         let launch = identity.launch(
             &config.program,
@@ -575,11 +584,14 @@ impl Identity {
         })
     }
 
-    /// The seccomp filter of this identity's processes: on both backends `connect`,
-    /// `execve` and `execveat` are notified (the supervisor or the guest agent records them;
-    /// see `lineage`).
+    /// The seccomp filter of this identity's processes: `connect` notified on both backends,
+    /// `execve` and `execveat` too in the guest (see `lineage`).
     fn filter(&self) -> Result<seccomp::CompiledFilter, ProcessError> {
-        Ok(seccomp::with_connect_notified(seccomp::compiled()?))
+        let base = seccomp::compiled()?;
+        Ok(match self.mediate_connect {
+            true => seccomp::with_connect_notified(base),
+            false => seccomp::with_lineage_notified(base),
+        })
     }
 
     /// What the connect mediation needs to act as this identity's processes.

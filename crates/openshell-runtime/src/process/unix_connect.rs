@@ -28,9 +28,8 @@
 //! supervisor's (0 as seen from inside the sandbox).
 //!
 //! A connect to the egress proxy is written into the sandbox's [`crate::lineage::Lineage`]
-//! (socket inode, calling process, its executable) before it is carried out, and the same
-//! listener receives the workload's `execve`/`execveat`, which are recorded there and let
-//! through (see `notify`).
+//! (socket inode, calling process, its executable, its exec generation) before it is carried
+//! out.
 
 use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -102,16 +101,6 @@ pub async fn serve(listener: OwnedFd, mediator: Arc<Mediator>) {
         };
         drop(guard);
         let listener = listener.clone();
-        let nr = i64::from(notif.data.nr);
-        if nr == libc::SYS_execve || nr == libc::SYS_execveat {
-            // Recorded, then let through; on a pooled thread (it reads /proc, changes nothing).
-            let lineage = mediator.lineage.clone();
-            tokio::task::spawn_blocking(move || {
-                lineage.record_exec(notif.pid);
-                let _ = sys::notif_continue(listener.get_ref().as_fd(), notif.id);
-            });
-            continue;
-        }
         let for_thread = mediator.clone();
         // A thread of its own, never reused: a pathname connect changes the thread's
         // namespaces and identity (see `resolve_and_connect`).
