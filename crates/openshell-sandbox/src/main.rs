@@ -370,6 +370,9 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
         run.identity_max_binary_mib.saturating_mul(1024 * 1024),
     )));
     config.vm_engine = run.vm_engine;
+    // The guest agent checks executables in the VM with the same limit.
+    config.identity_max_binary_bytes =
+        Some(run.identity_max_binary_mib.saturating_mul(1024 * 1024));
     config.args = args;
     config.env = env;
     config.root = root;
