@@ -258,7 +258,10 @@ mod tests {
                 std::env::var("CI").is_err(),
                 "needs root, and CI=true forbids skipping"
             );
-            eprintln!("SKIP the_kernel_reports_fork_and_exec: needs root (CAP_NET_ADMIN)");
+            #[allow(clippy::print_stderr)] // a skip says why
+            {
+                eprintln!("SKIP the_kernel_reports_fork_and_exec: needs root (CAP_NET_ADMIN)");
+            }
             return;
         }
         let events = ProcEvents::global().unwrap_or_else(|e| panic!("{e}"));

@@ -625,7 +625,7 @@ pub fn proc_events_socket(rcvbuf: usize) -> nix::Result<OwnedFd> {
     msg.extend_from_slice(&0u32.to_ne_bytes());
     msg.extend_from_slice(&4u16.to_ne_bytes());
     msg.extend_from_slice(&0u16.to_ne_bytes());
-    msg.extend_from_slice(&(libc::PROC_CN_MCAST_LISTEN as u32).to_ne_bytes());
+    msg.extend_from_slice(&libc::PROC_CN_MCAST_LISTEN.to_ne_bytes());
     // SAFETY: send reads `msg.len()` bytes from a live buffer.
     let r = unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
     Errno::result(r)?;
