@@ -8,12 +8,13 @@
 #   network: {host: "pypi.org", port: 443}   host already lowercased, no
 #            trailing dot
 #   request: {method: "GET", path: "/simple/"}   absent for CONNECT tunnels
+#            (the path already normalised by the proxy)
 #
 # data.network_policies: built by openshell-policy from the validated policy:
 #   {<key>: {name, binaries: [pattern], endpoints: [{host (string or null),
 #    ports: [int], enforcement: "enforce"|"audit", access (string or null),
 #    rules: [{method, path}], deny_rules: [{method, path}],
-#    allowed_ips: [cidr]}]}}
+#    allowed_ips: [cidr], tls: "terminate"|"passthrough"|null}]}}
 #
 # Matching:
 #   host     exact, or glob with "." as delimiter: "*" stays inside one DNS
@@ -34,6 +35,17 @@
 #            match allows the request even when its L7 rules would not; the
 #            decision then has enforcement "audit" and the reason says what
 #            would have been denied. Audit never opens host, port or binary.
+#
+# CONNECT (no input.request): the decision's "connect" says how the tunnel
+# is carried. An endpoint without L7 constraints (no access, rules or
+# deny_rules) and without tls: terminate is a plain "tunnel". With
+# tls: terminate it is "terminate" (the proxy terminates TLS and decides
+# every request inside). An endpoint with L7 constraints and without
+# tls: terminate cannot have them enforced on a tunnel: the CONNECT is
+# denied ("deny", missing "tls"), unless the endpoint is in audit mode,
+# which tunnels it and says what would have been denied. Among several
+# matching endpoints a plain tunnel comes first, then an audited one, then
+# termination, then the refusal. For requests, "connect" is null.
 #
 # When several policies allow, the lexicographically smallest key wins
 # (deterministic, no rule conflicts).
@@ -160,6 +172,48 @@ l7_ok(ep) if {
 	not denied_by_rule(ep)
 }
 
+# --- CONNECT: how a tunnel to a matching endpoint is carried -----------------
+
+l7_constrained(ep) if ep.access != null
+
+l7_constrained(ep) if count(ep.rules) > 0
+
+l7_constrained(ep) if count(ep.deny_rules) > 0
+
+terminates(ep) if ep.tls == "terminate"
+
+# 0: a plain tunnel; 1: a tunnel only because the endpoint audits; 2: TLS
+# termination; 3: refused (L7 constraints a tunnel cannot enforce).
+connect_rank(ep) := 0 if {
+	not terminates(ep)
+	not l7_constrained(ep)
+}
+
+connect_rank(ep) := 1 if {
+	not terminates(ep)
+	l7_constrained(ep)
+	ep.enforcement == "audit"
+}
+
+connect_rank(ep) := 2 if terminates(ep)
+
+connect_rank(ep) := 3 if {
+	not terminates(ep)
+	l7_constrained(ep)
+	ep.enforcement != "audit"
+}
+
+connect_modes := ["tunnel", "tunnel", "terminate", "deny"]
+
+# Requests are decided as they are; only CONNECT ranks its matches.
+match_rank(_) := 0 if has_request
+
+match_rank(ep) := connect_rank(ep) if not has_request
+
+connect_of(_) := null if has_request
+
+connect_of(rank) := connect_modes[rank] if not has_request
+
 # --- what is missing for one (policy, endpoint) pair -----------------------
 
 part_missing("host", _, ep) if not host_ok(ep)
@@ -198,11 +252,13 @@ flag(x, m) := 1 if x in m
 
 flag(x, m) := 0 if not x in m
 
-full_matches := sort([[key, i] |
+# [rank, key, index]: for CONNECT, the way the tunnel is carried first.
+full_matches := sort([[r, key, i] |
 	some c in candidates
 	c[0] == 0
 	key := c[3]
 	i := c[4]
+	r := match_rank(policies[key].endpoints[i])
 ])
 
 l7_parts := {"method", "path"}
@@ -250,12 +306,20 @@ default decision := {
 	"closest_policy": null,
 	"suggestion": null,
 	"allowed_ips": [],
+	"connect": null,
 }
+
+connect_denied := null if has_request
+
+connect_denied := "deny" if not has_request
 
 decision := d if {
 	count(full_matches) > 0
-	key := full_matches[0][0]
-	ep := policies[key].endpoints[full_matches[0][1]]
+	full_matches[0][0] != 1
+	full_matches[0][0] < 3
+	rank := full_matches[0][0]
+	key := full_matches[0][1]
+	ep := policies[key].endpoints[full_matches[0][2]]
 	d := {
 		"allow": true,
 		"policy": key,
@@ -265,6 +329,46 @@ decision := d if {
 		"closest_policy": null,
 		"suggestion": null,
 		"allowed_ips": ep.allowed_ips,
+		"connect": connect_of(rank),
+	}
+}
+
+tls_suggestion(key) := sprintf("add tls: terminate to the endpoint for %s in network_policies.%s, so that its method and path rules apply to every request", [req_host, key])
+
+# A tunnel to an audited endpoint whose method/path rules it cannot enforce.
+decision := d if {
+	count(full_matches) > 0
+	full_matches[0][0] == 1
+	key := full_matches[0][1]
+	ep := policies[key].endpoints[full_matches[0][2]]
+	d := {
+		"allow": true,
+		"policy": key,
+		"enforcement": "audit",
+		"reason": sprintf("audit: %s to %s by %s would be denied by policy %s (its method and path rules need tls: terminate; a tunnel cannot enforce them); allowed because the endpoint is in audit mode", [request_text, target, input.exec.path, key]),
+		"missing": ["tls"],
+		"closest_policy": key,
+		"suggestion": tls_suggestion(key),
+		"allowed_ips": ep.allowed_ips,
+		"connect": "tunnel",
+	}
+}
+
+# Every match has method/path rules that only termination could enforce.
+decision := d if {
+	count(full_matches) > 0
+	full_matches[0][0] == 3
+	key := full_matches[0][1]
+	d := {
+		"allow": false,
+		"policy": null,
+		"enforcement": "enforce",
+		"reason": sprintf("denied: policy %s allows %s to %s by %s only under its method and path rules (access, rules or deny_rules), which a CONNECT tunnel cannot enforce: they need tls: terminate on the endpoint", [key, request_text, target, input.exec.path]),
+		"missing": ["tls"],
+		"closest_policy": key,
+		"suggestion": tls_suggestion(key),
+		"allowed_ips": [],
+		"connect": "deny",
 	}
 }
 
@@ -283,6 +387,7 @@ decision := d if {
 		"closest_policy": key,
 		"suggestion": concat("; ", [suggest_part(x, key) | some x in m]),
 		"allowed_ips": ep.allowed_ips,
+		"connect": null,
 	}
 }
 
@@ -301,6 +406,7 @@ decision := d if {
 		"closest_policy": key,
 		"suggestion": concat("; ", [suggest_part(x, key) | some x in m]),
 		"allowed_ips": [],
+		"connect": connect_denied,
 	}
 }
 
@@ -315,5 +421,6 @@ decision := d if {
 		"closest_policy": null,
 		"suggestion": sprintf("add a network_policies entry with endpoint { host: %s, port: %d } and binaries: [{ path: %s }]", [req_host, req_port, input.exec.path]),
 		"allowed_ips": [],
+		"connect": connect_denied,
 	}
 }

@@ -4,6 +4,7 @@ mod api;
 mod bad_input;
 mod cleanup;
 mod egress;
+mod egress_holes;
 mod filesystem;
 mod identity;
 mod image;

@@ -52,8 +52,11 @@ pub async fn serve_connection(ctx: Rc<Ctx>, conn: Box<dyn Io>) {
         memory_limit_mib,
         tmp,
         read_only,
+        identity_max_binary_bytes,
     } = &request
     {
+        ctx.identity_max_binary_bytes
+            .set(*identity_max_binary_bytes);
         let limits = boot::Limits {
             pids: *pids_limit,
             memory_mib: *memory_limit_mib,
@@ -218,9 +221,11 @@ pub async fn serve_preloaded(
                 memory_limit_mib,
                 tmp,
                 read_only,
+                identity_max_binary_bytes,
             },
             Request::Spawn { launch, stdio, .. },
         )) => {
+            ctx.identity_max_binary_bytes.set(identity_max_binary_bytes);
             let limits = boot::Limits {
                 pids: pids_limit,
                 memory_mib: memory_limit_mib,

@@ -155,6 +155,16 @@ mod linux {
         pub setup_done: Cell<bool>,
         /// `cgroup.procs` of the workload cgroup, once `Setup` created it.
         pub cgroup_procs: RefCell<Option<PathBuf>>,
+        /// Every launched process's connects (to the egress relay) and execs, as their
+        /// seccomp notifications said (see `openshell_runtime::lineage`).
+        pub lineage: std::sync::Arc<openshell_runtime::lineage::Lineage>,
+        /// The egress relay's address: connects to it are recorded.
+        pub egress_addr: SocketAddr,
+        /// From `Setup`: the size limit for hashing executables.
+        pub identity_max_binary_bytes: Cell<Option<u64>>,
+        /// The egress relay's caller resolver, made when the workload is launched (it needs
+        /// the paths the workload can write).
+        pub identity: RefCell<Option<openshell_proxy::procfs::ProcfsResolver>>,
     }
 
     /// End the VM. microvm without ACPI cannot power off ("System halted instead"), so this
@@ -243,13 +253,6 @@ mod linux {
         }
         // Before any fork, so no SIGCHLD is missed.
         let sigchld = signal(SignalKind::child()).context("watching SIGCHLD")?;
-        let ctx = Rc::new(Ctx {
-            test_mode: args.test_mode,
-            reaper: Reaper::default(),
-            setup_done: Cell::new(false),
-            cgroup_procs: RefCell::new(None),
-        });
-
         let (listener, control_name) = match &args.listen_unix {
             Some(path) => (
                 ControlListener::Unix(
@@ -276,6 +279,16 @@ mod linux {
             .await
             .with_context(|| format!("listening on {egress_addr}"))?;
         let egress_bound = egress_listener.local_addr()?;
+        let ctx = Rc::new(Ctx {
+            test_mode: args.test_mode,
+            reaper: Reaper::default(),
+            setup_done: Cell::new(false),
+            cgroup_procs: RefCell::new(None),
+            lineage: std::sync::Arc::new(openshell_runtime::lineage::Lineage::new()),
+            egress_addr: egress_bound,
+            identity_max_binary_bytes: Cell::new(None),
+            identity: RefCell::new(None),
+        });
         let target = match args.egress_unix {
             Some(p) => EgressTarget::Unix(p),
             None => EgressTarget::Vsock,
@@ -293,7 +306,7 @@ mod linux {
         diag!("listening: control {control_name}, egress {egress_bound}");
         let reaper_ctx = ctx.clone();
         tokio::task::spawn_local(async move { reaper_ctx.reaper.run(sigchld).await });
-        tokio::task::spawn_local(egress::serve(egress_listener, target));
+        tokio::task::spawn_local(egress::serve(ctx.clone(), egress_listener, target));
         let boot_requests = match boot_requests {
             BootRequests::Read(requests) => requests,
             BootRequests::AfterResume => {

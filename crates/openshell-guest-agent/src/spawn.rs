@@ -14,7 +14,7 @@ use std::time::Duration;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use openshell_runtime::process::child::launch_restricted;
+use openshell_runtime::process::child::{launch_restricted, Recorder};
 use openshell_runtime::process::protocol::{LaunchPlan, WaitReport};
 use openshell_runtime::vm_protocol::{
     read_frame_async, Event, Frame, GuestStdio, Kind, Request, MAX_GUEST_WRITE,
@@ -223,12 +223,32 @@ pub fn start(
     let (parent, child) = open_stdio(stdio).map_err(|e| failed("stdio", e.to_string()))?;
     // Blocks this thread until the process has exec'd or failed; nothing else runs meanwhile,
     // which also keeps the reaper from collecting a failed launch's status.
-    let launched = launch_restricted(&launch, Some(child.stdio));
+    let recorder = Recorder {
+        lineage: &ctx.lineage,
+        proxy: ctx.egress_addr,
+    };
+    let launched = launch_restricted(&launch, Some(child.stdio), Some(recorder));
     drop(child.fds);
-    let (pid, report) = launched.map_err(|(stage, message)| {
+    let launched = launched.map_err(|(stage, message)| {
         diag!("spawn {}: {stage}: {message}", launch.program);
         failed(&stage, message)
     })?;
+    let (pid, report) = (launched.pid, launched.report);
+    if let Some(listener) = launched.listener {
+        spawn_local(openshell_runtime::process::notify::serve(
+            listener,
+            ctx.lineage.clone(),
+            ctx.egress_addr,
+        ));
+    }
+    if ctx.identity.borrow().is_none() {
+        // Every process of the sandbox has this Landlock plan: what it may write is where
+        // code is not a binary's own.
+        *ctx.identity.borrow_mut() = Some(crate::egress::resolver(
+            ctx,
+            launch.landlock.read_write.clone(),
+        ));
+    }
     // Registered before any await: see Reaper::register.
     let exited = ctx.reaper.register(pid);
     Ok(Launched {

@@ -36,7 +36,8 @@ pub use model::{
     NetworkPolicies, NetworkPolicy, Policy, ProcessPolicy, Protocol, TlsMode, TmpMode,
 };
 pub use rego::{
-    Decision, DecisionEngine, DecisionInput, ExecInfo, HttpRequest, NetworkTarget, RegoError,
+    ConnectMode, Decision, DecisionEngine, DecisionInput, ExecInfo, HttpRequest, NetworkTarget,
+    RegoError,
 };
 pub use resources::{EffectiveResources, Limit, Resources};
 pub use types::{

@@ -3,7 +3,9 @@
 //! `policies/openshell.rego` scores every (policy, endpoint) pair of the
 //! network section: the decision is the first pair of
 //! `sort([count(missing), host missing, port missing, key, index, missing])`
-//! (an allow when it misses nothing), or the first audit match. Evaluating
+//! (an allow when it misses nothing), or the first audit match; a CONNECT
+//! picks among all full matches by how its tunnel is carried, so for a
+//! CONNECT every policy that may match fully is kept. Evaluating
 //! that over a large section costs the regorus interpreter tens of
 //! milliseconds, so [`Index::select`] works out, per pair, which parts are
 //! certainly missing, certainly present or unknown (globs are only tested
@@ -250,9 +252,12 @@ impl Index {
         let Some(best) = best_upper else {
             return Vec::new();
         };
+        // A CONNECT ranks its full matches by how the tunnel is carried
+        // (`connect_rank`), so every pair that may match fully is kept.
+        let connect = q.request.is_none();
         let mut out: Vec<usize> = bounds
             .iter()
-            .filter(|(lower, _, audit)| *audit || *lower <= best)
+            .filter(|(lower, _, audit)| *audit || *lower <= best || (connect && lower.0 == 0))
             .map(|(lower, _, _)| lower.3)
             .collect();
         out.dedup();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Endpoint, Enforcement, L7Rule, NetworkPolicies, NetworkPolicy};
+use crate::model::{Endpoint, Enforcement, L7Rule, NetworkPolicies, NetworkPolicy, TlsMode};
 use crate::prefilter;
 use crate::types::normalise_host;
 
@@ -102,6 +102,22 @@ pub struct Decision {
     /// empty means no IP restriction. The proxy enforces this after DNS.
     #[serde(default)]
     pub allowed_ips: Vec<String>,
+    /// For a CONNECT (no request): how the tunnel is carried, `None` for
+    /// requests. A CONNECT decision without it is a deny.
+    #[serde(default)]
+    pub connect: Option<ConnectMode>,
+}
+
+/// How an allowed CONNECT is carried (the decision's `connect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectMode {
+    /// Bytes relayed as they are (the endpoint has no method/path rules).
+    Tunnel,
+    /// TLS terminated at the proxy, every request inside decided.
+    Terminate,
+    /// Refused: the endpoint's method/path rules need `tls: terminate`.
+    Deny,
 }
 
 /// Evaluates [`DecisionInput`]s against a set of network policies. Cloning
@@ -308,6 +324,11 @@ fn endpoint_data(ep: &Endpoint) -> serde_json::Value {
         "rules": rules(&ep.rules),
         "deny_rules": rules(&ep.deny_rules),
         "allowed_ips": ep.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "tls": match ep.tls {
+            Some(TlsMode::Terminate) => Some("terminate"),
+            Some(TlsMode::Passthrough | TlsMode::Skip) => Some("passthrough"),
+            None => None,
+        },
     })
 }
 

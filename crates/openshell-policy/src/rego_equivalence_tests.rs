@@ -1,7 +1,7 @@
 //! The prefiltered `decide` against the whole-section evaluation, on
 //! generated sections and inputs (allow and deny, exact and glob hosts and
-//! binaries, ancestors, hostless endpoints, L7 access/rules/deny_rules and
-//! audit).
+//! binaries, ancestors, hostless endpoints, L7 access/rules/deny_rules,
+//! tls and audit).
 
 use std::fmt::Write as _;
 
@@ -104,6 +104,15 @@ fn section(rng: &mut Rng, policies: usize) -> String {
                 }
                 _ => false,
             };
+            match rng.below(5) {
+                0 => {
+                    let _ = writeln!(y, "        tls: terminate");
+                }
+                1 => {
+                    let _ = writeln!(y, "        tls: passthrough");
+                }
+                _ => {}
+            }
             if l7 && rng.below(3) == 0 {
                 let _ = writeln!(y, "        deny_rules:");
                 let _ = writeln!(
@@ -300,4 +309,51 @@ network_policies:
             );
         }
     }
+}
+
+/// A CONNECT whose smallest-key match is an endpoint with method/path rules
+/// (refused on a tunnel) while a later policy allows a plain tunnel: the
+/// filtered evaluation must still see the later one.
+#[test]
+fn plain_tunnel_behind_a_refused_one() {
+    let text = r#"
+version: 1
+network_policies:
+  a_readonly:
+    endpoints:
+      - { host: api.example.com, port: 443, protocol: rest, access: read-only }
+    binaries: [{ path: /usr/bin/tool }]
+  b_plain:
+    endpoints:
+      - { host: "*.example.com", port: 443 }
+    binaries: [{ path: /usr/bin/tool }]
+  c_other:
+    endpoints:
+      - { host: other.example.org, port: 443 }
+    binaries: [{ path: /usr/bin/tool }]
+"#;
+    let policy = Policy::from_yaml("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    let mut engine = DecisionEngine::new(&policy.network).unwrap_or_else(|e| panic!("{e}"));
+    let i = DecisionInput {
+        exec: ExecInfo {
+            path: "/usr/bin/tool".into(),
+            ancestors: vec![],
+        },
+        network: NetworkTarget {
+            host: "api.example.com".into(),
+            port: 443,
+        },
+        request: None,
+    };
+    let fast = engine.decide(&i).unwrap_or_else(|e| panic!("{e:?}"));
+    let full = engine.decide_full(&i).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(fast, full);
+    assert_eq!(
+        (fast.allow, fast.policy.as_deref(), fast.connect),
+        (
+            true,
+            Some("b_plain"),
+            Some(crate::rego::ConnectMode::Tunnel)
+        )
+    );
 }

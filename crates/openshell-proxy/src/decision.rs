@@ -179,30 +179,61 @@ pub(crate) struct Record<'a> {
     pub(crate) cached: bool,
 }
 
+/// Longest text of one field in a decision event or audit line, in bytes; longer text is
+/// cut at a character boundary and marked (a sandbox chooses host names, paths and binary
+/// names, so it must not be able to make one line arbitrarily long).
+pub(crate) const FIELD_MAX: usize = 1024;
+/// Most ancestors written in one event.
+pub(crate) const ANCESTORS_MAX: usize = 64;
+
+/// `text`, cut to [`FIELD_MAX`] bytes.
+pub(crate) fn clip(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= FIELD_MAX {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = FIELD_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}...[{} more bytes]",
+        &text[..end],
+        text.len() - end
+    ))
+}
+
 impl Record<'_> {
+    fn ancestors_clipped(&self) -> Vec<std::borrow::Cow<'_, str>> {
+        self.ancestors
+            .iter()
+            .take(ANCESTORS_MAX)
+            .map(|a| clip(a))
+            .collect()
+    }
+
     /// The one structured event (target `openshell::decision`).
     pub(crate) fn emit(&self) {
         tracing::info!(
             target: "openshell::decision",
             sandbox = self.sandbox,
             src = self.src,
-            host = self.host,
+            host = %clip(self.host),
             port = self.port,
-            binary = self.binary,
+            binary = %clip(self.binary),
             pid = self.pid,
-            ancestors = ?self.ancestors,
+            ancestors = ?self.ancestors_clipped(),
             action = self.action.as_str(),
-            policy = self.policy.unwrap_or(""),
-            reason = self.reason,
+            policy = %clip(self.policy.unwrap_or("")),
+            reason = %clip(self.reason),
             generation = self.generation,
-            method = self.method.unwrap_or(""),
-            path = self.path.unwrap_or(""),
+            method = %clip(self.method.unwrap_or("")),
+            path = %clip(self.path.unwrap_or("")),
             cached = self.cached,
             "egress decision"
         );
     }
 
-    /// The same fields as one JSON object.
+    /// The same fields as one JSON object, each text field cut to [`FIELD_MAX`] bytes.
     pub(crate) fn to_json(&self) -> serde_json::Value {
         let ts = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -210,27 +241,55 @@ impl Record<'_> {
             .unwrap_or(0.0);
         serde_json::json!({
             "ts": ts,
-            "sandbox": self.sandbox,
-            "src": self.src,
-            "host": self.host,
+            "sandbox": clip(self.sandbox),
+            "src": clip(self.src),
+            "host": clip(self.host),
             "port": self.port,
-            "binary": self.binary,
+            "binary": clip(self.binary),
             "pid": self.pid,
-            "ancestors": self.ancestors,
+            "ancestors": self.ancestors_clipped(),
             "action": self.action.as_str(),
-            "policy": self.policy,
-            "reason": self.reason,
+            "policy": self.policy.map(clip),
+            "reason": clip(self.reason),
             "generation": self.generation,
-            "method": self.method,
-            "path": self.path,
+            "method": self.method.map(clip),
+            "path": self.path.map(clip),
         })
     }
 }
 
-/// Appends decision records as JSON lines.
+/// Appends decision records as JSON lines, rotating the file at a size: when a line would
+/// take it past `max_bytes`, `FILE.(keep-1)` becomes `FILE.keep` (the oldest is dropped), ...,
+/// `FILE` becomes `FILE.1`, and a new `FILE` is created. Rotation renames within the file's
+/// directory, which the supervisor already refuses to be within the workload's reach.
 pub(crate) struct AuditLog {
     path: PathBuf,
-    file: Mutex<std::fs::File>,
+    max_bytes: u64,
+    keep: u32,
+    file: Mutex<Open>,
+}
+
+struct Open {
+    file: std::fs::File,
+    size: u64,
+}
+
+/// How an audit log is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditRotation {
+    /// Size at which the file is rotated (at least 4096 bytes).
+    pub max_bytes: u64,
+    /// Rotated files kept (`FILE.1` .. `FILE.keep`), at least 1.
+    pub keep: u32,
+}
+
+impl Default for AuditRotation {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 * 1024 * 1024,
+            keep: 3,
+        }
+    }
 }
 
 impl AuditLog {
@@ -238,45 +297,91 @@ impl AuditLog {
     /// component is never followed (`O_NOFOLLOW`), and anything but a regular file is refused,
     /// so a planted symlink or FIFO cannot make it write elsewhere or hang. `O_NONBLOCK` keeps
     /// the open of a FIFO from blocking; it has no effect on a regular file.
-    pub(crate) fn open(path: PathBuf) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(&path)
-            .map_err(|e| match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.is_symlink() => std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "is a symbolic link; it is never followed",
-                ),
-                // A FIFO without a reader, or a socket, answers ENXIO.
-                Ok(m) if !m.is_file() && !m.is_dir() => not_a_file(),
-                _ => e,
-            })?;
-        if !file.metadata()?.is_file() {
-            return Err(not_a_file());
-        }
+    pub(crate) fn open(path: PathBuf, rotation: AuditRotation) -> std::io::Result<Self> {
+        let file = open_log(&path, false)?;
+        let size = file.metadata()?.len();
         Ok(Self {
             path,
-            file: Mutex::new(file),
+            max_bytes: rotation.max_bytes.max(4096),
+            keep: rotation.keep.max(1),
+            file: Mutex::new(Open { file, size }),
         })
     }
 
-    /// One line per record, written with a single `write_all` on an
-    /// `O_APPEND` file.
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    }
+
+    /// Shift the rotated files, move the log to `.1` and start a new one.
+    fn rotate(&self, open: &mut Open) -> std::io::Result<()> {
+        for n in (1..self.keep).rev() {
+            match std::fs::rename(self.rotated(n), self.rotated(n + 1)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        std::fs::rename(&self.path, self.rotated(1))?;
+        open.file = open_log(&self.path, true)?;
+        open.size = 0;
+        Ok(())
+    }
+
+    /// One line per record, written with a single `write_all` on an `O_APPEND` file.
     pub(crate) fn append(&self, record: &Record<'_>) {
         let mut line = record.to_json().to_string();
         line.push('\n');
-        let result = match self.file.lock() {
-            Ok(mut file) => file.write_all(line.as_bytes()),
-            Err(_) => Err(std::io::Error::other("audit log lock poisoned")),
+        let mut open = match self.file.lock() {
+            Ok(open) => open,
+            Err(_) => {
+                tracing::warn!(path = %self.path.display(), "audit log lock poisoned");
+                return;
+            }
         };
-        if let Err(error) = result {
-            tracing::warn!(path = %self.path.display(), %error, "cannot append to the audit log");
+        if open.size > 0 && open.size + line.len() as u64 > self.max_bytes {
+            if let Err(error) = self.rotate(&mut open) {
+                tracing::warn!(path = %self.path.display(), %error, "cannot rotate the audit log; appending to it");
+            }
+        }
+        match open.file.write_all(line.as_bytes()) {
+            Ok(()) => open.size += line.len() as u64,
+            Err(error) => {
+                tracing::warn!(path = %self.path.display(), %error, "cannot append to the audit log");
+            }
         }
     }
+}
+
+/// Open the log: appending, never through a symlink, a regular file only; `fresh` (after a
+/// rotation) creates it and fails if something is already there.
+fn open_log(path: &std::path::Path, fresh: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY);
+    if fresh {
+        options.create_new(true);
+    } else {
+        options.create(true);
+    }
+    let file = options
+        .open(path)
+        .map_err(|e| match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_symlink() => std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "is a symbolic link; it is never followed",
+            ),
+            // A FIFO without a reader, or a socket, answers ENXIO.
+            Ok(m) if !m.is_file() && !m.is_dir() => not_a_file(),
+            _ => e,
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(not_a_file());
+    }
+    Ok(file)
 }
 
 fn not_a_file() -> std::io::Error {
@@ -322,13 +427,13 @@ mod tests {
             .unwrap_or_else(|e| panic!("mkfifo: {e}"));
         assert!(made.success(), "mkfifo");
         let got = [
-            AuditLog::open(p("link"))
+            AuditLog::open(p("link"), AuditRotation::default())
                 .map(drop)
                 .map_err(|e| e.to_string()),
-            AuditLog::open(p("fifo"))
+            AuditLog::open(p("fifo"), AuditRotation::default())
                 .map(drop)
                 .map_err(|e| e.to_string()),
-            AuditLog::open(p("new.jsonl"))
+            AuditLog::open(p("new.jsonl"), AuditRotation::default())
                 .map(drop)
                 .map_err(|e| e.to_string()),
         ];
@@ -343,6 +448,90 @@ mod tests {
             "canary\n"
         );
         let mode = std::fs::metadata(p("new.jsonl"))
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or_default();
+        assert_eq!(mode, 0o600);
+    }
+
+    fn record<'a>(host: &'a str, ancestors: &'a [String]) -> Record<'a> {
+        Record {
+            sandbox: "s",
+            src: "10.200.0.2:1",
+            host,
+            port: 443,
+            binary: "/usr/bin/curl",
+            pid: 7,
+            ancestors,
+            action: Action::Deny,
+            policy: None,
+            reason: "r",
+            generation: 1,
+            method: None,
+            path: None,
+            cached: false,
+        }
+    }
+
+    #[test]
+    fn audit_fields_are_truncated() {
+        let long = "h".repeat(5000);
+        let ancestors: Vec<String> = (0..100).map(|i| format!("/bin/{i}")).collect();
+        let json = record(&long, &ancestors).to_json();
+        assert_eq!(
+            json["host"].as_str().map(str::len),
+            Some(FIELD_MAX + "...[3976 more bytes]".len())
+        );
+        assert_eq!(
+            json["ancestors"].as_array().map(Vec::len),
+            Some(ANCESTORS_MAX)
+        );
+        assert_eq!(
+            clip("é".repeat(600).as_str()).len(),
+            1024 + "...[176 more bytes]".len()
+        );
+    }
+
+    #[test]
+    fn the_audit_log_rotates_at_its_size() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(
+            path.clone(),
+            AuditRotation {
+                max_bytes: 4096,
+                keep: 2,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let host = "x".repeat(900);
+        for _ in 0..40 {
+            log.append(&record(&host, &[]));
+        }
+        let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let lines = |p: &std::path::Path| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+                .count()
+        };
+        let names = [
+            "audit.jsonl",
+            "audit.jsonl.1",
+            "audit.jsonl.2",
+            "audit.jsonl.3",
+        ]
+        .map(|n| dir.path().join(n));
+        // Every file within the size, whole lines only, the oldest beyond `keep` gone.
+        assert_eq!(
+            names
+                .iter()
+                .map(|p| (size(p) <= 4096, p.exists()))
+                .collect::<Vec<_>>(),
+            vec![(true, true), (true, true), (true, true), (true, false)]
+        );
+        assert_eq!((lines(&names[1]), lines(&names[2])), (3, 3));
+        let mode = std::fs::metadata(&path)
             .map(|m| m.permissions().mode() & 0o777)
             .unwrap_or_default();
         assert_eq!(mode, 0o600);

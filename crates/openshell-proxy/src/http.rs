@@ -148,6 +148,11 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
         }
         Err(e) => return Err(Reject::bad(format!("malformed request: {e}"))),
     };
+    if let Some(at) = bare_lf(&buf[..len]) {
+        return Err(Reject::bad(format!(
+            "bare LF at byte {at} of the request head: lines must end with CRLF"
+        )));
+    }
     let (Some(method), Some(target)) = (req.method, req.path) else {
         return Err(Reject::bad("malformed request line"));
     };
@@ -176,6 +181,15 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
         body,
         len,
     }))
+}
+
+/// The offset of the first LF not preceded by CR.
+fn bare_lf(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .iter()
+        .enumerate()
+        .find(|&(i, &b)| b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+        .map(|(i, _)| i)
 }
 
 fn body_framing(headers: &[(String, Vec<u8>)]) -> Result<Body, Reject> {
@@ -299,21 +313,18 @@ fn parse_absolute(target: &str) -> Result<Target, Reject> {
     let split = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(split);
     let (host, port) = parse_authority(authority, Some(80))?;
-    let origin = if tail.is_empty() {
-        "/".to_string()
-    } else if tail.starts_with('?') {
-        format!("/{tail}")
-    } else {
-        tail.to_string()
+    let (raw_path, query) = match tail.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (tail, None),
     };
-    let path = origin.split('?').next().unwrap_or("/").to_string();
-    if path
-        .split('/')
-        .map(|seg| seg.replace("%2e", ".").replace("%2E", "."))
-        .any(|seg| seg == "." || seg == "..")
-    {
-        return Err(Reject::bad("dot segments in the request path"));
-    }
+    let path = normalise_path(if raw_path.is_empty() { "/" } else { raw_path })?;
+    let origin = match query {
+        Some(q) => {
+            check_query(q)?;
+            format!("{path}?{q}")
+        }
+        None => path.clone(),
+    };
     Ok(Target::Forward {
         host,
         port,
@@ -321,6 +332,125 @@ fn parse_absolute(target: &str) -> Result<Target, Reject> {
         origin,
         path,
     })
+}
+
+/// `pchar` of RFC 3986 other than `%` and `;` (handled apart): what a path
+/// segment may hold literally.
+fn path_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b'='
+                | b':'
+                | b'@'
+        )
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// The one form of a request path that is both decided on and sent upstream:
+/// percent-encoded unreserved characters decoded (`%61dmin` is `admin`),
+/// other percent-encodings kept with upper-case hex, runs of `/` collapsed.
+/// Refused (400) rather than guessed: `;` path parameters, an encoded `/` or
+/// `\` or NUL, dot segments (encoded too), bytes outside `pchar`, malformed
+/// percent-encodings. Servers disagree on all of those, so a rule decided on
+/// one reading could be bypassed by another.
+pub(crate) fn normalise_path(raw: &str) -> Result<String, Reject> {
+    let bytes = raw.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(Reject::bad("the request path must start with /"));
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'/' => {
+                if !out.ends_with('/') {
+                    out.push('/');
+                }
+                i += 1;
+            }
+            b'%' => {
+                let (Some(hi), Some(lo)) = (
+                    bytes.get(i + 1).copied().and_then(hex_value),
+                    bytes.get(i + 2).copied().and_then(hex_value),
+                ) else {
+                    return Err(Reject::bad(
+                        "malformed percent-encoding in the request path",
+                    ));
+                };
+                let decoded = hi * 16 + lo;
+                match decoded {
+                    b'/' | b'\\' | 0 => {
+                        return Err(Reject::bad(
+                            "encoded '/', '\\' or NUL in the request path is refused",
+                        ))
+                    }
+                    d if unreserved(d) => out.push(char::from(d)),
+                    d => {
+                        out.push('%');
+                        out.push_str(&format!("{d:02X}"));
+                    }
+                }
+                i += 3;
+            }
+            b';' => {
+                return Err(Reject::bad(
+                    "path parameters (';') in the request path are refused",
+                ))
+            }
+            b if path_char(b) => {
+                out.push(char::from(b));
+                i += 1;
+            }
+            b => {
+                return Err(Reject::bad(format!(
+                    "byte 0x{b:02x} is not allowed in the request path (percent-encode it)"
+                )))
+            }
+        }
+    }
+    if out.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(Reject::bad("dot segments in the request path"));
+    }
+    Ok(out)
+}
+
+/// The query is sent as it came; only bytes a query may hold are accepted.
+fn check_query(query: &str) -> Result<(), Reject> {
+    match query
+        .bytes()
+        .find(|&b| !(path_char(b) || matches!(b, b'/' | b'?' | b'%' | b';')))
+    {
+        Some(b) => Err(Reject::bad(format!(
+            "byte 0x{b:02x} is not allowed in the query (percent-encode it)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Headers never forwarded (hop-by-hop, proxy-only, and Host, which is
@@ -459,8 +589,150 @@ async fn fill<R: AsyncRead + Unpin>(client: &mut R, buf: &mut Vec<u8>) -> Result
     Ok(())
 }
 
-/// Relay a chunked body chunk by chunk (checking the framing so nothing
-/// after the last chunk reaches upstream), then its trailer section.
+/// Longest chunk-size line or trailer line accepted.
+const MAX_LINE: usize = 4096;
+/// Most bytes of trailer fields relayed for one body.
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Trailer fields never relayed: they would change how the message is framed or routed.
+const TRAILER_REFUSED: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Take one CRLF-terminated line from `buf` (reading more from `client` as needed), without
+/// the CRLF. A LF without CR before it, or a line longer than [`MAX_LINE`], is malformed.
+async fn take_line<R: AsyncRead + Unpin>(
+    client: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<u8>, BodyError> {
+    loop {
+        if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            if pos == 0 || buf[pos - 1] != b'\r' {
+                return Err(BodyError::Chunked);
+            }
+            let line = buf[..pos - 1].to_vec();
+            buf.drain(..=pos);
+            if line.contains(&b'\r') {
+                return Err(BodyError::Chunked);
+            }
+            return Ok(line);
+        }
+        if buf.len() >= MAX_LINE {
+            return Err(BodyError::Chunked);
+        }
+        fill(client, buf).await?;
+    }
+}
+
+fn token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
+
+/// `chunk-size [ chunk-ext ]`: the size, the extensions checked for shape and dropped.
+pub(crate) fn parse_chunk_size(line: &[u8]) -> Result<u64, BodyError> {
+    let end = line.iter().position(|&b| b == b';').unwrap_or(line.len());
+    let (size, ext) = line.split_at(end);
+    let size = match size.iter().rposition(|&b| b != b' ' && b != b'\t') {
+        Some(last) => &size[..=last],
+        None => return Err(BodyError::Chunked),
+    };
+    if size.is_empty() || size.len() > 16 || !size.iter().all(u8::is_ascii_hexdigit) {
+        return Err(BodyError::Chunked);
+    }
+    // Extensions: `;name[=value]` with token names and token or quoted values, never
+    // relayed; anything else (control bytes included) is malformed.
+    if ext.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(BodyError::Chunked);
+    }
+    for part in ext.split(|&b| b == b';').skip(1) {
+        let part = trim_ows(part);
+        let (name, value) = match part.iter().position(|&b| b == b'=') {
+            Some(eq) => (trim_ows(&part[..eq]), Some(trim_ows(&part[eq + 1..]))),
+            None => (part, None),
+        };
+        if name.is_empty() || !name.iter().all(|&b| token_char(b)) {
+            return Err(BodyError::Chunked);
+        }
+        if let Some(v) = value {
+            let quoted = v.len() >= 2 && v[0] == b'"' && v[v.len() - 1] == b'"';
+            if !(quoted || (!v.is_empty() && v.iter().all(|&b| token_char(b)))) {
+                return Err(BodyError::Chunked);
+            }
+        }
+    }
+    let text = std::str::from_utf8(size).map_err(|_| BodyError::Chunked)?;
+    u64::from_str_radix(text, 16).map_err(|_| BodyError::Chunked)
+}
+
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// One trailer field, re-serialised as `name: value`; `None` for a field never relayed.
+fn trailer_field(line: &[u8]) -> Result<Option<Vec<u8>>, BodyError> {
+    let colon = line
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or(BodyError::Chunked)?;
+    let name = &line[..colon];
+    if name.is_empty() || !name.iter().all(|&b| token_char(b)) {
+        return Err(BodyError::Chunked);
+    }
+    let value = trim_ows(&line[colon + 1..]);
+    if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(BodyError::Chunked);
+    }
+    let lower = name.to_ascii_lowercase();
+    if TRAILER_REFUSED
+        .iter()
+        .any(|r| r.as_bytes() == lower.as_slice())
+    {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(name.len() + value.len() + 4);
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(out))
+}
+
+/// Relay a chunked body chunk by chunk, re-serialising what frames it: each size line
+/// written by us (hex, no extensions), each chunk's data followed by exactly CRLF, the
+/// trailer fields rewritten (those that change framing or routing dropped), nothing after
+/// the last chunk. Bare LF anywhere in the framing is malformed.
 async fn forward_chunked<R, W>(
     client: &mut R,
     mut buf: Vec<u8>,
@@ -470,19 +742,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    const MAX_LINE: usize = 4096;
     loop {
-        let (line_len, size) = loop {
-            match httparse::parse_chunk_size(&buf) {
-                Ok(httparse::Status::Complete((idx, size))) => break (idx, size),
-                Ok(httparse::Status::Partial) if buf.len() < MAX_LINE => {
-                    fill(client, &mut buf).await?;
-                }
-                _ => return Err(BodyError::Chunked),
-            }
-        };
-        upstream.write_all(&buf[..line_len]).await?;
-        buf.drain(..line_len);
+        let line = take_line(client, &mut buf).await?;
+        let size = parse_chunk_size(&line)?;
+        upstream
+            .write_all(format!("{size:X}\r\n").as_bytes())
+            .await?;
         if size == 0 {
             break;
         }
@@ -508,20 +773,20 @@ where
         upstream.write_all(b"\r\n").await?;
         buf.drain(..2);
     }
-    // Trailer section: header lines until an empty line.
+    // Trailer section: fields until an empty line.
+    let mut relayed = 0usize;
     loop {
-        let Some(pos) = buf.windows(2).position(|w| w == b"\r\n") else {
-            if buf.len() >= MAX_LINE {
-                return Err(BodyError::Chunked);
-            }
-            fill(client, &mut buf).await?;
-            continue;
-        };
-        upstream.write_all(&buf[..pos + 2]).await?;
-        let empty = pos == 0;
-        buf.drain(..pos + 2);
-        if empty {
+        let line = take_line(client, &mut buf).await?;
+        if line.is_empty() {
+            upstream.write_all(b"\r\n").await?;
             return Ok(());
+        }
+        relayed += line.len();
+        if relayed > MAX_TRAILERS {
+            return Err(BodyError::Chunked);
+        }
+        if let Some(field) = trailer_field(&line)? {
+            upstream.write_all(&field).await?;
         }
     }
 }
@@ -619,14 +884,130 @@ mod tests {
 
     #[tokio::test]
     async fn chunked_body_stops_at_last_chunk() {
-        let input: &[u8] = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nGET http://smuggled/ HTTP/1.1\r\n\r\n";
+        let input: &[u8] = b"4\r\nWiki\r\n05 ; ext=1;q=\"a b\"\r\npedia\r\n000\r\nX-T:  1 \r\nContent-Length: 9\r\n\r\nGET http://smuggled/ HTTP/1.1\r\n\r\n";
         let mut client = &input[3..];
         let mut out = Vec::new();
         let result = forward_body(&mut client, &input[..3], Body::Chunked, &mut out).await;
-        assert!(result.is_ok());
+        assert!(result.is_ok(), "{result:?}");
+        // Sizes rewritten without extensions, trailers rewritten (framing ones dropped),
+        // nothing after the body.
         assert_eq!(
             String::from_utf8_lossy(&out),
-            "4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\n"
+            "4\r\nWiki\r\n5\r\npedia\r\n0\r\nX-T: 1\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn paths_are_normalised_once_or_refused() {
+        let cases: Vec<(&str, Result<&str, &str>)> = vec![
+            ("/a/b", Ok("/a/b")),
+            ("/%61dmin", Ok("/admin")),
+            ("//admin", Ok("/admin")),
+            ("/a//b///c/", Ok("/a/b/c/")),
+            ("/%7euser/%2d%5F", Ok("/~user/-_")),
+            ("/q%3fx%2bY%3b", Ok("/q%3Fx%2BY%3B")),
+            (
+                "/x;/admin",
+                Err("path parameters (';') in the request path are refused"),
+            ),
+            (
+                "/..;/admin",
+                Err("path parameters (';') in the request path are refused"),
+            ),
+            (
+                "/x%2F..%2F..%2Fsecret",
+                Err("encoded '/', '\\' or NUL in the request path is refused"),
+            ),
+            ("/x/%2e%2E/secret", Err("dot segments in the request path")),
+            ("/x/%2E/y", Err("dot segments in the request path")),
+            ("/x/../y", Err("dot segments in the request path")),
+            (
+                "/x%5c..",
+                Err("encoded '/', '\\' or NUL in the request path is refused"),
+            ),
+            (
+                "/a%00",
+                Err("encoded '/', '\\' or NUL in the request path is refused"),
+            ),
+            (
+                "/a%zz",
+                Err("malformed percent-encoding in the request path"),
+            ),
+            (
+                "/a%4",
+                Err("malformed percent-encoding in the request path"),
+            ),
+            (
+                "/a\\b",
+                Err("byte 0x5c is not allowed in the request path (percent-encode it)"),
+            ),
+            (
+                "/\u{e9}",
+                Err("byte 0xc3 is not allowed in the request path (percent-encode it)"),
+            ),
+        ];
+        for (raw, want) in cases {
+            let got = normalise_path(raw);
+            assert_eq!(
+                got.as_deref().map_err(|r| r.message.as_str()),
+                want,
+                "{raw}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_decided_path_is_the_path_sent() {
+        let head =
+            parse_head(b"GET http://a.com/%61dmin//x?q=%2F1 HTTP/1.1\r\nHost: a.com\r\n\r\n")
+                .ok()
+                .flatten();
+        let Some(head) = head else {
+            panic!("no head");
+        };
+        let Target::Forward { path, origin, .. } = &head.target else {
+            panic!("not a forward target");
+        };
+        assert_eq!(
+            (path.as_str(), origin.as_str()),
+            ("/admin/x", "/admin/x?q=%2F1")
+        );
+        let sent = String::from_utf8_lossy(&rewrite_forward(&head)).into_owned();
+        assert!(
+            sent.starts_with("GET /admin/x?q=%2F1 HTTP/1.1\r\n"),
+            "{sent}"
+        );
+    }
+
+    #[test]
+    fn bare_lf_in_a_head_is_refused() {
+        let r = reject_of("GET http://a.com/ HTTP/1.1\nHost: a.com\r\n\r\n");
+        assert_eq!(r.map(|r| r.status), Some(400));
+        let r = reject_of("GET http://a.com/ HTTP/1.1\r\nHost: a.com\n\r\n");
+        assert_eq!(r.map(|r| r.status), Some(400));
+    }
+
+    #[tokio::test]
+    async fn malformed_chunked_framing_is_refused() {
+        for body in [
+            &b"4\nWiki\r\n0\r\n\r\n"[..],
+            b"4\r\nWiki\n0\r\n\r\n",
+            b"4\r\nWiki\r\n0\r\n\n",
+            b"4;\x01\r\nWiki\r\n0\r\n\r\n",
+            b"4;=x\r\nWiki\r\n0\r\n\r\n",
+            b"x4\r\nWiki\r\n0\r\n\r\n",
+            b"10000000000000000\r\n",
+            b"0\r\nbad trailer\r\n\r\n",
+            b"0\r\nX: a\x01b\r\n\r\n",
+        ] {
+            let mut client: &[u8] = &[];
+            let mut out = Vec::new();
+            let result = forward_body(&mut client, body, Body::Chunked, &mut out).await;
+            assert!(
+                matches!(result, Err(BodyError::Chunked)),
+                "{:?}: {result:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }

@@ -1,8 +1,10 @@
-//! Who opened a connection: the [`IdentityResolver`] seam and the Unix
-//! listener's caller preamble.
+//! Who opened a connection: the [`IdentityResolver`] seam, the [`ProcessHistory`] the
+//! supervisor keeps, and the Unix listener's caller preamble.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 
 use serde::Deserialize;
 
@@ -18,7 +20,8 @@ pub struct Caller {
     pub ancestors: Vec<PathBuf>,
 }
 
-/// Why a caller could not be identified. Every such connection is denied.
+/// Why a caller could not be identified, or may not be credited. Every such connection is
+/// denied; the message is the deny's reason.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// No socket in the sandbox matches the connection.
@@ -33,6 +36,55 @@ pub enum IdentityError {
         /// Inode of the socket.
         inode: u64,
     },
+    /// The supervisor never saw a `connect` call for this socket.
+    #[error("no record of which process connected socket inode {inode}")]
+    NoConnector {
+        /// Inode of the socket.
+        inode: u64,
+    },
+    /// The process that called `connect` is gone.
+    #[error("the process that opened the connection (pid {pid}) has exited")]
+    ConnectorGone {
+        /// Its pid.
+        pid: u32,
+    },
+    /// The calling process is not what it was: it executed another program after it
+    /// connected, or its identity changed between the connection and the request.
+    #[error("the calling process changed: {0}")]
+    Changed(String),
+    /// The executable's loader was redirected, or the process runs code from a file the
+    /// sandbox can write: it is not (only) that binary.
+    #[error("{exe} does not run as itself: {why}")]
+    Redirected {
+        /// The executable path.
+        exe: PathBuf,
+        /// What was found.
+        why: String,
+    },
+    /// The executable is too large to have its content checked.
+    #[error(
+        "{exe} is {size} bytes, above the {limit}-byte limit for checking an executable's content \
+         (--identity-max-binary-mib)"
+    )]
+    TooLarge {
+        /// The executable path.
+        exe: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The limit in force.
+        limit: u64,
+    },
+    /// Another program holds the connection's socket too.
+    #[error("the connection's socket is also held by {exe} (pid {pid}), another program")]
+    Shared {
+        /// That process.
+        pid: u32,
+        /// Its executable.
+        exe: PathBuf,
+    },
+    /// Checking would take more than the bounded work allowed per connection.
+    #[error("too much to check: {0}")]
+    TooMuch(String),
     /// Reading /proc failed.
     #[error("reading {path}")]
     Proc {
@@ -53,11 +105,93 @@ pub enum IdentityError {
     Other(String),
 }
 
-/// Finds the caller of a TCP connection accepted by the proxy.
+/// A boxed future, as the [`IdentityResolver`] methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A process, named so that a reused pid is not mistaken for it: its pid and its start time
+/// (clock ticks after boot, field 22 of `/proc/PID/stat`), which `exec` does not change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProcKey {
+    /// Process id (thread group id).
+    pub pid: u32,
+    /// Start time.
+    pub start: u64,
+}
+
+/// Who called `connect` on a socket, as the sandbox's supervisor saw the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connector {
+    /// The calling process.
+    pub process: ProcKey,
+    /// Device and inode of its executable at the call.
+    pub exe: (u64, u64),
+    /// The history's sequence number at the call (see [`ProcessHistory::exec_seq`]).
+    pub seq: u64,
+}
+
+/// What the supervisor saw the sandbox's processes do, in order: every `connect` to the proxy
+/// and every `exec` (the process backend's supervisor and the guest agent each receive both
+/// as seccomp notifications). It answers what /proc cannot: which process opened a socket,
+/// and whether an ancestor already was the program it runs now when it created a descendant.
+pub trait ProcessHistory: Send + Sync {
+    /// Who connected the socket with this inode to the proxy.
+    fn connector(&self, socket_inode: u64) -> Option<Connector>;
+    /// Whether `parent` counts as the ancestor of `child` it is now: it has not started
+    /// another program since `child` was created (nor while it had other threads that could
+    /// have created children unseen).
+    fn credits(&self, parent: ProcKey, child: ProcKey) -> bool;
+    /// The sequence number of the process's last `exec`, 0 if none was seen. Numbers grow
+    /// with every recorded event, so an exec after a connect has a larger number.
+    fn exec_seq(&self, process: ProcKey) -> u64;
+}
+
+/// A process on the chain from the caller up: the caller first, then each ancestor that
+/// counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainEntry {
+    /// The process.
+    pub process: ProcKey,
+    /// Device and inode of its executable.
+    pub exe_file: (u64, u64),
+    /// Its exec sequence number when seen.
+    pub exec_seq: u64,
+}
+
+/// A cheaply identified caller: enough to decide, and what [`IdentityResolver::verify`]
+/// checks before the connection is credited. Two identifications of one connection compare
+/// equal exactly when nothing about the caller changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identified {
+    /// The caller as the policy sees it.
+    pub caller: Caller,
+    /// The processes behind it (empty for resolvers that name a fixed caller).
+    pub chain: Vec<ChainEntry>,
+    /// The socket's inode (0 when unknown).
+    pub socket_inode: u64,
+}
+
+/// Finds the caller of a TCP connection accepted by the proxy. The proxy identifies each
+/// connection when it is accepted and again once the request head is in (a difference is a
+/// deny), decides, and only for an allow asks for the expensive checks ([`verify`]).
+///
+/// [`verify`]: IdentityResolver::verify
 pub trait IdentityResolver: Send + Sync {
-    /// `peer` is the client's address (inside the sandbox), `local` the
-    /// proxy's address the client connected to. Called on a blocking thread.
-    fn resolve(&self, peer: SocketAddr, local: SocketAddr) -> Result<Caller, IdentityError>;
+    /// `peer` is the client's address (inside the sandbox), `local` the proxy's address the
+    /// client connected to. Bounded work: no content hashing, no scan of other processes'
+    /// descriptors.
+    fn identify(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> BoxFuture<'_, Result<Identified, IdentityError>>;
+
+    /// Check what an allow rests on: executables' content (size-capped), loaders, and that
+    /// no other program holds the socket. Returns the caller that may be credited: ancestors
+    /// that fail their checks are left out (the caller failing is an error).
+    fn verify<'a>(
+        &'a self,
+        identified: &'a Identified,
+    ) -> BoxFuture<'a, Result<Caller, IdentityError>>;
 }
 
 /// A resolver that names the same caller for every connection (tests, and
@@ -66,8 +200,24 @@ pub trait IdentityResolver: Send + Sync {
 pub struct FixedIdentity(pub Caller);
 
 impl IdentityResolver for FixedIdentity {
-    fn resolve(&self, _peer: SocketAddr, _local: SocketAddr) -> Result<Caller, IdentityError> {
-        Ok(self.0.clone())
+    fn identify(
+        &self,
+        _peer: SocketAddr,
+        _local: SocketAddr,
+    ) -> BoxFuture<'_, Result<Identified, IdentityError>> {
+        let identified = Identified {
+            caller: self.0.clone(),
+            chain: Vec::new(),
+            socket_inode: 0,
+        };
+        Box::pin(std::future::ready(Ok(identified)))
+    }
+
+    fn verify<'a>(
+        &'a self,
+        identified: &'a Identified,
+    ) -> BoxFuture<'a, Result<Caller, IdentityError>> {
+        Box::pin(std::future::ready(Ok(identified.caller.clone())))
     }
 }
 

@@ -6,17 +6,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openshell_policy::types::normalise_host;
-use openshell_policy::{Decision, Enforcement, HttpRequest, IpNet};
+use openshell_policy::{ConnectMode, Decision, Enforcement, HttpRequest, IpNet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::decision::{deny_body, Action, AuditLog, Decided, Decider, Record};
+use crate::decision::{deny_body, Action, AuditLog, AuditRotation, Decided, Decider, Record};
 use crate::http::{self, Head, ReadError, Target};
-use crate::identity::{parse_preamble, Caller, IdentityError, IdentityResolver, PREAMBLE_MAX};
+use crate::identity::{
+    parse_preamble, Caller, Identified, IdentityError, IdentityResolver, PREAMBLE_MAX,
+};
 use crate::policy::PolicyHandle;
-use crate::ssrf;
+use crate::ssrf::{self, HostAddresses};
+use crate::tls::{self, Hello};
 
 /// Proxy settings.
 #[derive(Debug, Clone)]
@@ -27,6 +30,8 @@ pub struct ProxyConfig {
     pub header_limit: usize,
     /// Append every decision as a JSON line to this file.
     pub audit_log: Option<PathBuf>,
+    /// When the audit log is rotated and how many old files are kept.
+    pub audit_rotation: AuditRotation,
     /// Limit for resolving and connecting upstream.
     pub connect_timeout: Duration,
     /// Limit for receiving a whole request head (and the Unix preamble);
@@ -40,6 +45,7 @@ impl Default for ProxyConfig {
             max_connections: 256,
             header_limit: 32 * 1024,
             audit_log: None,
+            audit_rotation: AuditRotation::default(),
             connect_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(30),
         }
@@ -99,9 +105,12 @@ struct Inner {
     config: ProxyConfig,
     decider: Decider,
     audit: Option<AuditLog>,
+    /// The host's own addresses, refused as destinations like loopback.
+    host_addresses: HostAddresses,
 }
 
 /// How the caller of a connection is found.
+#[derive(Debug, Clone, Copy)]
 enum Who {
     Tcp { peer: SocketAddr, local: SocketAddr },
     Preamble,
@@ -117,14 +126,12 @@ impl Proxy {
             return Err(ProxyError::Config("header_limit must be at least 1024"));
         }
         let audit = match &config.audit_log {
-            Some(path) => {
-                Some(
-                    AuditLog::open(path.clone()).map_err(|source| ProxyError::AuditLog {
-                        path: path.clone(),
-                        source,
-                    })?,
-                )
-            }
+            Some(path) => Some(AuditLog::open(path.clone(), config.audit_rotation).map_err(
+                |source| ProxyError::AuditLog {
+                    path: path.clone(),
+                    source,
+                },
+            )?),
             None => None,
         };
         Ok(Self {
@@ -132,6 +139,7 @@ impl Proxy {
                 config,
                 decider: Decider::new(policy),
                 audit,
+                host_addresses: HostAddresses::watch(),
             }),
         })
     }
@@ -179,7 +187,9 @@ impl Proxy {
     }
 
     /// The accept loop both entry points share: a per-sandbox connection
-    /// limit (503 beyond it), one task per connection.
+    /// limit, one task per connection. A connection over the limit is answered
+    /// 503 with one non-blocking write and closed, in the loop itself: no task
+    /// is spawned for it.
     fn serve<L: Entry>(&self, listener: L, sandbox: SandboxContext) -> JoinHandle<()> {
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
@@ -199,14 +209,21 @@ impl Proxy {
                         continue;
                     }
                 };
-                let permit = Arc::clone(&limit).try_acquire_owned();
+                let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                    tracing::warn!(target: "openshell::proxy", sandbox = %sandbox.sandbox_id, %src, "connection limit reached");
+                    L::refuse(
+                        stream,
+                        &http::error_response(
+                            503,
+                            "too many concurrent connections from this sandbox",
+                        ),
+                    );
+                    continue;
+                };
                 let inner = Arc::clone(&inner);
                 let sandbox = Arc::clone(&sandbox);
                 tasks.spawn(async move {
-                    let Ok(_permit) = permit else {
-                        busy(stream, &sandbox.sandbox_id).await;
-                        return;
-                    };
+                    let _permit = permit;
                     inner.handle(stream, &sandbox, src, who).await;
                 });
             }
@@ -221,6 +238,8 @@ trait Entry: Send + 'static {
     fn next(
         &self,
     ) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, String, Who)>> + Send;
+    /// Answer with `bytes` if the socket takes them at once, then close.
+    fn refuse(stream: Self::Stream, bytes: &[u8]);
 }
 
 impl Entry for tokio::net::TcpListener {
@@ -231,6 +250,9 @@ impl Entry for tokio::net::TcpListener {
         let _ = stream.set_nodelay(true);
         Ok((stream, peer.to_string(), Who::Tcp { peer, local }))
     }
+    fn refuse(stream: Self::Stream, bytes: &[u8]) {
+        let _ = stream.try_write(bytes);
+    }
 }
 
 impl Entry for tokio::net::UnixListener {
@@ -239,12 +261,9 @@ impl Entry for tokio::net::UnixListener {
         let (stream, _) = self.accept().await?;
         Ok((stream, "unix".to_string(), Who::Preamble))
     }
-}
-
-async fn busy<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, sandbox: &str) {
-    tracing::warn!(target: "openshell::proxy", sandbox, "connection limit reached");
-    let response = http::error_response(503, "too many concurrent connections from this sandbox");
-    let _ = tokio::time::timeout(LINGER, reply(&mut stream, &response)).await;
+    fn refuse(stream: Self::Stream, bytes: &[u8]) {
+        let _ = stream.try_write(bytes);
+    }
 }
 
 /// Send a final response, then close gracefully: shut down our side and
@@ -319,6 +338,24 @@ struct Outcome {
     generation: u64,
 }
 
+impl Outcome {
+    fn deny(reason: String, missing: Vec<String>, generation: u64) -> Self {
+        Self {
+            decision: denied(reason.clone(), missing, None),
+            action: Action::Deny,
+            reason,
+            addr: None,
+            status: 403,
+            cached: false,
+            generation,
+        }
+    }
+
+    fn allowed(&self) -> bool {
+        self.action != Action::Deny
+    }
+}
+
 fn denied(reason: String, missing: Vec<String>, suggestion: Option<String>) -> Decision {
     Decision {
         allow: false,
@@ -329,7 +366,28 @@ fn denied(reason: String, missing: Vec<String>, suggestion: Option<String>) -> D
         closest_policy: None,
         suggestion,
         allowed_ips: Vec::new(),
+        connect: None,
     }
+}
+
+/// Why a caller could not be credited, as a deny's reason.
+fn identity_reason(error: &IdentityError) -> String {
+    match error {
+        IdentityError::BinaryChanged { .. }
+        | IdentityError::Redirected { .. }
+        | IdentityError::TooLarge { .. }
+        | IdentityError::Shared { .. }
+        | IdentityError::Changed(_) => error.to_string(),
+        error => format!("cannot identify the calling process: {error}"),
+    }
+}
+
+/// What a passthrough tunnel's first client bytes must be.
+enum Gate {
+    /// A TLS ClientHello whose server name is this host (lower-cased, no trailing dot).
+    ServerName(String),
+    /// Anything; but a ClientHello must carry no server name (the CONNECT named an address).
+    NoServerName,
 }
 
 impl Inner {
@@ -351,14 +409,22 @@ impl Inner {
             }
             Who::Tcp { .. } => None,
         };
-        let head = match http::read_head(
+        // The caller is identified when the connection is accepted (side by side with reading
+        // the head) and again once the head is in; any difference is a deny.
+        let accepted = async {
+            match who {
+                Who::Tcp { peer, local } => Some(sandbox.identity.identify(peer, local).await),
+                Who::Preamble => None,
+            }
+        };
+        let head = http::read_head(
             &mut stream,
             &mut buf,
             self.config.header_limit,
             self.config.header_timeout,
-        )
-        .await
-        {
+        );
+        let (accepted, head) = tokio::join!(accepted, head);
+        let head = match head {
             Ok(head) => head,
             Err(ReadError::Closed) => return,
             Err(ReadError::Reject(reject)) => {
@@ -371,17 +437,72 @@ impl Inner {
                 return;
             }
         };
-        let caller = match (preamble_caller, who) {
-            (Some(caller), _) => Ok(caller),
-            (None, Who::Tcp { peer, local }) => {
-                let resolver = Arc::clone(&sandbox.identity);
-                tokio::task::spawn_blocking(move || resolver.resolve(peer, local))
-                    .await
-                    .unwrap_or_else(|e| Err(IdentityError::Other(e.to_string())))
+        let identified: Result<Option<Identified>, IdentityError> = match (accepted, who) {
+            (Some(first), Who::Tcp { peer, local }) => {
+                let second = sandbox.identity.identify(peer, local).await;
+                match (first, second) {
+                    (Ok(a), Ok(b)) if a == b => Ok(Some(b)),
+                    (Ok(_), Ok(_)) => Err(IdentityError::Changed(
+                        "between the connection and its request".into(),
+                    )),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                }
             }
-            (None, Who::Preamble) => Err(IdentityError::Other("no caller".into())),
+            _ => Ok(None),
         };
-        let outcome = self.decide(&head, caller.as_ref()).await;
+        let mut caller: Result<Caller, IdentityError> = match (&identified, preamble_caller) {
+            (_, Some(caller)) => Ok(caller),
+            (Ok(Some(identified)), None) => Ok(identified.caller.clone()),
+            (Ok(None), None) => Err(IdentityError::Other("no caller".into())),
+            (Err(e), None) => Err(IdentityError::Other(identity_reason(e))),
+        };
+        let mut outcome = self.decide(&head, caller.as_ref());
+        // The expensive identity checks only for what the policy allows.
+        if let (true, Ok(Some(identified))) = (outcome.allowed(), &identified) {
+            match sandbox.identity.verify(identified).await {
+                Ok(verified) => {
+                    if caller.as_ref().ok() != Some(&verified) {
+                        outcome = self.decide(&head, Ok(&verified));
+                        caller = Ok(verified);
+                    }
+                }
+                Err(error) => {
+                    outcome = Outcome::deny(
+                        identity_reason(&error),
+                        vec!["binary".into()],
+                        outcome.generation,
+                    );
+                }
+            }
+        }
+        if outcome.allowed() {
+            if let Target::Connect { .. } = head.target {
+                match outcome.decision.connect {
+                    Some(ConnectMode::Tunnel) => {}
+                    Some(ConnectMode::Terminate) => {
+                        let reason = format!(
+                            "the endpoint in policy {} has tls: terminate, and this proxy does not terminate TLS yet, so the connection is refused rather than tunnelled unchecked",
+                            outcome.decision.policy.as_deref().unwrap_or("?")
+                        );
+                        let mut refused =
+                            Outcome::deny(reason, vec!["tls".into()], outcome.generation);
+                        refused.decision.closest_policy = outcome.decision.policy.clone();
+                        refused.decision.connect = Some(ConnectMode::Terminate);
+                        outcome = refused;
+                    }
+                    Some(ConnectMode::Deny) | None => {
+                        outcome = Outcome::deny(
+                            "the policy gave no way to carry this tunnel".into(),
+                            Vec::new(),
+                            outcome.generation,
+                        );
+                    }
+                }
+            }
+        }
+        if outcome.allowed() {
+            self.resolve(&head, &mut outcome).await;
+        }
         let (binary, pid, ancestors) = match &caller {
             Ok(c) => (
                 c.exe.to_string_lossy().into_owned(),
@@ -413,10 +534,7 @@ impl Inner {
             path,
             cached: outcome.cached,
         };
-        record.emit();
-        if let Some(audit) = &self.audit {
-            audit.append(&record);
-        }
+        self.log(&record);
         let Some(addr) = outcome.addr else {
             let response = if outcome.status == 403 {
                 http::json_response(
@@ -461,34 +579,115 @@ impl Inner {
             }
         };
         let _ = upstream.set_nodelay(true);
-        self.relay(stream, upstream, &head, &buf[head.len..]).await;
+        let rest = buf[head.len..].to_vec();
+        match &head.target {
+            Target::Connect { host, .. } => {
+                let gate = match host.parse::<IpAddr>() {
+                    Ok(_) => Gate::NoServerName,
+                    Err(_) => Gate::ServerName(normalise_host(host)),
+                };
+                if let Err(reason) = self.tunnel(stream, upstream, rest, gate).await {
+                    let refused = Record {
+                        action: Action::Deny,
+                        reason: &reason,
+                        cached: false,
+                        ..record
+                    };
+                    self.log(&refused);
+                }
+            }
+            Target::Forward { .. } => self.forward(stream, upstream, &head, &rest).await,
+        }
     }
 
-    async fn relay<S>(&self, mut client: S, mut upstream: TcpStream, head: &Head, rest: &[u8])
+    fn log(&self, record: &Record<'_>) {
+        record.emit();
+        if let Some(audit) = &self.audit {
+            audit.append(record);
+        }
+    }
+
+    /// Relay a passthrough tunnel. The client's first bytes pass `gate` before anything is
+    /// sent upstream; `Err` is the reason the tunnel was closed instead.
+    async fn tunnel<S>(
+        &self,
+        client: S,
+        upstream: TcpStream,
+        mut first: Vec<u8>,
+        gate: Gate,
+    ) -> Result<(), String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let (mut client_r, mut client_w) = tokio::io::split(client);
+        let (mut up_r, mut up_w) = upstream.into_split();
+        client_w
+            .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await
+            .map_err(|e| format!("writing to the client: {e}"))?;
+        // With a host name, nothing flows either way before the server name is checked (TLS
+        // speaks first from the client). With an address, the server may speak first.
+        if let Gate::ServerName(host) = &gate {
+            let checked = check_hello(
+                &mut client_r,
+                &mut first,
+                Some(host),
+                self.config.header_timeout,
+            )
+            .await;
+            if let Err(reason) = checked {
+                let _ = client_w.shutdown().await;
+                return Err(reason);
+            }
+        }
+        let downstream = async {
+            let _ = tokio::io::copy(&mut up_r, &mut client_w).await;
+            let _ = client_w.shutdown().await;
+        };
+        let upstream_bound = async {
+            if let Gate::NoServerName = gate {
+                check_hello(&mut client_r, &mut first, None, self.config.header_timeout).await?;
+            }
+            if !first.is_empty() {
+                up_w.write_all(&first)
+                    .await
+                    .map_err(|e| format!("writing upstream: {e}"))?;
+            }
+            let _ = tokio::io::copy(&mut client_r, &mut up_w).await;
+            let _ = up_w.shutdown().await;
+            Ok::<(), String>(())
+        };
+        match gate {
+            Gate::ServerName(_) => {
+                let (up, ()) = tokio::join!(upstream_bound, downstream);
+                up
+            }
+            Gate::NoServerName => {
+                tokio::pin!(downstream);
+                tokio::select! {
+                    up = upstream_bound => {
+                        up?;
+                        downstream.await;
+                        Ok(())
+                    }
+                    () = &mut downstream => Ok(()),
+                }
+            }
+        }
+    }
+
+    async fn forward<S>(&self, mut client: S, mut upstream: TcpStream, head: &Head, rest: &[u8])
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let result: std::io::Result<()> = async {
-            match head.target {
-                Target::Connect { .. } => {
-                    client
-                        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-                        .await?;
-                    if !rest.is_empty() {
-                        upstream.write_all(rest).await?;
-                    }
-                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-                }
-                Target::Forward { .. } => {
-                    upstream.write_all(&http::rewrite_forward(head)).await?;
-                    http::forward_body(&mut client, rest, head.body, &mut upstream)
-                        .await
-                        .map_err(std::io::Error::other)?;
-                    upstream.flush().await?;
-                    tokio::io::copy(&mut upstream, &mut client).await?;
-                    client.shutdown().await?;
-                }
-            }
+            upstream.write_all(&http::rewrite_forward(head)).await?;
+            http::forward_body(&mut client, rest, head.body, &mut upstream)
+                .await
+                .map_err(std::io::Error::other)?;
+            upstream.flush().await?;
+            tokio::io::copy(&mut upstream, &mut client).await?;
+            client.shutdown().await?;
             Ok(())
         }
         .await;
@@ -497,26 +696,17 @@ impl Inner {
         }
     }
 
-    async fn decide(&self, head: &Head, caller: Result<&Caller, &IdentityError>) -> Outcome {
+    /// The Rego step: one decision for the connection (CONNECT) or the request.
+    fn decide(&self, head: &Head, caller: Result<&Caller, &IdentityError>) -> Outcome {
         let caller = match caller {
             Ok(caller) => caller,
             Err(error) => {
                 let generation = self.decider.policy().generation();
                 let reason = match error {
-                    IdentityError::BinaryChanged { .. } => {
-                        "binary content changed since first seen".to_string()
-                    }
-                    error => format!("cannot identify the calling process: {error}"),
+                    IdentityError::Other(reason) => reason.clone(),
+                    error => identity_reason(error),
                 };
-                return Outcome {
-                    decision: denied(reason.clone(), vec!["binary".into()], None),
-                    action: Action::Deny,
-                    reason,
-                    addr: None,
-                    status: 403,
-                    cached: false,
-                    generation,
-                };
+                return Outcome::deny(reason, vec!["binary".into()], generation);
             }
         };
         let host = normalise_host(head.target.host());
@@ -537,66 +727,54 @@ impl Inner {
             Ok(d) => d,
             Err(error) => {
                 tracing::error!(target: "openshell::proxy", error = %error, "policy evaluation failed");
-                let reason = "policy evaluation failed".to_string();
-                return Outcome {
-                    decision: denied(reason.clone(), Vec::new(), None),
-                    action: Action::Deny,
-                    reason,
-                    addr: None,
-                    status: 403,
-                    cached: false,
-                    generation,
-                };
+                return Outcome::deny("policy evaluation failed".into(), Vec::new(), generation);
             }
         };
-        if !decision.allow {
-            return Outcome {
-                reason: decision.reason.clone(),
-                decision,
-                action: Action::Deny,
-                addr: None,
-                status: 403,
-                cached: was_cached,
-                generation,
-            };
+        Outcome {
+            reason: decision.reason.clone(),
+            action: match (decision.allow, decision.enforcement) {
+                (false, _) => Action::Deny,
+                (true, Enforcement::Audit) => Action::Audit,
+                (true, _) => Action::Allow,
+            },
+            decision,
+            addr: None,
+            status: 403,
+            cached: was_cached,
+            generation,
         }
-        let allowed: Vec<IpNet> = decision
+    }
+
+    /// For an allowed outcome: resolve the name once and pick the address to connect to, or
+    /// turn the outcome into a deny.
+    async fn resolve(&self, head: &Head, outcome: &mut Outcome) {
+        let host = normalise_host(head.target.host());
+        let port = head.target.port();
+        let allowed: Vec<IpNet> = outcome
+            .decision
             .allowed_ips
             .iter()
             .filter_map(|s| IpNet::try_from(s.as_str()).ok())
             .collect();
         match self.pick_address(&host, port, &allowed).await {
-            Ok(addr) => Outcome {
-                action: if decision.enforcement == Enforcement::Audit {
-                    Action::Audit
-                } else {
-                    Action::Allow
-                },
-                reason: decision.reason.clone(),
-                decision,
-                addr: Some(addr),
-                status: 200,
-                cached: was_cached,
-                generation,
-            },
+            Ok(addr) => {
+                outcome.addr = Some(addr);
+                outcome.status = 200;
+            }
             Err((status, reason, ip)) => {
+                let policy = outcome.decision.policy.clone();
                 let suggestion = ip.map(|ip| {
                     format!(
                         "if {host} is meant to reach {ip}, add allowed_ips covering {ip} to its endpoint in policy {}",
-                        decision.policy.as_deref().unwrap_or("?")
+                        policy.as_deref().unwrap_or("?")
                     )
                 });
                 let mut refused = denied(reason.clone(), Vec::new(), suggestion);
-                refused.closest_policy = decision.policy.clone();
-                Outcome {
-                    reason,
-                    decision: refused,
-                    action: Action::Deny,
-                    addr: None,
-                    status,
-                    cached: was_cached,
-                    generation,
-                }
+                refused.closest_policy = policy;
+                outcome.reason = reason;
+                outcome.decision = refused;
+                outcome.action = Action::Deny;
+                outcome.status = status;
             }
         }
     }
@@ -618,9 +796,13 @@ impl Inner {
             Ok(Err(error)) => return Err((502, format!("cannot resolve {host}: {error}"), None)),
             Err(_) => return Err((504, format!("resolving {host} timed out"), None)),
         };
+        let own = match self.host_addresses.current().await {
+            Ok(own) => own,
+            Err(reason) => return Err((503, reason, None)),
+        };
         let mut first_refusal = None;
         for addr in &addrs {
-            match ssrf::check(addr.ip(), allowed) {
+            match ssrf::check_with(addr.ip(), allowed, &own[..]) {
                 Ok(()) => return Ok(*addr),
                 Err(reason) => {
                     if first_refusal.is_none() {
@@ -633,6 +815,79 @@ impl Inner {
             Some((reason, ip)) => Err((403, reason, Some(ip))),
             None => Err((502, format!("{host} resolved to no address"), None)),
         }
+    }
+}
+
+/// Read the client's first bytes into `first` until they are known not to be TLS or hold a
+/// whole ClientHello, and check its server name: with `host`, a TLS ClientHello naming
+/// exactly that host (case and a trailing dot aside) is required, within `timeout`; without,
+/// a ClientHello must name no host (bytes that are not TLS pass, and there is no time limit:
+/// the server may speak first). A client that closes before sending anything passes (there
+/// is nothing to relay).
+async fn check_hello<R: AsyncRead + Unpin>(
+    client: &mut R,
+    first: &mut Vec<u8>,
+    host: Option<&str>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match tls::parse(first) {
+                Hello::Incomplete => {}
+                other => return Ok(Some(other)),
+            }
+            if first.len() >= tls::MAX_HELLO + 1024 {
+                return Err("TLS ClientHello too large".to_string());
+            }
+            let n = client
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("reading the client: {e}"))?;
+            if n == 0 {
+                if first.is_empty() {
+                    return Ok(None);
+                }
+                return Err("the client closed inside its TLS ClientHello".to_string());
+            }
+            first.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let hello = match host {
+        Some(_) => match tokio::time::timeout(timeout, read).await {
+            Ok(hello) => hello?,
+            Err(_) => return Err("no TLS ClientHello received in time".to_string()),
+        },
+        None => read.await?,
+    };
+    let Some(hello) = hello else {
+        return Ok(());
+    };
+    match (hello, host) {
+        (Hello::Whole { ech: true, .. }, _) => Err(
+            "the TLS ClientHello carries an encrypted ClientHello (ECH), which hides the server name a passthrough tunnel must check".to_string(),
+        ),
+        (Hello::Whole { sni: Some(sni), .. }, Some(host)) => {
+            if normalise_host(&sni) == host {
+                Ok(())
+            } else {
+                Err(format!(
+                    "TLS server name {sni} does not match the CONNECT host {host}"
+                ))
+            }
+        }
+        (Hello::Whole { sni: None, .. }, Some(host)) => Err(format!(
+            "the TLS ClientHello names no server; a tunnel to {host} must name it (SNI)"
+        )),
+        (Hello::Whole { sni: Some(sni), .. }, None) => Err(format!(
+            "TLS server name {sni} on a tunnel to an address: the CONNECT must name the host"
+        )),
+        (Hello::Whole { sni: None, .. } | Hello::NotTls, None) => Ok(()),
+        (Hello::NotTls, Some(host)) => Err(format!(
+            "a tunnel to {host} must start with a TLS ClientHello naming it; these bytes are not TLS"
+        )),
+        (Hello::Malformed(why), _) => Err(format!("malformed TLS ClientHello: {why}")),
+        (Hello::Incomplete, _) => Err("incomplete TLS ClientHello".to_string()),
     }
 }
 

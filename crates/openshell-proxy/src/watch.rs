@@ -3,6 +3,11 @@
 //! Both re-read the whole policy, call [`PolicyHandle::update`] and log the
 //! outcome; an invalid or refused policy is reported and the last good one
 //! stays in force.
+//!
+//! A policy URL is `https://` (rustls; the server's certificate must chain to the system's
+//! root certificates and name the host, or, with a pin, have exactly the pinned SHA-256) or
+//! `http://` to a loopback address only: a policy fetched in clear over a network could be
+//! rewritten on the way.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,12 +42,23 @@ pub enum WatchError {
         #[source]
         source: notify::Error,
     },
-    /// The URL is not `http://host[:port]/path`.
-    #[error("unsupported policy url {url:?}: expected http://host[:port]/path")]
+    /// The URL is not `https://host[:port]/path` or a loopback `http://` URL.
+    #[error("unsupported policy url {url:?}: {why}")]
     BadUrl {
         /// The URL given.
         url: String,
+        /// What is wrong with it.
+        why: &'static str,
     },
+    /// The certificate pin is not 64 hex digits.
+    #[error("policy url pin {pin:?}: expected the certificate's SHA-256 as 64 hex digits (optionally after sha256:)")]
+    BadPin {
+        /// The pin given.
+        pin: String,
+    },
+    /// TLS could not be set up (no system root certificates, or the provider refused).
+    #[error("cannot set up TLS for the policy url: {0}")]
+    Tls(String),
     /// A one-shot fetch failed.
     #[error("fetching policy from {url}: {reason}")]
     Fetch {
@@ -172,31 +188,41 @@ pub fn apply_changes(
     })
 }
 
-/// A parsed `http://host[:port]/path` URL.
+/// A parsed policy URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct HttpUrl {
+    tls: bool,
     host: String,
     port: u16,
     authority: String,
     path: String,
 }
 
-fn parse_url(url: &str) -> Option<HttpUrl> {
-    let rest = url
-        .get(..7)
-        .filter(|s| s.eq_ignore_ascii_case("http://"))
-        .map(|_| &url[7..])?;
+fn parse_url(url: &str) -> Result<HttpUrl, &'static str> {
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    let (tls, rest, default_port) = if lower.starts_with("https://") {
+        (true, &url[8..], 443)
+    } else if lower.starts_with("http://") {
+        (false, &url[7..], 80)
+    } else {
+        return Err("expected https://host[:port]/path (or http:// to a loopback address)");
+    };
     let split = rest.find('/').unwrap_or(rest.len());
     let (authority, path) = rest.split_at(split);
-    let (host, port) = crate::http::parse_authority(authority, Some(80)).ok()?;
+    let (host, port) = crate::http::parse_authority(authority, Some(default_port))
+        .map_err(|_| "expected host[:port] after the scheme")?;
     let path = if path.is_empty() { "/" } else { path };
     if path
         .bytes()
         .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
     {
-        return None;
+        return Err("whitespace or control characters in the path");
     }
-    Some(HttpUrl {
+    if !tls && !is_loopback(&host) {
+        return Err("plain http:// is allowed only to a loopback address (127.0.0.0/8, ::1, localhost); use https://");
+    }
+    Ok(HttpUrl {
+        tls,
         host,
         port,
         authority: authority.to_string(),
@@ -204,18 +230,176 @@ fn parse_url(url: &str) -> Option<HttpUrl> {
     })
 }
 
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Where the policy is fetched from, and how its server is trusted.
+#[derive(Clone)]
+pub struct PolicyUrl {
+    url: String,
+    parsed: HttpUrl,
+    /// For `https://`: the TLS client.
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for PolicyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyUrl")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyUrl {
+    /// Check `url` and set up its TLS client. `pin`: the SHA-256 of the server's certificate
+    /// (64 hex digits, optionally after `sha256:`); with it, that certificate is trusted
+    /// alone (a self-signed one works), without it the system's root certificates decide.
+    pub fn new(url: &str, pin: Option<&str>) -> Result<Self, WatchError> {
+        let parsed = parse_url(url).map_err(|why| WatchError::BadUrl {
+            url: url.to_string(),
+            why,
+        })?;
+        let pin = pin.map(parse_pin).transpose()?;
+        if pin.is_some() && !parsed.tls {
+            return Err(WatchError::BadUrl {
+                url: url.to_string(),
+                why: "a certificate pin needs an https:// url",
+            });
+        }
+        let tls = match parsed.tls {
+            true => Some(tls_connector(pin)?),
+            false => None,
+        };
+        Ok(Self {
+            url: url.to_string(),
+            parsed,
+            tls,
+        })
+    }
+
+    /// The URL as given.
+    pub fn as_str(&self) -> &str {
+        &self.url
+    }
+}
+
+fn parse_pin(pin: &str) -> Result<[u8; 32], WatchError> {
+    let hex = pin.strip_prefix("sha256:").unwrap_or(pin).replace(':', "");
+    let bad = || WatchError::BadPin {
+        pin: pin.to_string(),
+    };
+    if hex.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(i * 2..i * 2 + 2).ok_or_else(bad)?, 16)
+            .map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+fn tls_connector(pin: Option<[u8; 32]>) -> Result<tokio_rustls::TlsConnector, WatchError> {
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| WatchError::Tls(e.to_string()))?;
+    let config = match pin {
+        Some(sha256) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(Pinned { sha256, provider }))
+            .with_no_client_auth(),
+        None => {
+            let loaded = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(loaded.certs);
+            if added == 0 {
+                return Err(WatchError::Tls(format!(
+                    "no system root certificates could be loaded ({} errors); give --policy-url-sha256",
+                    loaded.errors.len()
+                )));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
+}
+
+/// Trusts exactly one server certificate, by its SHA-256; the handshake's signatures are
+/// still verified with it.
+#[derive(Debug)]
+struct Pinned {
+    sha256: [u8; 32],
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+        if digest == self.sha256 {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the server's certificate does not have the pinned SHA-256".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// Fetch `url` every `interval` with `If-None-Match` and apply each new
-/// document to `handle`. Plain http only. Stops when the task is aborted.
-pub fn poll_url(
-    url: &str,
-    interval: Duration,
-    handle: PolicyHandle,
-) -> Result<JoinHandle<()>, WatchError> {
-    let parsed = parse_url(url).ok_or_else(|| WatchError::BadUrl {
-        url: url.to_string(),
-    })?;
-    let source_name = url.to_string();
-    Ok(tokio::spawn(async move {
+/// document to `handle`. Stops when the task is aborted.
+pub fn poll_url(url: &PolicyUrl, interval: Duration, handle: PolicyHandle) -> JoinHandle<()> {
+    let url = url.clone();
+    let source_name = url.url.clone();
+    tokio::spawn(async move {
         let mut etag: Option<String> = None;
         let mut last_body: Option<Vec<u8>> = None;
         let mut ticker = tokio::time::interval(interval);
@@ -224,7 +408,7 @@ pub fn poll_url(
             ticker.tick().await;
             let fetched = tokio::time::timeout(
                 interval.max(Duration::from_secs(5)),
-                fetch(&parsed, etag.as_deref()),
+                fetch(&url, etag.as_deref()),
             )
             .await
             .unwrap_or_else(|_| Err("request timed out".to_string()));
@@ -253,31 +437,25 @@ pub fn poll_url(
                 }
             }
         }
-    }))
+    })
 }
 
 /// Fetch the policy document at `url` once (the initial policy when a sandbox starts from
 /// `--policy-url` alone).
-pub async fn fetch_text(url: &str) -> Result<String, WatchError> {
-    let parsed = parse_url(url).ok_or_else(|| WatchError::BadUrl {
-        url: url.to_string(),
-    })?;
-    let fetched = tokio::time::timeout(Duration::from_secs(10), fetch(&parsed, None))
+pub async fn fetch_text(url: &PolicyUrl) -> Result<String, WatchError> {
+    let fetched = tokio::time::timeout(Duration::from_secs(10), fetch(url, None))
         .await
         .unwrap_or_else(|_| Err("request timed out".to_string()));
+    let fail = |reason: String| WatchError::Fetch {
+        url: url.url.clone(),
+        reason,
+    };
     match fetched {
-        Ok(Fetched::Body { body, .. }) => String::from_utf8(body).map_err(|_| WatchError::Fetch {
-            url: url.to_string(),
-            reason: "policy document is not utf-8".to_string(),
-        }),
-        Ok(Fetched::NotModified) => Err(WatchError::Fetch {
-            url: url.to_string(),
-            reason: "unexpected 304 Not Modified".to_string(),
-        }),
-        Err(reason) => Err(WatchError::Fetch {
-            url: url.to_string(),
-            reason,
-        }),
+        Ok(Fetched::Body { body, .. }) => {
+            String::from_utf8(body).map_err(|_| fail("policy document is not utf-8".to_string()))
+        }
+        Ok(Fetched::NotModified) => Err(fail("unexpected 304 Not Modified".to_string())),
+        Err(reason) => Err(fail(reason)),
     }
 }
 
@@ -287,31 +465,57 @@ enum Fetched {
     Body { etag: Option<String>, body: Vec<u8> },
 }
 
-/// One `GET` over a fresh connection (`Connection: close`), response parsed
-/// with httparse.
-async fn fetch(url: &HttpUrl, etag: Option<&str>) -> Result<Fetched, String> {
-    let mut stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
+/// One `GET` over a fresh connection (`Connection: close`), over TLS for `https://`;
+/// response parsed with httparse.
+async fn fetch(url: &PolicyUrl, etag: Option<&str>) -> Result<Fetched, String> {
+    let target = &url.parsed;
+    let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let mut request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: openshell-proxy\r\nAccept: */*\r\nConnection: close\r\n",
-        url.path, url.authority
+        target.path, target.authority
     );
     if let Some(tag) = etag {
         request.push_str(&format!("If-None-Match: {tag}\r\n"));
     }
     request.push_str("\r\n");
+    let raw = match &url.tls {
+        Some(connector) => {
+            let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+                .map_err(|e| format!("server name {}: {e}", target.host))?;
+            let stream = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("tls: {e}"))?;
+            exchange(stream, request.as_bytes()).await?
+        }
+        None => exchange(tcp, request.as_bytes()).await?,
+    };
+    parse_response(&raw)
+}
+
+async fn exchange<S>(mut stream: S, request: &[u8]) -> Result<Vec<u8>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     stream
-        .write_all(request.as_bytes())
+        .write_all(request)
         .await
         .map_err(|e| format!("send: {e}"))?;
     let mut raw = Vec::new();
-    (&mut stream)
+    match (&mut stream)
         .take(MAX_POLICY_BYTES as u64 + 64 * 1024)
         .read_to_end(&mut raw)
         .await
-        .map_err(|e| format!("receive: {e}"))?;
-    parse_response(&raw)
+    {
+        Ok(_) => {}
+        // A server that closes without TLS close_notify: the response is judged by its own
+        // framing (Content-Length or chunked) below.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(format!("receive: {e}")),
+    }
+    Ok(raw)
 }
 
 fn parse_response(raw: &[u8]) -> Result<Fetched, String> {
@@ -345,7 +549,7 @@ fn parse_response(raw: &[u8]) -> Result<Fetched, String> {
         let len: usize = len.parse().map_err(|_| "invalid content-length")?;
         rest.get(..len).ok_or("truncated body")?.to_vec()
     } else {
-        rest.to_vec()
+        return Err("response without Content-Length or chunked framing".into());
     };
     if body.len() > MAX_POLICY_BYTES {
         return Err("policy document too large".into());
@@ -380,15 +584,44 @@ mod tests {
     fn urls() {
         assert_eq!(
             parse_url("http://127.0.0.1:8080/p.yaml"),
-            Some(HttpUrl {
+            Ok(HttpUrl {
+                tls: false,
                 host: "127.0.0.1".into(),
                 port: 8080,
                 authority: "127.0.0.1:8080".into(),
                 path: "/p.yaml".into()
             })
         );
-        assert_eq!(parse_url("https://a/p").map(|u| u.host), None);
-        assert_eq!(parse_url("http://a b/p").map(|u| u.host), None);
+        assert_eq!(
+            parse_url("HTTPS://policy.example/p").map(|u| (u.tls, u.host, u.port)),
+            Ok((true, "policy.example".into(), 443))
+        );
+        assert_eq!(
+            parse_url("http://localhost/p").map(|u| u.host),
+            Ok("localhost".into())
+        );
+        assert_eq!(parse_url("http://[::1]:9/p").map(|u| u.port), Ok(9));
+        let not_loopback = Err("plain http:// is allowed only to a loopback address (127.0.0.0/8, ::1, localhost); use https://");
+        assert_eq!(parse_url("http://policy.example/p"), not_loopback);
+        assert_eq!(parse_url("http://10.0.0.1/p"), not_loopback);
+        assert!(parse_url("ftp://a/p").is_err());
+        assert!(parse_url("http://a b/p").is_err());
+    }
+
+    #[test]
+    fn pins() {
+        let hex = "AB".repeat(32);
+        assert_eq!(parse_pin(&hex).ok(), Some([0xab; 32]));
+        assert_eq!(
+            parse_pin(&format!("sha256:{}", "0a".repeat(32))).ok(),
+            Some([0x0a; 32])
+        );
+        assert!(parse_pin("abc").is_err());
+        assert!(parse_pin(&"zz".repeat(32)).is_err());
+        assert_eq!(
+            PolicyUrl::new("http://127.0.0.1/p", Some(&hex)).map(drop).map_err(|e| e.to_string()),
+            Err("unsupported policy url \"http://127.0.0.1/p\": a certificate pin needs an https:// url".to_string())
+        );
     }
 
     #[test]

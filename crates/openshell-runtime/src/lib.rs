@@ -22,6 +22,8 @@ use openshell_policy::Policy;
 
 pub mod helper;
 #[cfg(target_os = "linux")]
+pub mod lineage;
+#[cfg(target_os = "linux")]
 pub mod process;
 pub mod rootfs;
 #[cfg(all(target_os = "linux", feature = "vm"))]
@@ -125,6 +127,13 @@ pub enum EgressListener {
         init_pid: i32,
         /// The host pids of the sandbox's processes right now.
         members: Arc<dyn Fn() -> Vec<i32> + Send + Sync>,
+        /// Who connected each socket to the proxy and when each process exec'd, as the
+        /// supervisor saw the calls (see [`lineage`]).
+        #[cfg(target_os = "linux")]
+        lineage: Arc<lineage::Lineage>,
+        /// The paths the workload can write, as it sees them (code mapped from below them
+        /// is not a binary's own).
+        writable: Vec<PathBuf>,
     },
     /// vm backend: the host end of the guest's egress vsock port; each connection starts with
     /// the guest agent's caller preamble.
@@ -201,6 +210,10 @@ pub struct SpawnConfig {
     /// gets HTTP_PROXY, HTTPS_PROXY, ALL_PROXY (and lowercase) pointing at it, and NO_PROXY for
     /// loopback.
     pub egress: Option<Arc<dyn Egress>>,
+    /// Executables larger than this are not hashed for the egress identity check (their
+    /// connections are denied); `None`: the proxy's default. The process backend's proxy
+    /// takes it from its own configuration; the vm backend hands it to the guest agent.
+    pub identity_max_binary_bytes: Option<u64>,
 }
 
 impl SpawnConfig {
@@ -221,6 +234,7 @@ impl SpawnConfig {
             hostname: "openshell".to_owned(),
             vm_engine: VmEngine::Auto,
             egress: None,
+            identity_max_binary_bytes: None,
         }
     }
 }

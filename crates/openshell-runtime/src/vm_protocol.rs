@@ -149,6 +149,10 @@ pub enum Request {
         /// itself (EROFS, as the process backend answers) before any request reaches the host.
         #[serde(default)]
         read_only: Vec<String>,
+        /// Executables larger than this are not hashed for the egress identity check (the
+        /// agent denies their connections); `None`: the default.
+        #[serde(default)]
+        identity_max_binary_bytes: Option<u64>,
     },
     /// Start a process. `main`: the workload, whose end powers the VM off.
     Spawn {
@@ -394,6 +398,7 @@ mod tests {
             memory_limit_mib: None,
             tmp: None,
             read_only: Vec::new(),
+            identity_max_binary_bytes: Some(1 << 20),
         }
     }
 

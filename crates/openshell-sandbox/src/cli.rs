@@ -93,10 +93,17 @@ pub struct RunArgs {
     #[arg(long, env = "OPENSHELL_POLICY", value_name = "FILE")]
     pub policy: Option<PathBuf>,
 
-    /// Poll this http:// URL for policy updates (ETag / If-None-Match). Without --policy, the
-    /// initial policy is fetched from it too. Only network_policies may change live.
+    /// Poll this https:// URL (http:// only to a loopback address) for policy updates (ETag /
+    /// If-None-Match). Without --policy, the initial policy is fetched from it too. Only
+    /// network_policies may change live. The server's certificate must chain to the system's
+    /// root certificates, unless --policy-url-sha256 pins it.
     #[arg(long, env = "OPENSHELL_POLICY_URL", value_name = "URL")]
     pub policy_url: Option<String>,
+
+    /// Trust exactly the --policy-url server certificate with this SHA-256 (64 hex digits,
+    /// optionally after `sha256:`), instead of the system's root certificates.
+    #[arg(long, value_name = "HEX", requires = "policy_url")]
+    pub policy_url_sha256: Option<String>,
 
     /// How often to poll --policy-url, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
@@ -105,6 +112,19 @@ pub struct RunArgs {
     /// Append every egress decision as one JSON line to this file.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+
+    /// Rotate the audit log when it would grow past this many MiB (FILE -> FILE.1 -> ...).
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_log_max_mib: u64,
+
+    /// Rotated audit logs kept (FILE.1 .. FILE.N).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub audit_log_keep: u32,
+
+    /// Executables larger than this many MiB are not hashed for the egress identity check,
+    /// and connections they make are denied.
+    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub identity_max_binary_mib: u64,
 
     /// Most concurrent proxied connections per sandbox.
     #[arg(long, value_name = "N", default_value_t = 256)]

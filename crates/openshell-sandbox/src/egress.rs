@@ -1,16 +1,62 @@
 //! Glue between the runtime's egress hook and the proxy: each sandbox's listener is served by
 //! the shared proxy. Process sandboxes' callers are identified from the host's view of the
-//! sandbox's /proc; vm sandboxes' callers are named by the guest agent's preamble.
+//! sandbox's /proc and the supervisor's record of their connects and execs; vm sandboxes'
+//! callers are named by the guest agent's preamble.
 
 use std::sync::Arc;
 
-use openshell_proxy::procfs::ProcfsResolver;
-use openshell_proxy::{Proxy, SandboxContext, ServeGuard};
+use openshell_proxy::procfs::{HashCache, ProcfsConfig, ProcfsResolver};
+use openshell_proxy::{Connector, ProcKey, ProcessHistory, Proxy, SandboxContext, ServeGuard};
+use openshell_runtime::lineage::{self, Lineage};
 use openshell_runtime::{Egress, EgressAttachment, EgressGuard, EgressListener};
 
 #[derive(Debug, Clone)]
 pub struct ProxyEgress {
     pub proxy: Proxy,
+    /// Executable digests, shared by every sandbox this supervisor serves.
+    hashes: Arc<HashCache>,
+    max_hash_bytes: u64,
+}
+
+impl ProxyEgress {
+    pub fn new(proxy: Proxy, max_hash_bytes: u64) -> Self {
+        Self {
+            proxy,
+            hashes: Arc::new(HashCache::new()),
+            max_hash_bytes,
+        }
+    }
+}
+
+/// The runtime's [`Lineage`] as the proxy's [`ProcessHistory`].
+pub struct History(pub Arc<Lineage>);
+
+fn runtime_key(k: ProcKey) -> lineage::ProcKey {
+    lineage::ProcKey {
+        pid: k.pid,
+        start: k.start,
+    }
+}
+
+impl ProcessHistory for History {
+    fn connector(&self, socket_inode: u64) -> Option<Connector> {
+        self.0.connector(socket_inode).map(|c| Connector {
+            process: ProcKey {
+                pid: c.process.pid,
+                start: c.process.start,
+            },
+            exe: c.exe,
+            seq: c.seq,
+        })
+    }
+
+    fn credits(&self, parent: ProcKey, child: ProcKey) -> bool {
+        self.0.credits(runtime_key(parent), runtime_key(child))
+    }
+
+    fn exec_seq(&self, process: ProcKey) -> u64 {
+        self.0.exec_seq(runtime_key(process))
+    }
 }
 
 impl Egress for ProxyEgress {
@@ -23,10 +69,22 @@ impl Egress for ProxyEgress {
                 listener,
                 init_pid,
                 members,
+                lineage,
+                writable,
             } => {
-                let resolver = ProcfsResolver::new(init_pid as u32, move || {
-                    Ok(members().into_iter().map(|p| p as u32).collect())
-                });
+                let config = ProcfsConfig {
+                    writable,
+                    max_hash_bytes: self.max_hash_bytes,
+                    ..ProcfsConfig::new(init_pid as u32)
+                };
+                // One blocking thread at a time for this sandbox's identity work.
+                let resolver = ProcfsResolver::new(
+                    config,
+                    move || Ok(members().into_iter().map(|p| p as u32).collect()),
+                    Arc::new(History(lineage)),
+                    self.hashes.clone(),
+                )
+                .offloaded(1);
                 let context = SandboxContext {
                     sandbox_id: a.sandbox_id,
                     identity: Arc::new(resolver),
@@ -51,11 +109,26 @@ impl Egress for ProxyEgress {
 struct PreambleOnly;
 
 impl openshell_proxy::IdentityResolver for PreambleOnly {
-    fn resolve(
+    fn identify(
         &self,
         peer: std::net::SocketAddr,
         _local: std::net::SocketAddr,
-    ) -> Result<openshell_proxy::Caller, openshell_proxy::IdentityError> {
-        Err(openshell_proxy::IdentityError::SocketNotFound { peer })
+    ) -> openshell_proxy::identity::BoxFuture<
+        '_,
+        Result<openshell_proxy::Identified, openshell_proxy::IdentityError>,
+    > {
+        Box::pin(std::future::ready(Err(
+            openshell_proxy::IdentityError::SocketNotFound { peer },
+        )))
+    }
+
+    fn verify<'a>(
+        &'a self,
+        identified: &'a openshell_proxy::Identified,
+    ) -> openshell_proxy::identity::BoxFuture<
+        'a,
+        Result<openshell_proxy::Caller, openshell_proxy::IdentityError>,
+    > {
+        Box::pin(std::future::ready(Ok(identified.caller.clone())))
     }
 }

@@ -100,7 +100,17 @@ fn report_error(e: &anyhow::Error) {
 
 #[allow(clippy::print_stdout)]
 fn print_seccomp_table() -> ExitCode {
-    use openshell_runtime::process::seccomp::{peers, Match, DENIED, PREFIX};
+    use openshell_runtime::process::seccomp::{peers, Match, DENIED, NOTIFIED, PREFIX};
+    println!("First, right after the architecture check (user notification, both backends):");
+    for (nr, reason) in NOTIFIED {
+        let name = match nr {
+            libc::SYS_connect => "connect",
+            libc::SYS_execve => "execve",
+            _ => "execveat",
+        };
+        println!("  {name:<20} {reason}");
+    }
+    println!();
     println!("Before the table (x86_64, hand-written prefix):");
     for row in PREFIX {
         println!("  {:<38} {:<26} {}", row.what, row.action, row.reason);
@@ -216,11 +226,19 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let policy = if run.policy.is_none() && run.policy_url.is_some() {
-        let url = run.policy_url.clone().unwrap_or_default();
+    // The proxy starts tasks of its own (the host's addresses) when it is built.
+    let _enter = rt.enter();
+    let policy_url = match &run.policy_url {
+        Some(url) => Some(
+            openshell_proxy::watch::PolicyUrl::new(url, run.policy_url_sha256.as_deref())
+                .context("--policy-url")?,
+        ),
+        None => None,
+    };
+    let policy = if let (None, Some(source)) = (&run.policy, &policy_url) {
         rt.block_on(async {
-            let text = openshell_proxy::watch::fetch_text(&url).await?;
-            let policy = Policy::from_yaml(&url, &text)?;
+            let text = openshell_proxy::watch::fetch_text(source).await?;
+            let policy = Policy::from_yaml(source.as_str(), &text)?;
             openshell_policy::DecisionEngine::new(&policy.network)
                 .context("compiling network_policies into the Rego engine")?;
             anyhow::Ok(policy)
@@ -276,6 +294,10 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     let proxy_config = openshell_proxy::ProxyConfig {
         max_connections: run.max_connections,
         audit_log: run.audit_log.clone(),
+        audit_rotation: openshell_proxy::AuditRotation {
+            max_bytes: run.audit_log_max_mib.saturating_mul(1024 * 1024),
+            keep: run.audit_log_keep,
+        },
         ..Default::default()
     };
     let proxy = openshell_proxy::Proxy::new(proxy_config, handle.clone())
@@ -343,8 +365,14 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     let ssh_env = env.clone();
     let ssh_workdir = workdir.clone();
     let mut config = SpawnConfig::new(program.clone(), Arc::new(policy), workdir);
-    config.egress = Some(Arc::new(egress::ProxyEgress { proxy }));
+    config.egress = Some(Arc::new(egress::ProxyEgress::new(
+        proxy,
+        run.identity_max_binary_mib.saturating_mul(1024 * 1024),
+    )));
     config.vm_engine = run.vm_engine;
+    // The guest agent checks executables in the VM with the same limit.
+    config.identity_max_binary_bytes =
+        Some(run.identity_max_binary_mib.saturating_mul(1024 * 1024));
     config.args = args;
     config.env = env;
     config.root = root;
@@ -362,14 +390,14 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
             ),
             None => None,
         };
-        let _url_poll = match &run.policy_url {
-            Some(url) => {
+        let _url_poll = match &policy_url {
+            Some(source) => {
                 let interval = Duration::from_secs_f64(run.policy_poll_interval.max(0.05));
                 Some(openshell_proxy::watch::poll_url(
-                    url,
+                    source,
                     interval,
                     handle.clone(),
-                )?)
+                ))
             }
             None => None,
         };

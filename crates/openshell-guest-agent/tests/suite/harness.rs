@@ -153,10 +153,12 @@ pub fn plan(argv: &[&str]) -> LaunchPlan {
             read_write: vec![PathBuf::from("/dev/null")],
             hard_requirement: false,
         },
-        seccomp: openshell_runtime::process::seccomp::compiled()
-            .expect("the seccomp table compiles")
-            .clone(),
+        // As the vm backend makes it: connect and exec notified to the agent.
+        seccomp: openshell_runtime::process::seccomp::with_lineage_notified(
+            openshell_runtime::process::seccomp::compiled().expect("the seccomp table compiles"),
+        ),
         mediate_connect: false,
+        notify_launcher: true,
     }
 }
 

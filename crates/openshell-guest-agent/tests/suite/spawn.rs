@@ -22,6 +22,7 @@ fn setup_is_ready_once() {
         }],
         pids_limit: Some(128),
         memory_limit_mib: Some(256),
+        identity_max_binary_bytes: None,
         tmp: Some(GuestTmp {
             size_mib: Some(256),
             readonly: false,
@@ -61,6 +62,7 @@ fn invalid_setup_is_refused() {
         memory_limit_mib: None,
         tmp: None,
         read_only: Vec::new(),
+        identity_max_binary_bytes: None,
     });
     match recv_event(&mut conn) {
         Event::Failed { stage, .. } => assert_eq!(stage, "validate"),

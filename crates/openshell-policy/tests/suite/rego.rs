@@ -1,8 +1,8 @@
 //! The Rego decision engine, end to end through DecisionEngine.
 
 use openshell_policy::{
-    Decision, DecisionEngine, DecisionInput, Enforcement, ExecInfo, HttpRequest, NetworkTarget,
-    Policy,
+    ConnectMode, Decision, DecisionEngine, DecisionInput, Enforcement, ExecInfo, HttpRequest,
+    NetworkTarget, Policy,
 };
 use pretty_assertions::assert_eq;
 
@@ -74,7 +74,8 @@ fn decide(e: &mut DecisionEngine, i: &DecisionInput) -> Decision {
         .unwrap_or_else(|err| panic!("decide failed: {err:?}"))
 }
 
-fn allowed(policy: &str, reason: &str) -> Decision {
+/// An allow; `connect` is what a CONNECT decision says (requests: `None`).
+fn allowed(policy: &str, reason: &str, connect: Option<ConnectMode>) -> Decision {
     Decision {
         allow: true,
         policy: Some(policy.to_string()),
@@ -84,10 +85,18 @@ fn allowed(policy: &str, reason: &str) -> Decision {
         closest_policy: None,
         suggestion: None,
         allowed_ips: vec![],
+        connect,
     }
 }
 
-fn denied(missing: &[&str], closest: &str, reason: &str, suggestion: &str) -> Decision {
+/// A deny; `connect` is `Some(Deny)` for a CONNECT, `None` for a request.
+fn denied(
+    missing: &[&str],
+    closest: &str,
+    reason: &str,
+    suggestion: &str,
+    connect: Option<ConnectMode>,
+) -> Decision {
     Decision {
         allow: false,
         policy: None,
@@ -97,8 +106,12 @@ fn denied(missing: &[&str], closest: &str, reason: &str, suggestion: &str) -> De
         closest_policy: Some(closest.to_string()),
         suggestion: Some(suggestion.to_string()),
         allowed_ips: vec![],
+        connect,
     }
 }
+
+const TUNNEL: Option<ConnectMode> = Some(ConnectMode::Tunnel);
+const DENY: Option<ConnectMode> = Some(ConnectMode::Deny);
 
 #[test]
 fn allowed_host_port_binary() {
@@ -107,7 +120,8 @@ fn allowed_host_port_binary() {
         decide(&mut e, &input("/usr/bin/python3", &[], "pypi.org", 443)),
         allowed(
             "pypi",
-            "connection to pypi.org:443 by /usr/bin/python3 allowed by policy pypi"
+            "connection to pypi.org:443 by /usr/bin/python3 allowed by policy pypi",
+            TUNNEL,
         )
     );
 }
@@ -122,6 +136,7 @@ fn wrong_host_is_denied_with_closest_policy() {
             "pypi",
             "denied: no policy allows connection to evil.example:443 by /usr/bin/python3; closest policy pypi is missing host",
             "add an endpoint { host: evil.example, port: 443 } to network_policies.pypi",
+            DENY,
         )
     );
 }
@@ -136,6 +151,7 @@ fn right_host_wrong_binary() {
             "pypi",
             "denied: no policy allows connection to pypi.org:443 by /usr/bin/curl; closest policy pypi is missing binary",
             "add binaries: [{ path: /usr/bin/curl }] to network_policies.pypi",
+            DENY,
         )
     );
 }
@@ -156,7 +172,8 @@ fn ancestor_binary_allows() {
         d,
         allowed(
             "pypi",
-            "connection to pypi.org:443 by /usr/bin/curl allowed by policy pypi"
+            "connection to pypi.org:443 by /usr/bin/curl allowed by policy pypi",
+            TUNNEL,
         )
     );
 }
@@ -215,6 +232,7 @@ fn wrong_port() {
             "pypi",
             "denied: no policy allows connection to pypi.org:80 by /usr/bin/python3; closest policy pypi is missing port",
             "add port 80 to the endpoint for pypi.org in network_policies.pypi",
+            DENY,
         )
     );
 }
@@ -228,7 +246,8 @@ fn l7_read_only_allows_get_denies_post() {
         get,
         allowed(
             "github",
-            "GET /repos/x to api.github.com:443 by /usr/bin/git allowed by policy github"
+            "GET /repos/x to api.github.com:443 by /usr/bin/git allowed by policy github",
+            None,
         )
     );
     assert_eq!(
@@ -238,10 +257,134 @@ fn l7_read_only_allows_get_denies_post() {
             "github",
             "denied: no policy allows POST /repos/x to api.github.com:443 by /usr/bin/git; closest policy github is missing method",
             "allow method POST for api.github.com in network_policies.github (access or rules)",
+            None,
         )
     );
-    // A CONNECT (no request) to an L7 endpoint is allowed at L4.
-    assert!(decide(&mut e, &base).allow);
+    // A CONNECT (no request) to an endpoint with method/path rules and no tls: terminate
+    // would carry any method unchecked: refused, naming what is missing.
+    assert_eq!(
+        decide(&mut e, &base),
+        denied(
+            &["tls"],
+            "github",
+            "denied: policy github allows connection to api.github.com:443 by /usr/bin/git only under its method and path rules (access, rules or deny_rules), which a CONNECT tunnel cannot enforce: they need tls: terminate on the endpoint",
+            "add tls: terminate to the endpoint for api.github.com in network_policies.github, so that its method and path rules apply to every request",
+            DENY,
+        )
+    );
+}
+
+#[test]
+fn connect_modes_tunnel_terminate_deny_and_audit() {
+    let text = r#"
+version: 1
+network_policies:
+  a_rules:
+    endpoints:
+      - { host: rules.example, port: 443, protocol: rest, access: read-only, tls: passthrough }
+      - { host: both.example, port: 443, protocol: rest, access: read-only }
+      - { host: audited.example, port: 443, protocol: rest, access: read-only, enforcement: audit }
+      - { host: denyonly.example, port: 443, access: full, deny_rules: [{ method: POST, path: "/x" }] }
+    binaries: [{ path: /usr/bin/curl }]
+  b_terminate:
+    endpoints:
+      - { host: term.example, port: 443, tls: terminate }
+      - { host: term-rules.example, port: 443, protocol: rest, access: read-only, tls: terminate }
+    binaries: [{ path: /usr/bin/curl }]
+  c_plain:
+    endpoints:
+      - { host: both.example, port: 443 }
+    binaries: [{ path: /usr/bin/curl }]
+"#;
+    let policy = Policy::from_yaml("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    let mut e = DecisionEngine::new(&policy.network).unwrap_or_else(|e| panic!("{e}"));
+    type Row<'a> = (
+        &'a str,
+        bool,
+        Option<ConnectMode>,
+        Option<String>,
+        Enforcement,
+    );
+    let got: Vec<Row> = [
+        "rules.example",
+        "denyonly.example",
+        "term.example",
+        "term-rules.example",
+        "both.example",
+        "audited.example",
+    ]
+    .into_iter()
+    .map(|host| {
+        let d = decide(&mut e, &input("/usr/bin/curl", &[], host, 443));
+        (
+            host,
+            d.allow,
+            d.connect,
+            d.policy.or(d.closest_policy),
+            d.enforcement,
+        )
+    })
+    .collect();
+    let p = |s: &str| Some(s.to_string());
+    assert_eq!(
+        got,
+        vec![
+            (
+                "rules.example",
+                false,
+                DENY,
+                p("a_rules"),
+                Enforcement::Enforce
+            ),
+            (
+                "denyonly.example",
+                false,
+                DENY,
+                p("a_rules"),
+                Enforcement::Enforce
+            ),
+            (
+                "term.example",
+                true,
+                Some(ConnectMode::Terminate),
+                p("b_terminate"),
+                Enforcement::Enforce
+            ),
+            (
+                "term-rules.example",
+                true,
+                Some(ConnectMode::Terminate),
+                p("b_terminate"),
+                Enforcement::Enforce
+            ),
+            // A plain tunnel in another policy wins over the refused one.
+            (
+                "both.example",
+                true,
+                TUNNEL,
+                p("c_plain"),
+                Enforcement::Enforce
+            ),
+            // Audit mode tunnels and says what would have been denied.
+            (
+                "audited.example",
+                true,
+                TUNNEL,
+                p("a_rules"),
+                Enforcement::Audit
+            ),
+        ]
+    );
+    // Requests to the same endpoints are decided by their rules, connect null.
+    let get = decide(
+        &mut e,
+        &with_request(
+            input("/usr/bin/curl", &[], "rules.example", 443),
+            "GET",
+            "/",
+        ),
+    );
+    assert_eq!((get.allow, get.connect), (true, None));
 }
 
 #[test]
@@ -282,6 +425,7 @@ fn audit_enforcement_allows_and_says_so() {
             closest_policy: Some("telemetry".to_string()),
             suggestion: Some("allow method POST for telemetry.example.com in network_policies.telemetry (access or rules)".to_string()),
             allowed_ips: vec![],
+            connect: None,
         }
     );
     let get = decide(&mut e, &with_request(base.clone(), "GET", "/v1/config"));
@@ -316,6 +460,7 @@ fn no_policies_denies_with_reason() {
             closest_policy: None,
             suggestion: Some("add a network_policies entry with endpoint { host: example.com, port: 443 } and binaries: [{ path: /usr/bin/curl }]".to_string()),
             allowed_ips: vec![],
+            connect: DENY,
         }
     );
 }

@@ -160,8 +160,8 @@ async fn url_polling_with_etag_changes_the_decision() {
     let hits = Arc::new(AtomicUsize::new(0));
     let url = policy_server(Arc::clone(&state), Arc::clone(&hits)).await;
     let h = start(&deny_all, CURL, ProxyConfig::default()).await;
-    let poller = watch::poll_url(&url, Duration::from_millis(50), h.handle.clone())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let url = watch::PolicyUrl::new(&url, None).unwrap_or_else(|e| panic!("{e}"));
+    let poller = watch::poll_url(&url, Duration::from_millis(50), h.handle.clone());
     let counter = Arc::clone(&hits);
     eventually("an If-None-Match hit", || {
         counter.load(Ordering::SeqCst) >= 1
@@ -206,13 +206,94 @@ fn bad_sources_are_refused_up_front() {
         .build();
     let Ok(rt) = rt else { panic!("runtime") };
     rt.block_on(async {
-        assert!(watch::poll_url(
-            "https://example.com/p",
-            Duration::from_secs(1),
-            handle.clone()
-        )
-        .is_err());
-        assert!(watch::poll_url("ftp://x/p", Duration::from_secs(1), handle.clone()).is_err());
+        let refused = |url: &str| {
+            watch::PolicyUrl::new(url, None)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            refused("http://policy.example/p"),
+            Err("unsupported policy url \"http://policy.example/p\": plain http:// is allowed only to a loopback address (127.0.0.0/8, ::1, localhost); use https://".to_string())
+        );
+        assert!(refused("ftp://x/p").is_err());
         assert!(watch::watch_file(std::path::Path::new("/"), handle.clone()).is_err());
     });
+}
+
+/// A TLS policy server on 127.0.0.1 with a self-signed certificate (made by Debian's
+/// openssl): served when its certificate is pinned, refused with another pin or with the
+/// system's roots (which do not know it).
+#[tokio::test]
+async fn https_policy_url_with_a_pinned_certificate() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (cert, key) = self_signed(dir.path(), "policy.test");
+    let document = full_yaml(&allow_yaml("127.0.0.2", 443, CURL));
+    let addr = tls_policy_server(cert.clone(), key, document.clone()).await;
+    let url = format!("https://127.0.0.1:{}/policy.yaml", addr.port());
+    let pin: String = sha2::Sha256::digest(cert.as_ref())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let fetch = |pin: Option<String>| {
+        let url = url.clone();
+        async move {
+            let source = watch::PolicyUrl::new(&url, pin.as_deref()).map_err(|e| e.to_string())?;
+            watch::fetch_text(&source).await.map_err(|e| e.to_string())
+        }
+    };
+    assert_eq!(fetch(Some(pin.clone())).await, Ok(document));
+    let wrong = fetch(Some("00".repeat(32))).await;
+    assert!(
+        wrong.as_ref().is_err_and(|e| e.contains("pinned SHA-256")),
+        "{wrong:?}"
+    );
+    let unknown = fetch(None).await;
+    assert!(
+        unknown.as_ref().is_err_and(|e| e.contains("tls:")),
+        "{unknown:?}"
+    );
+}
+
+async fn tls_policy_server(
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    document: String,
+) -> std::net::SocketAddr {
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| b.with_no_client_auth().with_single_cert(vec![cert], key))
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = bind("127.0.0.1:0").await;
+    let addr = local(&listener);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let document = document.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while find(&buf, b"\r\n\r\n").is_none() {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nETag: \"t\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{document}",
+                    document.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
 }

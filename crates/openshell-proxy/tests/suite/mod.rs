@@ -1,5 +1,6 @@
 mod connect;
 mod forward;
+mod holes;
 mod live;
 mod malformed;
 mod support;

@@ -160,7 +160,9 @@ async fn read_request(s: &mut TcpStream) -> Vec<u8> {
             {
                 body.len() >= len
             } else if head.contains("transfer-encoding: chunked") {
-                body.ends_with(b"0\r\n\r\n")
+                // The last chunk, then the trailer section up to its empty line.
+                body.ends_with(b"\r\n\r\n")
+                    && (body.starts_with(b"0\r\n") || find(body, b"\r\n0\r\n").is_some())
             } else {
                 true
             };
@@ -272,4 +274,109 @@ pub async fn open_tunnel(proxy: SocketAddr, target: &str) -> (Response, TcpStrea
 /// CONNECT and return only the status (the tunnel is dropped).
 pub async fn connect_status(proxy: SocketAddr, target: &str) -> u16 {
     open_tunnel(proxy, target).await.0.status
+}
+
+/// A self-signed certificate for `name` and 127.0.0.1, made with Debian's openssl.
+pub fn self_signed(
+    dir: &std::path::Path,
+    name: &str,
+) -> (
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", &format!("/CN={name}")])
+        .args([
+            "-addext",
+            &format!("subjectAltName=DNS:{name},IP:127.0.0.1"),
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("openssl: {e}"));
+    assert!(made.success(), "openssl req failed");
+    (
+        rustls::pki_types::CertificateDer::from_pem_file(&cert).unwrap_or_else(|e| panic!("{e}")),
+        rustls::pki_types::PrivateKeyDer::from_pem_file(&key).unwrap_or_else(|e| panic!("{e}")),
+    )
+}
+
+/// A TLS server on `ip`:0 with `cert`: after each handshake it records the server name the
+/// client sent, answers one line, and closes.
+pub async fn tls_server(
+    ip: &str,
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| b.with_no_client_auth().with_single_cert(vec![cert], key))
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = bind(&format!("{ip}:0")).await;
+    let addr = local(&listener);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let name = s.get_ref().1.server_name().unwrap_or("").to_string();
+                if let Ok(mut r) = record.lock() {
+                    r.push(name);
+                }
+                let _ = s.write_all(b"hello over tls\n").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A TLS client through an open tunnel, trusting `cert`, sending `server_name` (or no
+/// name for an address); the line the server answered, or why not.
+pub async fn tls_through(
+    tunnel: TcpStream,
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    server_name: &str,
+) -> Result<String, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).map_err(|e| e.to_string())?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut s = within("tls handshake", connector.connect(name, tunnel))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut line = Vec::new();
+    let _ = within("tls read", s.read_to_end(&mut line)).await;
+    Ok(String::from_utf8_lossy(&line).into_owned())
 }

@@ -452,10 +452,10 @@ fn launch(
         let fd = s.as_raw_fd();
         [fd, fd, fd]
     });
-    let (pid, report) = launch_joining(plan, stdio, join)?;
+    let launched = launch_joining(plan, stdio, join, None)?;
     drop(slave);
-    ctl.send(&FromHelper::Restricted(report));
-    Ok(Pid::from_raw(pid))
+    ctl.send(&FromHelper::Restricted(launched.report));
+    Ok(Pid::from_raw(launched.pid))
 }
 
 /// A PTY in the sandbox's own devpts (`/dev/ptmx` of the sandbox's /dev): the master goes to
@@ -476,16 +476,40 @@ fn sandbox_pty(rows: u16, cols: u16) -> Result<OwnedFd, String> {
     Ok(slave)
 }
 
-/// Fork a child that restricts itself as `plan` says and execs; return its pid (in the caller's
-/// pid namespace) and what it enforced once execve has succeeded. With `stdio`, the child's
-/// standard streams are those three descriptors.
+/// Where the calls a launched process's filter notifies are recorded, when the launcher
+/// records them itself (the guest agent: `plan.notify_launcher`).
+#[derive(Debug, Clone, Copy)]
+pub struct Recorder<'a> {
+    pub lineage: &'a crate::lineage::Lineage,
+    /// The egress relay's address: connects to it are recorded.
+    pub proxy: std::net::SocketAddr,
+}
+
+/// A process [`launch_restricted`] started.
+#[derive(Debug)]
+pub struct Launched {
+    /// Its pid, in the caller's pid namespace.
+    pub pid: i32,
+    /// What it enforced.
+    pub report: RestrictionReport,
+    /// With `plan.notify_launcher`: its filter's notification listener, to be served with
+    /// [`super::notify::serve`] from now on.
+    pub listener: Option<OwnedFd>,
+}
+
+/// Fork a child that restricts itself as `plan` says and execs; return once execve has
+/// succeeded. With `stdio`, the child's standard streams are those three descriptors. With
+/// `plan.notify_launcher`, the child hands its filter's listener to this process, which
+/// records the notifications into `recorder` until the exec (the exec itself is one), then
+/// returns the listener.
 ///
 /// The caller must be single-threaded (the guest agent and the helpers are).
 pub fn launch_restricted(
     plan: &LaunchPlan,
     stdio: Option<[RawFd; 3]>,
-) -> Result<(i32, RestrictionReport), StageError> {
-    launch_joining(plan, stdio, &[])
+    recorder: Option<Recorder<'_>>,
+) -> Result<Launched, StageError> {
+    launch_joining(plan, stdio, &[], recorder)
 }
 
 /// [`launch_restricted`], the child first writing itself into each `cgroup.procs` descriptor
@@ -494,14 +518,29 @@ fn launch_joining(
     plan: &LaunchPlan,
     stdio: Option<[RawFd; 3]>,
     join: &[OwnedFd],
-) -> Result<(i32, RestrictionReport), StageError> {
+    recorder: Option<Recorder<'_>>,
+) -> Result<Launched, StageError> {
     let filter = &plan.seccomp;
+    if plan.notify_launcher && recorder.is_none() {
+        return Err((
+            "seccomp".into(),
+            "the launch plan asks its launcher to record, and no recorder was given".into(),
+        ));
+    }
     // Both ends close on exec: end of file tells the parent the workload runs.
     let (parent_end, child_end) =
         UnixStream::pair().map_err(|e| ("socketpair".to_owned(), e.to_string()))?;
+    let handover = match plan.notify_launcher {
+        true => Some(channel::pair().map_err(|e| ("socketpair".to_owned(), errno_text(e)))?),
+        false => None,
+    };
     match sys::fork_single_threaded().map_err(|e| ("fork".to_owned(), errno_text(e)))? {
         ForkResult::Child => {
             drop(parent_end);
+            let handover = handover.map(|(ours, theirs)| {
+                drop(ours);
+                theirs
+            });
             let mut report = child_end;
             if let Some(fds) = stdio {
                 for (target, fd) in fds.into_iter().enumerate() {
@@ -510,7 +549,8 @@ fn launch_joining(
                     }
                 }
             }
-            let (stage, message, code) = restrict_and_exec(plan, filter, &mut report, join);
+            let (stage, message, code) =
+                restrict_and_exec(plan, filter, &mut report, join, handover.as_ref());
             let line =
                 serde_json::to_string(&FromHelper::Failed { stage, message }).unwrap_or_default();
             let _ = writeln!(report, "F{line}");
@@ -518,46 +558,125 @@ fn launch_joining(
         }
         ForkResult::Parent { child } => {
             drop(child_end);
-            let fail = |stage: &str, message: String| {
-                let _ = waitpid(child, None);
-                Err((stage.to_owned(), message))
-            };
-            let mut writer = match parent_end.try_clone() {
-                Ok(w) => w,
-                Err(e) => return fail("socketpair", e.to_string()),
-            };
-            let mut restricted = None;
-            for line in BufReader::new(parent_end).lines() {
-                let Ok(line) = line else { break };
-                if let Some(pid) = line.strip_prefix('U') {
-                    // The child unshared its user namespace: map it (it cannot map another
-                    // host id itself), then let it go on.
-                    let mapped = match (pid.parse::<i32>(), &plan.userns) {
-                        (Ok(pid), Some(map)) => map_user_namespace(pid, plan, map),
-                        _ => Err("an unexpected user namespace request".to_owned()),
-                    };
-                    let answer: &[u8] = if mapped.is_ok() { b"G" } else { b"X" };
-                    let _ = writer.write_all(answer);
-                    if let Err(message) = mapped {
-                        return fail("user namespace", message);
-                    }
-                } else if let Some(json) = line.strip_prefix('R') {
-                    if let Ok(report) = serde_json::from_str::<RestrictionReport>(json) {
-                        restricted = Some(report);
-                    }
-                } else if let Some(json) = line.strip_prefix('F') {
-                    let _ = waitpid(child, None);
-                    return Err(match serde_json::from_str::<FromHelper>(json) {
-                        Ok(FromHelper::Failed { stage, message }) => (stage, message),
-                        _ => ("launch".into(), "unreadable failure report".into()),
-                    });
+            let handover = handover.map(|(ours, theirs)| {
+                drop(theirs);
+                ours
+            });
+            parent_side(plan, child, parent_end, handover, recorder)
+        }
+    }
+}
+
+/// The launcher's side: map a user namespace when asked, collect the report, and (with a
+/// recorder) take the listener and record its notifications, until the child's exec closes
+/// the report socket.
+fn parent_side(
+    plan: &LaunchPlan,
+    child: Pid,
+    parent_end: UnixStream,
+    mut handover: Option<OwnedFd>,
+    recorder: Option<Recorder<'_>>,
+) -> Result<Launched, StageError> {
+    let fail = |stage: &str, message: String| {
+        let _ = waitpid(child, None);
+        Err((stage.to_owned(), message))
+    };
+    let mut writer = match parent_end.try_clone() {
+        Ok(w) => w,
+        Err(e) => return fail("socketpair", e.to_string()),
+    };
+    let mut reader = parent_end;
+    let mut pending = Vec::new();
+    let mut restricted = None;
+    let mut listener: Option<OwnedFd> = None;
+    let mut closed = false;
+    while !closed {
+        // Whole lines first.
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if let Some(pid) = line.strip_prefix('U') {
+                // The child unshared its user namespace: map it (it cannot map another
+                // host id itself), then let it go on.
+                let mapped = match (pid.parse::<i32>(), &plan.userns) {
+                    (Ok(pid), Some(map)) => map_user_namespace(pid, plan, map),
+                    _ => Err("an unexpected user namespace request".to_owned()),
+                };
+                let answer: &[u8] = if mapped.is_ok() { b"G" } else { b"X" };
+                let _ = writer.write_all(answer);
+                if let Err(message) = mapped {
+                    return fail("user namespace", message);
                 }
-            }
-            match restricted {
-                Some(report) => Ok((child.as_raw(), report)),
-                None => fail("launch", "the workload process ended before exec".into()),
+            } else if let Some(json) = line.strip_prefix('R') {
+                if let Ok(report) = serde_json::from_str::<RestrictionReport>(json) {
+                    restricted = Some(report);
+                }
+            } else if let Some(json) = line.strip_prefix('F') {
+                let _ = waitpid(child, None);
+                return Err(match serde_json::from_str::<FromHelper>(json) {
+                    Ok(FromHelper::Failed { stage, message }) => (stage, message),
+                    _ => ("launch".into(), "unreadable failure report".into()),
+                });
             }
         }
+        let mut fds = vec![PollFd::new(reader.as_fd(), PollFlags::POLLIN)];
+        if let Some(h) = &handover {
+            fds.push(PollFd::new(h.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(l) = &listener {
+            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return fail("launch", errno_text(e)),
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        let mut at = 1;
+        if handover.is_some() {
+            if ready[at] {
+                match handover.as_ref().map(|h| channel::recv(h.as_fd())) {
+                    Some(Ok(Some(channel::Passed::Listener(fd)))) => {
+                        listener = Some(fd);
+                        handover = None;
+                    }
+                    Some(Err(nix::Error::EAGAIN)) => {}
+                    // Closed without a listener (the child failed before): the report says why.
+                    _ => handover = None,
+                }
+            }
+            at += 1;
+        }
+        if let (Some(l), Some(rec)) = (&listener, recorder) {
+            if ready.get(at).copied().unwrap_or(false) {
+                let _ = super::notify::serve_one(l.as_fd(), rec.lineage, rec.proxy);
+            }
+        }
+        if ready[0] {
+            let mut chunk = [0u8; 4096];
+            match reader.read(&mut chunk) {
+                Ok(0) | Err(_) => closed = true,
+                Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+    match (restricted, plan.notify_launcher, listener) {
+        (Some(report), false, _) => Ok(Launched {
+            pid: child.as_raw(),
+            report,
+            listener: None,
+        }),
+        (Some(report), true, Some(listener)) => Ok(Launched {
+            pid: child.as_raw(),
+            report,
+            listener: Some(listener),
+        }),
+        (Some(_), true, None) => fail("seccomp", "the launched process sent no listener".into()),
+        (None, _, _) => fail("launch", "the workload process ended before exec".into()),
     }
 }
 
@@ -587,8 +706,9 @@ fn restrict_and_exec(
     filter: &seccomp::CompiledFilter,
     report: &mut UnixStream,
     join: &[OwnedFd],
+    handover: Option<&OwnedFd>,
 ) -> (String, String, i32) {
-    match restrict(plan, filter, report, join) {
+    match restrict(plan, filter, report, join, handover) {
         Ok(mut rr) => {
             rr.uid = plan.uid;
             rr.gid = plan.gid;
@@ -613,6 +733,7 @@ fn restrict(
     filter: &seccomp::CompiledFilter,
     parent: &mut UnixStream,
     join: &[OwnedFd],
+    handover: Option<&OwnedFd>,
 ) -> Result<RestrictionReport, StageError> {
     // Default dispositions and an empty mask: the workload must not inherit the helper's.
     for signo in 1..32 {
@@ -698,6 +819,18 @@ fn restrict(
             )
         })?;
         "supervisor"
+    } else if let (true, Some(handover)) = (plan.notify_launcher, handover) {
+        // The launcher records this process's connects and execs: without its listener
+        // nothing may run.
+        let listener = sys::install_filter_with_listener(&filter.program)
+            .map_err(|e| ("seccomp".to_owned(), errno_text(e)))?;
+        channel::send_listener(handover.as_raw_fd(), listener.as_fd()).map_err(|e| {
+            (
+                "seccomp".to_owned(),
+                format!("handing the listener to the launcher: {}", errno_text(e)),
+            )
+        })?;
+        "vm"
     } else {
         seccomp::apply(filter).map_err(|e| ("seccomp".to_owned(), crate::error_chain(&e)))?;
         "vm"

@@ -9,6 +9,8 @@ pub mod channel;
 pub mod child;
 pub mod landlock;
 pub mod net;
+pub mod notify;
+pub mod proc_events;
 pub mod protocol;
 pub mod rootfs;
 pub mod seccomp;
@@ -350,6 +352,9 @@ pub(crate) struct Identity {
     /// Every process launched with this identity has its `connect` calls carried out by the
     /// supervisor (see `unix_connect`).
     mediate_connect: bool,
+    /// The sandbox's record of connects and execs, shared by every process launched with
+    /// this identity and by the egress proxy.
+    pub(crate) lineage: Arc<crate::lineage::Lineage>,
 }
 
 impl Identity {
@@ -397,6 +402,14 @@ impl Identity {
         }
         if config.egress.is_some() {
             identity.proxy = Some(proxy_addr.to_owned());
+            if mediate_connect {
+                // The process backend learns forks and execs from the host's process events.
+                let events = proc_events::ProcEvents::global().map_err(|e| ProcessError::Io {
+                    op: "starting the process events reader (CONFIG_PROC_EVENTS, CAP_NET_ADMIN)",
+                    source: std::io::Error::other(e),
+                })?;
+                identity.lineage = Arc::new(crate::lineage::Lineage::from_events(events));
+            }
         }
         let launch = identity.launch(
             &config.program,
@@ -456,6 +469,7 @@ impl Identity {
             },
             proxy: None,
             mediate_connect: false,
+            lineage: Arc::new(crate::lineage::Lineage::new()),
         })
     }
 
@@ -572,13 +586,14 @@ impl Identity {
         })
     }
 
-    /// The seccomp filter of this identity's processes.
+    /// The seccomp filter of this identity's processes: `connect` notified on both backends,
+    /// `execve` and `execveat` too in the guest (see `lineage`).
     fn filter(&self) -> Result<seccomp::CompiledFilter, ProcessError> {
         let base = seccomp::compiled()?;
-        if !self.mediate_connect {
-            return Ok(base.clone());
-        }
-        Ok(seccomp::with_connect_notified(base))
+        Ok(match self.mediate_connect {
+            true => seccomp::with_connect_notified(base),
+            false => seccomp::with_lineage_notified(base),
+        })
     }
 
     /// The uid and gid this identity's processes have as the kernel that runs them sees them
@@ -613,6 +628,8 @@ impl Identity {
         }
         unix_connect::Mediator {
             sandbox: sandbox.to_owned(),
+            lineage: self.lineage.clone(),
+            proxy: crate::PROXY_ADDR,
             uid,
             gid,
             groups,
@@ -674,6 +691,7 @@ impl Identity {
             landlock: self.landlock.clone(),
             seccomp: self.filter()?,
             mediate_connect: self.mediate_connect,
+            notify_launcher: !self.mediate_connect,
         })
     }
 }
@@ -991,6 +1009,8 @@ impl ProcessSandbox {
                             listener,
                             init_pid,
                             members,
+                            lineage: identity.lineage.clone(),
+                            writable: identity.landlock.read_write.clone(),
                         },
                     };
                     Some(egress.attach(attachment).map_err(ProcessError::Egress)?)

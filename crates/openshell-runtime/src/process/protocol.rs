@@ -210,6 +210,12 @@ pub struct LaunchPlan {
     /// if it cannot, it never runs.
     #[serde(default)]
     pub mediate_connect: bool,
+    /// The filter notifies `connect`, `execve` and `execveat`, and the process that launches
+    /// this one (the guest agent) records them (see `lineage`): the process installs the
+    /// filter with a listener and hands it to its launcher before `execve`; if it cannot, it
+    /// never runs.
+    #[serde(default)]
+    pub notify_launcher: bool,
 }
 
 /// The host ids a process's user namespace maps its uid and gid to (one id each), and the

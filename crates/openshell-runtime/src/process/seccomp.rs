@@ -872,24 +872,54 @@ fn prefix() -> BpfProgram {
 
 const SECCOMP_RET_USER_NOTIF: u32 = 0x7fc0_0000;
 
-/// `filter` with `connect` answered by a user notification (the supervisor carries it out; see
-/// `unix_connect`): three instructions right after the architecture check, so every other row,
-/// x32 and clone3 included, sees the call only if it is not `connect`. The rule counts as one
-/// more row.
+/// The calls a workload's filter turns into user notifications, right after the architecture
+/// check: `connect` on both backends (the process backend's supervisor carries it out, see
+/// `unix_connect`; the guest agent records it), and in the guest `execve`/`execveat`
+/// (recorded, then let through; see [`crate::lineage`]; the host learns execs from process
+/// events instead).
+pub const NOTIFIED: [(i64, &str); 3] = [
+    (
+        libc::SYS_connect,
+        "connect: who opens each socket, carried out or recorded by the supervisor (both backends)",
+    ),
+    (
+        libc::SYS_execve,
+        "execve: recorded so an exec after a fork does not lend its program (vm guest)",
+    ),
+    (libc::SYS_execveat, "execveat: as execve (vm guest)"),
+];
+
+/// `filter` with `connect` answered by a user notification (the process backend).
 pub fn with_connect_notified(filter: &CompiledFilter) -> CompiledFilter {
+    with_notified(filter, &NOTIFIED[..1])
+}
+
+/// `filter` with every [`NOTIFIED`] call answered by a user notification (the vm guest).
+pub fn with_lineage_notified(filter: &CompiledFilter) -> CompiledFilter {
+    with_notified(filter, &NOTIFIED)
+}
+
+/// `filter` with `calls` answered by a user notification: one comparison each right after the
+/// architecture check, so every other row, x32 and clone3 included, sees a call only if it is
+/// none of them. Each counts as one more row.
+fn with_notified(filter: &CompiledFilter, calls: &[(i64, &str)]) -> CompiledFilter {
     // The first three instructions of `prefix`: load the architecture, accept x86_64, kill.
     let arch_check = 3;
-    let mut program = Vec::with_capacity(filter.program.len() + 3);
+    let n = calls.len();
+    let mut program = Vec::with_capacity(filter.program.len() + n + 2);
     program.extend_from_slice(&filter.program[..arch_check]);
-    program.extend([
-        insn(BPF_LD_W_ABS, 0, 0, OFFSET_NR),
-        insn(BPF_JEQ_K, 0, 1, libc::SYS_connect as u32),
-        insn(BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
-    ]);
+    program.push(insn(BPF_LD_W_ABS, 0, 0, OFFSET_NR));
+    for (i, (nr, _)) in calls.iter().enumerate() {
+        // Equal: jump to the RET below; the last one's "not equal" skips over it.
+        let to_ret = (n - 1 - i) as u8;
+        let jf = if i == n - 1 { 1 } else { 0 };
+        program.push(insn(BPF_JEQ_K, to_ret, jf, *nr as u32));
+    }
+    program.push(insn(BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF));
     program.extend_from_slice(&filter.program[arch_check..]);
     CompiledFilter {
         program,
-        rules: filter.rules + 1,
+        rules: filter.rules + n,
     }
 }
 
@@ -904,11 +934,23 @@ mod tests {
     use pretty_assertions::assert_eq;
 
     #[test]
-    fn connect_is_notified_right_after_the_architecture_check() {
+    fn notified_calls_come_right_after_the_architecture_check() {
         let filter = compile().expect("table compiles");
-        let out = with_connect_notified(&filter);
+        let connect = with_connect_notified(&filter);
+        assert_eq!(
+            (
+                connect.program[4].k,
+                connect.program[4].jt,
+                connect.program[4].jf,
+                connect.program[5].k
+            ),
+            (libc::SYS_connect as u32, 0, 1, SECCOMP_RET_USER_NOTIF)
+        );
+        assert_eq!(&connect.program[6..], &filter.program[3..]);
+        assert_eq!(connect.rules, filter.rules + 1);
+        let out = with_lineage_notified(&filter);
         let p = &out.program;
-        assert_eq!(p.len(), filter.program.len() + 3);
+        assert_eq!(p.len(), filter.program.len() + 5);
         assert_eq!(&p[..3], &filter.program[..3]);
         assert_eq!(
             (p[0].k, p[1].k, p[2].k),
@@ -916,10 +958,18 @@ mod tests {
             "the architecture check comes first"
         );
         assert_eq!((p[3].code, p[3].k), (BPF_LD_W_ABS, OFFSET_NR));
-        assert_eq!((p[4].k, p[4].jt, p[4].jf), (libc::SYS_connect as u32, 0, 1));
-        assert_eq!(p[5].k, SECCOMP_RET_USER_NOTIF);
-        assert_eq!(&p[6..], &filter.program[3..]);
-        assert_eq!(out.rules, filter.rules + 1);
+        let jumps: Vec<(u32, u8, u8)> = p[4..7].iter().map(|i| (i.k, i.jt, i.jf)).collect();
+        assert_eq!(
+            jumps,
+            vec![
+                (libc::SYS_connect as u32, 2, 0),
+                (libc::SYS_execve as u32, 1, 0),
+                (libc::SYS_execveat as u32, 0, 1),
+            ]
+        );
+        assert_eq!(p[7].k, SECCOMP_RET_USER_NOTIF);
+        assert_eq!(&p[8..], &filter.program[3..]);
+        assert_eq!(out.rules, filter.rules + 3);
     }
 
     #[test]

@@ -509,6 +509,32 @@ pub fn notif_send(listener: BorrowedFd<'_>, id: u64, val: i64, errno: i32) -> ni
     Errno::result(r).map(drop)
 }
 
+/// `SECCOMP_USER_NOTIF_FLAG_CONTINUE`: the kernel carries the call out as if it had not
+/// been intercepted.
+const SECCOMP_USER_NOTIF_FLAG_CONTINUE: u32 = 1;
+
+/// Let notification `id`'s call proceed unchanged. Only for calls whose outcome the
+/// supervisor does not decide (it recorded them; see `lineage`): the call's arguments are read
+/// again by the kernel, after the supervisor looked at them.
+pub fn notif_continue(listener: BorrowedFd<'_>, id: u64) -> nix::Result<()> {
+    let resp = SeccompNotifResp {
+        id,
+        val: 0,
+        error: 0,
+        flags: SECCOMP_USER_NOTIF_FLAG_CONTINUE,
+    };
+    // SAFETY: NOTIF_SEND reads one seccomp_notif_resp, which lives on this frame and has the
+    // kernel's layout and size (24 bytes, encoded in the request number).
+    let r = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            SECCOMP_IOCTL_NOTIF_SEND as _,
+            &resp as *const SeccompNotifResp,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
 /// Whether notification `id` is still pending (its process still waits in the call).
 pub fn notif_id_valid(listener: BorrowedFd<'_>, id: u64) -> bool {
     // SAFETY: NOTIF_ID_VALID reads one u64, which lives on this frame.
@@ -565,4 +591,85 @@ pub fn async_fd(
     // the AsyncFd owns it for its whole life, which is what `register_with_interest` requires.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
         .map_err(std::io::Error::from)
+}
+
+/// `NETLINK_CONNECTOR` (linux/netlink.h).
+const NETLINK_CONNECTOR: libc::c_int = 11;
+
+/// A netlink connector socket subscribed to the kernel's process events (`CN_IDX_PROC`): a
+/// datagram per fork, exec and exit on the host. Needs CAP_NET_ADMIN in the initial user
+/// namespace; the receive buffer is raised to `rcvbuf` bytes.
+pub fn proc_events_socket(rcvbuf: usize) -> nix::Result<OwnedFd> {
+    // SAFETY: socket takes integers only; a non-negative result is a new descriptor.
+    let r = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_CONNECTOR,
+        )
+    };
+    let fd = Errno::result(r)?;
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let size = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
+    // SAFETY: SO_RCVBUFFORCE reads one c_int from a live local for its stated size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    Errno::result(r)?;
+    // SAFETY: sockaddr_nl is plain data; all-zero is a valid value before the fields are set.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    addr.nl_groups = libc::CN_IDX_PROC;
+    // SAFETY: bind reads `size_of::<sockaddr_nl>()` bytes from `addr`, a live local.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    Errno::result(r)?;
+    // nlmsghdr (16) + cn_msg (20) + the operation (4): PROC_CN_MCAST_LISTEN.
+    let mut msg = Vec::with_capacity(40);
+    msg.extend_from_slice(&40u32.to_ne_bytes());
+    msg.extend_from_slice(&(libc::NLMSG_DONE as u16).to_ne_bytes());
+    msg.extend_from_slice(&0u16.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&std::process::id().to_ne_bytes());
+    msg.extend_from_slice(&libc::CN_IDX_PROC.to_ne_bytes());
+    msg.extend_from_slice(&libc::CN_VAL_PROC.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&4u16.to_ne_bytes());
+    msg.extend_from_slice(&0u16.to_ne_bytes());
+    msg.extend_from_slice(&libc::PROC_CN_MCAST_LISTEN.to_ne_bytes());
+    // SAFETY: send reads `msg.len()` bytes from a live buffer.
+    let r = unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+    Errno::result(r)?;
+    Ok(sock)
+}
+
+/// One datagram from `sock` without waiting: `Ok(None)` when none is queued.
+pub fn recv_nowait(sock: BorrowedFd<'_>, buf: &mut [u8]) -> nix::Result<Option<usize>> {
+    // SAFETY: recv writes at most `buf.len()` bytes into a live buffer.
+    let r = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    match Errno::result(r) {
+        Ok(n) => Ok(Some(n as usize)),
+        Err(Errno::EAGAIN) => Ok(None),
+        Err(e) => Err(e),
+    }
 }

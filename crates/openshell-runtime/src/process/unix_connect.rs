@@ -26,6 +26,10 @@
 //!
 //! The connecting socket's peer credentials are the workload's uid and gid; its pid is the
 //! supervisor's (0 as seen from inside the sandbox).
+//!
+//! A connect to the egress proxy is written into the sandbox's [`crate::lineage::Lineage`]
+//! (socket inode, calling process, its executable, its exec generation) before it is carried
+//! out.
 
 use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -43,6 +47,10 @@ use super::sys;
 #[derive(Debug, Clone)]
 pub struct Mediator {
     pub sandbox: String,
+    /// The sandbox's record of who connected what and who exec'd when (see `lineage`).
+    pub lineage: Arc<crate::lineage::Lineage>,
+    /// The egress proxy's address inside the sandbox: connects to it are recorded.
+    pub proxy: std::net::SocketAddr,
     /// The workload's host uid, gid and supplementary groups.
     pub uid: u32,
     pub gid: u32,
@@ -165,6 +173,13 @@ fn handle(m: &Mediator, listener: BorrowedFd<'_>, n: &sys::SeccompNotif) -> Opti
         let path = PathBuf::from(std::ffi::OsStr::from_bytes(path));
         resolve_and_connect(m, &pidfd, pid, &socket, &path)
     } else {
+        // The connection is credited to this process: recorded before it exists.
+        if super::notify::inet_address(&addr) == Some(m.proxy) {
+            match nix::sys::stat::fstat(&socket) {
+                Ok(st) => m.lineage.record_connect(n.pid, st.st_ino),
+                Err(e) => return Some(e),
+            }
+        }
         sys::connect_raw(socket.as_fd(), &addr)
     };
     Some(match result {

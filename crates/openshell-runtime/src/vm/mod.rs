@@ -915,6 +915,7 @@ impl VmSandbox {
             memory_limit_mib: config.resources.memory_mib.max(),
             tmp,
             read_only,
+            identity_max_binary_bytes: config.identity_max_binary_bytes,
         };
         // The qemu engine puts both requests in the guest's tree (vm_protocol::BOOT_REQUESTS):
         // the agent launches the workload before it dials, and nothing is sent after.
