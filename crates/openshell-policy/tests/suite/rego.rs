@@ -86,6 +86,7 @@ fn allowed(policy: &str, reason: &str, connect: Option<ConnectMode>) -> Decision
         suggestion: None,
         allowed_ips: vec![],
         connect,
+        websocket: false,
     }
 }
 
@@ -107,6 +108,7 @@ fn denied(
         suggestion: Some(suggestion.to_string()),
         allowed_ips: vec![],
         connect,
+        websocket: false,
     }
 }
 
@@ -426,6 +428,7 @@ fn audit_enforcement_allows_and_says_so() {
             suggestion: Some("allow method POST for telemetry.example.com in network_policies.telemetry (access or rules)".to_string()),
             allowed_ips: vec![],
             connect: None,
+            websocket: false,
         }
     );
     let get = decide(&mut e, &with_request(base.clone(), "GET", "/v1/config"));
@@ -461,6 +464,7 @@ fn no_policies_denies_with_reason() {
             suggestion: Some("add a network_policies entry with endpoint { host: example.com, port: 443 } and binaries: [{ path: /usr/bin/curl }]".to_string()),
             allowed_ips: vec![],
             connect: DENY,
+            websocket: false,
         }
     );
 }

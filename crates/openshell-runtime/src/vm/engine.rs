@@ -176,6 +176,9 @@ pub struct VmDescription {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub cmdline: String,
+    /// The sandbox's CA bundle (a host file), placed read-only at `TRUST_BUNDLE_PATH` in the
+    /// guest's tree (qemu engine).
+    pub trust_bundle: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -776,6 +776,19 @@ impl VmSandbox {
         );
         let (vcpus, memory_mib) = vm_size(&config.resources);
         let vsock_uds = box_dir.join("vsock.sock");
+        let trust_bundle = match (&config.trust_bundle, decision.engine) {
+            (Some(pem), Engine::Qemu) => Some(
+                crate::process::write_trust_bundle(box_dir, pem)
+                    .map_err(io(format!("writing the CA bundle in {}", box_dir.display())))?,
+            ),
+            (Some(_), _) => {
+                return Err(VmError::Share {
+                    path: crate::TRUST_BUNDLE_PATH.into(),
+                    reason: "the krun engine shares directories only, so the egress proxy's CA bundle (tls: terminate) cannot be placed; use the qemu engine".into(),
+                })
+            }
+            (None, _) => None,
+        };
         let vm = VmDescription {
             kernel: artifacts.kernel.clone(),
             root: root.clone(),
@@ -795,6 +808,7 @@ impl VmSandbox {
                 Engine::Krun => krun::kernel_cmdline(config.root.is_some()),
                 _ => qemu::kernel_cmdline(qemu::host_tsc_khz()),
             },
+            trust_bundle: trust_bundle.clone(),
         };
         info!(event = "sandbox.vm_engine", sandbox = id, engine = decision.engine.name(), reason = %decision.reason, vcpus, memory_mib, "vm engine chosen");
 
@@ -850,6 +864,12 @@ impl VmSandbox {
             .skip(1)
             .filter(|s| s.readonly && decision.engine == Engine::Qemu)
             .map(|s| s.guest_path.clone())
+            // The CA bundle is bound read-only in the tree; the guest binds it read-only too.
+            .chain(
+                trust_bundle
+                    .iter()
+                    .map(|_| crate::TRUST_BUNDLE_PATH.to_owned()),
+            )
             .collect();
         let setup = Request::Setup {
             hostname: config.hostname.clone(),
@@ -1296,6 +1316,7 @@ pub(crate) async fn start_qemu(
         args: qemu::virtiofsd_args(&fs_socket, &vm.root),
         log: box_dir.join("virtiofsd.log"),
         boot_requests,
+        trust_bundle: vm.trust_bundle.clone(),
     };
     // Both daemons start at once; QEMU needs both sockets.
     let fsd = fs_server::start(plan).await;

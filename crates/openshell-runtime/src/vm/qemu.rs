@@ -249,6 +249,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 256,
             cmdline: kernel_cmdline(Some(2_596_122)),
+            trust_bundle: None,
         };
         let args = qemu_args(
             &vm,

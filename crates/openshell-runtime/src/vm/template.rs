@@ -328,6 +328,7 @@ async fn create_in(
         }],
         vsock_uds,
         cmdline: template.cmdline.clone(),
+        trust_bundle: None,
         ..vm.clone()
     };
     let console = box_dir.join("console.log");
@@ -598,16 +599,19 @@ mod tests {
             vcpus: 1,
             memory_mib: 512,
             cmdline: qemu::kernel_cmdline(Some(2_000_000)),
+            trust_bundle: None,
         };
         let key = |vm: &VmDescription, a: &guest::Artifacts| {
             Template::for_vm(vm, Accel::Tcg, a).unwrap().key
         };
         let base = Template::for_vm(&vm, Accel::Tcg, &a).unwrap();
         assert!(base.cmdline.ends_with(&format!(" {}", proto::PARK_ARG)));
-        // The box's own paths do not matter: every sandbox shares the template.
+        // The box's own paths (and its CA bundle) do not matter: every sandbox shares the
+        // template.
         let other_box = VmDescription {
             root: "/other/root".into(),
             vsock_uds: "/other/vsock.sock".into(),
+            trust_bundle: Some("/other/ca-bundle.crt".into()),
             ..vm.clone()
         };
         assert_eq!(key(&other_box, &a), base.key);
