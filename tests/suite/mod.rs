@@ -18,3 +18,4 @@ mod seccomp;
 mod ssh;
 mod stdio;
 mod template;
+mod tls;

@@ -542,3 +542,35 @@ fn odd_decision_inputs_deny_or_error_without_panic() {
         }
     }
 }
+
+/// An allowed request says whether the endpoint that allowed it has `protocol: websocket`
+/// (the proxy lets an `Upgrade: websocket` through only then); denials never do.
+#[test]
+fn allowed_requests_say_whether_their_endpoint_takes_websockets() {
+    let text = r#"
+version: 1
+network_policies:
+  a_ws:
+    endpoints:
+      - { host: ws.example, port: 443, protocol: websocket, tls: terminate }
+      - { host: rest.example, port: 443, protocol: rest, access: read-only, tls: terminate }
+    binaries: [{ path: /usr/bin/node }]
+"#;
+    let policy = Policy::from_yaml("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    let mut e = DecisionEngine::new(&policy.network).unwrap_or_else(|e| panic!("{e}"));
+    let got: Vec<(bool, bool)> = [
+        ("ws.example", "GET"),
+        ("rest.example", "GET"),
+        ("rest.example", "POST"),
+    ]
+    .into_iter()
+    .map(|(host, method)| {
+        let d = decide(
+            &mut e,
+            &with_request(input("/usr/bin/node", &[], host, 443), method, "/socket"),
+        );
+        (d.allow, d.websocket)
+    })
+    .collect();
+    assert_eq!(got, vec![(true, true), (true, false), (false, false)]);
+}
