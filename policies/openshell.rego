@@ -14,7 +14,8 @@
 #   {<key>: {name, binaries: [pattern], endpoints: [{host (string or null),
 #    ports: [int], enforcement: "enforce"|"audit", access (string or null),
 #    rules: [{method, path}], deny_rules: [{method, path}],
-#    allowed_ips: [cidr], tls: "terminate"|"passthrough"|null}]}}
+#    allowed_ips: [cidr], tls: "terminate"|"passthrough"|null,
+#    protocol: "rest"|"websocket"|"tcp"|null}]}}
 #
 # Matching:
 #   host     exact, or glob with "." as delimiter: "*" stays inside one DNS
@@ -48,7 +49,9 @@
 # termination, then the refusal. For requests, "connect" is null.
 #
 # When several policies allow, the lexicographically smallest key wins
-# (deterministic, no rule conflicts).
+# (deterministic, no rule conflicts). An allowed request's "websocket" says
+# whether the endpoint that allowed it has protocol: websocket (the proxy
+# lets an Upgrade: websocket request through only then).
 
 package openshell.sandbox
 
@@ -307,7 +310,14 @@ default decision := {
 	"suggestion": null,
 	"allowed_ips": [],
 	"connect": null,
+	"websocket": false,
 }
+
+websocket_of(ep) if ep.protocol == "websocket"
+
+websocket(ep) := true if websocket_of(ep)
+
+websocket(ep) := false if not websocket_of(ep)
 
 connect_denied := null if has_request
 
@@ -330,6 +340,7 @@ decision := d if {
 		"suggestion": null,
 		"allowed_ips": ep.allowed_ips,
 		"connect": connect_of(rank),
+		"websocket": websocket(ep),
 	}
 }
 
@@ -351,6 +362,7 @@ decision := d if {
 		"suggestion": tls_suggestion(key),
 		"allowed_ips": ep.allowed_ips,
 		"connect": "tunnel",
+		"websocket": false,
 	}
 }
 
@@ -369,6 +381,7 @@ decision := d if {
 		"suggestion": tls_suggestion(key),
 		"allowed_ips": [],
 		"connect": "deny",
+		"websocket": false,
 	}
 }
 
@@ -388,6 +401,7 @@ decision := d if {
 		"suggestion": concat("; ", [suggest_part(x, key) | some x in m]),
 		"allowed_ips": ep.allowed_ips,
 		"connect": null,
+		"websocket": websocket(ep),
 	}
 }
 
@@ -407,6 +421,7 @@ decision := d if {
 		"suggestion": concat("; ", [suggest_part(x, key) | some x in m]),
 		"allowed_ips": [],
 		"connect": connect_denied,
+		"websocket": false,
 	}
 }
 
@@ -422,5 +437,6 @@ decision := d if {
 		"suggestion": sprintf("add a network_policies entry with endpoint { host: %s, port: %d } and binaries: [{ path: %s }]", [req_host, req_port, input.exec.path]),
 		"allowed_ips": [],
 		"connect": connect_denied,
+		"websocket": false,
 	}
 }

@@ -19,3 +19,4 @@ mod ssh;
 mod stdio;
 mod template;
 mod vmm_jail;
+mod tls;

@@ -78,6 +78,6 @@ impl std::error::Error for PolicyError {}
 #[error("{section} changed; static sections are fixed at start")]
 pub struct StaticSectionChanged {
     /// The YAML name of the first section that differs (`filesystem_policy`,
-    /// `landlock`, `process` or `resources`).
+    /// `landlock`, `process`, `resources` or `credentials`).
     pub section: &'static str,
 }

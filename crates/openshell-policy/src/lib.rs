@@ -19,8 +19,12 @@
 //! - `access` and `rules` are mutually exclusive; `deny_rules` need one of
 //!   them; `protocol: tcp` takes no L7 fields;
 //! - binaries' deprecated `harness` flag is accepted and ignored;
-//! - fields we cannot enforce (GraphQL, MCP, JSON-RPC, SQL, credential
-//!   rewriting, query matchers) are refused as unknown rather than ignored.
+//! - fields we cannot enforce (GraphQL, MCP, JSON-RPC, SQL, query matchers)
+//!   are refused as unknown rather than ignored;
+//! - `credentials` (our extension, OpenShell's "providers"): secrets the
+//!   supervisor reads (`from_env`, `from_file`) and the egress proxy adds to
+//!   requests to exact `endpoints` on terminated connections, the workload
+//!   seeing only a placeholder in `env`; a static section.
 
 mod error;
 mod model;
@@ -32,8 +36,9 @@ mod wire;
 
 pub use error::{PolicyError, StaticSectionChanged};
 pub use model::{
-    Access, Endpoint, Enforcement, FilesystemPolicy, L7Rule, LandlockCompatibility, LandlockPolicy,
-    NetworkPolicies, NetworkPolicy, Policy, ProcessPolicy, Protocol, TlsMode, TmpMode,
+    Access, Credential, CredentialEndpoint, CredentialSource, Endpoint, Enforcement,
+    FilesystemPolicy, L7Rule, LandlockCompatibility, LandlockPolicy, NetworkPolicies,
+    NetworkPolicy, Policy, ProcessPolicy, Protocol, TlsMode, TmpMode, RESERVED_ENV,
 };
 pub use rego::{
     ConnectMode, Decision, DecisionEngine, DecisionInput, ExecInfo, HttpRequest, NetworkTarget,

@@ -27,6 +27,72 @@ pub struct Policy {
     /// `resources` as the file wrote it (static; our extension); what applies is
     /// [`Resources::effective`].
     pub resources: Resources,
+    /// `credentials` (static; our extension): secrets the egress proxy adds to requests on
+    /// terminated connections to their endpoints, keyed by name.
+    pub credentials: BTreeMap<String, Credential>,
+}
+
+/// One credential: where the supervisor reads its value, the variable the workload sees (a
+/// placeholder, never the value), and the only endpoints the value is sent to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Credential {
+    /// Where the supervisor reads the value (never shared with the sandbox).
+    pub source: CredentialSource,
+    /// The environment variable that holds the placeholder in the sandbox.
+    pub env: String,
+    /// The only destinations the value is substituted for (exact hosts).
+    pub endpoints: Vec<CredentialEndpoint>,
+    /// Substitute in the query string too (headers only when false).
+    pub query: bool,
+}
+
+/// Where a credential's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialSource {
+    /// The supervisor's environment variable of this name.
+    FromEnv(String),
+    /// A file the supervisor reads (one trailing newline removed).
+    FromFile(SandboxPath),
+}
+
+/// One destination of a credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CredentialEndpoint {
+    /// An exact host name or address, normalised (no glob).
+    pub host: HostPattern,
+    /// The port.
+    pub port: Port,
+}
+
+/// Environment variables the runtime sets for every sandboxed process (egress proxy, trust
+/// store) or that change how programs load: a credential may not take one of them.
+pub const RESERVED_ENV: &[&str] = &[
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+    "PIP_CERT",
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+];
+
+/// Whether `name` is a valid environment variable name (`[A-Za-z_][A-Za-z0-9_]*`).
+fn env_name_ok(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 256
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Which paths the workload may read or write (Landlock rules).
@@ -265,6 +331,8 @@ impl Policy {
             "process"
         } else if self.resources.effective() != newer.resources.effective() {
             "resources"
+        } else if self.credentials != newer.credentials {
+            "credentials"
         } else {
             return Ok(());
         };
@@ -381,6 +449,17 @@ fn convert(cx: &mut Cx<'_>, file: wire::PolicyFile) -> Result<Policy, PolicyErro
             policies.insert(k, policy);
         }
     }
+    let mut credentials = BTreeMap::new();
+    if let Some(map) = file.credentials {
+        cx.push(key("credentials"));
+        for (k, def) in map.0 {
+            cx.push(Seg::Key(k.clone()));
+            let credential = credential(cx, &k, def, &credentials)?;
+            cx.pop();
+            credentials.insert(k, credential);
+        }
+        cx.pop();
+    }
     Ok(Policy {
         version: file.version.0,
         filesystem,
@@ -388,6 +467,114 @@ fn convert(cx: &mut Cx<'_>, file: wire::PolicyFile) -> Result<Policy, PolicyErro
         process,
         network: NetworkPolicies { policies },
         resources,
+        credentials,
+    })
+}
+
+/// A credential's name goes into its placeholder: letters, digits, `-` and `_`.
+fn credential_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+}
+
+fn credential(
+    cx: &Cx<'_>,
+    name: &str,
+    def: wire::CredentialDef,
+    earlier: &BTreeMap<String, Credential>,
+) -> Result<Credential, PolicyError> {
+    if !credential_name_ok(name) {
+        return Err(cx.err(
+            &[],
+            "a credential name may use only letters, digits, - and _ (at most 64)",
+        ));
+    }
+    let source = match (def.from_env, def.from_file) {
+        (Some(_), Some(_)) => {
+            return Err(cx.err(
+                &[key("from_file")],
+                "from_env and from_file are mutually exclusive",
+            ))
+        }
+        (None, None) => {
+            return Err(cx.err(
+                &[],
+                "credential needs from_env or from_file (where the supervisor reads the value)",
+            ))
+        }
+        (Some(var), None) => {
+            if !env_name_ok(&var) {
+                return Err(cx.err(
+                    &[key("from_env")],
+                    &format!("expected an environment variable name, got {var:?}"),
+                ));
+            }
+            CredentialSource::FromEnv(var)
+        }
+        (None, Some(path)) => {
+            if path.is_root() {
+                return Err(cx.err(&[key("from_file")], "expected a file, got /"));
+            }
+            CredentialSource::FromFile(path)
+        }
+    };
+    let Some(env) = def.env else {
+        return Err(cx.err(
+            &[],
+            "credential needs env (the variable that holds its placeholder in the sandbox)",
+        ));
+    };
+    if !env_name_ok(&env) {
+        return Err(cx.err(
+            &[key("env")],
+            &format!("expected an environment variable name, got {env:?}"),
+        ));
+    }
+    let upper = env.to_ascii_uppercase();
+    if RESERVED_ENV.contains(&upper.as_str()) || upper.starts_with("LD_") {
+        return Err(cx.err(
+            &[key("env")],
+            &format!("{env} is set by the sandbox itself or changes how programs load"),
+        ));
+    }
+    if let Some((other, _)) = earlier.iter().find(|(_, c)| c.env == env) {
+        return Err(cx.err(
+            &[key("env")],
+            &format!("{env} is already the variable of credential {other}"),
+        ));
+    }
+    let defs = def.endpoints.unwrap_or_default();
+    if defs.is_empty() {
+        return Err(cx.err(
+            &[key("endpoints")],
+            "credential needs at least one endpoint (the only destinations its value is sent to)",
+        ));
+    }
+    let mut endpoints = Vec::new();
+    for (i, ep) in defs.into_iter().enumerate() {
+        let at = [key("endpoints"), Seg::Index(i)];
+        let Some(host) = ep.host else {
+            return Err(cx.err(&at, "endpoint needs host"));
+        };
+        if host.is_glob() {
+            return Err(cx.err(
+                &[key("endpoints"), Seg::Index(i), key("host")],
+                "a credential's host must be exact (no glob): list each host its value may reach",
+            ));
+        }
+        let Some(port) = ep.port else {
+            return Err(cx.err(&at, "endpoint needs port"));
+        };
+        endpoints.push(CredentialEndpoint { host, port });
+    }
+    Ok(Credential {
+        source,
+        env,
+        endpoints: dedup(endpoints),
+        query: def.query.unwrap_or(false),
     })
 }
 
@@ -570,6 +757,36 @@ fn to_wire(p: &Policy) -> wire::PolicyFile {
         process,
         network_policies,
         resources,
+        credentials: (!p.credentials.is_empty()).then(|| {
+            wire::UniqueMap(
+                p.credentials
+                    .iter()
+                    .map(|(k, c)| (k.clone(), credential_to_wire(c)))
+                    .collect(),
+            )
+        }),
+    }
+}
+
+fn credential_to_wire(c: &Credential) -> wire::CredentialDef {
+    let (from_env, from_file) = match &c.source {
+        CredentialSource::FromEnv(var) => (Some(var.clone()), None),
+        CredentialSource::FromFile(path) => (None, Some(path.clone())),
+    };
+    wire::CredentialDef {
+        from_env,
+        from_file,
+        env: Some(c.env.clone()),
+        endpoints: Some(
+            c.endpoints
+                .iter()
+                .map(|e| wire::CredentialEndpointDef {
+                    host: Some(e.host.clone()),
+                    port: Some(e.port),
+                })
+                .collect(),
+        ),
+        query: c.query.then_some(true),
     }
 }
 

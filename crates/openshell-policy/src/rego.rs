@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Endpoint, Enforcement, L7Rule, NetworkPolicies, NetworkPolicy, TlsMode};
+use crate::model::{
+    Endpoint, Enforcement, L7Rule, NetworkPolicies, NetworkPolicy, Protocol, TlsMode,
+};
 use crate::prefilter;
 use crate::types::normalise_host;
 
@@ -106,6 +108,10 @@ pub struct Decision {
     /// requests. A CONNECT decision without it is a deny.
     #[serde(default)]
     pub connect: Option<ConnectMode>,
+    /// For an allowed request: the endpoint that allowed it has `protocol: websocket`, so an
+    /// `Upgrade: websocket` request may switch the connection to WebSocket.
+    #[serde(default)]
+    pub websocket: bool,
 }
 
 /// How an allowed CONNECT is carried (the decision's `connect`).
@@ -324,6 +330,11 @@ fn endpoint_data(ep: &Endpoint) -> serde_json::Value {
         "rules": rules(&ep.rules),
         "deny_rules": rules(&ep.deny_rules),
         "allowed_ips": ep.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "protocol": ep.protocol.map(|p| match p {
+            Protocol::Rest => "rest",
+            Protocol::Websocket => "websocket",
+            Protocol::Tcp => "tcp",
+        }),
         "tls": match ep.tls {
             Some(TlsMode::Terminate) => Some("terminate"),
             Some(TlsMode::Passthrough | TlsMode::Skip) => Some("passthrough"),

@@ -33,6 +33,33 @@ pub(crate) struct PolicyFile {
     pub network_policies: Option<UniqueMap<NetworkPolicyDef>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourcesDef>,
+    /// Our extension: secrets the proxy adds to requests the workload makes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<UniqueMap<CredentialDef>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CredentialDef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_file: Option<SandboxPath>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<CredentialEndpointDef>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<bool>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CredentialEndpointDef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostPattern>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<Port>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

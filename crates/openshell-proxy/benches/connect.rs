@@ -200,14 +200,14 @@ fn main() -> Result<(), BoxError> {
         let addr = listener.local_addr()?;
         let task = proxy.serve_tcp(
             listener,
-            SandboxContext {
-                sandbox_id: "bench".into(),
-                identity: Arc::new(FixedIdentity(Caller {
+            SandboxContext::new(
+                "bench",
+                Arc::new(FixedIdentity(Caller {
                     pid: 4242,
                     exe: PathBuf::from(CALLER),
                     ancestors: vec![PathBuf::from("/usr/bin/bash")],
                 })),
-            },
+            ),
         );
         Ok::<_, BoxError>((addr, task))
     })?;

@@ -73,14 +73,14 @@ async fn run() -> Result<(), BoxError> {
     let addr = listener.local_addr()?;
     let _serve = openshell_proxy::ServeGuard(proxy.serve_tcp(
         listener,
-        SandboxContext {
-            sandbox_id: "bench".into(),
-            identity: Arc::new(FixedIdentity(Caller {
+        SandboxContext::new(
+            "bench",
+            Arc::new(FixedIdentity(Caller {
                 pid: 4242,
                 exe: PathBuf::from(CALLER),
                 ancestors: vec![PathBuf::from("/usr/bin/bash")],
             })),
-        },
+        ),
     ));
     let watch = openshell_proxy::watch::watch_file(&path, handle.clone())?;
     let _watch = openshell_proxy::ServeGuard(watch);

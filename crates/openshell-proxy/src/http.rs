@@ -90,6 +90,20 @@ pub(crate) struct Head {
     pub(crate) body: Body,
     /// Bytes of the buffer the head occupied.
     pub(crate) len: usize,
+    /// The request line said HTTP/1.0 (the connection then ends after the response).
+    #[cfg_attr(not(feature = "terminate"), allow(dead_code))]
+    pub(crate) http10: bool,
+}
+
+/// Where a head arrived, which decides how its request target is read.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "terminate"), allow(dead_code))]
+pub(crate) enum Form<'a> {
+    /// On the proxy's own listener: `CONNECT host:port` or an absolute `http://` URL.
+    Proxy,
+    /// Inside a terminated TLS tunnel to `host:port`: an origin-form path (or an absolute
+    /// `https://` URL naming that host), with a Host header naming that host.
+    Tunnel { host: &'a str, port: u16 },
 }
 
 /// Read until `buf` holds a whole head, at most `limit` bytes, within `timeout`.
@@ -99,11 +113,22 @@ pub(crate) async fn read_head<S: AsyncRead + Unpin>(
     limit: usize,
     timeout: Duration,
 ) -> Result<Head, ReadError> {
+    read_head_in(stream, buf, limit, timeout, Form::Proxy).await
+}
+
+/// [`read_head`] for a head arriving as `form` says.
+pub(crate) async fn read_head_in<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    limit: usize,
+    timeout: Duration,
+    form: Form<'_>,
+) -> Result<Head, ReadError> {
     let read = async {
         let mut chunk = vec![0u8; 8192];
         loop {
             if !buf.is_empty() {
-                match parse_head(buf) {
+                match parse_head_in(buf, form) {
                     Ok(Some(head)) => return Ok(head),
                     Ok(None) => {}
                     Err(reject) => return Err(ReadError::Reject(reject)),
@@ -135,7 +160,13 @@ pub(crate) async fn read_head<S: AsyncRead + Unpin>(
 }
 
 /// Parse and validate a head; `Ok(None)` when more bytes are needed.
+#[cfg(test)]
 pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
+    parse_head_in(buf, Form::Proxy)
+}
+
+/// [`parse_head`] for a head arriving as `form` says.
+pub(crate) fn parse_head_in(buf: &[u8], form: Form<'_>) -> Result<Option<Head>, Reject> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
@@ -162,24 +193,30 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
         .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
         .collect();
     let body = body_framing(&headers)?;
-    let target = if method == "CONNECT" {
-        if body != Body::None {
-            return Err(Reject::bad("CONNECT must not have a body"));
-        }
-        let (host, port) = parse_authority(target, None)?;
-        Target::Connect { host, port }
-    } else {
-        parse_absolute(target)?
-    };
     if headers.iter().filter(|(n, _)| n == "host").count() > 1 {
         return Err(Reject::bad("duplicate Host header"));
     }
+    let target = match form {
+        Form::Proxy if method == "CONNECT" => {
+            if body != Body::None {
+                return Err(Reject::bad("CONNECT must not have a body"));
+            }
+            let (host, port) = parse_authority(target, None)?;
+            Target::Connect { host, port }
+        }
+        Form::Proxy => parse_absolute(target)?,
+        Form::Tunnel { .. } if method == "CONNECT" => {
+            return Err(Reject::bad("CONNECT inside a TLS tunnel is refused"))
+        }
+        Form::Tunnel { host, port } => parse_in_tunnel(target, host, port, &headers)?,
+    };
     Ok(Some(Head {
         method: method.to_string(),
         target,
         headers,
         body,
         len,
+        http10: req.version == Some(0),
     }))
 }
 
@@ -334,6 +371,84 @@ fn parse_absolute(target: &str) -> Result<Target, Reject> {
     })
 }
 
+/// A request target inside a terminated tunnel to `host:port`: origin form (`/path?query`),
+/// or an absolute `https://` URL naming the tunnel's host; the Host header must name the
+/// tunnel's host too (421 otherwise: the connection was decided for that host alone).
+fn parse_in_tunnel(
+    target: &str,
+    host: &str,
+    port: u16,
+    headers: &[(String, Vec<u8>)],
+) -> Result<Target, Reject> {
+    let misdirected = |named: &str| Reject {
+        status: 421,
+        message: format!(
+            "the request names {named}, but this connection was opened to {host}:{port}"
+        ),
+    };
+    let same = |authority: &str| -> Result<(), Reject> {
+        let (h, p) = parse_authority(authority, Some(443))?;
+        let given_port = authority.rsplit_once(':').is_some() && !authority.ends_with(']');
+        if normalise_host_text(&h) != host || (given_port && p != port) {
+            return Err(misdirected(authority));
+        }
+        Ok(())
+    };
+    let origin_form = if target.starts_with('/') {
+        target
+    } else {
+        let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
+        if !lower.starts_with("https://") {
+            return Err(Reject::bad(
+                "inside a TLS tunnel the request target must be a path (or an https:// URL)",
+            ));
+        }
+        let rest = &target[8..];
+        let split = rest.find(['/', '?']).unwrap_or(rest.len());
+        same(&rest[..split])?;
+        match &rest[split..] {
+            "" => "/",
+            tail => tail,
+        }
+    };
+    let authority = match headers.iter().find(|(n, _)| n == "host") {
+        Some((_, value)) => {
+            let text = std::str::from_utf8(value)
+                .map_err(|_| Reject::bad("invalid Host header"))?
+                .trim();
+            same(text)?;
+            text.to_string()
+        }
+        None => return Err(Reject::bad("missing Host header")),
+    };
+    if origin_form.contains('#') {
+        return Err(Reject::bad("fragment in request target"));
+    }
+    let (raw_path, query) = match origin_form.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (origin_form, None),
+    };
+    let path = normalise_path(if raw_path.is_empty() { "/" } else { raw_path })?;
+    let origin = match query {
+        Some(q) => {
+            check_query(q)?;
+            format!("{path}?{q}")
+        }
+        None => path.clone(),
+    };
+    Ok(Target::Forward {
+        host: host.to_string(),
+        port,
+        authority,
+        origin,
+        path,
+    })
+}
+
+fn normalise_host_text(host: &str) -> String {
+    openshell_policy::types::normalise_host(host)
+}
+
 /// `pchar` of RFC 3986 other than `%` and `;` (handled apart): what a path
 /// segment may hold literally.
 fn path_char(b: u8) -> bool {
@@ -453,9 +568,14 @@ fn check_query(query: &str) -> Result<(), Reject> {
     }
 }
 
+/// Requests inside terminated tunnels and their responses.
+#[cfg(feature = "terminate")]
+#[path = "http_inner.rs"]
+pub(crate) mod inner;
+
 /// Headers never forwarded (hop-by-hop, proxy-only, and Host, which is
 /// rewritten from the URL).
-const HOP_BY_HOP: &[&str] = &[
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -526,12 +646,13 @@ pub(crate) fn json_response(status: u16, body: &serde_json::Value) -> Vec<u8> {
     .into_bytes()
 }
 
-fn reason_phrase(status: u16) -> &'static str {
+pub(crate) fn reason_phrase(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
         403 => "Forbidden",
         408 => "Request Timeout",
+        421 => "Misdirected Request",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
@@ -552,19 +673,20 @@ pub(crate) enum BodyError {
 }
 
 /// Copy exactly the request body (framed by `body`) from the client to
-/// upstream. `buffered` holds bytes already read after the head.
+/// upstream. `buffered` holds bytes already read after the head. Returns the bytes read
+/// past the body's end (the start of the next message on a keep-alive connection).
 pub(crate) async fn forward_body<R, W>(
     client: &mut R,
     buffered: &[u8],
     body: Body,
     upstream: &mut W,
-) -> Result<(), BodyError>
+) -> Result<Vec<u8>, BodyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     match body {
-        Body::None => Ok(()),
+        Body::None => Ok(buffered.to_vec()),
         Body::Length(n) => {
             let take = buffered.len().min(usize::try_from(n).unwrap_or(usize::MAX));
             upstream.write_all(&buffered[..take]).await?;
@@ -573,7 +695,7 @@ where
             if copied != rest {
                 return Err(BodyError::Truncated);
             }
-            Ok(())
+            Ok(buffered[take..].to_vec())
         }
         Body::Chunked => forward_chunked(client, buffered.to_vec(), upstream).await,
     }
@@ -737,7 +859,7 @@ async fn forward_chunked<R, W>(
     client: &mut R,
     mut buf: Vec<u8>,
     upstream: &mut W,
-) -> Result<(), BodyError>
+) -> Result<Vec<u8>, BodyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -779,7 +901,7 @@ where
         let line = take_line(client, &mut buf).await?;
         if line.is_empty() {
             upstream.write_all(b"\r\n").await?;
-            return Ok(());
+            return Ok(buf);
         }
         relayed += line.len();
         if relayed > MAX_TRAILERS {

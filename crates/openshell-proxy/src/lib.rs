@@ -73,6 +73,8 @@
 //! fetches, connection limit reached. `debug`: malformed requests and relay
 //! errors (the client already got its answer).
 
+#[cfg(feature = "terminate")]
+pub mod credentials;
 mod decision;
 mod http;
 pub mod identity;
@@ -80,6 +82,8 @@ pub mod policy;
 pub mod procfs;
 mod server;
 pub mod ssrf;
+#[cfg(feature = "terminate")]
+pub mod terminate;
 mod tls;
 #[cfg(feature = "watch")]
 pub mod watch;

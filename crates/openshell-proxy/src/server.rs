@@ -20,6 +20,12 @@ use crate::identity::{
 use crate::policy::PolicyHandle;
 use crate::ssrf::{self, HostAddresses};
 use crate::tls::{self, Hello};
+#[cfg(feature = "terminate")]
+use crate::{
+    credentials::{CredentialSet, Refusal},
+    http::{inner::ResponseBody, Body, Form},
+    terminate::{Prefixed, Termination},
+};
 
 /// Proxy settings.
 #[derive(Debug, Clone)]
@@ -76,6 +82,35 @@ pub struct SandboxContext {
     /// Finds the caller of each TCP connection. Not consulted for Unix
     /// listeners, whose callers come from the preamble.
     pub identity: Arc<dyn IdentityResolver>,
+    /// The sandbox's CA, upstream TLS settings and credentials: `tls: terminate` endpoints
+    /// are refused without it.
+    #[cfg(feature = "terminate")]
+    pub termination: Option<Arc<Termination>>,
+}
+
+impl SandboxContext {
+    /// A sandbox named `sandbox_id` whose callers `identity` finds, without TLS termination.
+    pub fn new(sandbox_id: impl Into<String>, identity: Arc<dyn IdentityResolver>) -> Self {
+        Self {
+            sandbox_id: sandbox_id.into(),
+            identity,
+            #[cfg(feature = "terminate")]
+            termination: None,
+        }
+    }
+
+    /// The same sandbox, terminating TLS with `termination`.
+    #[cfg(feature = "terminate")]
+    pub fn with_termination(mut self, termination: Arc<Termination>) -> Self {
+        self.termination = Some(termination);
+        self
+    }
+
+    /// The credentials whose placeholders this sandbox holds (none without termination).
+    #[cfg(feature = "terminate")]
+    fn credentials(&self) -> Option<&CredentialSet> {
+        self.termination.as_deref().map(|t| &t.credentials)
+    }
 }
 
 impl std::fmt::Debug for SandboxContext {
@@ -367,6 +402,7 @@ fn denied(reason: String, missing: Vec<String>, suggestion: Option<String>) -> D
         suggestion,
         allowed_ips: Vec::new(),
         connect: None,
+        websocket: false,
     }
 }
 
@@ -380,6 +416,34 @@ fn identity_reason(error: &IdentityError) -> String {
         | IdentityError::Changed(_) => error.to_string(),
         error => format!("cannot identify the calling process: {error}"),
     }
+}
+
+/// Whether this sandbox's connections can be terminated.
+fn terminates(sandbox: &SandboxContext) -> bool {
+    #[cfg(feature = "terminate")]
+    {
+        sandbox.termination.is_some()
+    }
+    #[cfg(not(feature = "terminate"))]
+    {
+        let _ = sandbox;
+        false
+    }
+}
+
+/// The structured event for a placeholder sent where its value may not go.
+#[cfg(feature = "terminate")]
+fn refused_credential(sandbox: &str, host: &str, port: u16, refusal: &Refusal) {
+    tracing::warn!(
+        target: "openshell::decision",
+        event = "credential.refused",
+        sandbox,
+        credential = %refusal.credential,
+        host = %crate::decision::clip(host),
+        port,
+        place = %refusal.place,
+        "credential placeholder refused"
+    );
 }
 
 /// What a passthrough tunnel's first client bytes must be.
@@ -475,13 +539,15 @@ impl Inner {
                 }
             }
         }
+        let mut terminate = false;
         if outcome.allowed() {
             if let Target::Connect { .. } = head.target {
                 match outcome.decision.connect {
                     Some(ConnectMode::Tunnel) => {}
+                    Some(ConnectMode::Terminate) if terminates(sandbox) => terminate = true,
                     Some(ConnectMode::Terminate) => {
                         let reason = format!(
-                            "the endpoint in policy {} has tls: terminate, and this proxy does not terminate TLS yet, so the connection is refused rather than tunnelled unchecked",
+                            "the endpoint in policy {} has tls: terminate, and this proxy was started without TLS termination, so the connection is refused rather than tunnelled unchecked",
                             outcome.decision.policy.as_deref().unwrap_or("?")
                         );
                         let mut refused =
@@ -498,6 +564,24 @@ impl Inner {
                         );
                     }
                 }
+            }
+        }
+        // A placeholder never travels in a CONNECT head or a plain-HTTP request.
+        #[cfg(feature = "terminate")]
+        if let (true, Some(credentials)) = (outcome.allowed(), sandbox.credentials()) {
+            if let Some(found) = credentials.find_in(&buf[..head.len]) {
+                let place = match head.target {
+                    Target::Connect { .. } => "CONNECT request",
+                    Target::Forward { .. } => "plain HTTP request",
+                };
+                let host = normalise_host(head.target.host());
+                let refusal = CredentialSet::refusal(found, place, &host, head.target.port());
+                refused_credential(&sandbox.sandbox_id, &host, head.target.port(), &refusal);
+                outcome = Outcome::deny(
+                    refusal.reason,
+                    vec!["credential".into()],
+                    outcome.generation,
+                );
             }
         }
         if outcome.allowed() {
@@ -553,6 +637,19 @@ impl Inner {
             reply(&mut stream, &response).await;
             return;
         };
+        #[cfg(feature = "terminate")]
+        if let (true, Some(termination), Ok(caller)) =
+            (terminate, sandbox.termination.as_deref(), &caller)
+        {
+            let rest = buf[head.len..].to_vec();
+            self.terminate(stream, termination, &head, rest, addr, caller, &record)
+                .await;
+            return;
+        }
+        if terminate {
+            // Unreachable: `terminates` said this build has no termination.
+            return;
+        }
         let upstream = match tokio::time::timeout(
             self.config.connect_timeout,
             TcpStream::connect(addr),
@@ -586,7 +683,20 @@ impl Inner {
                     Ok(_) => Gate::NoServerName,
                     Err(_) => Gate::ServerName(normalise_host(host)),
                 };
-                if let Err(reason) = self.tunnel(stream, upstream, rest, gate).await {
+                let normalised = normalise_host(host);
+                let port = head.target.port();
+                let scan = |first: &[u8]| -> Result<(), String> {
+                    #[cfg(feature = "terminate")]
+                    if let Some(found) = sandbox.credentials().and_then(|c| c.find_in(first)) {
+                        let refusal =
+                            CredentialSet::refusal(found, "passthrough tunnel", &normalised, port);
+                        refused_credential(&sandbox.sandbox_id, &normalised, port, &refusal);
+                        return Err(refusal.reason);
+                    }
+                    let _ = (first, &normalised, port);
+                    Ok(())
+                };
+                if let Err(reason) = self.tunnel(stream, upstream, rest, gate, &scan).await {
                     let refused = Record {
                         action: Action::Deny,
                         reason: &reason,
@@ -615,6 +725,7 @@ impl Inner {
         upstream: TcpStream,
         mut first: Vec<u8>,
         gate: Gate,
+        scan: &(dyn Fn(&[u8]) -> Result<(), String> + Sync),
     ) -> Result<(), String>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -635,7 +746,7 @@ impl Inner {
                 self.config.header_timeout,
             )
             .await;
-            if let Err(reason) = checked {
+            if let Err(reason) = checked.and_then(|()| scan(&first)) {
                 let _ = client_w.shutdown().await;
                 return Err(reason);
             }
@@ -647,6 +758,7 @@ impl Inner {
         let upstream_bound = async {
             if let Gate::NoServerName = gate {
                 check_hello(&mut client_r, &mut first, None, self.config.header_timeout).await?;
+                scan(&first)?;
             }
             if !first.is_empty() {
                 up_w.write_all(&first)
@@ -685,6 +797,7 @@ impl Inner {
             http::forward_body(&mut client, rest, head.body, &mut upstream)
                 .await
                 .map_err(std::io::Error::other)?;
+            // One request per plain-HTTP connection: what follows its body is not relayed.
             upstream.flush().await?;
             tokio::io::copy(&mut upstream, &mut client).await?;
             client.shutdown().await?;
@@ -693,6 +806,324 @@ impl Inner {
         .await;
         if let Err(error) = result {
             tracing::debug!(target: "openshell::proxy", %error, "relay ended with an error");
+        }
+    }
+
+    /// Carry a CONNECT to a `tls: terminate` endpoint: complete the client's TLS handshake
+    /// with a leaf of the sandbox CA for the CONNECT host (its ClientHello must name that
+    /// host; ALPN offers only `http/1.1`), then read HTTP/1.1 requests one after another on
+    /// that keep-alive connection and decide each with its method and normalised path; an
+    /// allowed request gets its credentials substituted and goes upstream over a TLS
+    /// connection of the proxy's own (opened on the first allowed request, verified, ALPN
+    /// `http/1.1`), and its response comes back re-framed. A denied request gets a 403 (the
+    /// connection stays open when the request had no body). A WebSocket upgrade passes only
+    /// when the endpoint that allowed it says `protocol: websocket`; the connection is then
+    /// relayed as it is.
+    #[cfg(feature = "terminate")]
+    #[allow(clippy::too_many_arguments)]
+    async fn terminate<S>(
+        &self,
+        mut stream: S,
+        t: &Termination,
+        connect: &Head,
+        rest: Vec<u8>,
+        addr: SocketAddr,
+        caller: &Caller,
+        base: &Record<'_>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let host = normalise_host(connect.target.host());
+        let port = connect.target.port();
+        let refuse = |reason: String| {
+            self.log(&Record {
+                action: Action::Deny,
+                reason: &reason,
+                cached: false,
+                ..base.clone()
+            });
+        };
+        if stream
+            .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+            rustls::server::Acceptor::default(),
+            Prefixed::new(rest, stream),
+        );
+        let start = match tokio::time::timeout(self.config.header_timeout, acceptor).await {
+            Ok(Ok(start)) => start,
+            Ok(Err(error)) => {
+                refuse(format!(
+                    "a terminated connection to {host} must start with a TLS ClientHello: {error}"
+                ));
+                return;
+            }
+            Err(_) => {
+                refuse("no TLS ClientHello received in time".to_string());
+                return;
+            }
+        };
+        let sni = start.client_hello().server_name().map(normalise_host);
+        let named = match (host.parse::<IpAddr>().is_ok(), sni) {
+            (false, Some(sni)) if sni == host => Ok(()),
+            (false, Some(sni)) => Err(format!(
+                "TLS server name {sni} does not match the CONNECT host {host}"
+            )),
+            (false, None) => Err(format!(
+                "the TLS ClientHello names no server; a tunnel to {host} must name it (SNI)"
+            )),
+            (true, None) => Ok(()),
+            (true, Some(sni)) => Err(format!(
+                "TLS server name {sni} on a tunnel to an address: the CONNECT must name the host"
+            )),
+        };
+        if let Err(reason) = named {
+            refuse(reason);
+            return;
+        }
+        let config = match t.ca.server_config(&host) {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(target: "openshell::proxy", %host, error = %error, "cannot make a certificate");
+                return;
+            }
+        };
+        let mut client = match tokio::time::timeout(
+            self.config.header_timeout,
+            start.into_stream(config),
+        )
+        .await
+        {
+            Ok(Ok(client)) => client,
+            Ok(Err(error)) => {
+                tracing::debug!(target: "openshell::proxy", sandbox = base.sandbox, %host, %error, "client TLS handshake failed (does the client trust the sandbox CA?)");
+                return;
+            }
+            Err(_) => return,
+        };
+        let binary = base.binary;
+        let form = Form::Tunnel { host: &host, port };
+        let mut buf: Vec<u8> = Vec::new();
+        let mut upstream: Option<tokio_rustls::client::TlsStream<TcpStream>> = None;
+        let mut ubuf: Vec<u8> = Vec::new();
+        loop {
+            let idle = buf.is_empty();
+            let mut req = match http::read_head_in(
+                &mut client,
+                &mut buf,
+                self.config.header_limit,
+                self.config.header_timeout,
+                form,
+            )
+            .await
+            {
+                Ok(req) => req,
+                Err(ReadError::Closed) => return,
+                Err(ReadError::Reject(r)) if r.status == 408 && idle => {
+                    let _ = client.shutdown().await;
+                    return;
+                }
+                Err(ReadError::Reject(r)) => {
+                    if r.status == 421 {
+                        refuse(r.message.clone());
+                    }
+                    reply(&mut client, &http::error_response(r.status, &r.message)).await;
+                    return;
+                }
+            };
+            let after_head = buf[req.len..].to_vec();
+            buf.clear();
+            let path = match &req.target {
+                Target::Forward { path, .. } => path.clone(),
+                Target::Connect { .. } => return,
+            };
+            let method = req.method.clone();
+            let mut outcome = self.decide(&req, Ok(caller));
+            let websocket = http::inner::wants_websocket(&req);
+            if outcome.allowed() && websocket && !outcome.decision.websocket {
+                let reason = format!(
+                    "WebSocket upgrade of {method} {path} to {host}:{port} refused: the endpoint of policy {} does not say protocol: websocket",
+                    outcome.decision.policy.as_deref().unwrap_or("?")
+                );
+                let policy = outcome.decision.policy.clone();
+                outcome = Outcome::deny(reason, vec!["protocol".into()], outcome.generation);
+                outcome.decision.closest_policy = policy;
+            }
+            let mut used = Vec::new();
+            if outcome.allowed() {
+                match t.credentials.apply(&mut req, &host, port) {
+                    Ok(names) => used = names,
+                    Err(refusal) => {
+                        refused_credential(base.sandbox, &host, port, &refusal);
+                        outcome = Outcome::deny(
+                            refusal.reason,
+                            vec!["credential".into()],
+                            outcome.generation,
+                        );
+                    }
+                }
+            }
+            self.log(&Record {
+                action: outcome.action,
+                policy: outcome.decision.policy.as_deref(),
+                reason: &outcome.reason,
+                generation: outcome.generation,
+                method: Some(&method),
+                path: Some(&path),
+                cached: outcome.cached,
+                ..base.clone()
+            });
+            if !outcome.allowed() {
+                let body = deny_body(&host, port, binary, &outcome.decision, &outcome.reason);
+                if req.body == Body::None && !websocket {
+                    if client
+                        .write_all(&http::inner::json_response_keep(403, &body))
+                        .await
+                        .is_err()
+                        || client.flush().await.is_err()
+                    {
+                        return;
+                    }
+                    buf = after_head;
+                    continue;
+                }
+                reply(&mut client, &http::json_response(403, &body)).await;
+                return;
+            }
+            for name in &used {
+                tracing::debug!(target: "openshell::proxy", event = "credential.substituted", sandbox = base.sandbox, credential = %name, %host, port, "credential substituted");
+            }
+            if upstream.is_none() {
+                match self.connect_tls(t, &host, addr).await {
+                    Ok(up) => upstream = Some(up),
+                    Err(reason) => {
+                        tracing::warn!(target: "openshell::proxy", event = "egress.upstream_tls", sandbox = base.sandbox, %host, port, %reason, "upstream TLS failed");
+                        reply(&mut client, &http::error_response(502, &reason)).await;
+                        return;
+                    }
+                }
+            }
+            let Some(up) = upstream.as_mut() else {
+                return;
+            };
+            let close = req.http10 || http::inner::connection_has(&req, "close");
+            let relayed: Result<bool, String> = async {
+                if http::inner::expects_continue(&req) && req.body != Body::None {
+                    client
+                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    client.flush().await.map_err(|e| e.to_string())?;
+                }
+                up.write_all(&http::inner::rewrite_inner(&req, websocket, close))
+                    .await
+                    .map_err(|e| format!("writing upstream: {e}"))?;
+                buf = http::forward_body(&mut client, &after_head, req.body, up)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                up.flush().await.map_err(|e| e.to_string())?;
+                loop {
+                    let resp = http::inner::read_response_head(
+                        up,
+                        &mut ubuf,
+                        self.config.header_limit,
+                        &method,
+                    )
+                    .await?;
+                    ubuf.drain(..resp.len);
+                    if resp.status == 101 {
+                        if !websocket {
+                            return Err("the upstream switched protocols unasked".into());
+                        }
+                        client
+                            .write_all(&http::inner::serialize_response_head(&resp, false))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        client.write_all(&ubuf).await.map_err(|e| e.to_string())?;
+                        up.write_all(&buf).await.map_err(|e| e.to_string())?;
+                        client.flush().await.map_err(|e| e.to_string())?;
+                        up.flush().await.map_err(|e| e.to_string())?;
+                        let _ = tokio::io::copy_bidirectional(&mut client, up).await;
+                        return Ok(true);
+                    }
+                    if (100..200).contains(&resp.status) {
+                        client
+                            .write_all(&http::inner::serialize_response_head(&resp, false))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        continue;
+                    }
+                    let close_after = close || resp.close;
+                    client
+                        .write_all(&http::inner::serialize_response_head(&resp, close_after))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let body = match resp.body {
+                        ResponseBody::None => None,
+                        ResponseBody::Length(n) => Some(Body::Length(n)),
+                        ResponseBody::Chunked => Some(Body::Chunked),
+                        ResponseBody::UntilClose => {
+                            client.write_all(&ubuf).await.map_err(|e| e.to_string())?;
+                            ubuf.clear();
+                            tokio::io::copy(up, &mut client)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            None
+                        }
+                    };
+                    if let Some(body) = body {
+                        ubuf = http::forward_body(up, &ubuf, body, &mut client)
+                            .await
+                            .map_err(|e| format!("relaying the response: {e}"))?;
+                    }
+                    client.flush().await.map_err(|e| e.to_string())?;
+                    return Ok(close_after);
+                }
+            }
+            .await;
+            match relayed {
+                Ok(false) => {}
+                Ok(true) => {
+                    let _ = client.shutdown().await;
+                    return;
+                }
+                Err(error) => {
+                    tracing::debug!(target: "openshell::proxy", sandbox = base.sandbox, %host, %error, "terminated relay ended");
+                    let _ = client.shutdown().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// TCP to the checked address, then TLS with the upstream's name verified.
+    #[cfg(feature = "terminate")]
+    async fn connect_tls(
+        &self,
+        t: &Termination,
+        host: &str,
+        addr: SocketAddr,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("{host} is not a TLS server name: {e}"))?;
+        let connect = async {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            t.upstream
+                .connector()
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS with {host} ({addr}) failed: {e}"))
+        };
+        match tokio::time::timeout(self.config.connect_timeout, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("connecting to {host} ({addr}) timed out")),
         }
     }
 

@@ -180,6 +180,29 @@ pub(crate) fn add_proxy_env(env: &mut BTreeMap<String, String>, addr: &str) {
     }
 }
 
+/// Where the sandbox's CA bundle is in every sandbox that has one: the distribution's own
+/// bundle path (Debian, Ubuntu, Alpine), so programs that read it unasked trust it too.
+pub const TRUST_BUNDLE_PATH: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The variables pointing programs at [`TRUST_BUNDLE_PATH`]: OpenSSL (and Python's `ssl`,
+/// urllib), Python requests, curl, Node, git and pip.
+pub const TRUST_ENV: [&str; 6] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+    "PIP_CERT",
+];
+
+/// Point the trust variables at the sandbox's bundle, unless the caller set them.
+pub(crate) fn add_trust_env(env: &mut BTreeMap<String, String>) {
+    for key in TRUST_ENV {
+        env.entry(key.to_owned())
+            .or_insert_with(|| TRUST_BUNDLE_PATH.to_owned());
+    }
+}
+
 /// Everything needed to start a workload in a sandbox.
 #[derive(Debug, Clone)]
 pub struct SpawnConfig {
@@ -214,6 +237,12 @@ pub struct SpawnConfig {
     /// connections are denied); `None`: the proxy's default. The process backend's proxy
     /// takes it from its own configuration; the vm backend hands it to the guest agent.
     pub identity_max_binary_bytes: Option<u64>,
+    /// The CA bundle the workload trusts (PEM: the system roots and the sandbox CA of the
+    /// egress proxy's TLS termination). With it, the runtime places it read-only at
+    /// [`TRUST_BUNDLE_PATH`] in the sandbox (over the distribution's bundle, or created where
+    /// the sandbox's own file system has none; a start that cannot place it fails) and sets
+    /// [`TRUST_ENV`] for every process launched there.
+    pub trust_bundle: Option<Arc<Vec<u8>>>,
 }
 
 impl SpawnConfig {
@@ -235,6 +264,7 @@ impl SpawnConfig {
             vm_engine: VmEngine::Auto,
             egress: None,
             identity_max_binary_bytes: None,
+            trust_bundle: None,
         }
     }
 }

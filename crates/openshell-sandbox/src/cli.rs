@@ -121,6 +121,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub audit_log_keep: u32,
 
+    /// Trust the CA certificates in this PEM file (repeatable), besides the system's roots,
+    /// for upstreams of `tls: terminate` endpoints (a private upstream, a test server).
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca: Vec<PathBuf>,
+
     /// Executables larger than this many MiB are not hashed for the egress identity check,
     /// and connections they make are denied.
     #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use openshell_proxy::procfs::{HashCache, ProcfsConfig, ProcfsResolver};
+use openshell_proxy::terminate::Termination;
 use openshell_proxy::{Connector, ProcKey, ProcessHistory, Proxy, SandboxContext, ServeGuard};
 use openshell_runtime::lineage::{self, Lineage};
 use openshell_runtime::{Egress, EgressAttachment, EgressGuard, EgressListener};
@@ -16,14 +17,29 @@ pub struct ProxyEgress {
     /// Executable digests, shared by every sandbox this supervisor serves.
     hashes: Arc<HashCache>,
     max_hash_bytes: u64,
+    /// The sandbox's CA, upstream TLS and credentials, when its policy terminates TLS.
+    termination: Option<Arc<Termination>>,
 }
 
 impl ProxyEgress {
-    pub fn new(proxy: Proxy, max_hash_bytes: u64) -> Self {
+    pub fn new(proxy: Proxy, max_hash_bytes: u64, termination: Option<Arc<Termination>>) -> Self {
         Self {
             proxy,
             hashes: Arc::new(HashCache::new()),
             max_hash_bytes,
+            termination,
+        }
+    }
+
+    fn context(
+        &self,
+        sandbox_id: String,
+        identity: Arc<dyn openshell_proxy::IdentityResolver>,
+    ) -> SandboxContext {
+        let context = SandboxContext::new(sandbox_id, identity);
+        match &self.termination {
+            Some(t) => context.with_termination(t.clone()),
+            None => context,
         }
     }
 }
@@ -85,19 +101,13 @@ impl Egress for ProxyEgress {
                     self.hashes.clone(),
                 )
                 .offloaded(1);
-                let context = SandboxContext {
-                    sandbox_id: a.sandbox_id,
-                    identity: Arc::new(resolver),
-                };
+                let context = self.context(a.sandbox_id, Arc::new(resolver));
                 self.proxy.serve_std_tcp(listener, context)?
             }
             EgressListener::Unix { listener } => {
                 listener.set_nonblocking(true)?;
                 let listener = tokio::net::UnixListener::from_std(listener)?;
-                let context = SandboxContext {
-                    sandbox_id: a.sandbox_id,
-                    identity: Arc::new(PreambleOnly),
-                };
+                let context = self.context(a.sandbox_id, Arc::new(PreambleOnly));
                 self.proxy.serve_unix(listener, context)
             }
         };

@@ -8,6 +8,7 @@ mod protect;
 mod ssh;
 mod stdio;
 mod sys;
+mod terminate;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -302,6 +303,8 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let proxy = openshell_proxy::Proxy::new(proxy_config, handle.clone())
         .context("starting the egress proxy")?;
+    let visible = protect::visible_paths(&policy, host_workdir.as_deref())?;
+    let prepared = terminate::prepare(&policy, &run.upstream_ca, &visible)?;
     let ssh = ssh::prepare(&run)?;
     let mut env = BTreeMap::new();
     for key in ["TERM", "LANG", "LC_ALL"] {
@@ -311,6 +314,15 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     }
     for kv in &run.env {
         env.insert(kv.key.clone(), kv.value.clone());
+    }
+    // The workload holds placeholders, never the values.
+    for (var, placeholder) in prepared.iter().flat_map(|p| &p.placeholders) {
+        if run.env.iter().any(|kv| &kv.key == var) {
+            anyhow::bail!(
+                "--env {var}: a credential of the policy puts its placeholder in {var}; leave it out"
+            );
+        }
+        env.insert(var.clone(), placeholder.clone());
     }
     let (program, args, env, workdir, root) = match (&run.image, &run.rootfs) {
         (Some(reference), _) => {
@@ -368,7 +380,9 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     config.egress = Some(Arc::new(egress::ProxyEgress::new(
         proxy,
         run.identity_max_binary_mib.saturating_mul(1024 * 1024),
+        prepared.as_ref().map(|p| p.termination.clone()),
     )));
+    config.trust_bundle = prepared.as_ref().map(|p| p.trust_bundle.clone());
     config.vm_engine = run.vm_engine;
     // The guest agent checks executables in the VM with the same limit.
     config.identity_max_binary_bytes =

@@ -69,6 +69,18 @@ pub enum ProtectError {
         file: PathBuf,
         links: u64,
     },
+    #[error(
+        "{flag} {}: the sandbox can see it: {} lies under {}, which {why} shows in the sandbox; \
+         keep credential files outside every path the policy lists",
+        file.display(), resolved.display(), visible.display()
+    )]
+    Visible {
+        flag: String,
+        file: PathBuf,
+        resolved: PathBuf,
+        visible: PathBuf,
+        why: String,
+    },
     #[error("{flag} {}: not a file name", file.display())]
     NotAFile { flag: &'static str, file: PathBuf },
     #[error("{flag} {}: resolving {}", file.display(), path.display())]
@@ -107,6 +119,9 @@ pub fn owned_files(run: &RunArgs) -> Vec<(&'static str, PathBuf)> {
     add("--log-file", &run.log_file);
     add("--audit-log", &run.audit_log);
     add("--ssh-authorized-keys", &run.ssh_authorized_keys);
+    for ca in &run.upstream_ca {
+        files.push(("--upstream-ca", ca.clone()));
+    }
     match (&run.ssh_host_key, run.ssh_listen) {
         (Some(p), _) => files.push(("--ssh-host-key", p.clone())),
         (None, Some(_)) => files.push((
@@ -169,6 +184,96 @@ pub fn writable_paths(
         }
     }
     Ok(out)
+}
+
+/// The host paths the sandbox shows (read_only and read_write, the workdir with
+/// `include_workdir`, the host's `/tmp` with `tmp: host`), with the setting that shows each;
+/// none with `--rootfs`/`--image` (`host_workdir` is `None`).
+pub fn visible_paths(
+    policy: &Policy,
+    host_workdir: Option<&Path>,
+) -> Result<Vec<Writable>, ProtectError> {
+    let Some(workdir) = host_workdir else {
+        return Ok(Vec::new());
+    };
+    let fs = &policy.filesystem;
+    let mut out = Vec::new();
+    let lists = [("read_only", &fs.read_only), ("read_write", &fs.read_write)];
+    for (list, paths) in lists {
+        for (i, p) in paths.iter().enumerate() {
+            if p.as_str() == "/tmp" && fs.tmp == TmpMode::Private {
+                continue;
+            }
+            let path = resolve(p.as_path()).map_err(|source| ProtectError::ResolveWritable {
+                what: format!("filesystem_policy.{list}[{i}]"),
+                path: p.as_path().to_owned(),
+                source,
+            })?;
+            out.push(Writable {
+                path,
+                why: format!("filesystem_policy.{list}[{i}] ({p})"),
+            });
+        }
+    }
+    if fs.include_workdir {
+        let path = resolve(workdir).map_err(|source| ProtectError::ResolveWritable {
+            what: "the workdir".to_owned(),
+            path: workdir.to_owned(),
+            source,
+        })?;
+        out.push(Writable {
+            path,
+            why: format!(
+                "the workdir ({}, filesystem_policy.include_workdir: true)",
+                workdir.display()
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// Refuse a credential file (`credentials.NAME.from_file`) the sandbox could see at all:
+/// under a path of `visible`, through a symlink or a bind mount, or with a second hard link.
+pub fn check_secret(name: &str, file: &Path, visible: &[Writable]) -> Result<(), ProtectError> {
+    let ids: HashMap<(u64, u64), &Writable> = visible
+        .iter()
+        .filter_map(|w| {
+            std::fs::metadata(&w.path)
+                .ok()
+                .map(|m| ((m.dev(), m.ino()), w))
+        })
+        .collect();
+    let flag = format!("credentials.{name}.from_file");
+    match check_one("credentials.from_file", file, visible, &ids) {
+        Ok(()) => Ok(()),
+        Err(ProtectError::Writable {
+            file,
+            resolved,
+            writable,
+            why,
+            ..
+        }) => Err(ProtectError::Visible {
+            flag,
+            file,
+            resolved,
+            visible: writable,
+            why,
+        }),
+        Err(ProtectError::SameDirectory {
+            file,
+            alias,
+            writable,
+            why,
+            ..
+        }) => Err(ProtectError::Visible {
+            flag,
+            file,
+            resolved: alias,
+            visible: writable,
+            why,
+        }),
+        Err(other) => Err(other),
+    }
 }
 
 /// Refuse the first of `files` the workload could write (see the module documentation).

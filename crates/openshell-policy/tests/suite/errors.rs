@@ -33,11 +33,12 @@ const ENDPOINT_PREFIX: &str = "version: 1\nnetwork_policies:\n  pypi:\n    endpo
 #[test]
 fn error_table() {
     let ep = |rest: &str| format!("{ENDPOINT_PREFIX}{rest}");
+    let cred = |rest: &str| format!("version: 1\ncredentials:\n  api:\n{rest}");
     let cases: Vec<(&str, String, Result<Where, String>)> = vec![
         (
             "unknown top-level field",
             "version: 1\nfoo: 1\n".to_string(),
-            at(2, 1, "", "unknown field foo, expected one of version, filesystem_policy, landlock, process, network_policies, resources"),
+            at(2, 1, "", "unknown field foo, expected one of version, filesystem_policy, landlock, process, network_policies, resources, credentials"),
         ),
         (
             "unknown nested field",
@@ -263,6 +264,61 @@ fn error_table() {
             "deny rules without base set",
             ep("      - host: x.org\n        port: 443\n        deny_rules: [{ method: POST }]\n"),
             at(7, 21, "network_policies.pypi.endpoints[0].deny_rules", "deny_rules need rules or access to define the base allow set"),
+        ),
+        (
+            "credential with both sources",
+            cred("    from_env: KEY\n    from_file: /etc/key\n    env: KEY\n    endpoints: [{ host: api.example.com, port: 443 }]\n"),
+            at(5, 16, "credentials.api.from_file", "from_env and from_file are mutually exclusive"),
+        ),
+        (
+            "credential without a source",
+            cred("    env: KEY\n    endpoints: [{ host: api.example.com, port: 443 }]\n"),
+            at(4, 5, "credentials.api", "credential needs from_env or from_file (where the supervisor reads the value)"),
+        ),
+        (
+            "credential without env",
+            cred("    from_env: KEY\n    endpoints: [{ host: api.example.com, port: 443 }]\n"),
+            at(4, 5, "credentials.api", "credential needs env (the variable that holds its placeholder in the sandbox)"),
+        ),
+        (
+            "credential env not a variable name",
+            cred("    from_env: KEY\n    env: 1KEY\n    endpoints: [{ host: api.example.com, port: 443 }]\n"),
+            at(5, 10, "credentials.api.env", "expected an environment variable name, got \"1KEY\""),
+        ),
+        (
+            "credential env reserved",
+            cred("    from_env: KEY\n    env: https_proxy\n    endpoints: [{ host: api.example.com, port: 443 }]\n"),
+            at(5, 10, "credentials.api.env", "https_proxy is set by the sandbox itself or changes how programs load"),
+        ),
+        (
+            "credential without endpoints",
+            cred("    from_env: KEY\n    env: KEY\n    endpoints: []\n"),
+            at(6, 16, "credentials.api.endpoints", "credential needs at least one endpoint (the only destinations its value is sent to)"),
+        ),
+        (
+            "credential endpoint glob",
+            cred("    from_env: KEY\n    env: KEY\n    endpoints: [{ host: \"*.example.com\", port: 443 }]\n"),
+            at(6, 25, "credentials.api.endpoints[0].host", "a credential's host must be exact (no glob): list each host its value may reach"),
+        ),
+        (
+            "credential endpoint without port",
+            cred("    from_env: KEY\n    env: KEY\n    endpoints: [{ host: api.example.com }]\n"),
+            at(6, 17, "credentials.api.endpoints[0]", "endpoint needs port"),
+        ),
+        (
+            "credential unknown field",
+            cred("    from_env: KEY\n    env: KEY\n    headers: [x]\n"),
+            at(6, 5, "credentials.api", "unknown field headers, expected one of from_env, from_file, env, endpoints, query"),
+        ),
+        (
+            "credential name",
+            "version: 1\ncredentials:\n  \"a b\":\n    from_env: KEY\n    env: KEY\n    endpoints: [{ host: x.org, port: 443 }]\n".to_string(),
+            at(4, 5, "credentials.a b", "a credential name may use only letters, digits, - and _ (at most 64)"),
+        ),
+        (
+            "two credentials, one variable",
+            "version: 1\ncredentials:\n  a:\n    from_env: A\n    env: KEY\n    endpoints: [{ host: x.org, port: 443 }]\n  b:\n    from_env: B\n    env: KEY\n    endpoints: [{ host: y.org, port: 443 }]\n".to_string(),
+            at(9, 10, "credentials.b.env", "KEY is already the variable of credential a"),
         ),
         (
             "top level not a mapping",

@@ -7,6 +7,7 @@ use openshell_policy::{
     Protocol, Resources, SandboxPath, StaticSectionChanged, TlsMode, TmpMode,
 };
 use pretty_assertions::assert_eq;
+use std::collections::BTreeMap;
 
 fn path(p: &str) -> SandboxPath {
     SandboxPath::try_from(p).unwrap_or_else(|e| panic!("bad test path {p}: {e}"))
@@ -111,6 +112,7 @@ fn expected_block() -> Policy {
             cpus: Some(Limit::Max(1.5)),
             pids: Some(Limit::Max(256)),
         },
+        credentials: BTreeMap::new(),
     }
 }
 
@@ -137,6 +139,7 @@ fn minimal_policy_gets_defaults() {
             process: ProcessPolicy::default(),
             network: NetworkPolicies::default(),
             resources: Resources::default(),
+            credentials: BTreeMap::new(),
         })
     );
 }
@@ -415,6 +418,69 @@ fn empty_name_and_empty_process_fields_default() {
         .into_iter()
         .collect(),
         resources: Resources::default(),
+        credentials: BTreeMap::new(),
     };
     assert_eq!(got, Ok(want));
+}
+
+const CREDENTIALS: &str = r#"
+version: 1
+credentials:
+  anthropic:
+    from_env: ANTHROPIC_API_KEY
+    env: ANTHROPIC_API_KEY
+    endpoints: [{ host: API.Anthropic.com., port: 443 }]
+  github:
+    from_file: /etc/openshell/github-token
+    env: GH_TOKEN
+    endpoints:
+      - { host: api.github.com, port: 443 }
+      - { host: github.com, port: 443 }
+      - { host: api.github.com, port: 443 }
+    query: true
+"#;
+
+#[test]
+fn credentials_parse_to_whole_values_round_trip_and_are_static() {
+    use openshell_policy::{Credential, CredentialEndpoint, CredentialSource};
+    let endpoint = |host: &str| CredentialEndpoint {
+        host: HostPattern::try_from(host).unwrap_or_else(|e| panic!("{e}")),
+        port: Port::try_from(443u16).unwrap_or_else(|e| panic!("{e}")),
+    };
+    let want: BTreeMap<String, Credential> = [
+        (
+            "anthropic".to_string(),
+            Credential {
+                source: CredentialSource::FromEnv("ANTHROPIC_API_KEY".into()),
+                env: "ANTHROPIC_API_KEY".into(),
+                endpoints: vec![endpoint("api.anthropic.com")],
+                query: false,
+            },
+        ),
+        (
+            "github".to_string(),
+            Credential {
+                source: CredentialSource::FromFile(
+                    SandboxPath::try_from("/etc/openshell/github-token")
+                        .unwrap_or_else(|e| panic!("{e}")),
+                ),
+                env: "GH_TOKEN".into(),
+                endpoints: vec![endpoint("api.github.com"), endpoint("github.com")],
+                query: true,
+            },
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let policy = load(CREDENTIALS).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(policy.credentials, want);
+    assert_eq!(load(&policy.to_yaml()), Ok(policy.clone()));
+    let changed =
+        load(&CREDENTIALS.replace("GH_TOKEN", "GITHUB_TOKEN")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        policy.check_static_unchanged(&changed),
+        Err(StaticSectionChanged {
+            section: "credentials"
+        })
+    );
 }

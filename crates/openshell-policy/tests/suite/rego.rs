@@ -86,6 +86,7 @@ fn allowed(policy: &str, reason: &str, connect: Option<ConnectMode>) -> Decision
         suggestion: None,
         allowed_ips: vec![],
         connect,
+        websocket: false,
     }
 }
 
@@ -107,6 +108,7 @@ fn denied(
         suggestion: Some(suggestion.to_string()),
         allowed_ips: vec![],
         connect,
+        websocket: false,
     }
 }
 
@@ -426,6 +428,7 @@ fn audit_enforcement_allows_and_says_so() {
             suggestion: Some("allow method POST for telemetry.example.com in network_policies.telemetry (access or rules)".to_string()),
             allowed_ips: vec![],
             connect: None,
+            websocket: false,
         }
     );
     let get = decide(&mut e, &with_request(base.clone(), "GET", "/v1/config"));
@@ -461,6 +464,7 @@ fn no_policies_denies_with_reason() {
             suggestion: Some("add a network_policies entry with endpoint { host: example.com, port: 443 } and binaries: [{ path: /usr/bin/curl }]".to_string()),
             allowed_ips: vec![],
             connect: DENY,
+            websocket: false,
         }
     );
 }
@@ -537,4 +541,36 @@ fn odd_decision_inputs_deny_or_error_without_panic() {
             assert!(!d.allow, "{host:?} allowed: {d:?}");
         }
     }
+}
+
+/// An allowed request says whether the endpoint that allowed it has `protocol: websocket`
+/// (the proxy lets an `Upgrade: websocket` through only then); denials never do.
+#[test]
+fn allowed_requests_say_whether_their_endpoint_takes_websockets() {
+    let text = r#"
+version: 1
+network_policies:
+  a_ws:
+    endpoints:
+      - { host: ws.example, port: 443, protocol: websocket, tls: terminate }
+      - { host: rest.example, port: 443, protocol: rest, access: read-only, tls: terminate }
+    binaries: [{ path: /usr/bin/node }]
+"#;
+    let policy = Policy::from_yaml("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    let mut e = DecisionEngine::new(&policy.network).unwrap_or_else(|e| panic!("{e}"));
+    let got: Vec<(bool, bool)> = [
+        ("ws.example", "GET"),
+        ("rest.example", "GET"),
+        ("rest.example", "POST"),
+    ]
+    .into_iter()
+    .map(|(host, method)| {
+        let d = decide(
+            &mut e,
+            &with_request(input("/usr/bin/node", &[], host, 443), method, "/socket"),
+        );
+        (d.allow, d.websocket)
+    })
+    .collect();
+    assert_eq!(got, vec![(true, true), (true, false), (false, false)]);
 }

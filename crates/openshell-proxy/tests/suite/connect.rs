@@ -283,10 +283,7 @@ async fn dropping_the_guard_stops_serving_and_closes_tunnels() {
     let task = proxy
         .serve_std_tcp(
             std_listener,
-            SandboxContext {
-                sandbox_id: "guarded".into(),
-                identity: std::sync::Arc::new(FixedIdentity(caller(CURL))),
-            },
+            SandboxContext::new("guarded", std::sync::Arc::new(FixedIdentity(caller(CURL)))),
         )
         .unwrap_or_else(|e| panic!("{e}"));
     let guard = ServeGuard(task);

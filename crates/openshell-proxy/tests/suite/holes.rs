@@ -19,8 +19,8 @@ fn endpoint_yaml(host: &str, port: u16, extra: &str) -> String {
 }
 
 /// CONNECT to an endpoint with method/path rules and no `tls: terminate` is refused with a
-/// reason naming the fix; `tls: terminate` is refused too (not implemented yet) rather than
-/// tunnelled. Neither reaches the upstream.
+/// reason naming the fix; `tls: terminate` on a proxy serving the sandbox without TLS
+/// termination is refused too rather than tunnelled. Neither reaches the upstream.
 #[tokio::test]
 async fn connect_never_bypasses_method_and_path_rules() {
     let (up, seen) = http_server("127.0.0.2").await;
@@ -38,7 +38,7 @@ async fn connect_never_bypasses_method_and_path_rules() {
         (
             "        access: read-only\n        tls: terminate\n",
             "tls",
-            "this proxy does not terminate TLS yet",
+            "this proxy was started without TLS termination",
         ),
     ];
     for (extra, missing, says) in cases {

@@ -4,4 +4,6 @@ mod holes;
 mod live;
 mod malformed;
 mod support;
+#[cfg(feature = "terminate")]
+mod terminate;
 mod unix;

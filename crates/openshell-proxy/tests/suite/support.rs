@@ -81,10 +81,7 @@ pub async fn start(network_policies: &str, exe: &str, config: ProxyConfig) -> Ha
     let addr = local(&listener);
     let task = proxy.serve_tcp(
         listener,
-        SandboxContext {
-            sandbox_id: "test-sandbox".into(),
-            identity: Arc::new(FixedIdentity(caller(exe))),
-        },
+        SandboxContext::new("test-sandbox", Arc::new(FixedIdentity(caller(exe)))),
     );
     Harness { addr, handle, task }
 }

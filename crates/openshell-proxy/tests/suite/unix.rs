@@ -34,11 +34,8 @@ async fn preamble_names_the_caller() {
     let listener = UnixListener::bind(&path).unwrap_or_else(|e| panic!("{e}"));
     let task = proxy.serve_unix(
         listener,
-        SandboxContext {
-            sandbox_id: "vm".into(),
-            // Not consulted for Unix listeners.
-            identity: Arc::new(FixedIdentity(caller("/bin/false"))),
-        },
+        // The identity is not consulted for Unix listeners.
+        SandboxContext::new("vm", Arc::new(FixedIdentity(caller("/bin/false")))),
     );
     let request = format!("GET http://{up}/x HTTP/1.1\r\nHost: {up}\r\n\r\n");
 

@@ -92,7 +92,7 @@ pub(crate) fn take_fd(fd: RawFd) -> OwnedFd {
 pub fn helper_main() -> ! {
     let mut ctl = Control::from_fd();
     match ctl.recv() {
-        Some(ToHelper::Spawn(plan)) => holder(ctl, plan),
+        Some(ToHelper::Spawn(plan)) => holder(ctl, *plan),
         Some(ToHelper::Exec(plan)) => exec_helper(ctl, plan),
         Some(ToHelper::Go) => ctl.fail("protocol", "unexpected go before a plan".into()),
         #[cfg(feature = "krun")]
@@ -257,7 +257,13 @@ fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
         ctl.fail("mount", format!("making mounts private: {}", errno_text(e)));
     }
     let new_root = match &plan.root {
-        None => match view::build(&plan.view, &plan.box_dir) {
+        None => match view::build(
+            &plan.view,
+            &plan.box_dir,
+            plan.trust_bundle
+                .as_deref()
+                .map(|source| (source, Path::new(crate::TRUST_BUNDLE_PATH))),
+        ) {
             Ok(skipped) => {
                 ctl.send(&FromHelper::ViewReady { skipped });
                 plan.box_dir.clone()
@@ -271,6 +277,11 @@ fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
             };
             if let Err(e) = rootfs::own_filesystems(&merged, plan.view.tmp) {
                 ctl.fail("rootfs", e);
+            }
+            if let Some(source) = &plan.trust_bundle {
+                if let Err(e) = rootfs::place_trust_bundle(&merged, source) {
+                    ctl.fail("rootfs", crate::error_chain(&e));
+                }
             }
             ctl.send(&FromHelper::RootReady(method));
             merged

@@ -335,6 +335,27 @@ fn serve_channel(
     Ok(())
 }
 
+/// The name of the CA bundle's host copy in a sandbox's per-sandbox directory.
+pub(crate) const TRUST_BUNDLE_FILE: &str = "ca-bundle.crt";
+
+/// Write the sandbox's CA bundle into its per-sandbox directory (root's, never shared with
+/// the sandbox as a directory), read-only for everyone; the view binds that file read-only
+/// at `TRUST_BUNDLE_PATH`.
+pub(crate) fn write_trust_bundle(box_dir: &Path, pem: &[u8]) -> std::io::Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = box_dir.join(TRUST_BUNDLE_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    file.write_all(pem)?;
+    file.sync_all()?;
+    Ok(path)
+}
+
 /// The identity and restrictions every process in one sandbox gets.
 #[derive(Debug, Clone)]
 pub(crate) struct Identity {
@@ -349,6 +370,9 @@ pub(crate) struct Identity {
     /// The egress proxy's address inside the sandbox, when it has egress: every process
     /// launched there (the workload, `exec`, SSH sessions) gets the proxy variables.
     proxy: Option<String>,
+    /// The sandbox has the egress proxy's CA bundle at `TRUST_BUNDLE_PATH`: every process
+    /// launched there gets the trust variables.
+    pub(crate) trust: bool,
     /// Every process launched with this identity has its `connect` calls carried out by the
     /// supervisor (see `unix_connect`).
     mediate_connect: bool,
@@ -400,6 +424,7 @@ impl Identity {
         if config.root.is_none() {
             identity.check_workdir_in_view(&config.policy, &config.workdir)?;
         }
+        identity.trust = config.trust_bundle.is_some();
         if config.egress.is_some() {
             identity.proxy = Some(proxy_addr.to_owned());
             if mediate_connect {
@@ -468,6 +493,7 @@ impl Identity {
                     == LandlockCompatibility::HardRequirement,
             },
             proxy: None,
+            trust: false,
             mediate_connect: false,
             lineage: Arc::new(crate::lineage::Lineage::new()),
         })
@@ -652,6 +678,9 @@ impl Identity {
         let mut full_env = env.clone();
         if let Some(addr) = &self.proxy {
             crate::add_proxy_env(&mut full_env, addr);
+        }
+        if self.trust {
+            crate::add_trust_env(&mut full_env);
         }
         let defaults = [
             (
@@ -887,6 +916,19 @@ impl ProcessSandbox {
             box_dir: box_dir.clone(),
         });
         let view = identity.view(&config.policy, config.resources.memory_mib.max());
+        let trust_bundle = match &config.trust_bundle {
+            Some(pem) => match write_trust_bundle(&box_dir, pem) {
+                Ok(path) => Some(path),
+                Err(source) => {
+                    let _ = std::fs::remove_dir_all(&box_dir);
+                    return Err(ProcessError::RootDir {
+                        path: box_dir.join(TRUST_BUNDLE_FILE),
+                        source,
+                    });
+                }
+            },
+            None => None,
+        };
         // Every policy gets limits (defaults for what it leaves out), so there is a cgroup
         // unless the policy made every resource `unlimited`: then, no cgroup, since on cgroup
         // v1 hosts moving a process into one costs an RCU grace period (about 10 ms here), and
@@ -906,7 +948,7 @@ impl ProcessSandbox {
         } else {
             None
         };
-        let dirs = (box_dir.clone(), view, root.clone());
+        let dirs = (box_dir.clone(), view, root.clone(), trust_bundle);
         match Self::start(id.clone(), config, identity, launch, cgroup, dirs).await {
             Ok(sandbox) => Ok(sandbox),
             Err((e, cgroup)) => {
@@ -925,7 +967,12 @@ impl ProcessSandbox {
         identity: Identity,
         launch: LaunchPlan,
         cgroup: Option<cgroup::Cgroup>,
-        (box_dir, view, root): (PathBuf, view::ViewPlan, Option<protocol::RootPlan>),
+        (box_dir, view, root, trust_bundle): (
+            PathBuf,
+            view::ViewPlan,
+            Option<protocol::RootPlan>,
+            Option<PathBuf>,
+        ),
     ) -> Result<ProcessSandbox, (ProcessError, Option<cgroup::Cgroup>)> {
         // init makes its own mount namespace (see `child::init_main`); the holder keeps the
         // host's, which it needs to remove the per-sandbox directory.
@@ -962,13 +1009,14 @@ impl ProcessSandbox {
             box_dir,
             view,
             root,
+            trust_bundle,
             pty: pty_size,
             launch,
         };
         // From here on the holder owns the cgroup's removal; on failure we kill it and wait, so
         // the cgroup is gone when this returns.
         let result = async {
-            holder.ctl.send(&ToHelper::Spawn(plan)).await?;
+            holder.ctl.send(&ToHelper::Spawn(Box::new(plan))).await?;
             let init_pid = match holder.ctl.recv().await {
                 Some(FromHelper::InitPid { pid }) => pid,
                 Some(FromHelper::Failed { stage, message }) => {

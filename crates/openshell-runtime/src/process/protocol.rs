@@ -20,7 +20,7 @@ pub const INIT_PIDFD: i32 = 6;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToHelper {
     /// Start a new sandbox (first message to a fresh namespace holder).
-    Spawn(SpawnPlan),
+    Spawn(Box<SpawnPlan>),
     /// Run a command inside a running sandbox (first message to an exec helper).
     Exec(ExecPlan),
     /// Cgroup placement and the network are ready: init may start the workload.
@@ -74,6 +74,10 @@ pub struct GuestTree {
     pub boot_requests: Option<Vec<u8>>,
     /// The host uid and gid guest root is on this tree (the VMM user's).
     pub guest_root: (u32, u32),
+    /// The sandbox's CA bundle (a host file), bound read-only at `TRUST_BUNDLE_PATH` in the
+    /// tree (created there in an image's writable view when the image has none).
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
 }
 
 /// One policy directory inside a [`GuestTree`].
@@ -133,6 +137,10 @@ pub struct SpawnPlan {
     /// A root filesystem: init makes the writable view of the tree (in `box_dir`) and
     /// pivot_roots into it instead.
     pub root: Option<RootPlan>,
+    /// The sandbox's CA bundle (a file in `box_dir`), bound read-only at
+    /// `TRUST_BUNDLE_PATH` in the view or the root filesystem's view.
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
     /// The workload's stdio is a PTY of this size (rows, columns), which init allocates in
     /// the sandbox's own devpts and whose master it hands over the descriptor channel.
     #[serde(default)]

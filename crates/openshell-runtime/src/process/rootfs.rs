@@ -366,6 +366,21 @@ fn copy_dir_at(
 /// tmpfs on the tree's /tmp. Mount points must be real directories of the view (a symbolic
 /// link or a file there is refused, so no mount lands outside it); missing ones are created in
 /// the writable view, never in the tree.
+/// Bind the sandbox's CA bundle (the host file `source`) read-only at `TRUST_BUNDLE_PATH` in
+/// a root filesystem's writable view `merged`: over the image's own bundle, or created in the
+/// view (its per-sandbox layer) when the image has none. A link on the way is refused.
+pub fn place_trust_bundle(merged: &Path, source: &Path) -> Result<(), view::ViewError> {
+    let fd = view::open_file_to_place(source)?;
+    let root = view::open_host(merged).map_err(|source| view::ViewError::Sys {
+        what: format!("opening {}", merged.display()),
+        source,
+    })?;
+    let mut tree = view::Tree::new(root, false);
+    let target = Path::new(crate::TRUST_BUNDLE_PATH);
+    tree.place_read_only_file(fd.as_fd(), target, true)
+        .map_err(|e| view::trust_error(target, e))
+}
+
 pub fn own_filesystems(merged: &Path, tmp: view::TmpPlan) -> Result<(), String> {
     let root = view::open_host(merged).map_err(|e| format!("opening {}: {e}", merged.display()))?;
     let mut tree = view::Tree::new(root, true);

@@ -253,6 +253,12 @@ impl Tree {
     /// components where they would land in a file system of ours. No component may be a
     /// symbolic link.
     pub fn dir(&self, path: &Path) -> Result<OwnedFd, ViewError> {
+        self.dir_with(path, false)
+    }
+
+    /// [`dir`](Self::dir); with `anywhere`, missing components are created wherever they
+    /// are missing (in a root filesystem's per-sandbox writable view, never on the host).
+    fn dir_with(&self, path: &Path, anywhere: bool) -> Result<OwnedFd, ViewError> {
         let mut cur = self.root.try_clone().map_err(|e| {
             sys_err("duplicating the view's root")(Errno::from_raw(
                 e.raw_os_error().unwrap_or(libc::EBADF),
@@ -272,7 +278,7 @@ impl Tree {
             };
             let next = match open_below(cur.as_fd(), name, true) {
                 Ok(fd) => fd,
-                Err(Errno::ENOENT) if self.ours(&at) => {
+                Err(Errno::ENOENT) if anywhere || self.ours(&at) => {
                     match nix::sys::stat::mkdirat(
                         cur.as_fd(),
                         name,
@@ -460,6 +466,70 @@ impl Tree {
         self.bind_fd(source, path, attrs, false)
     }
 
+    /// Bind the opened regular file `source` read-only (nosuid, nodev, noexec) over `path`:
+    /// an existing regular file there (in a host bind too: the bind covers it in this mount
+    /// namespace only), or one created where the view is ours; with `anywhere` (a root
+    /// filesystem's per-sandbox writable view), the file and its directories are created
+    /// wherever they are missing. No component may be a symbolic link.
+    pub fn place_read_only_file(
+        &mut self,
+        source: BorrowedFd<'_>,
+        path: &Path,
+        anywhere: bool,
+    ) -> Result<(), ViewError> {
+        let (parent, name) = split(path)?;
+        let dir = self.dir_with(parent, anywhere)?;
+        if anywhere || self.ours(parent) {
+            match nix::fcntl::openat(
+                dir.as_fd(),
+                name,
+                OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_RDONLY
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o444),
+            ) {
+                Ok(_) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(sys_err(format!("creating {}", path.display()))(e)),
+            }
+        }
+        let target = match open_below(dir.as_fd(), name, false) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => {
+                return Err(ViewError::Path {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "does not exist in {}, which the view shows from the host",
+                        parent.display()
+                    ),
+                })
+            }
+            Err(e) => {
+                return Err(sys_err(format!("opening {} in the view", path.display()))(
+                    e,
+                ))
+            }
+        };
+        if kind_of(target.as_fd()).map_err(sys_err(format!("{}", path.display())))?
+            != SFlag::S_IFREG
+        {
+            return Err(ViewError::Path {
+                path: path.display().to_string(),
+                reason: "is not a regular file in the view (a link or something else)".into(),
+            });
+        }
+        let tree = sys::clone_mount(source)
+            .map_err(sys_err(format!("cloning the mount of {}", path.display())))?;
+        sys::set_mount_attrs(tree.as_fd(), RDONLY | NOSUID | NODEV | NOEXEC).map_err(sys_err(
+            format!("setting the mount flags of {}", path.display()),
+        ))?;
+        sys::attach_mount(tree.as_fd(), target.as_fd())
+            .map_err(sys_err(format!("binding {}", path.display())))?;
+        self.mounts.push((path.to_owned(), false));
+        Ok(())
+    }
+
     /// A symbolic link at `path` with the text `target` (resolved inside the view). An
     /// existing identical link is fine; where the view is a host bind, the link is already the
     /// host's.
@@ -508,6 +578,17 @@ impl Tree {
     pub fn seal_root(&self) -> Result<(), ViewError> {
         sys::set_mount_attrs(self.root.as_fd(), RDONLY)
             .map_err(sys_err("making the view's root read only"))
+    }
+}
+
+/// A failure to place the sandbox's CA bundle, saying what needs it.
+pub fn trust_error(target: &Path, e: ViewError) -> ViewError {
+    ViewError::Path {
+        path: target.display().to_string(),
+        reason: format!(
+            "the egress proxy's CA bundle (for tls: terminate) cannot be placed here: {}",
+            crate::error_chain(&e)
+        ),
     }
 }
 
@@ -643,10 +724,32 @@ pub fn mask_proc(tree: &mut Tree) -> Result<(), ViewError> {
     Ok(())
 }
 
+/// Open the host file `source` that [`Tree::place_read_only_file`] binds (the sandbox's CA
+/// bundle): without following links, a regular file.
+pub fn open_file_to_place(source: &Path) -> Result<OwnedFd, ViewError> {
+    let fd = open_host(source).map_err(sys_err(format!("opening {}", source.display())))?;
+    match kind_of(fd.as_fd()).map_err(sys_err(format!("{}", source.display())))? {
+        SFlag::S_IFREG => Ok(fd),
+        _ => Err(ViewError::Path {
+            path: source.display().to_string(),
+            reason: "is not a regular file".into(),
+        }),
+    }
+}
+
 /// Build `plan` at `at` (an empty directory of the supervisor's, in the caller's private
-/// mount namespace): the root, the sandbox's own file systems, the host paths. Returns the
-/// paths skipped under best_effort. The caller then pivots into `at`.
-pub fn build(plan: &ViewPlan, at: &Path) -> Result<Vec<Skipped>, ViewError> {
+/// mount namespace): the root, the sandbox's own file systems, the host paths, and
+/// `trust_bundle` (a host file, opened before anything is mounted on `at`) read-only at
+/// `trust_at`. Returns the paths skipped under best_effort. The caller then pivots into `at`.
+pub fn build(
+    plan: &ViewPlan,
+    at: &Path,
+    trust_bundle: Option<(&Path, &Path)>,
+) -> Result<Vec<Skipped>, ViewError> {
+    let trust = match trust_bundle {
+        Some((source, target)) => Some((open_file_to_place(source)?, target)),
+        None => None,
+    };
     let at_fd = open_host(at).map_err(sys_err(format!("opening {}", at.display())))?;
     let root_mount = if plan.host_root {
         let host = open_host(Path::new("/")).map_err(sys_err("opening /"))?;
@@ -683,6 +786,10 @@ pub fn build(plan: &ViewPlan, at: &Path) -> Result<Vec<Skipped>, ViewError> {
         {
             skipped.push((bind.path.display().to_string(), reason));
         }
+    }
+    if let Some((fd, target)) = &trust {
+        tree.place_read_only_file(fd.as_fd(), target, false)
+            .map_err(|e| trust_error(target, e))?;
     }
     if !plan.host_root {
         tree.seal_root()?;

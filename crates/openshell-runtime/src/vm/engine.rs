@@ -180,6 +180,9 @@ pub struct VmDescription {
     /// them): the ids the file server acts as on the host besides guest root. `None`: guest root
     /// alone (a template's VM).
     pub workload_ids: Option<(u32, u32)>,
+    /// The sandbox's CA bundle (a host file), placed read-only at `TRUST_BUNDLE_PATH` in the
+    /// guest's tree (qemu engine).
+    pub trust_bundle: Option<PathBuf>,
 }
 
 #[cfg(test)]

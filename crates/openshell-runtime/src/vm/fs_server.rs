@@ -11,6 +11,7 @@
 //!
 //! Binds are not recursive: mounts nested below a policy directory on the host are not shown.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
@@ -93,6 +94,15 @@ pub(crate) fn build_tree(plan: &GuestTree) -> Result<(), MountFailure> {
                     reason,
                 })
             })
+            .map_err(|e| (crate::error_chain(&e), nix::Error::EINVAL))?;
+    }
+    if let Some(source) = &plan.trust_bundle {
+        // Over the policy's /etc (or an image's bundle), or created in the tree where it is
+        // ours (the default root's tmpfs, an image's writable view).
+        let target = Path::new(crate::TRUST_BUNDLE_PATH);
+        view::open_file_to_place(source)
+            .and_then(|fd| tree.place_read_only_file(fd.as_fd(), target, plan.root_view.is_some()))
+            .map_err(|e| view::trust_error(target, e))
             .map_err(|e| (crate::error_chain(&e), nix::Error::EINVAL))?;
     }
     if let Some(requests) = &plan.boot_requests {

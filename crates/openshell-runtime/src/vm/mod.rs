@@ -821,6 +821,19 @@ impl VmSandbox {
             Some(b) => b.vsock_uds(),
             None => box_dir.join("vsock.sock"),
         };
+        let trust_bundle = match (&config.trust_bundle, decision.engine) {
+            (Some(pem), Engine::Qemu) => Some(
+                crate::process::write_trust_bundle(box_dir, pem)
+                    .map_err(io(format!("writing the CA bundle in {}", box_dir.display())))?,
+            ),
+            (Some(_), _) => {
+                return Err(VmError::Share {
+                    path: crate::TRUST_BUNDLE_PATH.into(),
+                    reason: "the krun engine shares directories only, so the egress proxy's CA bundle (tls: terminate) cannot be placed; use the qemu engine".into(),
+                })
+            }
+            (None, _) => None,
+        };
         let vm = VmDescription {
             kernel: artifacts.kernel.clone(),
             root: root.clone(),
@@ -841,6 +854,7 @@ impl VmSandbox {
                 _ => qemu::kernel_cmdline(qemu::host_tsc_khz()),
             },
             workload_ids: Some(identity.kernel_ids()),
+            trust_bundle: trust_bundle.clone(),
         };
         info!(event = "sandbox.vm_engine", sandbox = id, engine = decision.engine.name(), reason = %decision.reason, vcpus, memory_mib, "vm engine chosen");
 
@@ -905,6 +919,12 @@ impl VmSandbox {
             .skip(1)
             .filter(|s| s.readonly && decision.engine == Engine::Qemu)
             .map(|s| s.guest_path.clone())
+            // The CA bundle is bound read-only in the tree; the guest binds it read-only too.
+            .chain(
+                trust_bundle
+                    .iter()
+                    .map(|_| crate::TRUST_BUNDLE_PATH.to_owned()),
+            )
             .collect();
         let setup = Request::Setup {
             hostname: config.hostname.clone(),
@@ -1459,6 +1479,7 @@ pub(crate) async fn start_qemu(
         base: vm.root_view.is_none().then(|| artifacts.rootfs.clone()),
         boot_requests,
         guest_root: (vmm_box.ids.uid, vmm_box.ids.gid),
+        trust_bundle: vm.trust_bundle.clone(),
     };
     let fs_jail = fs_server::jail_spec(
         vmm_box,

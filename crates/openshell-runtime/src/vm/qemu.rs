@@ -264,6 +264,7 @@ mod tests {
             memory_mib: 256,
             cmdline: kernel_cmdline(Some(2_596_122)),
             workload_ids: None,
+            trust_bundle: None,
         };
         let args = qemu_args(
             &vm,

@@ -332,6 +332,7 @@ async fn create_in(
         vsock_uds,
         cmdline: template.cmdline.clone(),
         workload_ids: None,
+        trust_bundle: None,
         ..vm.clone()
     };
     let console = vmm_box.console();
@@ -633,16 +634,19 @@ mod tests {
             memory_mib: 512,
             cmdline: qemu::kernel_cmdline(Some(2_000_000)),
             workload_ids: None,
+            trust_bundle: None,
         };
         let key = |vm: &VmDescription, a: &guest::Artifacts| {
             Template::for_vm(vm, Accel::Tcg, a).unwrap().key
         };
         let base = Template::for_vm(&vm, Accel::Tcg, &a).unwrap();
         assert!(base.cmdline.ends_with(&format!(" {}", proto::PARK_ARG)));
-        // The box's own paths do not matter: every sandbox shares the template.
+        // The box's own paths (and its CA bundle) do not matter: every sandbox shares the
+        // template.
         let other_box = VmDescription {
             root: "/other/root".into(),
             vsock_uds: "/other/vsock.sock".into(),
+            trust_bundle: Some("/other/ca-bundle.crt".into()),
             ..vm.clone()
         };
         assert_eq!(key(&other_box, &a), base.key);
