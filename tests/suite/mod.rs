@@ -18,5 +18,5 @@ mod seccomp;
 mod ssh;
 mod stdio;
 mod template;
-mod vmm_jail;
 mod tls;
+mod vmm_jail;

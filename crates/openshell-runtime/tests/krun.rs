@@ -79,6 +79,7 @@ fn description(dir: &Path) -> VmDescription {
         memory_mib: 256,
         cmdline: krun::kernel_cmdline(false),
         workload_ids: None,
+        trust_bundle: None,
     }
 }
 

@@ -286,6 +286,7 @@ pub async fn start(spec: JailSpec) -> Result<Child, VmError> {
             },
             seccomp: filter,
             mediate_connect: false,
+            notify_launcher: false,
         },
     };
     let namespaces = CloneFlags::CLONE_NEWNS
@@ -384,10 +385,11 @@ pub(crate) fn main(mut ctl: Control, plan: JailPlan) -> ! {
     }
     // stdin reads nothing: the helper's own stdin, /dev/null from the supervisor.
     let stdio = [0, log.as_raw_fd(), log.as_raw_fd()];
-    let (pid, report) = match crate::process::child::launch_restricted(&plan.launch, Some(stdio)) {
+    let launched = match crate::process::child::launch_restricted(&plan.launch, Some(stdio), None) {
         Ok(r) => r,
         Err((stage, message)) => ctl.fail(&stage, message),
     };
+    let (pid, report) = (launched.pid, launched.report);
     drop(log);
     ctl.send(&FromHelper::Restricted(report));
     ctl.send(&FromHelper::Running { pid });
