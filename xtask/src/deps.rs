@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("python3", "test servers and scripts"),
     (
+        "python3-requests",
+        "Python's requests, a client in the TLS termination test",
+    ),
+    (
         "openssh-client",
         "ssh, scp, sftp, ssh-keygen: the ssh tests' client",
     ),
