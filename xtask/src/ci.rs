@@ -15,11 +15,10 @@ pub fn run_all() -> Result<()> {
             .args(features)
             .args(["--", "-D", "warnings"]))?;
     }
-    section("cargo xtask test");
+    // README.md's two set-up commands as written there: the main job (its output checked) and
+    // `cargo xtask test`.
     crate::deps::ensure_with(true)?;
-    crate::guest::run(&crate::guest::Opts::parse(&[])?)?;
-    crate::images::run_images(false)?;
-    test(&[])?;
+    crate::readme::run()?;
     println!("\nci: all checks passed");
     Ok(())
 }

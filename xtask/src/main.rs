@@ -11,6 +11,7 @@ mod ci;
 mod deps;
 mod guest;
 mod images;
+mod readme;
 mod util;
 
 use anyhow::{bail, Context, Result};
@@ -36,8 +37,12 @@ commands:
                            vm: 20)
   test [ARGS...]           deps (with --vm), the guest, the test images, then
                            `cargo test --workspace --all-features [ARGS...]` (the README's command)
+  readme                   run README.md's two set-up commands as written there (marked
+                           `<!-- fresh-machine: ... -->`); fails unless the first prints what
+                           the README says it prints
   ci                       cargo fmt --check, cargo clippy -D warnings (with and without
-                           --all-features), then `cargo xtask test`
+                           --all-features), then `cargo xtask readme` (which runs the
+                           README's `cargo xtask test`)
   help                     print this message";
 
 fn main() {
@@ -79,6 +84,10 @@ fn run() -> Result<()> {
             guest::run(&guest::Opts::parse(&[])?)?;
             images::run_images(false)?;
             ci::test(&rest)
+        }
+        "readme" => {
+            no_args("readme", &rest)?;
+            readme::run()
         }
         "ci" => {
             no_args("ci", &rest)?;

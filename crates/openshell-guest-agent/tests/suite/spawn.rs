@@ -76,7 +76,9 @@ fn piped_stdio_and_exit_code() {
         return;
     }
     let agent = Agent::start();
-    let script = "echo out; echo err >&2; read x; echo got $x; exit 3";
+    // Reads to the end of its input, so it is still running when StdinEof arrives (with `read`,
+    // it could exit and the agent close the connection before the test sent StdinEof).
+    let script = "echo out; echo err >&2; x=$(cat); echo got $x; exit 3";
     let mut conn = agent.request(&spawn_request(
         plan(&["/bin/sh", "-c", script]),
         GuestStdio::Piped,
