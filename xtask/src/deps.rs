@@ -51,6 +51,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "tinyproxy-bin",
         "/usr/bin/tinyproxy, peer proxy for the connect benchmark",
     ),
+    (
+        "mitmproxy",
+        "/usr/bin/mitmdump, peer TLS-terminating proxy for the terminate benchmark",
+    ),
 ];
 
 /// Debian packages `cargo xtask guest` and the vm backend's qemu engine need (`deps --vm`).

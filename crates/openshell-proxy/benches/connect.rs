@@ -22,12 +22,15 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{allow_entry, connect_via, document, echo_round_trip, summary_us, BoxError};
+use common::{
+    allow_entry, connect_via, document, echo_round_trip, free_port, is_root, runtime, summary_us,
+    version_line, BoxError, Peer,
+};
 use openshell_policy::Policy;
 use openshell_proxy::{Caller, FixedIdentity, PolicyHandle, Proxy, ProxyConfig, SandboxContext};
 use tokio::net::TcpStream;
@@ -64,40 +67,7 @@ async fn one(via: Via, upstream: SocketAddr) -> Result<(), BoxError> {
     }
 }
 
-/// tinyproxy as a child, killed when dropped.
-struct Tinyproxy {
-    child: Child,
-    addr: SocketAddr,
-    stderr: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Tinyproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> Result<u16, BoxError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
-fn start_tinyproxy(upstream_port: u16) -> Result<Tinyproxy, BoxError> {
-    let bin = std::env::var_os("TINYPROXY").unwrap_or_else(|| "/usr/bin/tinyproxy".into());
+fn start_tinyproxy(upstream_port: u16) -> Result<Peer, BoxError> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let mut conf = String::new();
@@ -111,45 +81,20 @@ fn start_tinyproxy(upstream_port: u16) -> Result<Tinyproxy, BoxError> {
     ));
     let conf_path = dir.path().join("tinyproxy.conf");
     std::fs::write(&conf_path, conf)?;
-    let stderr = dir.path().join("tinyproxy.stderr");
-    let child = Command::new(&bin)
-        .arg("-d")
-        .arg("-c")
-        .arg(&conf_path)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&stderr)?)
-        .stderr(std::fs::File::create(&stderr)?)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", PathBuf::from(&bin).display()))?;
-    let mut t = Tinyproxy {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        stderr,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(status) = t.child.try_wait()? {
-            let out = std::fs::read_to_string(&t.stderr).unwrap_or_default();
-            return Err(format!("tinyproxy exited ({status}) at start:\n{out}").into());
-        }
-        if std::net::TcpStream::connect(t.addr).is_ok() {
-            return Ok(t);
-        }
-        if Instant::now() > deadline {
-            let out = std::fs::read_to_string(&t.stderr).unwrap_or_default();
-            return Err(format!("tinyproxy not listening on {} after 5 s:\n{out}", t.addr).into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut cmd = Command::new(tinyproxy_bin());
+    cmd.arg("-d").arg("-c").arg(&conf_path);
+    Peer::start(
+        "tinyproxy",
+        cmd,
+        dir,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(5),
+        |_| true,
+    )
 }
 
-fn runtime(workers: usize, name: &str) -> Result<tokio::runtime::Runtime, BoxError> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name(name)
-        .enable_all()
-        .build()?)
+fn tinyproxy_bin() -> std::ffi::OsString {
+    std::env::var_os("TINYPROXY").unwrap_or_else(|| "/usr/bin/tinyproxy".into())
 }
 
 /// Completed units per second with `CLIENTS` concurrent loops for
@@ -214,12 +159,11 @@ fn main() -> Result<(), BoxError> {
     let (ours_addr, _ours_task) = ours;
 
     let tiny = start_tinyproxy(upstream.port())?;
-    let version =
-        Command::new(std::env::var_os("TINYPROXY").unwrap_or_else(|| "/usr/bin/tinyproxy".into()))
-            .arg("-v")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
+    let version = version_line({
+        let mut cmd = Command::new(tinyproxy_bin());
+        cmd.arg("-v");
+        cmd
+    });
 
     let client = runtime(2, "bench-client")?;
     let result = client.block_on(async {

@@ -59,6 +59,13 @@ const BENCHES: &[Bench] = &[
         run: proxy::connect,
     },
     Bench {
+        name: "terminate",
+        about: "HTTPS through a TLS-terminating proxy (keep-alive and new-connection latency, \
+                request rate): openshell-proxy vs mitmproxy",
+        needs_sandbox: false,
+        run: proxy::terminate,
+    },
+    Bench {
         name: "update",
         about: "live policy update: file rename -> first CONNECT with the new decision",
         needs_sandbox: false,

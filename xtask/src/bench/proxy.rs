@@ -1,7 +1,8 @@
-//! The egress proxy benchmarks: `decision`, `connect` and `update`. Each is a `harness = false`
-//! bench target of openshell-proxy (`crates/openshell-proxy/benches/NAME.rs`) that measures in
-//! process and prints one JSON object on stdout; here it is built and run with `cargo bench`,
-//! parsed, printed as a table against its targets and written to `target/bench/NAME.json`.
+//! The egress proxy benchmarks: `decision`, `connect`, `terminate` and `update`. Each is a
+//! `harness = false` bench target of openshell-proxy (`crates/openshell-proxy/benches/NAME.rs`)
+//! that measures in process and prints one JSON object on stdout; here it is built and run with
+//! `cargo bench`, parsed, printed as a table against its targets and written to
+//! `target/bench/NAME.json`.
 
 use std::process::Stdio;
 
@@ -17,6 +18,11 @@ const TARGET_DECISION_CACHED_P50_US: f64 = 20.0;
 const TARGET_RATE_RATIO: f64 = 1.0;
 /// Target: p99 latency our proxy adds to CONNECT -> 200 -> echo, in microseconds.
 const TARGET_ADDED_P99_US: f64 = 1000.0;
+/// Target: p99 latency our TLS-terminating proxy adds to a keep-alive HTTPS request, in
+/// microseconds.
+const TARGET_TLS_ADDED_P99_US: f64 = 2000.0;
+/// Target: our keep-alive HTTPS request rate through termination over mitmproxy's.
+const TARGET_TLS_RATE_RATIO: f64 = 0.8;
 /// Target: a new policy file reaches new connections within this long, in microseconds.
 const TARGET_UPDATE_P99_US: f64 = 1_000_000.0;
 
@@ -201,6 +207,90 @@ pub fn connect(ctx: &Ctx) -> Result<()> {
         },
     });
     let path = ctx.write_report("connect", &report)?;
+    println!("  wrote {}", path.display());
+    Ok(())
+}
+
+/// `terminate`: HTTPS through a TLS-terminating proxy, ours vs mitmproxy: keep-alive request
+/// latency, new-connection latency and keep-alive request rate.
+pub fn terminate(ctx: &Ctx) -> Result<()> {
+    let out = cargo_bench(ctx, "terminate")?;
+    let ours_rate = num(&out, &["ours", "rate", "per_s"])?;
+    let mitm_rate = num(&out, &["mitmproxy", "rate", "per_s"])?;
+    let rate_ratio = ours_rate / mitm_rate;
+    let ours_added_p99 = num(&out, &["ours", "keepalive_added", "p99_us"])?;
+    let rate_ok = rate_ratio >= TARGET_TLS_RATE_RATIO;
+    let added_ok = ours_added_p99 <= TARGET_TLS_ADDED_P99_US;
+
+    let machine = machine();
+    println!();
+    print_machine(&machine);
+    println!(
+        "HTTPS GET -> {} B, upstream {} (rustls); {}; client: rustls, no session resumption",
+        out["body_bytes"],
+        out["upstream"].as_str().unwrap_or("?"),
+        out["mitmproxy_version"]
+            .as_str()
+            .unwrap_or("mitmproxy, version unknown")
+    );
+    println!(
+        "  keep-alive: {} sequential GETs on one connection each; new connection: {} x CONNECT \
+         + handshake + GET + close (both interleaved); rate: {} keep-alive clients, {} rounds \
+         of {} s",
+        out["keepalive_requests"],
+        out["new_connections"],
+        out["clients"],
+        out["rate_rounds"],
+        out["rate_secs"]
+    );
+    println!(
+        "  {:<10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>7}",
+        "", "ka p50", "ka p95", "ka p99", "+ka p99", "new p50", "new p99", "req/s", "failed"
+    );
+    for name in ["direct", "ours", "mitmproxy"] {
+        let r = &out[name];
+        let added = num(r, &["keepalive_added", "p99_us"]).map_or_else(|_| "-".to_owned(), us);
+        println!(
+            "  {name:<10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10.0} {:>7}",
+            us(num(r, &["keepalive", "p50_us"])?),
+            us(num(r, &["keepalive", "p95_us"])?),
+            us(num(r, &["keepalive", "p99_us"])?),
+            added,
+            us(num(r, &["new_connection", "p50_us"])?),
+            us(num(r, &["new_connection", "p99_us"])?),
+            num(r, &["rate", "per_s"])?,
+            r["rate"]["failed"]
+        );
+    }
+    let ratios = &out["ours_over_mitmproxy"];
+    println!(
+        "  ratio ours/mitmproxy: rate {rate_ratio:.2}, keep-alive p99 {}, new-connection p99 {}",
+        ratios["keepalive_p99"], ratios["new_connection_p99"]
+    );
+    println!(
+        "  target rate >= {TARGET_TLS_RATE_RATIO:.1}x mitmproxy's: {} ({ours_rate:.0} vs \
+         {mitm_rate:.0} req/s)",
+        verdict(rate_ok)
+    );
+    println!(
+        "  target added keep-alive p99 <= {}: {} ({})",
+        us(TARGET_TLS_ADDED_P99_US),
+        verdict(added_ok),
+        us(ours_added_p99)
+    );
+    let report = serde_json::json!({
+        "benchmark": "terminate",
+        "machine": machine,
+        "results": out,
+        "rate_ratio": round3(rate_ratio),
+        "targets": {
+            "rate_ratio_min": TARGET_TLS_RATE_RATIO,
+            "rate_ok": rate_ok,
+            "keepalive_added_p99_us_max": TARGET_TLS_ADDED_P99_US,
+            "keepalive_added_p99_ok": added_ok,
+        },
+    });
+    let path = ctx.write_report("terminate", &report)?;
     println!("  wrote {}", path.display());
     Ok(())
 }

@@ -1,13 +1,16 @@
 //! Shared by the proxy benchmarks (`benches/*.rs`, `harness = false`): a
 //! generated 100-policy network section, raw CONNECT clients, an echo
-//! upstream and percentile summaries. Each benchmark prints one JSON object
-//! on stdout (read by `cargo xtask bench`); progress goes to stderr.
+//! upstream, percentile summaries, runtimes and peer programs run as
+//! children. Each benchmark prints one JSON object on stdout (read by
+//! `cargo xtask bench`); progress goes to stderr.
 
 #![allow(dead_code)]
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -59,8 +62,24 @@ pub fn generated_policies(n: usize) -> String {
 
 /// One policy letting `binary` reach `host:port`, loopback allowed.
 pub fn allow_entry(key: &str, host: &str, port: u16, binary: &str) -> String {
+    allow_entry_with(key, host, port, binary, &[])
+}
+
+/// [`allow_entry`] with more fields on its endpoint, one `key: value` each
+/// (e.g. `tls: terminate`, `access: read-only`).
+pub fn allow_entry_with(
+    key: &str,
+    host: &str,
+    port: u16,
+    binary: &str,
+    endpoint_fields: &[&str],
+) -> String {
+    let mut fields = String::new();
+    for f in endpoint_fields {
+        let _ = writeln!(fields, "        {f}");
+    }
     format!(
-        "  {key}:\n    endpoints:\n      - host: \"{host}\"\n        port: {port}\n        allowed_ips: [\"127.0.0.0/8\"]\n    binaries:\n      - path: {binary}\n"
+        "  {key}:\n    endpoints:\n      - host: \"{host}\"\n        port: {port}\n        allowed_ips: [\"127.0.0.0/8\"]\n{fields}    binaries:\n      - path: {binary}\n"
     )
 }
 
@@ -82,7 +101,7 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// p50, p90, p99, mean, min and max of durations, in microseconds.
+/// p50, p90, p95, p99, mean, min and max of durations, in microseconds.
 pub fn summary_us(samples: &[Duration]) -> serde_json::Value {
     let mut us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
     us.sort_by(f64::total_cmp);
@@ -91,6 +110,7 @@ pub fn summary_us(samples: &[Duration]) -> serde_json::Value {
         "samples": us.len(),
         "p50_us": round3(percentile(&us, 50.0)),
         "p90_us": round3(percentile(&us, 90.0)),
+        "p95_us": round3(percentile(&us, 95.0)),
         "p99_us": round3(percentile(&us, 99.0)),
         "mean_us": round3(mean),
         "min_us": round3(us.first().copied().unwrap_or(f64::NAN)),
@@ -158,4 +178,124 @@ pub async fn echo_round_trip(s: &mut TcpStream, payload: &[u8]) -> Result<(), Bo
         return Err("echo returned different bytes".into());
     }
     Ok(())
+}
+
+/// A multi-threaded runtime of `workers` threads named `name`.
+pub fn runtime(workers: usize, name: &str) -> Result<tokio::runtime::Runtime, BoxError> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
+/// A TCP port free on 127.0.0.1 a moment ago (for a peer program's listener).
+pub fn free_port() -> Result<u16, BoxError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Whether this process runs with effective uid 0.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A peer program (the proxy we compare with) run as a child with a
+/// working directory of its own; killed and reaped when dropped, also when
+/// the benchmark fails, and its directory removed after.
+pub struct Peer {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its stdout and stderr.
+    log: PathBuf,
+    /// Its configuration and state (removed when dropped, after the kill).
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Peer {
+    /// Start `cmd` (`name` in messages) with its output in a log in `dir`
+    /// and wait, at most `within`, until `addr` accepts connections and
+    /// `ready` (given `dir`) holds.
+    pub fn start(
+        name: &str,
+        mut cmd: Command,
+        dir: tempfile::TempDir,
+        addr: SocketAddr,
+        within: Duration,
+        ready: impl Fn(&std::path::Path) -> bool,
+    ) -> Result<Peer, BoxError> {
+        let log = dir.path().join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        let mut peer = Peer {
+            child,
+            addr,
+            log,
+            dir,
+        };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = peer.child.try_wait()? {
+                return Err(format!("{name} exited ({status}) at start:\n{}", peer.log()).into());
+            }
+            if ready(peer.dir.path()) && std::net::TcpStream::connect(peer.addr).is_ok() {
+                return Ok(peer);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{name} not ready on {} after {within:?}:\n{}",
+                    peer.addr,
+                    peer.log()
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What it printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A program's version line: the first line `cmd` prints, or empty.
+pub fn version_line(mut cmd: Command) -> String {
+    cmd.stdin(Stdio::null())
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
 }
