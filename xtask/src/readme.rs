@@ -41,8 +41,8 @@ pub struct SetUp {
 
 pub fn run() -> Result<()> {
     let path = project_root().join("README.md");
-    let readme =
-        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let readme = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let setup = parse(&readme).with_context(|| format!("{}: set-up commands", path.display()))?;
 
     println!("\n=== README.md line {}: the main job ===", setup.run.line);
@@ -63,7 +63,10 @@ pub fn run() -> Result<()> {
         setup.run_prints.line
     );
 
-    println!("\n=== README.md line {}: the test suite ===", setup.test.line);
+    println!(
+        "\n=== README.md line {}: the test suite ===",
+        setup.test.line
+    );
     run_shown(&setup.test.text, &project_root())
 }
 
@@ -110,7 +113,10 @@ pub fn parse(readme: &str) -> Result<SetUp> {
         }
         let text = body.join("\n");
         if text.trim().is_empty() {
-            bail!("line {}: the fenced block after `{marker}` is empty", open + 1);
+            bail!(
+                "line {}: the fenced block after `{marker}` is empty",
+                open + 1
+            );
         }
         Ok(Block { line: i + 1, text })
     };
