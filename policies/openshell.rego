@@ -12,7 +12,7 @@
 #
 # data.network_policies: built by openshell-policy from the validated policy:
 #   {<key>: {name, binaries: [pattern], endpoints: [{host (string or null),
-#    ports: [int], enforcement: "enforce"|"audit", access (string or null),
+#    ports: [int], enforcement: "enforce"|"audit"|"ask", access (string or null),
 #    rules: [{method, path}], deny_rules: [{method, path}],
 #    allowed_ips: [cidr], tls: "terminate"|"passthrough"|null,
 #    protocol: "rest"|"websocket"|"tcp"|null}]}}
@@ -36,6 +36,13 @@
 #            match allows the request even when its L7 rules would not; the
 #            decision then has enforcement "audit" and the reason says what
 #            would have been denied. Audit never opens host, port or binary.
+#   ask      an endpoint with enforcement "ask" matches exactly as "enforce"
+#            does; an allow through it has enforcement "ask", and the proxy
+#            holds the connection or request until a person answers (or lets
+#            it through at once when that endpoint and binary were approved
+#            for the sandbox's lifetime). Among full matches one that does
+#            not ask comes first, so asking never holds what another policy
+#            allows outright.
 #
 # CONNECT (no input.request): the decision's "connect" says how the tunnel
 # is carried. An endpoint without L7 constraints (no access, rules or
@@ -49,7 +56,9 @@
 # termination, then the refusal. For requests, "connect" is null.
 #
 # When several policies allow, the lexicographically smallest key wins
-# (deterministic, no rule conflicts). An allowed request's "websocket" says
+# (deterministic, no rule conflicts), after the refusals and the ask
+# endpoints have been put last. An allow names its endpoint ("endpoint": its
+# index in the winning policy's endpoints). An allowed request's "websocket" says
 # whether the endpoint that allowed it has protocol: websocket (the proxy
 # lets an Upgrade: websocket request through only then).
 
@@ -255,14 +264,27 @@ flag(x, m) := 1 if x in m
 
 flag(x, m) := 0 if not x in m
 
-# [rank, key, index]: for CONNECT, the way the tunnel is carried first.
-full_matches := sort([[r, key, i] |
+refused_rank(3) := 1
+
+refused_rank(r) := 0 if r != 3
+
+asks(ep) := 1 if ep.enforcement == "ask"
+
+asks(ep) := 0 if ep.enforcement != "ask"
+
+# [refused, asks, rank, key, index]: a match that can be carried before a
+# refused one, one that does not ask before one that asks, then (CONNECT)
+# the way the tunnel is carried.
+full_matches := sort([[refused_rank(r), asks(ep), r, key, i] |
 	some c in candidates
 	c[0] == 0
 	key := c[3]
 	i := c[4]
-	r := match_rank(policies[key].endpoints[i])
+	ep := policies[key].endpoints[i]
+	r := match_rank(ep)
 ])
+
+first_match := full_matches[0]
 
 l7_parts := {"method", "path"}
 
@@ -325,14 +347,15 @@ connect_denied := "deny" if not has_request
 
 decision := d if {
 	count(full_matches) > 0
-	full_matches[0][0] != 1
-	full_matches[0][0] < 3
-	rank := full_matches[0][0]
-	key := full_matches[0][1]
-	ep := policies[key].endpoints[full_matches[0][2]]
+	first_match[2] != 1
+	first_match[2] < 3
+	rank := first_match[2]
+	key := first_match[3]
+	ep := policies[key].endpoints[first_match[4]]
 	d := {
 		"allow": true,
 		"policy": key,
+		"endpoint": first_match[4],
 		"enforcement": ep.enforcement,
 		"reason": sprintf("%s to %s by %s allowed by policy %s", [request_text, target, input.exec.path, key]),
 		"missing": [],
@@ -349,12 +372,13 @@ tls_suggestion(key) := sprintf("add tls: terminate to the endpoint for %s in net
 # A tunnel to an audited endpoint whose method/path rules it cannot enforce.
 decision := d if {
 	count(full_matches) > 0
-	full_matches[0][0] == 1
-	key := full_matches[0][1]
-	ep := policies[key].endpoints[full_matches[0][2]]
+	first_match[2] == 1
+	key := first_match[3]
+	ep := policies[key].endpoints[first_match[4]]
 	d := {
 		"allow": true,
 		"policy": key,
+		"endpoint": first_match[4],
 		"enforcement": "audit",
 		"reason": sprintf("audit: %s to %s by %s would be denied by policy %s (its method and path rules need tls: terminate; a tunnel cannot enforce them); allowed because the endpoint is in audit mode", [request_text, target, input.exec.path, key]),
 		"missing": ["tls"],
@@ -369,8 +393,8 @@ decision := d if {
 # Every match has method/path rules that only termination could enforce.
 decision := d if {
 	count(full_matches) > 0
-	full_matches[0][0] == 3
-	key := full_matches[0][1]
+	first_match[2] == 3
+	key := first_match[3]
 	d := {
 		"allow": false,
 		"policy": null,
@@ -394,6 +418,7 @@ decision := d if {
 	d := {
 		"allow": true,
 		"policy": key,
+		"endpoint": audit_matches[0][1],
 		"enforcement": "audit",
 		"reason": sprintf("audit: %s to %s would be denied by policy %s (missing %s); allowed because the endpoint is in audit mode", [request_text, target, key, concat(", ", m)]),
 		"missing": m,

@@ -1,6 +1,7 @@
 mod common;
 
 mod api;
+mod approvals;
 mod bad_input;
 mod cleanup;
 mod egress;

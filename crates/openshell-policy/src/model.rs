@@ -175,6 +175,14 @@ impl NetworkPolicies {
     pub fn len(&self) -> usize {
         self.policies.len()
     }
+
+    /// True when some endpoint says `enforcement: ask`.
+    pub fn asks(&self) -> bool {
+        self.policies
+            .values()
+            .flat_map(|p| &p.endpoints)
+            .any(|ep| ep.enforcement == Enforcement::Ask)
+    }
 }
 
 impl FromIterator<(String, NetworkPolicy)> for NetworkPolicies {
@@ -221,7 +229,8 @@ pub enum TlsMode {
     Skip,
 }
 
-/// Whether an endpoint's L7 rules deny or only report.
+/// Whether an endpoint's L7 rules deny or only report, and whether what they allow needs a
+/// person's approval first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Enforcement {
@@ -230,6 +239,20 @@ pub enum Enforcement {
     Enforce,
     /// Requests outside the rules are allowed and reported.
     Audit,
+    /// As `Enforce`, and what the endpoint allows is held until a person approves it (once,
+    /// or for the sandbox's lifetime) or denies it; no answer in time is a deny.
+    Ask,
+}
+
+impl Enforcement {
+    /// The YAML spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+            Self::Ask => "ask",
+        }
+    }
 }
 
 /// L7 access preset.
@@ -279,7 +302,7 @@ pub struct Endpoint {
     pub protocol: Option<Protocol>,
     /// TLS handling, if given.
     pub tls: Option<TlsMode>,
-    /// Enforce or audit the L7 rules.
+    /// Enforce or audit the L7 rules, or ask a person first.
     pub enforcement: Enforcement,
     /// Access preset (exclusive with `rules`).
     pub access: Option<Access>,

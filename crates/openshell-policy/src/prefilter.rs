@@ -4,8 +4,10 @@
 //! network section: the decision is the first pair of
 //! `sort([count(missing), host missing, port missing, key, index, missing])`
 //! (an allow when it misses nothing), or the first audit match; a CONNECT
-//! picks among all full matches by how its tunnel is carried, so for a
-//! CONNECT every policy that may match fully is kept. Evaluating
+//! picks among all full matches by how its tunnel is carried, and any
+//! decision puts full matches through `enforcement: ask` endpoints after the
+//! others, so for a CONNECT, and for every decision of a section with an ask
+//! endpoint, every policy that may match fully is kept. Evaluating
 //! that over a large section costs the regorus interpreter tens of
 //! milliseconds, so [`Index::select`] works out, per pair, which parts are
 //! certainly missing, certainly present or unknown (globs are only tested
@@ -174,6 +176,9 @@ struct PolicyIx {
 #[derive(Debug, Clone)]
 pub(crate) struct Index {
     policies: Vec<PolicyIx>,
+    /// Some endpoint says `enforcement: ask`: the first full match is then not always the
+    /// first candidate.
+    asks: bool,
 }
 
 /// The request as the Rego module sees it (`req_host`, `exec_paths`, ...).
@@ -195,12 +200,15 @@ type SortKey = (u32, u32, u32, usize, usize);
 impl Index {
     /// `None` when some pattern uses syntax the filter does not model; the
     /// engine then always evaluates the whole section.
-    pub(crate) fn new(policies: &NetworkPolicies) -> Option<Self> {
-        let policies = policies
+    pub(crate) fn new(network: &NetworkPolicies) -> Option<Self> {
+        let ixs = network
             .iter()
             .map(|(_, p)| policy_ix(p))
             .collect::<Option<Vec<_>>>()?;
-        Some(Self { policies })
+        Some(Self {
+            policies: ixs,
+            asks: network.asks(),
+        })
     }
 
     /// Number of policies.
@@ -253,11 +261,12 @@ impl Index {
             return Vec::new();
         };
         // A CONNECT ranks its full matches by how the tunnel is carried
-        // (`connect_rank`), so every pair that may match fully is kept.
-        let connect = q.request.is_none();
+        // (`connect_rank`), and every decision puts ask endpoints' full
+        // matches last, so then every pair that may match fully is kept.
+        let all_full = q.request.is_none() || self.asks;
         let mut out: Vec<usize> = bounds
             .iter()
-            .filter(|(lower, _, audit)| *audit || *lower <= best || (connect && lower.0 == 0))
+            .filter(|(lower, _, audit)| *audit || *lower <= best || (all_full && lower.0 == 0))
             .map(|(lower, _, _)| lower.3)
             .collect();
         out.dedup();

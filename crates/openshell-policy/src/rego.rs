@@ -90,7 +90,11 @@ pub struct Decision {
     pub allow: bool,
     /// Key of the policy that allowed it.
     pub policy: Option<String>,
-    /// `audit` when allowed only because the endpoint is in audit mode.
+    /// For an allow: the index of the endpoint that allowed it in that policy's endpoints.
+    #[serde(default)]
+    pub endpoint: Option<usize>,
+    /// `audit` when allowed only because the endpoint is in audit mode; `ask` when the
+    /// endpoint that allowed it wants a person's approval first (the proxy holds it).
     pub enforcement: Enforcement,
     /// One sentence for logs, a person or an agent.
     pub reason: String,

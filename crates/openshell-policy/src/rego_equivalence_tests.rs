@@ -1,7 +1,7 @@
 //! The prefiltered `decide` against the whole-section evaluation, on
 //! generated sections and inputs (allow and deny, exact and glob hosts and
 //! binaries, ancestors, hostless endpoints, L7 access/rules/deny_rules,
-//! tls and audit).
+//! tls, audit and ask).
 
 use std::fmt::Write as _;
 
@@ -80,8 +80,14 @@ fn section(rng: &mut Rng, policies: usize) -> String {
                     let _ = writeln!(y, "        port: 8443");
                 }
             }
-            if rng.below(4) == 0 {
-                let _ = writeln!(y, "        enforcement: audit");
+            match rng.below(8) {
+                0 | 1 => {
+                    let _ = writeln!(y, "        enforcement: audit");
+                }
+                2 | 3 => {
+                    let _ = writeln!(y, "        enforcement: ask");
+                }
+                _ => {}
             }
             let l7 = match rng.below(4) {
                 0 => {
@@ -186,7 +192,7 @@ fn input(rng: &mut Rng) -> DecisionInput {
 #[test]
 fn prefiltered_decisions_equal_whole_section_decisions() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let (mut allowed, mut audited, mut denied, mut filtered) = (0, 0, 0, 0);
+    let (mut allowed, mut audited, mut asked, mut denied, mut filtered) = (0, 0, 0, 0, 0);
     let (mut seen_deny_rules, mut seen_hostless) = (false, false);
     for round in 0..12 {
         let text = section(&mut rng, [1, 3, 8, 20, 40][round % 5]);
@@ -206,6 +212,7 @@ fn prefiltered_decisions_equal_whole_section_decisions() {
             assert_eq!(fast, full, "input {i:?}\nselected {selected:?}\n{text}");
             match (fast.allow, fast.enforcement) {
                 (true, crate::model::Enforcement::Audit) => audited += 1,
+                (true, crate::model::Enforcement::Ask) => asked += 1,
                 (true, _) => allowed += 1,
                 (false, _) => denied += 1,
             }
@@ -213,8 +220,8 @@ fn prefiltered_decisions_equal_whole_section_decisions() {
     }
     // The generator reaches every kind of decision, mostly through the filter.
     assert!(
-        allowed > 50 && audited > 10 && denied > 50,
-        "{allowed} {audited} {denied}"
+        allowed > 50 && audited > 10 && asked > 10 && denied > 50,
+        "{allowed} {audited} {asked} {denied}"
     );
     assert!(filtered > 900, "{filtered}");
     assert!(seen_deny_rules && seen_hostless);

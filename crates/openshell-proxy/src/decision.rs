@@ -6,7 +6,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use openshell_policy::{Decision, DecisionInput, ExecInfo, HttpRequest, NetworkTarget, RegoError};
+use openshell_policy::{
+    Decision, DecisionInput, Endpoint, Enforcement, ExecInfo, HttpRequest, NetworkTarget, RegoError,
+};
 
 use crate::identity::Caller;
 use crate::policy::PolicyHandle;
@@ -63,6 +65,9 @@ pub struct Decided {
     pub cached: bool,
     /// Policy generation the decision was made with.
     pub generation: u64,
+    /// For an allow through an `enforcement: ask` endpoint: that endpoint, as it is in that
+    /// generation (what an `allow-always` answer is kept for).
+    pub asked: Option<Endpoint>,
 }
 
 impl std::fmt::Debug for Decider {
@@ -108,8 +113,15 @@ impl Decider {
             port,
             generation,
         });
+        let asked = |d: &Decision| match (d.allow, d.enforcement, &d.policy, d.endpoint) {
+            (true, Enforcement::Ask, Some(key), Some(index)) => {
+                snapshot.endpoint(key, index).cloned()
+            }
+            _ => None,
+        };
         if let Some(decision) = key.as_ref().and_then(|k| self.cache.get(k)) {
             return Decided {
+                asked: asked(&decision),
                 decision: Ok(decision),
                 cached: true,
                 generation,
@@ -135,6 +147,7 @@ impl Decider {
             self.cache.insert(k, d.clone());
         }
         Decided {
+            asked: decision.as_ref().ok().and_then(asked),
             decision,
             cached: false,
             generation,
@@ -177,6 +190,8 @@ pub(crate) struct Record<'a> {
     pub(crate) method: Option<&'a str>,
     pub(crate) path: Option<&'a str>,
     pub(crate) cached: bool,
+    /// The approval question this connection or request waited on.
+    pub(crate) approval: Option<&'a str>,
 }
 
 /// Longest text of one field in a decision event or audit line, in bytes; longer text is
@@ -229,17 +244,15 @@ impl Record<'_> {
             method = %clip(self.method.unwrap_or("")),
             path = %clip(self.path.unwrap_or("")),
             cached = self.cached,
+            approval = %self.approval.unwrap_or(""),
             "egress decision"
         );
     }
 
     /// The same fields as one JSON object, each text field cut to [`FIELD_MAX`] bytes.
     pub(crate) fn to_json(&self) -> serde_json::Value {
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        serde_json::json!({
+        let ts = now_ts();
+        let mut line = serde_json::json!({
             "ts": ts,
             "sandbox": clip(self.sandbox),
             "src": clip(self.src),
@@ -254,8 +267,20 @@ impl Record<'_> {
             "generation": self.generation,
             "method": self.method.map(clip),
             "path": self.path.map(clip),
-        })
+        });
+        if let (Some(id), Some(map)) = (self.approval, line.as_object_mut()) {
+            map.insert("approval".into(), serde_json::Value::from(clip(id)));
+        }
+        line
     }
+}
+
+/// Seconds since the epoch, for audit lines.
+pub(crate) fn now_ts() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Appends decision records as JSON lines, rotating the file at a size: when a line would
@@ -330,7 +355,12 @@ impl AuditLog {
 
     /// One line per record, written with a single `write_all` on an `O_APPEND` file.
     pub(crate) fn append(&self, record: &Record<'_>) {
-        let mut line = record.to_json().to_string();
+        self.append_value(&record.to_json());
+    }
+
+    /// One JSON object as one line (its text fields already clipped).
+    pub(crate) fn append_value(&self, value: &serde_json::Value) {
+        let mut line = value.to_string();
         line.push('\n');
         let mut open = match self.file.lock() {
             Ok(open) => open,
@@ -469,6 +499,7 @@ mod tests {
             method: None,
             path: None,
             cached: false,
+            approval: None,
         }
     }
 

@@ -54,6 +54,16 @@
 //!   as one JSON line (text fields cut at 1024 bytes, the file rotated at a size).
 //! - A connection over the sandbox's limit is answered 503 by the accept loop and closed.
 //!
+//! # Approvals
+//! An allow through an endpoint with `enforcement: ask` is held before anything is resolved
+//! or sent upstream, unless an `allow-always` answer for that sandbox, policy, endpoint and
+//! binary is in force: a question waits in [`Approvals`] (with [`ProxyConfig::approvals`];
+//! without it the allow is a deny naming `--approval-listen`) until a person answers through
+//! [`approval::http::serve`] or the timeout denies it. The caller of an approved TCP
+//! connection is identified and verified once more before it goes on. A terminated CONNECT
+//! that was approved carries its requests through that endpoint without asking again; a
+//! request inside it that another ask endpoint allows asks with its method and path.
+//!
 //! # Live policy
 //! [`PolicyHandle::update`] swaps the compiled policy atomically; the next
 //! decision uses the new generation (the CONNECT cache is keyed by
@@ -73,6 +83,7 @@
 //! fetches, connection limit reached. `debug`: malformed requests and relay
 //! errors (the client already got its answer).
 
+pub mod approval;
 #[cfg(feature = "terminate")]
 pub mod credentials;
 mod decision;
@@ -88,6 +99,7 @@ mod tls;
 #[cfg(feature = "watch")]
 pub mod watch;
 
+pub use approval::{Answer, AnswerError, ApprovalConfig, Approvals};
 pub use decision::{AuditRotation, Decided, Decider};
 pub use identity::{
     Caller, Connector, FixedIdentity, Identified, IdentityError, IdentityResolver, ProcKey,

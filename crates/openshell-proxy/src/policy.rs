@@ -1,11 +1,14 @@
 //! The live network policy: a compiled [`DecisionEngine`] and its generation
-//! number behind an atomic swap.
+//! number behind an atomic swap, and the `allow-always` answers that hold while their
+//! endpoint is in it.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use openshell_policy::{
-    Decision, DecisionEngine, DecisionInput, Policy, PolicyError, RegoError, StaticSectionChanged,
+    Decision, DecisionEngine, DecisionInput, Endpoint, Policy, PolicyError, RegoError,
+    StaticSectionChanged,
 };
 
 /// Why a policy update was refused. The previous policy stays in force.
@@ -45,6 +48,11 @@ impl Snapshot {
         })
     }
 
+    /// Endpoint `index` of policy `key` in this generation.
+    pub(crate) fn endpoint(&self, key: &str, index: usize) -> Option<&Endpoint> {
+        self.policy.network.get(key)?.endpoints.get(index)
+    }
+
     /// Evaluate one input with an engine of this generation.
     pub(crate) fn decide(&self, input: &DecisionInput) -> Result<Decision, RegoError> {
         let pooled = self.pool.lock().ok().and_then(|mut p| p.pop());
@@ -71,6 +79,28 @@ struct Inner {
     current: ArcSwap<Snapshot>,
     /// Serialises updates so generations increase in swap order.
     update_lock: Mutex<()>,
+    /// `allow-always` answers: kept with the policy, and only while their endpoint is in it.
+    grants: Mutex<Vec<Grant>>,
+}
+
+/// An `allow-always` answer: `binary` of `sandbox` may use this endpoint of policy `policy`
+/// without asking, for as long as the sandbox runs and the policy in force has that endpoint
+/// unchanged (a live update that removes or changes it drops the grant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Grant {
+    pub(crate) sandbox: String,
+    pub(crate) policy: String,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) binary: PathBuf,
+}
+
+impl Grant {
+    fn holds_in(&self, policy: &Policy) -> bool {
+        policy
+            .network
+            .get(&self.policy)
+            .is_some_and(|p| p.endpoints.contains(&self.endpoint))
+    }
 }
 
 impl std::fmt::Debug for PolicyHandle {
@@ -89,6 +119,7 @@ impl PolicyHandle {
             inner: Arc::new(Inner {
                 current: ArcSwap::from_pointee(snapshot),
                 update_lock: Mutex::new(()),
+                grants: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -110,7 +141,61 @@ impl PolicyHandle {
         let generation = current.generation + 1;
         let snapshot = Snapshot::build(new.clone(), generation)?;
         self.inner.current.store(Arc::new(snapshot));
+        // Grants live only as long as their endpoint does.
+        let mut grants = self
+            .inner
+            .grants
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        grants.retain(|g| {
+            let holds = g.holds_in(new);
+            if !holds {
+                tracing::info!(
+                    target: "openshell::decision",
+                    event = "approval.grant_dropped",
+                    sandbox = %g.sandbox,
+                    policy = %g.policy,
+                    binary = %g.binary.display(),
+                    generation,
+                    "an allow-always answer no longer applies: the policy update removed or changed its endpoint"
+                );
+            }
+            holds
+        });
         Ok(generation)
+    }
+
+    /// Record an `allow-always` answer, if the policy in force still has its endpoint
+    /// (false otherwise: a grant for an endpoint that is gone would never be dropped).
+    pub(crate) fn grant(&self, grant: Grant) -> bool {
+        // Under the update lock: no update can remove the endpoint between the check and the
+        // insertion without pruning the new grant.
+        let _guard = self
+            .inner
+            .update_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !grant.holds_in(&self.inner.current.load().policy) {
+            return false;
+        }
+        let mut grants = self
+            .inner
+            .grants
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !grants.contains(&grant) {
+            grants.push(grant);
+        }
+        true
+    }
+
+    /// Whether an `allow-always` answer covers this.
+    pub(crate) fn granted(&self, grant: &Grant) -> bool {
+        self.inner
+            .grants
+            .lock()
+            .map(|g| g.contains(grant))
+            .unwrap_or(false)
     }
 
     /// Parse policy YAML (`source_name` labels errors) and [`update`](Self::update).

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openshell_policy::types::normalise_host;
-use openshell_policy::{ConnectMode, Decision, Enforcement, HttpRequest, IpNet};
+use openshell_policy::{ConnectMode, Decision, Endpoint, Enforcement, HttpRequest, IpNet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::approval::{Answer, ApprovalConfig, Approvals, Question, Settled};
 use crate::decision::{deny_body, Action, AuditLog, AuditRotation, Decided, Decider, Record};
 use crate::http::{self, Head, ReadError, Target};
 use crate::identity::{
@@ -43,6 +44,9 @@ pub struct ProxyConfig {
     /// Limit for receiving a whole request head (and the Unix preamble);
     /// slower clients get 408.
     pub header_timeout: Duration,
+    /// Ask a person about what `enforcement: ask` endpoints allow. `None`: nobody is there
+    /// to ask, and such an allow is a deny that says so.
+    pub approvals: Option<ApprovalConfig>,
 }
 
 impl Default for ProxyConfig {
@@ -54,6 +58,7 @@ impl Default for ProxyConfig {
             audit_rotation: AuditRotation::default(),
             connect_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(30),
+            approvals: None,
         }
     }
 }
@@ -139,7 +144,9 @@ impl std::fmt::Debug for Proxy {
 struct Inner {
     config: ProxyConfig,
     decider: Decider,
-    audit: Option<AuditLog>,
+    audit: Option<Arc<AuditLog>>,
+    /// The questions held connections wait on (with [`ProxyConfig::approvals`]).
+    approvals: Option<Approvals>,
     /// The host's own addresses, refused as destinations like loopback.
     host_addresses: HostAddresses,
 }
@@ -160,20 +167,31 @@ impl Proxy {
         if config.header_limit < 1024 {
             return Err(ProxyError::Config("header_limit must be at least 1024"));
         }
+        if config.approvals.is_some_and(|a| a.max_pending == 0) {
+            return Err(ProxyError::Config(
+                "approvals.max_pending must be at least 1",
+            ));
+        }
         let audit = match &config.audit_log {
-            Some(path) => Some(AuditLog::open(path.clone(), config.audit_rotation).map_err(
-                |source| ProxyError::AuditLog {
-                    path: path.clone(),
-                    source,
-                },
-            )?),
+            Some(path) => Some(Arc::new(
+                AuditLog::open(path.clone(), config.audit_rotation).map_err(|source| {
+                    ProxyError::AuditLog {
+                        path: path.clone(),
+                        source,
+                    }
+                })?,
+            )),
             None => None,
         };
+        let approvals = config
+            .approvals
+            .map(|a| Approvals::new(a, policy.clone(), audit.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 decider: Decider::new(policy),
                 audit,
+                approvals,
                 host_addresses: HostAddresses::watch(),
             }),
         })
@@ -182,6 +200,12 @@ impl Proxy {
     /// The policy handle this proxy decides with.
     pub fn policy(&self) -> &PolicyHandle {
         self.inner.decider.policy()
+    }
+
+    /// The questions about `enforcement: ask` endpoints, to answer them
+    /// ([`crate::approval::http::serve`]); `None` without [`ProxyConfig::approvals`].
+    pub fn approvals(&self) -> Option<&Approvals> {
+        self.inner.approvals.as_ref()
     }
 
     /// Serve one sandbox's TCP listener (the process backend's edge address).
@@ -320,6 +344,23 @@ async fn reply<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) 
     .await;
 }
 
+/// Most client bytes kept while a connection waits for approval.
+const HOLD_BUFFER: usize = 64 * 1024;
+
+/// Read the client while it waits (for approval), appending to `buf` up to [`HOLD_BUFFER`]
+/// bytes; returns when the client closes or fails (and never once the buffer is full).
+async fn watch_client<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 4096];
+    while buf.len() < HOLD_BUFFER {
+        let want = chunk.len().min(HOLD_BUFFER - buf.len());
+        match stream.read(&mut chunk[..want]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
 /// Longest lingering close after an error response.
 const LINGER: Duration = Duration::from_secs(2);
 /// Most bytes drained during a lingering close.
@@ -371,6 +412,10 @@ struct Outcome {
     cached: bool,
     /// Policy generation the decision was made with.
     generation: u64,
+    /// For an allow through an `enforcement: ask` endpoint: that endpoint.
+    asked: Option<Endpoint>,
+    /// The approval question it waited on.
+    approval: Option<String>,
 }
 
 impl Outcome {
@@ -383,7 +428,19 @@ impl Outcome {
             status: 403,
             cached: false,
             generation,
+            asked: None,
+            approval: None,
         }
+    }
+
+    /// This outcome, now a deny for `reason` (missing `approval`), keeping the policy that
+    /// asked and the question.
+    fn refuse_approval(&mut self, reason: String) {
+        let policy = self.decision.policy.clone();
+        let approval = self.approval.take();
+        *self = Outcome::deny(reason, vec!["approval".into()], self.generation);
+        self.decision.closest_policy = policy;
+        self.approval = approval;
     }
 
     fn allowed(&self) -> bool {
@@ -395,6 +452,7 @@ fn denied(reason: String, missing: Vec<String>, suggestion: Option<String>) -> D
     Decision {
         allow: false,
         policy: None,
+        endpoint: None,
         enforcement: Enforcement::Enforce,
         reason,
         missing,
@@ -584,6 +642,49 @@ impl Inner {
                 );
             }
         }
+        // An allow through an ask endpoint waits for a person's answer (or an allow-always
+        // one), before anything is resolved or sent upstream.
+        let mut approved = None;
+        if let (true, Enforcement::Ask, Ok(c)) = (
+            outcome.allowed(),
+            outcome.decision.enforcement,
+            caller.as_ref(),
+        ) {
+            let request = match &head.target {
+                Target::Forward { path, .. } => Some((head.method.as_str(), path.as_str())),
+                Target::Connect { .. } => None,
+            };
+            let host = normalise_host(head.target.host());
+            approved = self
+                .hold(
+                    &mut stream,
+                    &mut buf,
+                    sandbox,
+                    c,
+                    (&host, head.target.port()),
+                    request,
+                    &mut outcome,
+                )
+                .await;
+            // The answer was for the program the question named: on a TCP listener it is
+            // identified and verified once more (the guest agent vouches for its callers).
+            if let (true, Some(_), Who::Tcp { peer, local }) =
+                (outcome.allowed(), &outcome.approval, who)
+            {
+                let again = match sandbox.identity.identify(peer, local).await {
+                    Ok(identified) => sandbox.identity.verify(&identified).await,
+                    Err(error) => Err(error),
+                };
+                match again {
+                    Ok(now) if &now == c => {}
+                    Ok(_) => outcome.refuse_approval(
+                        "the calling process changed while the connection waited for approval"
+                            .into(),
+                    ),
+                    Err(error) => outcome.refuse_approval(identity_reason(&error)),
+                }
+            }
+        }
         if outcome.allowed() {
             self.resolve(&head, &mut outcome).await;
         }
@@ -617,6 +718,7 @@ impl Inner {
             method,
             path,
             cached: outcome.cached,
+            approval: outcome.approval.as_deref(),
         };
         self.log(&record);
         let Some(addr) = outcome.addr else {
@@ -642,10 +744,22 @@ impl Inner {
             (terminate, sandbox.termination.as_deref(), &caller)
         {
             let rest = buf[head.len..].to_vec();
-            self.terminate(stream, termination, &head, rest, addr, caller, &record)
-                .await;
+            self.terminate(
+                stream,
+                termination,
+                &head,
+                rest,
+                addr,
+                caller,
+                &record,
+                sandbox,
+                approved,
+            )
+            .await;
             return;
         }
+        #[cfg(not(feature = "terminate"))]
+        let _ = approved;
         if terminate {
             // Unreachable: `terminates` said this build has no termination.
             return;
@@ -819,6 +933,10 @@ impl Inner {
     /// connection stays open when the request had no body). A WebSocket upgrade passes only
     /// when the endpoint that allowed it says `protocol: websocket`; the connection is then
     /// relayed as it is.
+    ///
+    /// `approved` is the ask endpoint (policy key and endpoint) whose question the CONNECT
+    /// waited on and got an allow for: requests it allows go on without asking again; one
+    /// that another ask endpoint allows is held with its method and path.
     #[cfg(feature = "terminate")]
     #[allow(clippy::too_many_arguments)]
     async fn terminate<S>(
@@ -830,6 +948,8 @@ impl Inner {
         addr: SocketAddr,
         caller: &Caller,
         base: &Record<'_>,
+        sandbox: &SandboxContext,
+        approved: Option<(String, Endpoint)>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
@@ -935,7 +1055,7 @@ impl Inner {
                     return;
                 }
             };
-            let after_head = buf[req.len..].to_vec();
+            let mut after_head = buf[req.len..].to_vec();
             buf.clear();
             let path = match &req.target {
                 Target::Forward { path, .. } => path.clone(),
@@ -952,6 +1072,29 @@ impl Inner {
                 let policy = outcome.decision.policy.clone();
                 outcome = Outcome::deny(reason, vec!["protocol".into()], outcome.generation);
                 outcome.decision.closest_policy = policy;
+            }
+            if let (true, Enforcement::Ask) = (outcome.allowed(), outcome.decision.enforcement) {
+                let covered = match (&approved, &outcome.decision.policy, &outcome.asked) {
+                    (Some((policy, endpoint)), Some(p), Some(e)) => policy == p && endpoint == e,
+                    _ => false,
+                };
+                if covered {
+                    outcome.reason = format!("{}; approved with its connection", outcome.reason);
+                    outcome.approval = base.approval.map(str::to_owned);
+                } else {
+                    let mut more = Vec::new();
+                    self.hold(
+                        &mut client,
+                        &mut more,
+                        sandbox,
+                        caller,
+                        (&host, port),
+                        Some((&method, &path)),
+                        &mut outcome,
+                    )
+                    .await;
+                    after_head.extend_from_slice(&more);
+                }
             }
             let mut used = Vec::new();
             if outcome.allowed() {
@@ -975,6 +1118,7 @@ impl Inner {
                 method: Some(&method),
                 path: Some(&path),
                 cached: outcome.cached,
+                approval: outcome.approval.as_deref(),
                 ..base.clone()
             });
             if !outcome.allowed() {
@@ -1127,6 +1271,121 @@ impl Inner {
         }
     }
 
+    /// For an allow through an `enforcement: ask` endpoint (`outcome`): unless an
+    /// `allow-always` answer covers it, ask and hold until the question is settled. While it
+    /// waits the client is read, to notice it going away; what it sends meanwhile is appended
+    /// to `buf` (at most [`HOLD_BUFFER`] bytes; then it is no longer read). Anything but an
+    /// allow answer turns `outcome` into a deny saying why. Returns the policy and endpoint
+    /// this connection is now approved for.
+    #[allow(clippy::too_many_arguments)]
+    async fn hold<S>(
+        &self,
+        stream: &mut S,
+        buf: &mut Vec<u8>,
+        sandbox: &SandboxContext,
+        caller: &Caller,
+        (host, port): (&str, u16),
+        request: Option<(&str, &str)>,
+        outcome: &mut Outcome,
+    ) -> Option<(String, Endpoint)>
+    where
+        S: AsyncRead + Unpin,
+    {
+        let what = match request {
+            Some((method, path)) => format!("{method} {path}"),
+            None => "connection".to_string(),
+        };
+        let binary = caller.exe.to_string_lossy().into_owned();
+        let (Some(policy), Some(index), Some(endpoint)) = (
+            outcome.decision.policy.clone(),
+            outcome.decision.endpoint,
+            outcome.asked.clone(),
+        ) else {
+            outcome.refuse_approval(format!(
+                "{what} to {host}:{port} by {binary} needs approval, and the decision did not name its endpoint; denied"
+            ));
+            return None;
+        };
+        let question = Question {
+            sandbox: sandbox.sandbox_id.clone(),
+            binary: caller.exe.clone(),
+            pid: caller.pid,
+            ancestors: caller
+                .ancestors
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            host: host.to_string(),
+            port,
+            method: request.map(|(m, _)| m.to_string()),
+            path: request.map(|(_, p)| p.to_string()),
+            policy: policy.clone(),
+            endpoint_index: index,
+            endpoint: endpoint.clone(),
+            generation: outcome.generation,
+        };
+        if self.decider.policy().granted(&question.grant()) {
+            outcome.reason = format!(
+                "{}; approved earlier for the sandbox's lifetime (allow-always)",
+                outcome.reason
+            );
+            return Some((policy, endpoint));
+        }
+        let Some(approvals) = &self.approvals else {
+            outcome.refuse_approval(format!(
+                "{what} to {host}:{port} by {binary} needs approval (the endpoint of policy {policy} says enforcement: ask) and no approver is configured: start the supervisor with --approval-listen ADDR; denied"
+            ));
+            return None;
+        };
+        let mut ticket = match approvals.ask(question) {
+            Ok(ticket) => ticket,
+            Err(reason) => {
+                outcome.refuse_approval(format!("{what} to {host}:{port} by {binary}: {reason}"));
+                return None;
+            }
+        };
+        let id = ticket.id().to_string();
+        outcome.approval = Some(id.clone());
+        let settled = tokio::select! {
+            settled = ticket.wait() => Some(settled),
+            () = watch_client(stream, buf) => None,
+        };
+        drop(ticket);
+        let timeout = approvals.config().timeout.as_secs();
+        match settled {
+            Some(Settled::Answered(answer @ (Answer::AllowOnce | Answer::AllowAlways))) => {
+                let how = if answer == Answer::AllowOnce {
+                    "once"
+                } else {
+                    "for the sandbox's lifetime"
+                };
+                outcome.reason = format!(
+                    "{}; approved {how} by the approver (approval {id})",
+                    outcome.reason
+                );
+                Some((policy, endpoint))
+            }
+            Some(Settled::Answered(Answer::Deny)) => {
+                outcome.refuse_approval(format!(
+                    "{what} to {host}:{port} by {binary} denied by the approver (approval {id})"
+                ));
+                None
+            }
+            Some(Settled::Timeout) => {
+                outcome.refuse_approval(format!(
+                    "{what} to {host}:{port} by {binary}: no answer to approval {id} within {timeout} s; denied (timeout)"
+                ));
+                None
+            }
+            Some(Settled::Withdrawn) | None => {
+                outcome.refuse_approval(format!(
+                    "{what} to {host}:{port} by {binary}: the client went away while approval {id} was pending"
+                ));
+                None
+            }
+        }
+    }
+
     /// The Rego step: one decision for the connection (CONNECT) or the request.
     fn decide(&self, head: &Head, caller: Result<&Caller, &IdentityError>) -> Outcome {
         let caller = match caller {
@@ -1153,6 +1412,7 @@ impl Inner {
             decision,
             cached: was_cached,
             generation,
+            asked,
         } = self.decider.decide(caller, &host, port, request);
         let decision = match decision {
             Ok(d) => d,
@@ -1173,6 +1433,8 @@ impl Inner {
             status: 403,
             cached: was_cached,
             generation,
+            asked,
+            approval: None,
         }
     }
 

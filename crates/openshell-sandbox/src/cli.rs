@@ -217,6 +217,24 @@ pub struct RunArgs {
     #[arg(long)]
     pub dangerously_allow_ssh_on_non_loopback: bool,
 
+    /// Ask about what `enforcement: ask` endpoints allow over HTTP on this address (off
+    /// unless given; loopback only unless --dangerously-allow-approval-on-non-loopback):
+    /// `GET /v1/approvals` lists the pending questions, `POST /v1/approvals/ID` with
+    /// `{"answer": "allow-once" | "allow-always" | "deny"}` answers one. Without it, such
+    /// connections are denied.
+    #[arg(long, value_name = "ADDR")]
+    pub approval_listen: Option<std::net::SocketAddr>,
+
+    /// Allow --approval-listen on an address other than loopback (whoever reaches it can
+    /// approve the sandbox's egress).
+    #[arg(long, requires = "approval_listen")]
+    pub dangerously_allow_approval_on_non_loopback: bool,
+
+    /// Seconds a question waits for an answer; then the held connection is denied.
+    #[arg(long, value_name = "SECS", default_value_t = 60, requires = "approval_listen",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub approval_timeout: u64,
+
     /// The public keys allowed to log in (OpenSSH authorized_keys format, no options).
     /// Required with --ssh-listen.
     #[arg(long, value_name = "FILE")]

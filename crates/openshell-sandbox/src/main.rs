@@ -1,5 +1,6 @@
 //! `openshell-sandbox`: run a command in a sandbox under a policy.
 
+mod approval;
 mod cli;
 mod egress;
 mod image;
@@ -299,6 +300,7 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
             max_bytes: run.audit_log_max_mib.saturating_mul(1024 * 1024),
             keep: run.audit_log_keep,
         },
+        approvals: approval::config(&run),
         ..Default::default()
     };
     let proxy = openshell_proxy::Proxy::new(proxy_config, handle.clone())
@@ -306,6 +308,8 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     let visible = protect::visible_paths(&policy, host_workdir.as_deref())?;
     let prepared = terminate::prepare(&policy, &run.upstream_ca, &visible)?;
     let ssh = ssh::prepare(&run)?;
+    let approval_endpoint = approval::prepare(&run, &policy)?;
+    let approvals = proxy.approvals().cloned();
     let mut env = BTreeMap::new();
     for key in ["TERM", "LANG", "LC_ALL"] {
         if let Ok(value) = std::env::var(key) {
@@ -418,6 +422,11 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
         let ssh = match ssh {
             Some(prepared) => Some(prepared.into_server(ssh_workdir, ssh_env)?),
             None => None,
+        };
+        // Served from before the sandbox starts until the supervisor ends.
+        let _approval_endpoint = match (approval_endpoint, approvals) {
+            (Some(prepared), Some(approvals)) => Some(AbortOnDrop(prepared.serve(approvals)?)),
+            _ => None,
         };
         let code = supervise(
             runtime,

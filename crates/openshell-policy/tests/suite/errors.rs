@@ -241,6 +241,11 @@ fn error_table() {
             at(5, 9, "network_policies.pypi.endpoints[0]", "endpoint needs host (or allowed_ips for a hostless endpoint)"),
         ),
         (
+            "bad enforcement value",
+            ep("      - { host: x.org, port: 443, enforcement: prompt }\n"),
+            at(5, 48, "network_policies.pypi.endpoints[0].enforcement", "unknown variant prompt, expected one of enforce, audit, ask"),
+        ),
+        (
             "bad access value",
             ep("      - { host: x.org, port: 443, access: write }\n"),
             at(5, 43, "network_policies.pypi.endpoints[0].access", "unknown variant write, expected one of read-only, read-write, full"),

@@ -74,11 +74,13 @@ fn decide(e: &mut DecisionEngine, i: &DecisionInput) -> Decision {
         .unwrap_or_else(|err| panic!("decide failed: {err:?}"))
 }
 
-/// An allow; `connect` is what a CONNECT decision says (requests: `None`).
-fn allowed(policy: &str, reason: &str, connect: Option<ConnectMode>) -> Decision {
+/// An allow through endpoint `endpoint` of `policy`; `connect` is what a CONNECT decision says
+/// (requests: `None`).
+fn allowed(policy: &str, endpoint: usize, reason: &str, connect: Option<ConnectMode>) -> Decision {
     Decision {
         allow: true,
         policy: Some(policy.to_string()),
+        endpoint: Some(endpoint),
         enforcement: Enforcement::Enforce,
         reason: reason.to_string(),
         missing: vec![],
@@ -101,6 +103,7 @@ fn denied(
     Decision {
         allow: false,
         policy: None,
+        endpoint: None,
         enforcement: Enforcement::Enforce,
         reason: reason.to_string(),
         missing: missing.iter().map(|m| m.to_string()).collect(),
@@ -122,6 +125,7 @@ fn allowed_host_port_binary() {
         decide(&mut e, &input("/usr/bin/python3", &[], "pypi.org", 443)),
         allowed(
             "pypi",
+            0,
             "connection to pypi.org:443 by /usr/bin/python3 allowed by policy pypi",
             TUNNEL,
         )
@@ -174,6 +178,7 @@ fn ancestor_binary_allows() {
         d,
         allowed(
             "pypi",
+            0,
             "connection to pypi.org:443 by /usr/bin/curl allowed by policy pypi",
             TUNNEL,
         )
@@ -248,6 +253,7 @@ fn l7_read_only_allows_get_denies_post() {
         get,
         allowed(
             "github",
+            0,
             "GET /repos/x to api.github.com:443 by /usr/bin/git allowed by policy github",
             None,
         )
@@ -421,6 +427,7 @@ fn audit_enforcement_allows_and_says_so() {
         Decision {
             allow: true,
             policy: Some("telemetry".to_string()),
+            endpoint: Some(0),
             enforcement: Enforcement::Audit,
             reason: "audit: POST /v1/events to telemetry.example.com:443 would be denied by policy telemetry (missing method); allowed because the endpoint is in audit mode".to_string(),
             missing: vec!["method".to_string()],
@@ -457,6 +464,7 @@ fn no_policies_denies_with_reason() {
         Decision {
             allow: false,
             policy: None,
+            endpoint: None,
             enforcement: Enforcement::Enforce,
             reason: "denied: no network policies with endpoints are defined, so all egress is denied (connection to example.com:443 by /usr/bin/curl)".to_string(),
             missing: vec!["host".to_string(), "port".to_string(), "binary".to_string()],
@@ -573,4 +581,82 @@ network_policies:
     })
     .collect();
     assert_eq!(got, vec![(true, true), (true, false), (false, false)]);
+}
+
+/// `enforcement: ask` matches as `enforce` does and says `ask`, naming the endpoint; a policy
+/// that allows outright wins over one that asks, whatever the key order, for CONNECTs and
+/// requests alike; L7 rules of an ask endpoint still deny, and a CONNECT to an ask endpoint
+/// with rules and no termination is refused as for `enforce`.
+#[test]
+fn ask_matches_as_enforce_and_comes_after_outright_allows() {
+    let text = r#"
+version: 1
+network_policies:
+  a_ask:
+    endpoints:
+      - { host: other.example, port: 443, enforcement: ask }
+      - { host: api.example, port: 443, enforcement: ask }
+      - { host: shared.example, port: 443, enforcement: ask }
+      - { host: ro.example, port: 80, access: read-only, enforcement: ask }
+    binaries: [{ path: /usr/bin/curl }]
+  b_plain:
+    endpoints:
+      - { host: shared.example, port: 443 }
+    binaries: [{ path: /usr/bin/curl }]
+"#;
+    let policy = Policy::from_yaml("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(policy.network.asks());
+    let mut e = DecisionEngine::new(&policy.network).unwrap_or_else(|e| panic!("{e}"));
+    let curl = |host: &str, port: u16| input("/usr/bin/curl", &[], host, port);
+    type Row = (
+        bool,
+        Option<String>,
+        Option<usize>,
+        Enforcement,
+        Option<ConnectMode>,
+    );
+    let row = |d: Decision| -> Row {
+        (
+            d.allow,
+            d.policy.or(d.closest_policy),
+            d.endpoint,
+            d.enforcement,
+            d.connect,
+        )
+    };
+    let p = |s: &str| Some(s.to_string());
+    let got: Vec<Row> = vec![
+        row(decide(&mut e, &curl("api.example", 443))),
+        row(decide(&mut e, &curl("shared.example", 443))),
+        row(decide(
+            &mut e,
+            &with_request(curl("shared.example", 443), "POST", "/x"),
+        )),
+        row(decide(
+            &mut e,
+            &with_request(curl("ro.example", 80), "GET", "/x"),
+        )),
+        row(decide(
+            &mut e,
+            &with_request(curl("ro.example", 80), "POST", "/x"),
+        )),
+        row(decide(&mut e, &curl("ro.example", 80))),
+    ];
+    assert_eq!(
+        got,
+        vec![
+            (true, p("a_ask"), Some(1), Enforcement::Ask, TUNNEL),
+            (true, p("b_plain"), Some(0), Enforcement::Enforce, TUNNEL),
+            (true, p("b_plain"), Some(0), Enforcement::Enforce, None),
+            (true, p("a_ask"), Some(3), Enforcement::Ask, None),
+            (false, p("a_ask"), None, Enforcement::Enforce, None),
+            (false, p("a_ask"), None, Enforcement::Enforce, DENY),
+        ]
+    );
+    // The binary check is not opened by asking.
+    let wget = decide(&mut e, &input("/usr/bin/wget", &[], "api.example", 443));
+    assert_eq!(
+        (wget.allow, wget.missing),
+        (false, vec!["binary".to_string()])
+    );
 }

@@ -1,3 +1,4 @@
+mod approval;
 mod connect;
 mod forward;
 mod holes;
