@@ -167,6 +167,7 @@ async fn read_message<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Opt
 struct Terminating {
     addr: SocketAddr,
     ca: CertificateDer<'static>,
+    approvals: Option<openshell_proxy::Approvals>,
     _task: Harness,
 }
 
@@ -177,9 +178,24 @@ async fn start_terminating(
     upstream_ca: CertificateDer<'static>,
     credentials: Vec<Credential>,
 ) -> Terminating {
+    start_terminating_with(
+        ProxyConfig::default(),
+        network_policies,
+        upstream_ca,
+        credentials,
+    )
+    .await
+}
+
+/// [`start_terminating`] with `config`.
+async fn start_terminating_with(
+    config: ProxyConfig,
+    network_policies: &str,
+    upstream_ca: CertificateDer<'static>,
+    credentials: Vec<Credential>,
+) -> Terminating {
     let handle = PolicyHandle::new(policy(network_policies)).unwrap_or_else(|e| panic!("{e}"));
-    let proxy =
-        Proxy::new(ProxyConfig::default(), handle.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = Proxy::new(config, handle.clone()).unwrap_or_else(|e| panic!("{e}"));
     let mut roots = rustls::RootCertStore::empty();
     roots.add(upstream_ca).unwrap_or_else(|e| panic!("{e}"));
     let ca = SandboxCa::generate("test").unwrap_or_else(|e| panic!("{e}"));
@@ -199,6 +215,7 @@ async fn start_terminating(
     Terminating {
         addr,
         ca: ca_der,
+        approvals: proxy.approvals().cloned(),
         _task: Harness { addr, handle, task },
     }
 }
@@ -539,5 +556,95 @@ async fn websocket_upgrades_only_where_the_endpoint_allows_them() {
     assert_eq!(
         request_lines(&seen),
         vec![vec!["GET /ws HTTP/1.1".to_string()]]
+    );
+}
+
+/// `enforcement: ask` on terminated connections: the CONNECT is held and asked (no method or
+/// path yet); once allowed, its requests through that endpoint go on without asking; a
+/// request that only another ask endpoint allows is held and asked with its method and path,
+/// and a deny of it reaches no upstream.
+#[tokio::test]
+async fn an_approved_terminated_connection_asks_again_only_for_another_endpoint() {
+    use openshell_proxy::{Answer, ApprovalConfig};
+    let (ca, cert, key) = test_pki();
+    let (up, seen) = upstream(cert, key).await;
+    let port = up.port();
+    let network = format!(
+        "  asked:\n    endpoints:\n      - {{ host: localhost, port: {port}, allowed_ips: [127.0.0.0/8], tls: terminate, enforcement: ask, access: read-only }}\n    binaries: [{{ path: {CURL} }}]\n  writes:\n    endpoints:\n      - {{ host: localhost, port: {port}, allowed_ips: [127.0.0.0/8], tls: terminate, enforcement: ask, rules: [{{ allow: {{ method: POST, path: /upload }} }}] }}\n    binaries: [{{ path: {CURL} }}]\n"
+    );
+    let config = ProxyConfig {
+        approvals: Some(ApprovalConfig {
+            timeout: std::time::Duration::from_secs(20),
+            max_pending: 8,
+        }),
+        ..ProxyConfig::default()
+    };
+    let p = start_terminating_with(config, &network, ca, Vec::new()).await;
+    let approvals = p.approvals.clone().unwrap_or_else(|| panic!("approvals"));
+    let next_question = |seen_ids: Vec<String>| {
+        let approvals = approvals.clone();
+        async move {
+            let mut found = None;
+            eventually("a question", || {
+                found = approvals
+                    .pending()
+                    .into_iter()
+                    .find(|q| !seen_ids.iter().any(|s| q["id"] == s.as_str()));
+                found.is_some()
+            })
+            .await;
+            found.unwrap_or_default()
+        }
+    };
+    let target = format!("localhost:{port}");
+    let (proxy, ca_der, t) = (p.addr, p.ca.clone(), target.clone());
+    let connecting =
+        tokio::spawn(
+            async move { tls_through(proxy, &t, "localhost", &ca_der, &[b"http/1.1"]).await },
+        );
+    let connect_q = next_question(Vec::new()).await;
+    assert_eq!(
+        (connect_q["policy"].as_str(), connect_q["path"].is_null()),
+        (Some("asked"), true)
+    );
+    let connect_id = connect_q["id"].as_str().unwrap_or("").to_string();
+    assert_eq!(
+        approvals.answer(&connect_id, Answer::AllowOnce, "test"),
+        Ok(())
+    );
+    let mut tls = within("connect", connecting)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let host = format!("Host: {target}\r\n");
+    // Through the approved endpoint: no question.
+    let get = round_trip(&mut tls, &format!("GET /a HTTP/1.1\r\n{host}\r\n"))
+        .await
+        .map(|r| r.status);
+    assert_eq!(get, Some(200));
+    assert_eq!(approvals.pending().len(), 0);
+    // Only the other ask endpoint allows this POST: asked with its method and path.
+    let post = format!("POST /upload HTTP/1.1\r\n{host}Content-Length: 3\r\n\r\nabc");
+    let posting = tokio::spawn(async move { round_trip(&mut tls, &post).await.map(|r| r.status) });
+    let post_q = next_question(vec![connect_id]).await;
+    assert_eq!(
+        (
+            post_q["policy"].as_str(),
+            post_q["method"].as_str(),
+            post_q["path"].as_str()
+        ),
+        (Some("writes"), Some("POST"), Some("/upload"))
+    );
+    let post_id = post_q["id"].as_str().unwrap_or("").to_string();
+    assert_eq!(approvals.answer(&post_id, Answer::Deny, "test"), Ok(()));
+    assert_eq!(
+        within("post", posting)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Some(403)
+    );
+    assert_eq!(
+        request_lines(&seen),
+        vec![vec!["GET /a HTTP/1.1".to_string()]]
     );
 }
