@@ -364,3 +364,55 @@ network_policies:
         )
     );
 }
+
+/// A request whose smallest-key full match asks while a later policy allows it outright:
+/// the outright allow wins, so the filtered evaluation must see the later policy too.
+#[test]
+fn outright_allow_behind_an_ask() {
+    let text = r#"
+version: 1
+network_policies:
+  a_ask:
+    endpoints:
+      - { host: api.example.com, port: 443, enforcement: ask }
+    binaries: [{ path: /usr/bin/tool }]
+  b_plain:
+    endpoints:
+      - { host: api.example.com, port: 443 }
+    binaries: [{ path: /usr/bin/tool }]
+  c_other:
+    endpoints:
+      - { host: other.example.com, port: 443 }
+    binaries: [{ path: /usr/bin/tool }]
+"#;
+    let policy = Policy::from_yaml("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    let mut engine = DecisionEngine::new(&policy.network).unwrap_or_else(|e| panic!("{e}"));
+    for request in [
+        None,
+        Some(HttpRequest {
+            method: "GET".to_string(),
+            path: "/".to_string(),
+        }),
+    ] {
+        let i = DecisionInput {
+            exec: ExecInfo {
+                path: "/usr/bin/tool".to_string(),
+                ancestors: vec![],
+            },
+            network: NetworkTarget {
+                host: "api.example.com".to_string(),
+                port: 443,
+            },
+            request,
+        };
+        let fast = engine.decide(&i).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(
+            fast,
+            engine.decide_full(&i).unwrap_or_else(|e| panic!("{e:?}"))
+        );
+        assert_eq!(
+            (fast.allow, fast.policy.as_deref(), fast.enforcement),
+            (true, Some("b_plain"), crate::model::Enforcement::Enforce)
+        );
+    }
+}
