@@ -806,24 +806,27 @@ fn idle_rss(root: &Path, run_dir: &Path) -> Result<Rss> {
     if wait_bounded(&mut child, Duration::from_secs(15))?.is_none() {
         eprintln!("vm: the supervisor did not end within 15 s of SIGTERM; killed");
     }
-    let (rss, box_dir) = result?;
+    let (rss, recorded) = result?;
     // Nothing of the box may survive (helpers die with the supervisor).
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let left = box_processes(&box_dir);
+        let left: Vec<u32> = recorded
+            .iter()
+            .filter(|(p, start)| still_there(*p, *start))
+            .map(|(p, _)| *p)
+            .collect();
         if left.is_empty() {
             break;
         }
         if Instant::now() >= deadline {
-            for (p, _) in &left {
+            for p in &left {
                 let _ = Command::new("kill")
                     .args(["-KILL", &p.to_string()])
                     .status();
             }
             bail!(
-                "processes of {} left after the supervisor ended (killed): {:?}",
-                box_dir.display(),
-                left
+                "VMM processes of box {} left after the supervisor ended (killed): {left:?}",
+                rss.box_id
             );
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -832,7 +835,9 @@ fn idle_rss(root: &Path, run_dir: &Path) -> Result<Rss> {
     Ok(rss)
 }
 
-fn measure_box(pid: u32, run_dir: &Path, child: &mut Child) -> Result<(Rss, PathBuf)> {
+/// The RSS of the box's VMM processes once its agent listens, and those processes (pid, start
+/// time), to check afterwards that none survived.
+fn measure_box(pid: u32, run_dir: &Path, child: &mut Child) -> Result<(Rss, Vec<(u32, u64)>)> {
     let prefix = format!("{pid:x}-");
     let t = Instant::now();
     let box_dir = loop {
@@ -847,7 +852,8 @@ fn measure_box(pid: u32, run_dir: &Path, child: &mut Child) -> Result<(Rss, Path
             entries.flatten().map(|e| e.path()).find(|p| {
                 p.file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
-                    && fs::read_to_string(p.join("console.log")).is_ok_and(|c| {
+                    // The console log is in the box's VMM directory (the jailed VMM's own).
+                    && fs::read_to_string(p.join("vmm/console.log")).is_ok_and(|c| {
                         c.contains(AGENT_RESUMED)
                             || (c.contains(AGENT_LISTENING) && !c.contains("parked"))
                     })
@@ -865,10 +871,10 @@ fn measure_box(pid: u32, run_dir: &Path, child: &mut Child) -> Result<(Rss, Path
     );
     std::thread::sleep(Duration::from_secs(1));
 
-    let procs = box_processes(&box_dir);
+    let procs = box_processes(pid);
     let mut by_name: BTreeMap<&'static str, Component> = BTreeMap::new();
     let (mut qemu_rss_kib, mut qemu_guest_ram_kib, mut guest_mem_mib) = (0, 0, None);
-    for (p, name) in &procs {
+    for (p, name, _) in &procs {
         let rss = vm_rss_kib(*p).unwrap_or(0);
         let guest_ram = guest_ram_rss_kib(*p);
         if *name == "qemu-system-x86_64" {
@@ -914,38 +920,71 @@ fn measure_box(pid: u32, run_dir: &Path, child: &mut Child) -> Result<(Rss, Path
         guest_mem_mib,
         supervisor_kib: vm_rss_kib(pid).unwrap_or(0),
     };
-    Ok((rss, box_dir))
+    let recorded = procs.iter().map(|(p, _, start)| (*p, *start)).collect();
+    Ok((rss, recorded))
 }
 
-/// QEMU, virtiofsd and vhost-device-vsock processes whose command line names `box_dir`.
-fn box_processes(box_dir: &Path) -> Vec<(u32, &'static str)> {
-    let needle = box_dir.display().to_string();
-    let mut out = Vec::new();
+/// QEMU, virtiofsd and vhost-device-vsock processes descended from `supervisor`, with their
+/// start times (to tell them from a later process of the same pid). They run jailed, in pid and
+/// mount namespaces of their own, so their command lines name paths inside their jails, not the
+/// box directory; their ancestry (each under a jail helper the supervisor started) is what ties
+/// them to the sandbox.
+fn box_processes(supervisor: u32) -> Vec<(u32, &'static str, u64)> {
+    let mut parents = BTreeMap::new();
+    let mut candidates = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else {
-        return out;
+        return Vec::new();
     };
     for e in entries.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+        let Some((comm, ppid, start)) = stat_of(pid) else {
             continue;
         };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if !cmdline.contains(&needle) {
-            continue;
-        }
-        let argv0 = cmdline.split(' ').next().unwrap_or_default();
-        let base = argv0.rsplit('/').next().unwrap_or_default();
-        let name = match base {
-            "qemu-system-x86_64" => "qemu-system-x86_64",
+        parents.insert(pid, ppid);
+        let name = match comm.as_str() {
+            // comm is cut at 15 bytes.
+            "qemu-system-x86" => "qemu-system-x86_64",
             "virtiofsd" => "virtiofsd",
-            "vhost-device-vsock" => "vhost-device-vsock",
+            "vhost-device-vs" => "vhost-device-vsock",
             _ => continue,
         };
-        out.push((pid, name));
+        candidates.push((pid, name, start));
     }
-    out
+    candidates
+        .into_iter()
+        .filter(|(pid, _, _)| {
+            let mut p = *pid;
+            // Bounded: a pid chain is shorter than the pid table.
+            for _ in 0..parents.len() {
+                match parents.get(&p) {
+                    Some(&pp) if pp == supervisor => return true,
+                    Some(&pp) if pp > 1 => p = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect()
+}
+
+/// (comm, ppid, start time in clock ticks) from /proc/PID/stat.
+fn stat_of(pid: u32) -> Option<(String, u32, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_owned();
+    // After the comm: state, ppid, ... starttime is field 22 (the 20th after the comm).
+    let rest: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
+    let ppid = rest.get(1)?.parse().ok()?;
+    let start = rest.get(19)?.parse().ok()?;
+    Some((comm, ppid, start))
+}
+
+/// Whether a process recorded by [`box_processes`] still exists (same pid, same start time).
+fn still_there(pid: u32, start: u64) -> bool {
+    stat_of(pid).is_some_and(|(_, _, s)| s == start)
 }
 
 /// The KiB figure of the `field` line (e.g. `Pss:`) in /proc/PID/`file`.
