@@ -3,6 +3,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 
+use openshell_runtime::process::protocol::FailureKind;
 use openshell_runtime::vm_protocol::{
     decode_boot_requests, read_frame_async, write_frame_async, Event, Frame, Kind, Request,
     MAX_GUEST_WRITE, RESUME_ENTROPY_BYTES,
@@ -17,11 +18,17 @@ use crate::{boot, chain, diag, spawn};
 pub type Reader = ReadHalf<Box<dyn Io>>;
 pub type Writer = WriteHalf<Box<dyn Io>>;
 
-/// A `Failed` event.
+/// A `Failed` event of a setup step ([`FailureKind::Sandbox`]).
 pub fn failed(stage: &str, message: impl Into<String>) -> Frame {
+    failed_as(stage, message, FailureKind::Sandbox)
+}
+
+/// A `Failed` event of `kind`.
+pub fn failed_as(stage: &str, message: impl Into<String>, kind: FailureKind) -> Frame {
     Frame::json(&Event::Failed {
         stage: stage.to_owned(),
         message: message.into(),
+        kind,
     })
 }
 

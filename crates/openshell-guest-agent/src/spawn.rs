@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::{spawn_local, JoinHandle};
 
-use crate::control::{failed, send, Reader, Writer};
+use crate::control::{failed, failed_as, send, Reader, Writer};
 use crate::fdio::FdStream;
 use crate::linux::{power_off, Ctx};
 use crate::{chain, diag, sys};
@@ -229,9 +229,9 @@ pub fn start(
     };
     let launched = launch_restricted(&launch, Some(child.stdio), Some(recorder));
     drop(child.fds);
-    let launched = launched.map_err(|(stage, message)| {
-        diag!("spawn {}: {stage}: {message}", launch.program);
-        failed(&stage, message)
+    let launched = launched.map_err(|e| {
+        diag!("spawn {}: {}: {}", launch.program, e.stage, e.message);
+        failed_as(&e.stage, e.message, e.kind)
     })?;
     let (pid, report) = (launched.pid, launched.report);
     if let Some(listener) = launched.listener {

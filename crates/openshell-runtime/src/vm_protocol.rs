@@ -36,7 +36,7 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::process::protocol::{LaunchPlan, RestrictionReport, WaitReport};
+use crate::process::protocol::{FailureKind, LaunchPlan, RestrictionReport, WaitReport};
 
 /// vsock port the agent listens on for control connections.
 pub const AGENT_PORT: u32 = 1024;
@@ -185,8 +185,13 @@ pub enum Event {
     Restricted(RestrictionReport),
     /// execve succeeded; `pid` is the guest pid.
     Running { pid: i32 },
-    /// The request failed; nothing runs.
-    Failed { stage: String, message: String },
+    /// The request failed; nothing runs. `kind` says whether the program was missing (127),
+    /// not executable (126) or the setup failed (125).
+    Failed {
+        stage: String,
+        message: String,
+        kind: FailureKind,
+    },
     /// The process ended.
     Exited(WaitReport),
     /// A forward is connected.

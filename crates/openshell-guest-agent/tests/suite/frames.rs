@@ -101,7 +101,7 @@ fn resume_needs_all_its_entropy() {
         });
         match (recv_event(&mut conn), want) {
             (Event::Ready, Ok(())) => {}
-            (Event::Failed { stage, message }, Err(wanted)) => {
+            (Event::Failed { stage, message, .. }, Err(wanted)) => {
                 assert_eq!(stage, wanted);
                 assert!(
                     message.contains(&format!("expected {RESUME_ENTROPY_BYTES}")),

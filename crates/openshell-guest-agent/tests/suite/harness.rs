@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use openshell_runtime::process::protocol::{
-    LandlockPlan, LaunchPlan, RestrictionReport, WaitReport,
+    FailureKind, LandlockPlan, LaunchPlan, RestrictionReport, WaitReport,
 };
 use openshell_runtime::vm_protocol::{
     read_frame, write_frame, Event, Frame, GuestStdio, Kind, Request,
@@ -174,6 +174,8 @@ pub struct Outcome {
     pub largest_payload: usize,
     pub exited: Option<WaitReport>,
     pub failed: Option<(String, String)>,
+    /// The typed meaning of `failed`.
+    pub failed_kind: Option<FailureKind>,
     /// Frame kinds in arrival order (data frames collapsed).
     pub order: Vec<String>,
 }
@@ -200,8 +202,13 @@ pub fn collect(conn: &mut UnixStream, out: &mut Outcome) {
                         out.exited = Some(w);
                         return;
                     }
-                    Event::Failed { stage, message } => {
+                    Event::Failed {
+                        stage,
+                        message,
+                        kind,
+                    } => {
                         out.failed = Some((stage, message));
+                        out.failed_kind = Some(kind);
                         return;
                     }
                     other => panic!("unexpected event {other:?}"),

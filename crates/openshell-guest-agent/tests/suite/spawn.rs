@@ -1,6 +1,6 @@
 //! Spawning restricted processes: stdio, signals, big output, PTY, failures, setup.
 
-use openshell_runtime::process::protocol::WaitReport;
+use openshell_runtime::process::protocol::{FailureKind, WaitReport};
 use openshell_runtime::vm_protocol::{
     Event, Frame, GuestMount, GuestStdio, GuestTmp, Kind, Request, MAX_GUEST_WRITE,
 };
@@ -38,7 +38,7 @@ fn setup_is_ready_once() {
     assert!(matches!(recv_event(&mut conn), Event::Ready));
     let mut again = agent.request(&setup);
     match recv_event(&mut again) {
-        Event::Failed { stage, message } => {
+        Event::Failed { stage, message, .. } => {
             assert_eq!(
                 (stage.as_str(), message.as_str()),
                 ("protocol", "setup was already done")
@@ -271,7 +271,23 @@ fn missing_program_fails_at_exec() {
     let (stage, message) = out.failed.unwrap_or_else(|| panic!("wanted Failed"));
     assert_eq!(stage, "exec", "{message}");
     assert!(message.contains("/nonexistent/program"), "{message}");
+    assert_eq!(out.failed_kind, Some(FailureKind::NotFound));
     assert_eq!(out.pid, None);
+
+    // A file that exists and cannot be executed is the other kind (126), whatever the message.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("script.sh");
+    std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    let mut conn = agent.request(&spawn_request(
+        plan(&[script.to_str().unwrap()]),
+        GuestStdio::Piped,
+        false,
+    ));
+    let mut out = Outcome::default();
+    collect(&mut conn, &mut out);
+    let (stage, message) = out.failed.unwrap_or_else(|| panic!("wanted Failed"));
+    assert_eq!(stage, "exec", "{message}");
+    assert_eq!(out.failed_kind, Some(FailureKind::NotExecutable));
 }
 
 #[test]

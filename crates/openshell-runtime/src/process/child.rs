@@ -36,8 +36,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
 use super::protocol::{
-    ExecPlan, FromHelper, LaunchPlan, RestrictionReport, SpawnPlan, ToHelper, UsernsMap,
-    WaitReport, CONTROL_FD, FD_CHANNEL, INIT_PIDFD, LIFELINE_FD,
+    ExecPlan, FailureKind, FromHelper, LaunchPlan, RestrictionReport, SpawnPlan, ToHelper,
+    UsernsMap, WaitReport, CONTROL_FD, FD_CHANNEL, INIT_PIDFD, LIFELINE_FD,
 };
 use super::{cgroup, channel, landlock, net, rootfs, seccomp, sys, view};
 
@@ -74,11 +74,22 @@ impl Control {
     }
 
     pub(crate) fn fail(&mut self, stage: &str, message: String) -> ! {
-        self.send(&FromHelper::Failed {
+        self.fail_with(StageError {
             stage: stage.to_owned(),
             message,
+            kind: FailureKind::Sandbox,
+        })
+    }
+
+    /// Reports `error` to the supervisor and ends this helper with its exit status.
+    pub(crate) fn fail_with(&mut self, error: StageError) -> ! {
+        let code = error.kind.exit_code();
+        self.send(&FromHelper::Failed {
+            stage: error.stage,
+            message: error.message,
+            kind: error.kind,
         });
-        std::process::exit(125);
+        std::process::exit(code);
     }
 }
 
@@ -217,6 +228,7 @@ fn holder(mut ctl: Control, plan: SpawnPlan) -> ! {
             ctl.send(&FromHelper::Failed {
                 stage: "cleanup".into(),
                 message: format!("removing {}: {e}", plan.box_dir.display()),
+                kind: FailureKind::Sandbox,
             });
         }
     }
@@ -225,6 +237,7 @@ fn holder(mut ctl: Control, plan: SpawnPlan) -> ! {
         ctl.send(&FromHelper::Failed {
             stage: "cgroup cleanup".into(),
             message: format!("could not remove {left:?}"),
+            kind: FailureKind::Sandbox,
         });
     }
     if let Some(status) = init_status {
@@ -307,7 +320,7 @@ fn init_main(mut ctl: Control, plan: SpawnPlan) -> ! {
     };
     let workload = match launch(&mut ctl, &plan.launch, plan.pty, &[]) {
         Ok(pid) => pid,
-        Err((stage, message)) => ctl.fail(&stage, message),
+        Err(error) => ctl.fail_with(error),
     };
     ctl.send(&FromHelper::Running {
         pid: workload.as_raw(),
@@ -417,7 +430,7 @@ fn exec_helper(mut ctl: Control, plan: ExecPlan) -> ! {
     drop(init);
     let workload = match launch(&mut ctl, &plan.launch, plan.pty, &join) {
         Ok(pid) => pid,
-        Err((stage, message)) => ctl.fail(&stage, message),
+        Err(error) => ctl.fail_with(error),
     };
     drop(join);
     ctl.send(&FromHelper::Running {
@@ -430,6 +443,7 @@ fn exec_helper(mut ctl: Control, plan: ExecPlan) -> ! {
         ctl.send(&FromHelper::Failed {
             stage: "session cleanup".into(),
             message: "processes were still running in the session's cgroup".into(),
+            kind: FailureKind::Sandbox,
         });
     }
     ctl.send(&FromHelper::WorkloadExited(status));
@@ -439,11 +453,27 @@ fn exec_helper(mut ctl: Control, plan: ExecPlan) -> ! {
 // ---------------------------------------------------------------------------------------------
 // launch
 
-/// (stage, message) of a failed step.
-pub type StageError = (String, String);
+/// A failed step of a launch: where, what, and what it means for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageError {
+    pub stage: String,
+    pub message: String,
+    pub kind: FailureKind,
+}
+
+/// A step of setting up the sandbox failed (`(stage, message)`; [`FailureKind::Sandbox`]).
+impl From<(String, String)> for StageError {
+    fn from((stage, message): (String, String)) -> Self {
+        Self {
+            stage,
+            message,
+            kind: FailureKind::Sandbox,
+        }
+    }
+}
 
 fn stage(stage: &str) -> impl FnOnce(String) -> StageError + '_ {
-    move |m| (stage.to_owned(), m)
+    move |m| (stage.to_owned(), m).into()
 }
 
 /// Fork the workload, wait until it has exec'd (or failed), report, and return its pid. With
@@ -534,9 +564,10 @@ fn launch_joining(
     let filter = &plan.seccomp;
     if plan.notify_launcher && recorder.is_none() {
         return Err((
-            "seccomp".into(),
-            "the launch plan asks its launcher to record, and no recorder was given".into(),
-        ));
+            "seccomp".to_owned(),
+            "the launch plan asks its launcher to record, and no recorder was given".to_owned(),
+        )
+            .into());
     }
     // Both ends close on exec: end of file tells the parent the workload runs.
     let (parent_end, child_end) =
@@ -560,10 +591,14 @@ fn launch_joining(
                     }
                 }
             }
-            let (stage, message, code) =
-                restrict_and_exec(plan, filter, &mut report, join, handover.as_ref());
-            let line =
-                serde_json::to_string(&FromHelper::Failed { stage, message }).unwrap_or_default();
+            let error = restrict_and_exec(plan, filter, &mut report, join, handover.as_ref());
+            let code = error.kind.exit_code();
+            let line = serde_json::to_string(&FromHelper::Failed {
+                stage: error.stage,
+                message: error.message,
+                kind: error.kind,
+            })
+            .unwrap_or_default();
             let _ = writeln!(report, "F{line}");
             std::process::exit(code);
         }
@@ -590,7 +625,7 @@ fn parent_side(
 ) -> Result<Launched, StageError> {
     let fail = |stage: &str, message: String| {
         let _ = waitpid(child, None);
-        Err((stage.to_owned(), message))
+        Err((stage.to_owned(), message).into())
     };
     let mut writer = match parent_end.try_clone() {
         Ok(w) => w,
@@ -625,8 +660,16 @@ fn parent_side(
             } else if let Some(json) = line.strip_prefix('F') {
                 let _ = waitpid(child, None);
                 return Err(match serde_json::from_str::<FromHelper>(json) {
-                    Ok(FromHelper::Failed { stage, message }) => (stage, message),
-                    _ => ("launch".into(), "unreadable failure report".into()),
+                    Ok(FromHelper::Failed {
+                        stage,
+                        message,
+                        kind,
+                    }) => StageError {
+                        stage,
+                        message,
+                        kind,
+                    },
+                    _ => ("launch".to_owned(), "unreadable failure report".to_owned()).into(),
                 });
             }
         }
@@ -711,31 +754,32 @@ fn map_user_namespace(pid: i32, plan: &LaunchPlan, map: &UsernsMap) -> Result<()
     write("gid_map", lines((plan.gid, map.host_gid), &map.also_gids))
 }
 
-/// In the forked child: restrict, then exec. Returns only on failure, with the exit code to use.
+/// In the forked child: restrict, then exec. Returns only on failure, typed: an execve that
+/// failed is [`FailureKind::NotFound`] or [`FailureKind::NotExecutable`] from its errno,
+/// anything before it [`FailureKind::Sandbox`].
 fn restrict_and_exec(
     plan: &LaunchPlan,
     filter: &seccomp::CompiledFilter,
     report: &mut UnixStream,
     join: &[OwnedFd],
     handover: Option<&OwnedFd>,
-) -> (String, String, i32) {
+) -> StageError {
     match restrict(plan, filter, report, join, handover) {
         Ok(mut rr) => {
             rr.uid = plan.uid;
             rr.gid = plan.gid;
             let line = serde_json::to_string(&rr).unwrap_or_default();
             if writeln!(report, "R{line}").is_err() {
-                return ("report".into(), "cannot report restrictions".into(), 125);
+                return ("report".to_owned(), "cannot report restrictions".to_owned()).into();
             }
             let err = exec(plan);
-            let code = if err == nix::Error::ENOENT { 127 } else { 126 };
-            (
-                "exec".into(),
-                format!("{}: {}", plan.program, errno_text(err)),
-                code,
-            )
+            StageError {
+                stage: "exec".into(),
+                message: format!("{}: {}", plan.program, errno_text(err)),
+                kind: FailureKind::of_exec(err),
+            }
         }
-        Err((stage, message)) => (stage, message, 125),
+        Err(error) => error,
     }
 }
 
@@ -809,7 +853,7 @@ fn restrict(
             .revents()
             .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR));
     if gone {
-        return Err(("pdeathsig".to_owned(), "the launcher is gone".to_owned()));
+        return Err(("pdeathsig".to_owned(), "the launcher is gone".to_owned()).into());
     }
     nix::sys::prctl::set_no_new_privs().map_err(|e| ("no_new_privs".to_owned(), errno_text(e)))?;
     // Read back now: a jailed program's allowlist has no prctl for its launcher.

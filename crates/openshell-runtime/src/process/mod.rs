@@ -37,8 +37,8 @@ use crate::helper::HELPER_ARG;
 use crate::{ExecConfig, ExitStatus, SpawnConfig, Stdio, StdioMode};
 use openshell_policy::{LandlockCompatibility, Policy};
 use protocol::{
-    ExecPlan, FromHelper, LandlockPlan, LaunchPlan, NetPlan, RestrictionReport, SpawnPlan,
-    ToHelper, WaitReport, CONTROL_FD, FD_CHANNEL, INIT_PIDFD, LIFELINE_FD,
+    ExecPlan, FailureKind, FromHelper, LandlockPlan, LaunchPlan, NetPlan, RestrictionReport,
+    SpawnPlan, ToHelper, WaitReport, CONTROL_FD, FD_CHANNEL, INIT_PIDFD, LIFELINE_FD,
 };
 
 /// Errors of the process backend.
@@ -725,20 +725,12 @@ impl Identity {
     }
 }
 
-pub(crate) fn setup_error(stage: String, message: String) -> ProcessError {
-    let exit_code = if stage == "exec" {
-        if message.ends_with(&std::io::Error::from_raw_os_error(libc::ENOENT).to_string()) {
-            127
-        } else {
-            126
-        }
-    } else {
-        125
-    };
+/// The error of a start that failed at `stage`, with the exit status its typed `kind` means.
+pub(crate) fn setup_error(stage: String, message: String, kind: FailureKind) -> ProcessError {
     ProcessError::Setup {
         stage,
         message,
-        exit_code,
+        exit_code: kind.exit_code(),
     }
 }
 
@@ -822,7 +814,11 @@ async fn await_running(ctl: &mut Control, sandbox: &str) -> Result<i32, ProcessE
                 }
             }
             Some(FromHelper::Running { pid }) => return Ok(pid),
-            Some(FromHelper::Failed { stage, message }) => return Err(setup_error(stage, message)),
+            Some(FromHelper::Failed {
+                stage,
+                message,
+                kind,
+            }) => return Err(setup_error(stage, message, kind)),
             Some(other) => debug!(?other, "unexpected message while starting"),
             None => return Err(ProcessError::HelperLost),
         }
@@ -1019,9 +1015,11 @@ impl ProcessSandbox {
             holder.ctl.send(&ToHelper::Spawn(Box::new(plan))).await?;
             let init_pid = match holder.ctl.recv().await {
                 Some(FromHelper::InitPid { pid }) => pid,
-                Some(FromHelper::Failed { stage, message }) => {
-                    return Err(setup_error(stage, message))
-                }
+                Some(FromHelper::Failed {
+                    stage,
+                    message,
+                    kind,
+                }) => return Err(setup_error(stage, message, kind)),
                 _ => return Err(ProcessError::HelperLost),
             };
             debug!(sandbox = %id, init_pid, "init forked");
@@ -1136,7 +1134,7 @@ impl ProcessSandbox {
                     ended = Some(r);
                     break;
                 }
-                FromHelper::Failed { stage, message } => {
+                FromHelper::Failed { stage, message, .. } => {
                     warn!(sandbox = %self.id, %stage, %message, "sandbox teardown problem")
                 }
                 other => debug!(?other, "unexpected message"),
@@ -1472,6 +1470,40 @@ impl ProcessExec {
 mod tests {
     use super::*;
     use pretty_assertions::assert_eq;
+
+    #[test]
+    fn the_exit_status_of_a_failed_start_comes_from_its_kind_never_its_message() {
+        let code = |stage: &str, message: &str, kind| match setup_error(
+            stage.into(),
+            message.into(),
+            kind,
+        ) {
+            ProcessError::Setup { exit_code, .. } => exit_code,
+            other => panic!("{other:?}"),
+        };
+        // A message in another wording (or locale) changes nothing.
+        assert_eq!(code("exec", "/x: introuvable", FailureKind::NotFound), 127);
+        assert_eq!(code("exec", "/x: refusé", FailureKind::NotExecutable), 126);
+        // A setup step whose message happens to read like a missing file is still a setup
+        // failure (the text match this replaced called it 127 at the exec stage).
+        assert_eq!(
+            code(
+                "exec",
+                "/x: No such file or directory (os error 2)",
+                FailureKind::Sandbox
+            ),
+            125
+        );
+        assert_eq!(code("landlock", "anything", FailureKind::Sandbox), 125);
+        // The kind crosses the helper and guest protocols as a value.
+        let wire = serde_json::to_string(&FromHelper::Failed {
+            stage: "exec".into(),
+            message: "m".into(),
+            kind: FailureKind::NotFound,
+        })
+        .unwrap();
+        assert!(wire.contains("\"kind\":\"not_found\""), "{wire}");
+    }
 
     fn policy(process: &str) -> Policy {
         let text = format!(

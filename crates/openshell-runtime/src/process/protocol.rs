@@ -261,7 +261,11 @@ pub enum FromHelper {
     /// execve succeeded.
     Running { pid: i32 },
     /// Setting up failed; the workload never started.
-    Failed { stage: String, message: String },
+    Failed {
+        stage: String,
+        message: String,
+        kind: FailureKind,
+    },
     /// The workload ended.
     WorkloadExited(WaitReport),
     /// init ended (after the workload, or killed); the sandbox is gone and cleaned up.
@@ -299,4 +303,39 @@ pub struct RestrictionReport {
     /// cannot be reached at all (a VM's shares carry no host socket).
     #[serde(default)]
     pub unix_connect: String,
+}
+
+/// What a failed start means, carried as a type from the process that saw the failure (the
+/// launcher, a helper, the guest agent) to the supervisor, so the exit status never depends
+/// on the wording of a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The sandbox could not be set up (exit status 125).
+    #[default]
+    Sandbox,
+    /// The program does not exist: execve failed with ENOENT (127, as a shell reports).
+    NotFound,
+    /// The program exists and could not be executed: execve failed otherwise (126).
+    NotExecutable,
+}
+
+impl FailureKind {
+    /// The kind of a failed execve, from its errno.
+    pub fn of_exec(errno: nix::Error) -> Self {
+        if errno == nix::Error::ENOENT {
+            Self::NotFound
+        } else {
+            Self::NotExecutable
+        }
+    }
+
+    /// The exit status a shell would report for it.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Self::Sandbox => 125,
+            Self::NotFound => 127,
+            Self::NotExecutable => 126,
+        }
+    }
 }

@@ -309,7 +309,7 @@ pub async fn start(spec: JailSpec) -> Result<Child, VmError> {
                     tracing::debug!(what = spec.what, ?report, "jailed")
                 }
                 Some(FromHelper::Running { pid }) => return Ok(pid),
-                Some(FromHelper::Failed { stage, message }) => {
+                Some(FromHelper::Failed { stage, message, .. }) => {
                     return Err(format!("{stage}: {message}"))
                 }
                 Some(other) => return Err(format!("unexpected message {other:?}")),
@@ -387,7 +387,7 @@ pub(crate) fn main(mut ctl: Control, plan: JailPlan) -> ! {
     let stdio = [0, log.as_raw_fd(), log.as_raw_fd()];
     let launched = match crate::process::child::launch_restricted(&plan.launch, Some(stdio), None) {
         Ok(r) => r,
-        Err((stage, message)) => ctl.fail(&stage, message),
+        Err(error) => ctl.fail_with(error),
     };
     let (pid, report) = (launched.pid, launched.report);
     drop(log);

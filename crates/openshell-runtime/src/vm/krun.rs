@@ -191,7 +191,7 @@ impl KrunShim {
                 shim.jail = jail;
                 Ok(shim)
             }
-            Ok(Some(FromHelper::Failed { stage, message })) => {
+            Ok(Some(FromHelper::Failed { stage, message, .. })) => {
                 let _ = shim.helper.child.wait().await;
                 Err(KrunError::Shim { stage, message })
             }

@@ -475,9 +475,11 @@ async fn run_session(
             Some(f) if f.kind == Kind::Json => {
                 match f.decode_json::<Event>().map_err(VmError::Frame)? {
                     Event::Ready => {}
-                    Event::Failed { stage, message } => {
-                        return Err(VmError::Process(setup_error(stage, message)))
-                    }
+                    Event::Failed {
+                        stage,
+                        message,
+                        kind,
+                    } => return Err(VmError::Process(setup_error(stage, message, kind))),
                     other => {
                         return Err(VmError::Helper {
                             what: "guest agent",
@@ -503,9 +505,11 @@ async fn run_session(
                 debug!(sandbox, pid, "guest process running");
                 break;
             }
-            Event::Failed { stage, message } => {
-                return Err(VmError::Process(setup_error(stage, message)))
-            }
+            Event::Failed {
+                stage,
+                message,
+                kind,
+            } => return Err(VmError::Process(setup_error(stage, message, kind))),
             other => debug!(?other, "unexpected event while starting"),
         }
     }
@@ -1280,7 +1284,7 @@ impl VmHandle {
             }
             match frame.decode_json::<Event>().map_err(VmError::Frame)? {
                 Event::Connected => break,
-                Event::Failed { stage, message } => {
+                Event::Failed { stage, message, .. } => {
                     return Err(VmError::Forward {
                         port,
                         reason: format!("{stage}: {message}"),

@@ -576,7 +576,7 @@ async fn resume_on(stream: UnixStream, limit: Duration) -> Result<(), Attempt> {
     }
     match answer.decode_json::<Event>() {
         Ok(Event::Ready) => Ok(()),
-        Ok(Event::Failed { stage, message }) => refused(format!("{stage}: {message}")),
+        Ok(Event::Failed { stage, message, .. }) => refused(format!("{stage}: {message}")),
         Ok(other) => refused(format!("unexpected {other:?}")),
         Err(e) => Err(Attempt::Fatal(TemplateError::Frame(e))),
     }
