@@ -1353,6 +1353,20 @@ impl Inner {
         drop(ticket);
         let timeout = approvals.config().timeout.as_secs();
         match settled {
+            Some(Settled::Answered(Answer::AllowOnce | Answer::AllowAlways))
+                if self.decider.policy().generation() != outcome.generation =>
+            {
+                // The decision this connection waited with belongs to a policy that is no
+                // longer in force (the update may have removed or changed the endpoint, or
+                // the binary): it does not go on; a new connection is decided afresh (and an
+                // allow-always grant that still holds lets it through without asking).
+                outcome.refuse_approval(format!(
+                    "{what} to {host}:{port} by {binary}: the policy changed (generation {} to {}) while approval {id} was pending; denied, a new connection is decided under the policy in force",
+                    outcome.generation,
+                    self.decider.policy().generation()
+                ));
+                None
+            }
             Some(Settled::Answered(answer @ (Answer::AllowOnce | Answer::AllowAlways))) => {
                 let how = if answer == Answer::AllowOnce {
                     "once"

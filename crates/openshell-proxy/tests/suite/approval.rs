@@ -17,6 +17,7 @@ use super::support::*;
 struct Asking {
     addr: std::net::SocketAddr,
     approvals: Option<Approvals>,
+    policy: PolicyHandle,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -34,7 +35,7 @@ fn ask_yaml(host: &str, port: u16) -> String {
 
 async fn start_asking(network: &str, config: ProxyConfig) -> Asking {
     let handle = PolicyHandle::new(policy(network)).unwrap_or_else(|e| panic!("{e}"));
-    let proxy = Proxy::new(config, handle).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = Proxy::new(config, handle.clone()).unwrap_or_else(|e| panic!("{e}"));
     let listener = bind("127.0.0.1:0").await;
     let addr = local(&listener);
     let task = proxy.serve_tcp(
@@ -44,6 +45,7 @@ async fn start_asking(network: &str, config: ProxyConfig) -> Asking {
     Asking {
         addr,
         approvals: proxy.approvals().cloned(),
+        policy: handle,
         task,
     }
 }
@@ -297,4 +299,32 @@ async fn a_client_that_goes_away_withdraws_its_question() {
     drop(s);
     eventually("withdrawn", || a.pending().is_empty()).await;
     assert!(a.answer(&id, Answer::AllowOnce, "test").is_err());
+}
+
+#[tokio::test]
+async fn an_answer_after_a_policy_update_does_not_let_the_held_connection_through() {
+    let up = echo_server("127.0.0.2").await;
+    let h = start_asking(
+        &ask_yaml("127.0.0.2", up.port()),
+        asking(Duration::from_secs(20), None),
+    )
+    .await;
+    let a = h.approvals.clone().unwrap_or_else(|| panic!("approvals"));
+    let (proxy, target) = (h.addr, up.to_string());
+    let held = tokio::spawn(async move { open_tunnel(proxy, &target).await });
+    let (id, _) = question(&a).await;
+    // The update removes the endpoint the question was about; the answer comes after it.
+    let other = format!(
+        "version: 1\nnetwork_policies:\n{}",
+        ask_yaml("127.0.0.3", up.port())
+    );
+    h.policy
+        .update_yaml("test.yaml", &other)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(a.answer(&id, Answer::AllowOnce, "test"), Ok(()));
+    let (resp, _) = within("held tunnel", held)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status, 403, "{resp:?}");
+    assert!(resp.body.contains("the policy changed"), "{}", resp.body);
 }
