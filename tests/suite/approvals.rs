@@ -263,6 +263,8 @@ fn allow_always_asks_once() {
                 row("approval.answer", "allow", "allow-always", ""),
                 row("", "allow", "", ""),
                 row("", "allow", "", ""),
+                // The grant ends with the sandbox.
+                row("approval.grant_dropped", "", "", ""),
             ],
             "{backend}"
         );
@@ -444,4 +446,90 @@ fn the_approval_endpoint_is_loopback_only() {
         "{}",
         stderr(&out)
     );
+}
+
+/// A workload must not answer its own questions: even a policy whose `allowed_ips` covers
+/// the approval endpoint's address leaves it unreachable. The workload's curl lists and
+/// answers through the proxy (`--noproxy ''` overrides the sandbox's NO_PROXY for loopback); the host reads the verdict from the
+/// upstream (nothing arrived), the audit log (every attempt denied, naming the endpoint) and
+/// the question's end (a timeout, not the workload's answer).
+#[test]
+fn the_workload_cannot_answer_its_own_question() {
+    if !can_run("the_workload_cannot_answer_its_own_question") {
+        return;
+    }
+    for backend in backends() {
+        let up = Upstream::start("127.0.0.2");
+        let approver = Approver::new();
+        let port = approver.addr.port();
+        let policy = format!(
+            "{}  approver:\n    endpoints:\n      - host: \"127.0.0.1\"\n        port: {port}\n        allowed_ips: [127.0.0.0/8]\n    binaries: [{{ path: /usr/bin/curl }}]\n",
+            asking_policy(&up)
+        );
+        let s = Scratch::new(&policy);
+        let audit = s.outside.join("audit.jsonl");
+        let list = format!("http://127.0.0.1:{port}/v1/approvals");
+        let script = format!(
+            r#"{CURL} {held} > /dev/null & i=0
+while [ $i -lt 30 ]; do
+  id=$(curl -s --noproxy '' {list} | sed -n 's/.*"id":"\([0-9a-f]*\)".*/\1/p')
+  if [ -n "$id" ]; then
+    curl -s --noproxy '' -o /dev/null -w 'answered %{{http_code}}\n' -X POST -H 'Content-Type: application/json' -d '{{"answer":"allow-always"}}' {list}/$id
+    break
+  fi
+  i=$((i+1)); sleep 0.2
+done
+wait"#,
+            held = up.url("/self"),
+        );
+        let child = start(
+            &s,
+            backend,
+            &[
+                "--audit-log",
+                audit.to_str().unwrap(),
+                "--approval-listen",
+                &approver.flag(),
+                "--approval-timeout",
+                "10",
+                "--timeout",
+                "240",
+            ],
+            &script,
+        );
+        let q = approver.question(&[], QUESTION_WAIT);
+        assert_eq!(q["path"].as_str(), Some("/self"));
+        let out = finish(child);
+        assert_eq!(
+            (backend, up.seen(), stdout(&out).contains("answered")),
+            (backend, Vec::<String>::new(), false),
+            "{}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        let lines = audit_lines(&audit);
+        let answers: Vec<&str> = lines
+            .iter()
+            .filter(|l| l["event"] == "approval.answer")
+            .filter_map(|l| l["answer"].as_str())
+            .collect();
+        assert_eq!((backend, answers), (backend, vec!["timeout"]));
+        let attempts: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter(|l| l["event"].is_null() && l["port"].as_u64() == Some(u64::from(port)))
+            .collect();
+        assert!(
+            !attempts.is_empty(),
+            "{backend}: no attempt audited: {lines:?}"
+        );
+        for line in attempts {
+            assert_eq!(line["action"].as_str(), Some("deny"), "{backend}: {line}");
+            assert!(
+                line["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("the approval endpoint of the supervisor")),
+                "{backend}: {line}"
+            );
+        }
+    }
 }

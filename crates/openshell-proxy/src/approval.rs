@@ -10,9 +10,11 @@
 //! - `deny`.
 //!
 //! No answer within the timeout is a deny. A question asked while an identical one (same
-//! sandbox, binary, destination, method and path, policy, endpoint and generation) is
-//! pending joins it, and one answer settles both. At most `max_pending` questions wait at
-//! once; beyond that a question is refused (a deny). A question whose every waiting
+//! sandbox, process, binary and ancestry, destination, method, path and query, policy,
+//! endpoint and generation) is pending joins it, and one answer settles both: an answer is
+//! only ever given to what the person was shown. At most `max_pending` questions wait at
+//! once, and at most [`PER_PROCESS_MAX`] of them from one process; beyond that a question is
+//! refused (a deny). A question whose every waiting
 //! connection went away (the client closed it, or the sandbox ended) is withdrawn.
 //!
 //! Every question and every settlement is one structured event (target
@@ -34,6 +36,10 @@ use crate::policy::{Grant, PolicyHandle};
 
 #[path = "approval_http.rs"]
 pub mod http;
+
+/// Most questions one process (one sandbox's pid) may have pending at once, so that one
+/// process cannot fill the queue and crowd out the others' questions.
+pub const PER_PROCESS_MAX: usize = 8;
 
 /// How questions are asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +138,8 @@ pub(crate) struct Question {
     pub(crate) port: u16,
     pub(crate) method: Option<String>,
     pub(crate) path: Option<String>,
+    /// The query string (without `?`), shown so the person sees the whole request.
+    pub(crate) query: Option<String>,
     /// The key of the policy whose ask endpoint allowed it.
     pub(crate) policy: String,
     /// That endpoint's index in the policy, and the endpoint itself.
@@ -141,9 +149,13 @@ pub(crate) struct Question {
 }
 
 impl Question {
-    /// Identical questions share one pending entry (the pid and ancestors may differ).
+    /// Identical questions share one pending entry: everything the person is shown is the
+    /// same (another process, ancestry or query is another question).
     fn same_as(&self, other: &Question) -> bool {
         self.sandbox == other.sandbox
+            && self.pid == other.pid
+            && self.ancestors == other.ancestors
+            && self.query == other.query
             && self.binary == other.binary
             && self.host == other.host
             && self.port == other.port
@@ -164,10 +176,11 @@ impl Question {
         }
     }
 
-    /// `GET /path`, or `connection` for a CONNECT.
+    /// `GET /path?query`, or `connection` for a CONNECT.
     fn request_text(&self) -> String {
-        match (&self.method, &self.path) {
-            (Some(m), Some(p)) => format!("{m} {p}"),
+        match (&self.method, &self.path, &self.query) {
+            (Some(m), Some(p), Some(q)) => format!("{m} {p}?{q}"),
+            (Some(m), Some(p), None) => format!("{m} {p}"),
             _ => "connection".to_string(),
         }
     }
@@ -193,6 +206,7 @@ impl Question {
             "port": self.port,
             "method": self.method.as_deref().map(clip),
             "path": self.path.as_deref().map(clip),
+            "query": self.query.as_deref().map(clip),
             "policy": clip(&self.policy),
             "endpoint": self.endpoint_json(),
             "generation": self.generation,
@@ -303,6 +317,9 @@ impl Approvals {
         policy: PolicyHandle,
         audit: Option<Arc<AuditLog>>,
     ) -> Self {
+        if let Some(audit) = &audit {
+            policy.audit_grants_to(Arc::clone(audit));
+        }
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -351,6 +368,17 @@ impl Approvals {
             return Err(format!(
                 "{} questions already wait for approval (the most at once); denied",
                 state.pending.len()
+            ));
+        }
+        let mine = state
+            .pending
+            .iter()
+            .filter(|p| p.question.sandbox == question.sandbox && p.question.pid == question.pid)
+            .count();
+        if mine >= PER_PROCESS_MAX {
+            return Err(format!(
+                "process {} already has {mine} questions waiting for approval (the most one process may have); denied",
+                question.pid
             ));
         }
         let id = loop {
@@ -583,6 +611,26 @@ impl Approvals {
         line
     }
 
+    /// The answering endpoint refused a request from `peer` with `status` because `reason`
+    /// (one that must never answer: a web page, a rebound name).
+    pub(crate) fn refused_request(&self, peer: std::net::SocketAddr, status: u16, reason: &str) {
+        tracing::warn!(
+            target: "openshell::decision",
+            event = "approval.refused",
+            %peer,
+            status,
+            reason = %clip(reason),
+            "approval endpoint refused a request"
+        );
+        self.write(&serde_json::json!({
+            "ts": now_ts(),
+            "event": "approval.refused",
+            "peer": peer.to_string(),
+            "status": status,
+            "reason": clip(reason),
+        }));
+    }
+
     fn write(&self, line: &serde_json::Value) {
         if let Some(audit) = &self.shared.audit {
             audit.append_value(line);
@@ -619,6 +667,7 @@ mod tests {
             port: 443,
             method: Some("GET".into()),
             path: Some(path.into()),
+            query: None,
             policy: "api".into(),
             endpoint_index: 0,
             endpoint,
@@ -659,19 +708,33 @@ mod tests {
             let mut first = a
                 .ask(question(&h, 10, "/x"))
                 .unwrap_or_else(|e| panic!("{e}"));
-            // Another process of the same binary asking the same: the same question.
+            // The same process asking the same again (another connection): the same question.
             let mut second = a
-                .ask(question(&h, 11, "/x"))
+                .ask(question(&h, 10, "/x"))
                 .unwrap_or_else(|e| panic!("{e}"));
             let mut other = a
                 .ask(question(&h, 10, "/y"))
                 .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(first.id(), second.id());
             assert_ne!(first.id(), other.id());
-            assert_eq!(
-                ids(&a),
-                vec![first.id().to_string(), other.id().to_string()]
-            );
+            // What the person was not shown is another question: another process, another
+            // ancestry, another query.
+            let mut elsewhere = vec![
+                question(&h, 11, "/x"),
+                question(&h, 10, "/x"),
+                question(&h, 10, "/x"),
+            ];
+            elsewhere[1].ancestors = vec!["/usr/bin/python3".into()];
+            elsewhere[2].query = Some("token=x".into());
+            let elsewhere: Vec<Ticket> = elsewhere
+                .into_iter()
+                .map(|q| a.ask(q).unwrap_or_else(|e| panic!("{e}")))
+                .collect();
+            let mut expected = vec![first.id().to_string(), other.id().to_string()];
+            expected.extend(elsewhere.iter().map(|t| t.id().to_string()));
+            assert_eq!(ids(&a), expected);
+            assert_eq!(a.pending()[4]["query"], "token=x");
+            drop(elsewhere);
             assert_eq!(a.pending()[0]["waiting"], 2);
             let id = first.id().to_string();
             assert_eq!(a.answer(&id, Answer::AllowOnce, "test"), Ok(()));
@@ -711,7 +774,7 @@ mod tests {
                 .ask(question(&h, 10, "/x"))
                 .unwrap_or_else(|e| panic!("{e}"));
             let mut joined = a
-                .ask(question(&h, 11, "/x"))
+                .ask(question(&h, 10, "/x"))
                 .unwrap_or_else(|e| panic!("{e}"));
             let start = Instant::now();
             assert_eq!(
@@ -745,7 +808,29 @@ mod tests {
                 Err("2 questions already wait for approval (the most at once); denied".into())
             );
             // Joining a pending question is not a new one.
-            assert!(a.ask(question(&h, 4, "/1")).is_ok());
+            assert!(a.ask(question(&h, 1, "/1")).is_ok());
+        });
+    }
+
+    #[test]
+    fn one_process_cannot_fill_the_queue() {
+        rt().block_on(async {
+            let h = handle(POLICY);
+            let a = approvals(&h, Duration::from_secs(60), 64);
+            let mine: Vec<Ticket> = (0..PER_PROCESS_MAX)
+                .map(|i| {
+                    a.ask(question(&h, 7, &format!("/{i}")))
+                        .unwrap_or_else(|e| panic!("{e}"))
+                })
+                .collect();
+            let more = a.ask(question(&h, 7, "/more")).map(|t| t.id().to_string());
+            assert_eq!(
+                more,
+                Err(format!("process 7 already has {PER_PROCESS_MAX} questions waiting for approval (the most one process may have); denied"))
+            );
+            // Another process still gets its question asked.
+            assert!(a.ask(question(&h, 8, "/more")).is_ok());
+            drop(mine);
         });
     }
 
@@ -758,7 +843,7 @@ mod tests {
                 .ask(question(&h, 1, "/x"))
                 .unwrap_or_else(|e| panic!("{e}"));
             let two = a
-                .ask(question(&h, 2, "/x"))
+                .ask(question(&h, 1, "/x"))
                 .unwrap_or_else(|e| panic!("{e}"));
             let id = one.id().to_string();
             drop(one);

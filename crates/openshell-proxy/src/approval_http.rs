@@ -15,8 +15,10 @@
 //! name gets 403), an `Origin` header too, and the JSON content type keeps a browser from posting without a CORS
 //! preflight, which this endpoint never grants. Ids are not guessable.
 //!
-//! One request per connection (`Connection: close`), its head within [`HEAD_MAX`] bytes and
-//! head and body within [`READ_TIMEOUT`]; at most [`CONNECTIONS_MAX`] connections at once.
+//! One request per connection (`Connection: close`), its head within [`HEAD_MAX`] bytes,
+//! head and body within [`READ_TIMEOUT`] and the response taken within [`WRITE_TIMEOUT`]; at
+//! most [`CONNECTIONS_MAX`] connections at once. A request refused for its `Host` or `Origin`
+//! is an event and an audit line (`approval.refused`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -34,6 +36,8 @@ pub const HEAD_MAX: usize = 8 * 1024;
 pub const BODY_MAX: usize = 4 * 1024;
 /// Time for a whole request.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for the response to be taken.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections served at once; more are closed at once.
 pub const CONNECTIONS_MAX: usize = 32;
 
@@ -75,6 +79,11 @@ pub(crate) async fn handle<S>(
     {
         Ok(Ok(request)) => respond(&request, peer, approvals),
         Ok(Err(Refused(status, message))) => {
+            if status == 403 {
+                // Somebody tried to answer from where no answer may come (a web page, a
+                // rebound name): that is worth an event and an audit line.
+                approvals.refused_request(peer, status, &message);
+            }
             reply(status, &serde_json::json!({ "error": message }))
         }
         Err(_) => reply(
@@ -82,8 +91,12 @@ pub(crate) async fn handle<S>(
             &serde_json::json!({ "error": "request not received in time" }),
         ),
     };
-    let _ = stream.write_all(&response).await;
-    let _ = stream.shutdown().await;
+    // A client that does not read its response does not keep the task.
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// A request as far as this endpoint cares.
@@ -337,6 +350,10 @@ mod tests {
     }
 
     fn setup() -> (Approvals, Question) {
+        setup_audited(None)
+    }
+
+    fn setup_audited(audit: Option<&std::path::Path>) -> (Approvals, Question) {
         let text = "version: 1\nnetwork_policies:\n  api:\n    endpoints:\n      - { host: api.example, port: 443, enforcement: ask }\n    binaries: [{ path: /usr/bin/curl }]\n";
         let policy = Policy::from_yaml("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
         let endpoint = policy
@@ -345,7 +362,13 @@ mod tests {
             .and_then(|p| p.endpoints.first().cloned())
             .unwrap_or_else(|| panic!("endpoint"));
         let handle = PolicyHandle::new(policy).unwrap_or_else(|e| panic!("{e}"));
-        let approvals = Approvals::new(ApprovalConfig::default(), handle, None);
+        let audit = audit.map(|path| {
+            Arc::new(
+                crate::decision::AuditLog::open(path.to_path_buf(), Default::default())
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
+        });
+        let approvals = Approvals::new(ApprovalConfig::default(), handle, audit);
         let question = Question {
             sandbox: "s1".into(),
             binary: "/usr/bin/curl".into(),
@@ -355,6 +378,7 @@ mod tests {
             port: 443,
             method: None,
             path: None,
+            query: None,
             policy: "api".into(),
             endpoint_index: 0,
             endpoint,
@@ -443,8 +467,10 @@ mod tests {
 
     #[test]
     fn refuses_what_a_web_page_or_a_bad_client_sends() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let log = dir.path().join("audit.jsonl");
         rt().block_on(async {
-            let (approvals, question) = setup();
+            let (approvals, question) = setup_audited(Some(&log));
             let mut ticket = approvals.ask(question).unwrap_or_else(|e| panic!("{e}"));
             let id = ticket.id().to_string();
             let deny = r#"{"answer":"deny"}"#;
@@ -471,6 +497,21 @@ mod tests {
             assert_eq!(got, cases.iter().map(|(_, s)| *s).collect::<Vec<_>>());
             // None of them answered: the question still waits.
             assert_eq!(approvals.pending().len(), 1);
+            // The two that came from where no answer may come are audit lines.
+            let refused: Vec<(u64, String)> = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|l| l["event"] == "approval.refused")
+                .map(|l| (l["status"].as_u64().unwrap_or(0), l["reason"].as_str().unwrap_or("").to_string()))
+                .collect();
+            assert_eq!(
+                refused,
+                vec![
+                    (403, "the Host header must name a loopback address or localhost".to_string()),
+                    (403, "requests from web pages are refused".to_string()),
+                ]
+            );
             let (status, _) = exchange(&approvals, &post(&id, deny, "Origin: http://localhost:9\r\n")).await;
             assert_eq!(status, 200);
             assert_eq!(ticket.wait().await, Settled::Answered(Answer::Deny));

@@ -66,6 +66,15 @@ impl Target {
         }
     }
 
+    /// The query of a forwarded request, without its `?`; `None` for a CONNECT or a request
+    /// without one.
+    pub(crate) fn query(&self) -> Option<&str> {
+        match self {
+            Target::Forward { origin, .. } => origin.split_once('?').map(|(_, q)| q),
+            Target::Connect { .. } => None,
+        }
+    }
+
     pub(crate) fn port(&self) -> u16 {
         match self {
             Target::Connect { port, .. } | Target::Forward { port, .. } => *port,

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+
+use crate::decision::{clip, now_ts, AuditLog};
 use openshell_policy::{
     Decision, DecisionEngine, DecisionInput, Endpoint, Policy, PolicyError, RegoError,
     StaticSectionChanged,
@@ -81,6 +83,8 @@ struct Inner {
     update_lock: Mutex<()>,
     /// `allow-always` answers: kept with the policy, and only while their endpoint is in it.
     grants: Mutex<Vec<Grant>>,
+    /// Where a dropped grant is recorded (the approvals' audit log), once approvals exist.
+    audit: std::sync::OnceLock<Arc<AuditLog>>,
 }
 
 /// An `allow-always` answer: `binary` of `sandbox` may use this endpoint of policy `policy`
@@ -120,6 +124,7 @@ impl PolicyHandle {
                 current: ArcSwap::from_pointee(snapshot),
                 update_lock: Mutex::new(()),
                 grants: Mutex::new(Vec::new()),
+                audit: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -150,19 +155,70 @@ impl PolicyHandle {
         grants.retain(|g| {
             let holds = g.holds_in(new);
             if !holds {
-                tracing::info!(
-                    target: "openshell::decision",
-                    event = "approval.grant_dropped",
-                    sandbox = %g.sandbox,
-                    policy = %g.policy,
-                    binary = %g.binary.display(),
+                self.dropped(
+                    g,
                     generation,
-                    "an allow-always answer no longer applies: the policy update removed or changed its endpoint"
+                    "an allow-always answer no longer applies: the policy update removed or changed its endpoint",
                 );
             }
             holds
         });
         Ok(generation)
+    }
+
+    /// Record dropped grants in `audit` too (the first call wins).
+    pub(crate) fn audit_grants_to(&self, audit: Arc<AuditLog>) {
+        let _ = self.inner.audit.set(audit);
+    }
+
+    /// The sandbox `sandbox` is no longer served: its grants go with it.
+    pub(crate) fn forget_sandbox(&self, sandbox: &str) {
+        let generation = self.generation();
+        let mut grants = self
+            .inner
+            .grants
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        grants.retain(|g| {
+            let keep = g.sandbox != sandbox;
+            if !keep {
+                self.dropped(
+                    g,
+                    generation,
+                    "an allow-always answer ends with its sandbox",
+                );
+            }
+            keep
+        });
+    }
+
+    /// One structured event, and an audit line where approvals audit, for a dropped grant.
+    fn dropped(&self, g: &Grant, generation: u64, reason: &str) {
+        tracing::info!(
+            target: "openshell::decision",
+            event = "approval.grant_dropped",
+            sandbox = %g.sandbox,
+            policy = %g.policy,
+            binary = %g.binary.display(),
+            generation,
+            reason,
+            "allow-always grant dropped"
+        );
+        if let Some(audit) = self.inner.audit.get() {
+            audit.append_value(&serde_json::json!({
+                "ts": now_ts(),
+                "event": "approval.grant_dropped",
+                "sandbox": clip(&g.sandbox),
+                "policy": clip(&g.policy),
+                "binary": clip(&g.binary.to_string_lossy()),
+                "endpoint": {
+                    "host": g.endpoint.host.as_ref().map(|h| clip(h.as_str()).into_owned()),
+                    "ports": g.endpoint.ports.iter().map(|p| p.get()).collect::<Vec<_>>(),
+                },
+                "generation": generation,
+                "reason": reason,
+            }));
+        }
     }
 
     /// Record an `allow-always` answer, if the policy in force still has its endpoint

@@ -47,6 +47,10 @@ pub struct ProxyConfig {
     /// Ask a person about what `enforcement: ask` endpoints allow. `None`: nobody is there
     /// to ask, and such an allow is a deny that says so.
     pub approvals: Option<ApprovalConfig>,
+    /// The supervisor's own listeners (the approval endpoint, the SSH server): refused as
+    /// destinations on every local address, whatever an endpoint's `allowed_ips` says, so a
+    /// sandbox can never answer its own questions or reach the supervisor's services.
+    pub reserved: Vec<ssrf::Reserved>,
 }
 
 impl Default for ProxyConfig {
@@ -59,6 +63,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(30),
             approvals: None,
+            reserved: Vec::new(),
         }
     }
 }
@@ -208,6 +213,13 @@ impl Proxy {
         self.inner.approvals.as_ref()
     }
 
+    /// The sandbox `sandbox_id` ended: its `allow-always` grants end now (its accept loop
+    /// also drops them when it ends, but an aborted task ends whenever the runtime gets to
+    /// it).
+    pub fn end_sandbox(&self, sandbox_id: &str) {
+        self.inner.decider.policy().forget_sandbox(sandbox_id);
+    }
+
     /// Serve one sandbox's TCP listener (the process backend's edge address).
     /// Runs until the returned task is aborted; aborting also closes that
     /// listener's open connections. (Dropping the handle detaches the task,
@@ -252,6 +264,12 @@ impl Proxy {
     fn serve<L: Entry>(&self, listener: L, sandbox: SandboxContext) -> JoinHandle<()> {
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
+            // However the loop ends (aborted, as it normally is), the sandbox's allow-always
+            // grants end with it.
+            let _grants = ForgetGrants {
+                policy: inner.decider.policy().clone(),
+                sandbox: sandbox.sandbox_id.clone(),
+            };
             let sandbox = Arc::new(sandbox);
             let limit = Arc::new(Semaphore::new(inner.config.max_connections));
             let mut tasks = JoinSet::new();
@@ -287,6 +305,18 @@ impl Proxy {
                 });
             }
         })
+    }
+}
+
+/// Drops a sandbox's grants when its accept loop ends.
+struct ForgetGrants {
+    policy: PolicyHandle,
+    sandbox: String,
+}
+
+impl Drop for ForgetGrants {
+    fn drop(&mut self) {
+        self.policy.forget_sandbox(&self.sandbox);
     }
 }
 
@@ -651,7 +681,9 @@ impl Inner {
             caller.as_ref(),
         ) {
             let request = match &head.target {
-                Target::Forward { path, .. } => Some((head.method.as_str(), path.as_str())),
+                Target::Forward { path, .. } => {
+                    Some((head.method.as_str(), path.as_str(), head.target.query()))
+                }
                 Target::Connect { .. } => None,
             };
             let host = normalise_host(head.target.host());
@@ -1089,7 +1121,7 @@ impl Inner {
                         sandbox,
                         caller,
                         (&host, port),
-                        Some((&method, &path)),
+                        Some((&method, &path, req.target.query())),
                         &mut outcome,
                     )
                     .await;
@@ -1285,14 +1317,14 @@ impl Inner {
         sandbox: &SandboxContext,
         caller: &Caller,
         (host, port): (&str, u16),
-        request: Option<(&str, &str)>,
+        request: Option<(&str, &str, Option<&str>)>,
         outcome: &mut Outcome,
     ) -> Option<(String, Endpoint)>
     where
         S: AsyncRead + Unpin,
     {
         let what = match request {
-            Some((method, path)) => format!("{method} {path}"),
+            Some((method, path, _)) => format!("{method} {path}"),
             None => "connection".to_string(),
         };
         let binary = caller.exe.to_string_lossy().into_owned();
@@ -1317,8 +1349,9 @@ impl Inner {
                 .collect(),
             host: host.to_string(),
             port,
-            method: request.map(|(m, _)| m.to_string()),
-            path: request.map(|(_, p)| p.to_string()),
+            method: request.map(|(m, _, _)| m.to_string()),
+            path: request.map(|(_, p, _)| p.to_string()),
+            query: request.and_then(|(_, _, q)| q.map(str::to_string)),
             policy: policy.clone(),
             endpoint_index: index,
             endpoint: endpoint.clone(),
@@ -1508,7 +1541,17 @@ impl Inner {
             Err(reason) => return Err((503, reason, None)),
         };
         let mut first_refusal = None;
+        let mut reserved_hit = None;
         for addr in &addrs {
+            if let Some(r) = ssrf::reserved(*addr, &self.config.reserved, &own[..]) {
+                reserved_hit.get_or_insert_with(|| {
+                    format!(
+                        "{addr} is {} of the supervisor ({}), which no sandbox may reach",
+                        r.what, r.addr
+                    )
+                });
+                continue;
+            }
             match ssrf::check_with(addr.ip(), allowed, &own[..]) {
                 Ok(()) => return Ok(*addr),
                 Err(reason) => {
@@ -1518,9 +1561,10 @@ impl Inner {
                 }
             }
         }
-        match first_refusal {
-            Some((reason, ip)) => Err((403, reason, Some(ip))),
-            None => Err((502, format!("{host} resolved to no address"), None)),
+        match (first_refusal, reserved_hit) {
+            (Some((reason, ip)), _) => Err((403, reason, Some(ip))),
+            (None, Some(reason)) => Err((403, reason, None)),
+            (None, None) => Err((502, format!("{host} resolved to no address"), None)),
         }
     }
 }

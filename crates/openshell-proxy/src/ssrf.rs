@@ -2,7 +2,7 @@
 //! (IANA's registries) and the host's own addresses are refused unless the endpoint's
 //! `allowed_ips` covers them.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use openshell_policy::IpNet;
@@ -160,6 +160,37 @@ pub fn check_with(ip: IpAddr, allowed_ips: &[IpNet], own: &[IpAddr]) -> Result<(
             "resolved address {plain} is {kind}, which is refused unless the endpoint's allowed_ips covers it"
         )),
     }
+}
+
+/// A listener of the supervisor's own (the approval endpoint, the SSH server): no connection
+/// of a sandbox reaches it, whatever an endpoint's `allowed_ips` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reserved {
+    /// What listens there, for the deny reason (`the approval endpoint`).
+    pub what: String,
+    /// The address it is bound to.
+    pub addr: SocketAddr,
+}
+
+/// The reserved listener `dest` would reach, if any. A connection to a local address
+/// (loopback, unspecified, one of the host's own `own`, or the listener's own) on a
+/// reserved listener's port is taken to reach it: which local address a listener answers on
+/// depends on how it was bound, so every local address is refused on that port rather than
+/// guessed. IPv6 addresses embedding an IPv4 address count as that address.
+pub fn reserved<'a>(
+    dest: SocketAddr,
+    reserved: &'a [Reserved],
+    own: &[IpAddr],
+) -> Option<&'a Reserved> {
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => embedded_v4(v6).map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    };
+    let ip = plain(dest.ip());
+    let local = ip.is_loopback() || ip.is_unspecified() || own.iter().any(|a| plain(*a) == ip);
+    reserved
+        .iter()
+        .find(|r| r.addr.port() == dest.port() && (local || plain(r.addr.ip()) == ip))
 }
 
 /// The host's own interface addresses, read when the proxy starts and again whenever the
@@ -383,6 +414,33 @@ mod tests {
         assert_eq!(check_with(mapped, &[], &own), refused);
         assert_eq!(check_with(other, &[], &own), Ok(()));
         assert_eq!(check_with(ip, &[net("203.0.114.0/24")], &own), Ok(()));
+    }
+
+    #[test]
+    fn the_supervisors_own_listeners_are_reserved_on_every_local_address() {
+        let addr = |s: &str| -> SocketAddr { s.parse().unwrap_or_else(|e| panic!("{s}: {e}")) };
+        let listeners = [Reserved {
+            what: "the approval endpoint".into(),
+            addr: addr("127.0.0.1:7000"),
+        }];
+        let own: Vec<IpAddr> = vec!["203.0.114.5".parse().unwrap_or_else(|e| panic!("{e}"))];
+        let hit = |dest: &str| reserved(addr(dest), &listeners, &own).map(|r| r.what.clone());
+        let approval = Some("the approval endpoint".to_string());
+        for dest in [
+            "127.0.0.1:7000",
+            "127.0.0.2:7000",
+            "0.0.0.0:7000",
+            "[::1]:7000",
+            "[::]:7000",
+            "[::ffff:127.0.0.1]:7000",
+            "203.0.114.5:7000",
+            "[::ffff:203.0.114.5]:7000",
+        ] {
+            assert_eq!((dest, hit(dest)), (dest, approval.clone()));
+        }
+        for dest in ["127.0.0.1:7001", "203.0.114.6:7000", "8.8.8.8:7000"] {
+            assert_eq!((dest, hit(dest)), (dest, None));
+        }
     }
 
     #[tokio::test]

@@ -52,6 +52,15 @@ pub fn prepare(run: &RunArgs, policy: &Policy) -> anyhow::Result<Option<Prepared
 }
 
 impl Prepared {
+    /// The bound listener, as the proxy reserves it.
+    pub fn reserved(&self) -> Option<openshell_proxy::ssrf::Reserved> {
+        let addr = self.listener.local_addr().ok()?;
+        Some(openshell_proxy::ssrf::Reserved {
+            what: "the approval endpoint".into(),
+            addr,
+        })
+    }
+
     /// Serve until the task is aborted.
     pub fn serve(self, approvals: Approvals) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let listener = tokio::net::TcpListener::from_std(self.listener)

@@ -80,6 +80,7 @@ impl Egress for ProxyEgress {
         &self,
         a: EgressAttachment,
     ) -> Result<EgressGuard, Box<dyn std::error::Error + Send + Sync>> {
+        let sandbox_id = a.sandbox_id.clone();
         let handle = match a.listener {
             EgressListener::Tcp {
                 listener,
@@ -111,7 +112,25 @@ impl Egress for ProxyEgress {
                 self.proxy.serve_unix(listener, context)
             }
         };
-        Ok(Box::new(ServeGuard(handle)))
+        Ok(Box::new(Attached {
+            serving: ServeGuard(handle),
+            proxy: self.proxy.clone(),
+            sandbox_id,
+        }))
+    }
+}
+
+/// A sandbox served by the proxy: when it ends, serving stops and its approval grants end.
+struct Attached {
+    serving: ServeGuard,
+    proxy: Proxy,
+    sandbox_id: String,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.serving.0.abort();
+        self.proxy.end_sandbox(&self.sandbox_id);
     }
 }
 

@@ -290,6 +290,18 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
     if !runtime.is_available() {
         return Err(RuntimeError::BackendNotBuilt(runtime).into());
     }
+    // The supervisor's own listeners are bound first: the proxy refuses them as destinations.
+    let ssh = ssh::prepare(&run)?;
+    let approval_endpoint = approval::prepare(&run, &policy)?;
+    let reserved = ssh
+        .iter()
+        .filter_map(ssh::Prepared::reserved)
+        .chain(
+            approval_endpoint
+                .iter()
+                .filter_map(approval::Prepared::reserved),
+        )
+        .collect();
     // The audit log is opened here, before anything is created for the sandbox.
     let handle =
         openshell_proxy::PolicyHandle::new(policy.clone()).context("loading the network policy")?;
@@ -301,14 +313,13 @@ fn run_main(run: RunArgs) -> anyhow::Result<ExitCode> {
             keep: run.audit_log_keep,
         },
         approvals: approval::config(&run),
+        reserved,
         ..Default::default()
     };
     let proxy = openshell_proxy::Proxy::new(proxy_config, handle.clone())
         .context("starting the egress proxy")?;
     let visible = protect::visible_paths(&policy, host_workdir.as_deref())?;
     let prepared = terminate::prepare(&policy, &run.upstream_ca, &visible)?;
-    let ssh = ssh::prepare(&run)?;
-    let approval_endpoint = approval::prepare(&run, &policy)?;
     let approvals = proxy.approvals().cloned();
     let mut env = BTreeMap::new();
     for key in ["TERM", "LANG", "LC_ALL"] {

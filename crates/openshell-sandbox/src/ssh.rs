@@ -67,6 +67,15 @@ pub fn prepare(run: &RunArgs) -> anyhow::Result<Option<Prepared>> {
 }
 
 impl Prepared {
+    /// The bound listener, as the proxy reserves it.
+    pub fn reserved(&self) -> Option<openshell_proxy::ssrf::Reserved> {
+        let addr = self.listener.local_addr().ok()?;
+        Some(openshell_proxy::ssrf::Reserved {
+            what: "the SSH server".into(),
+            addr,
+        })
+    }
+
     /// Sessions start in `workdir` with `env` (the workload's).
     pub fn into_server(
         mut self,

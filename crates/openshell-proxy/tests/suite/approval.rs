@@ -157,13 +157,18 @@ async fn allow_always_asks_once_and_deny_sends_nothing_upstream() {
     // deny: a 403 naming the approval, and nothing upstream.
     let proxy = h.addr;
     let denied = tokio::spawn({
-        let r = get("/denied");
+        let r = get("/denied?token=abc");
         async move { exchange(proxy, r.as_bytes()).await }
     });
     let (id, q) = question(&a).await;
+    // The person sees the whole request, its query too.
     assert_eq!(
-        (q["method"].as_str(), q["path"].as_str()),
-        (Some("GET"), Some("/denied"))
+        (
+            q["method"].as_str(),
+            q["path"].as_str(),
+            q["query"].as_str()
+        ),
+        (Some("GET"), Some("/denied"), Some("token=abc"))
     );
     assert_eq!(a.answer(&id, Answer::Deny, "test"), Ok(()));
     let resp = within("deny", denied)
@@ -222,6 +227,31 @@ async fn allow_always_asks_once_and_deny_sends_nothing_upstream() {
         .collect();
     assert!(reasons[2].contains("denied by the approver"), "{reasons:?}");
     assert!(reasons[6].contains("approved earlier"), "{reasons:?}");
+    // The sandbox is no longer served: its grant ends with it, and the audit log says so.
+    h.task.abort();
+    let mut dropped = Vec::new();
+    eventually("the grant dropped", || {
+        dropped = audit(&log)
+            .into_iter()
+            .filter(|l| l["event"] == "approval.grant_dropped")
+            .collect();
+        !dropped.is_empty()
+    })
+    .await;
+    assert_eq!(
+        (
+            dropped.len(),
+            dropped[0]["sandbox"].as_str(),
+            dropped[0]["binary"].as_str(),
+            dropped[0]["reason"].as_str()
+        ),
+        (
+            1,
+            Some("test-sandbox"),
+            Some(CURL),
+            Some("an allow-always answer ends with its sandbox")
+        )
+    );
 }
 
 #[tokio::test]
@@ -327,4 +357,71 @@ async fn an_answer_after_a_policy_update_does_not_let_the_held_connection_throug
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(resp.status, 403, "{resp:?}");
     assert!(resp.body.contains("the policy changed"), "{}", resp.body);
+}
+
+/// The workload must never answer its own questions: a policy whose `allowed_ips` covers
+/// the approval endpoint's address still cannot reach it through the proxy, on any local
+/// address and by either form of request. The same proxy without the reservation does reach
+/// it (the control), so the test fails when the reservation is gone.
+#[tokio::test]
+async fn the_approval_endpoint_is_unreachable_whatever_allowed_ips_says() {
+    let up = echo_server("127.0.0.2").await;
+    let endpoint_listener = bind("127.0.0.1:0").await;
+    let endpoint = local(&endpoint_listener);
+    let port = endpoint.port();
+    let network = format!(
+        "{}  approver:\n    endpoints:\n      - host: \"127.0.0.1\"\n        port: {port}\n        allowed_ips: [\"127.0.0.0/8\"]\n      - host: \"127.0.0.3\"\n        port: {port}\n        allowed_ips: [\"127.0.0.0/8\"]\n    binaries:\n      - path: {CURL}\n",
+        ask_yaml("127.0.0.2", up.port())
+    );
+    let reserved = ProxyConfig {
+        reserved: vec![openshell_proxy::ssrf::Reserved {
+            what: "the approval endpoint".into(),
+            addr: endpoint,
+        }],
+        ..asking(Duration::from_secs(20), None)
+    };
+    let unreserved = asking(Duration::from_secs(20), None);
+    let mut answered = Vec::new();
+    let mut first = Some(endpoint_listener);
+    for (label, config) in [("reserved", reserved), ("unreserved", unreserved)] {
+        let h = start_asking(&network, config).await;
+        let a = h.approvals.clone().unwrap_or_else(|| panic!("approvals"));
+        let listener = match first.take() {
+            Some(l) => l,
+            None => bind(&endpoint.to_string()).await,
+        };
+        let serving = tokio::spawn(openshell_proxy::approval::http::serve(listener, a.clone()));
+        let (proxy, target) = (h.addr, up.to_string());
+        let held = tokio::spawn(async move { open_tunnel(proxy, &target).await });
+        let (id, _) = question(&a).await;
+        // What a workload would send: its own answer, as plain HTTP through the proxy and
+        // inside a CONNECT tunnel, to the listener's address and to another loopback one.
+        let body = r#"{"answer":"allow-once"}"#;
+        let post = |host: &str| {
+            format!(
+                "POST http://{host}:{port}/v1/approvals/{id} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let mut statuses = Vec::new();
+        for host in ["127.0.0.1", "127.0.0.3"] {
+            statuses.push(exchange(h.addr, post(host).as_bytes()).await.status);
+            statuses.push(connect_status(h.addr, &format!("{host}:{port}")).await);
+        }
+        let still_pending = a.pending().iter().any(|q| q["id"] == id.as_str());
+        answered.push((label, statuses, still_pending));
+        let _ = a.answer(&id, Answer::Deny, "test");
+        let _ = within("held", held).await;
+        serving.abort();
+        let _ = serving.await;
+    }
+    assert_eq!(
+        answered,
+        vec![
+            ("reserved", vec![403, 403, 403, 403], true),
+            // The control: without the reservation the workload answered itself.
+            // (Nothing listens on 127.0.0.3.)
+            ("unreserved", vec![200, 200, 502, 502], false),
+        ]
+    );
 }
