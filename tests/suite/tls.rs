@@ -375,8 +375,9 @@ req.end();
 }
 
 /// The sandbox's processes, seen from the host, while the sandbox runs: on the process
-/// backend every member of its cgroup (init, the shell, the sleeper); on the vm backend the
-/// VMM and its daemons, whose memory holds the whole guest.
+/// backend every member of its cgroup (init, the shell, the sleeper); on the vm backend every
+/// descendant of the supervisor: the jail helpers, the VMM (whose memory holds the whole
+/// guest) and its daemons.
 fn sandbox_processes(backend: &str, supervisor: u32) -> Vec<i32> {
     let mut pids = Vec::new();
     if backend == "process" {
@@ -387,17 +388,32 @@ fn sandbox_processes(backend: &str, supervisor: u32) -> Vec<i32> {
             pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
         }
     } else {
+        let mut parents = std::collections::HashMap::new();
         for e in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
             let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
-            let parent = status
+            if let Some(parent) = status
                 .lines()
                 .find_map(|l| l.strip_prefix("PPid:"))
-                .and_then(|v| v.trim().parse::<u32>().ok());
-            if parent == Some(supervisor) {
-                pids.push(pid);
+                .and_then(|v| v.trim().parse::<u32>().ok())
+            {
+                parents.insert(pid, parent);
+            }
+        }
+        for &pid in parents.keys() {
+            let mut at = pid;
+            // Bounded walk up the tree (pid 1's parent is 0).
+            for _ in 0..64 {
+                match parents.get(&at) {
+                    Some(&p) if p == supervisor => {
+                        pids.push(pid as i32);
+                        break;
+                    }
+                    Some(&p) if p > 1 => at = p,
+                    _ => break,
+                }
             }
         }
     }
@@ -598,6 +614,22 @@ fn a_credential_reaches_only_its_endpoint_and_never_the_sandbox() {
             stderr(&out)
         );
         assert!(!pids.is_empty(), "{backend}: no sandboxed process found");
+        if backend == "vm" {
+            // The VMM is among them: the guest's memory is searched.
+            let names: Vec<String> = pids
+                .iter()
+                .map(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned()
+                })
+                .collect();
+            assert!(
+                names.iter().any(|n| n.starts_with("qemu") || n.contains("krun")),
+                "no VMM among the searched processes: {names:?}"
+            );
+        }
         assert!(placeholder_seen, "{backend}: the placeholder is in no process's memory: the search looks in the wrong place");
         assert_eq!(
             (backend, value_in_environ, value_in_memory, value_in_files),
