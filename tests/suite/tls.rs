@@ -626,7 +626,9 @@ fn a_credential_reaches_only_its_endpoint_and_never_the_sandbox() {
                 })
                 .collect();
             assert!(
-                names.iter().any(|n| n.starts_with("qemu") || n.contains("krun")),
+                names
+                    .iter()
+                    .any(|n| n.starts_with("qemu") || n.contains("krun")),
                 "no VMM among the searched processes: {names:?}"
             );
         }

@@ -556,9 +556,9 @@ impl Inner {
         }
     }
 
-    /// Every other process holding the socket runs the caller's executable. Only processes
-    /// running another executable have their descriptors read, at most
-    /// [`MAX_DESCRIPTORS_CHECKED`] in all.
+    /// Every other process holding the socket runs the caller's executable, as itself (its
+    /// loader not redirected). Only processes running another executable, or the same one
+    /// redirected, have their descriptors read, at most [`MAX_DESCRIPTORS_CHECKED`] in all.
     async fn check_holders(&self, inode: u64, caller: &ChainEntry) -> Result<(), IdentityError> {
         if inode == 0 {
             return Ok(());
@@ -572,8 +572,14 @@ impl Inner {
             let Ok((exe, file)) = self.exe(pid) else {
                 continue;
             };
+            // The same binary holding the socket is fine only if it runs as itself.
+            let mut redirected = None;
             if file == caller.exe_file {
-                continue;
+                match self.loader_redirection(pid, &exe) {
+                    Ok(None) => continue,
+                    Ok(Some(why)) => redirected = Some(why),
+                    Err(error) => redirected = Some(error.to_string()),
+                }
             }
             let Ok(entries) = std::fs::read_dir(self.proc_path(pid, "fd")) else {
                 continue;
@@ -586,7 +592,13 @@ impl Inner {
                     )));
                 }
                 if std::fs::read_link(entry.path()).is_ok_and(|t| t.as_os_str() == want.as_str()) {
-                    return Err(IdentityError::Shared { pid, exe });
+                    return Err(match redirected {
+                        Some(why) => IdentityError::Redirected {
+                            exe,
+                            why: format!("pid {pid} holds the connection's socket too, and {why}"),
+                        },
+                        None => IdentityError::Shared { pid, exe },
+                    });
                 }
             }
             pace().await;
@@ -922,10 +934,19 @@ mod tests {
 
     impl Holder {
         fn spawn(program: &str, args: &[&str], socket: &std::net::TcpStream) -> Self {
+            Self::spawn_env(program, args, None, socket)
+        }
+        fn spawn_env(
+            program: &str,
+            args: &[&str],
+            env: Option<(&str, &str)>,
+            socket: &std::net::TcpStream,
+        ) -> Self {
             let held = socket.try_clone().unwrap_or_else(|e| panic!("{e}"));
             let child = std::process::Command::new(program)
                 .args(args)
                 .env_clear()
+                .envs(env)
                 .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(held)))
                 .spawn()
                 .unwrap_or_else(|e| panic!("{program}: {e}"));
@@ -1080,6 +1101,58 @@ mod tests {
                 other.id()
             ))
         );
+    }
+
+    /// The same program holding the socket passes only while it runs as itself: a copy
+    /// started with `LD_PRELOAD` that holds the connector's socket is refused.
+    #[tokio::test]
+    async fn a_redirected_copy_of_the_same_program_holding_the_socket_is_refused() {
+        let mut got = Vec::new();
+        for preload in [None, Some("/nonexistent/preload.so")] {
+            let (client, _server, peer, local) = pair();
+            let inode = socket_inode(&client);
+            let connector = Holder::spawn("/usr/bin/sleep", &["30"], &client);
+            let other = Holder::spawn_env(
+                "/usr/bin/sleep",
+                &["31"],
+                preload.map(|p| ("LD_PRELOAD", p)),
+                &client,
+            );
+            drop(client);
+            let (key, exe_file) = key_of(connector.id());
+            let history = OneConnect {
+                inode,
+                connector: Connector {
+                    process: key,
+                    exe: exe_file,
+                    seq: 3,
+                },
+                exec_seq: 0,
+            };
+            let r = resolver(history, vec![key.pid, other.id()]);
+            let identified = r
+                .identify_here(peer, local)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            got.push(
+                r.verify_here(&identified)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            );
+            let sleep = std::fs::canonicalize("/usr/bin/sleep").unwrap_or_default();
+            if preload.is_some() {
+                assert_eq!(
+                    got.last().cloned(),
+                    Some(Err(format!(
+                        "{} does not run as itself: pid {} holds the connection's socket too, and its environment sets LD_PRELOAD",
+                        sleep.display(),
+                        other.id()
+                    )))
+                );
+            }
+        }
+        assert_eq!(got[0], Ok(()));
     }
 
     #[tokio::test]
