@@ -469,7 +469,22 @@ enum Fetched {
 /// response parsed with httparse.
 async fn fetch(url: &PolicyUrl, etag: Option<&str>) -> Result<Fetched, String> {
     let target = &url.parsed;
-    let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
+    let mut addrs: Vec<std::net::SocketAddr> =
+        tokio::net::lookup_host((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| format!("resolving {}: {e}", target.host))?
+            .collect();
+    if url.tls.is_none() {
+        // Plain http only ever goes to this host: `localhost` must resolve to loopback.
+        addrs.retain(|a| a.ip().is_loopback());
+        if addrs.is_empty() {
+            return Err(format!(
+                "{} resolves to no loopback address, and plain http:// is allowed only to loopback",
+                target.host
+            ));
+        }
+    }
+    let tcp = tokio::net::TcpStream::connect(&addrs[..])
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let mut request = format!(
