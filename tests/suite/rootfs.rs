@@ -22,7 +22,7 @@ const BUSYBOX: &str = "/bin/busybox";
 /// The applets the tree links to busybox.
 const APPLETS: &[&str] = &[
     "sh", "cat", "ls", "id", "echo", "touch", "sleep", "pwd", "env", "test", "mkdir", "rm", "head",
-    "stty",
+    "stty", "cmp", "grep",
 ];
 
 /// A test image: busybox-static and its applets in /bin, an /etc/passwd with a user the host
@@ -808,4 +808,89 @@ fn pty_mode_works_in_a_rootfs_sandbox() {
             );
         }
     });
+}
+
+/// An image laid out as Fedora's (`/etc/ssl/certs` a link to `../pki/tls/certs`, the bundle a
+/// link to `/etc/pki/ca-trust/...`), with a link that points outside the tree: a sandbox that
+/// terminates TLS still starts, its trust variable's path and the image's own bundle paths
+/// all hold the sandbox's bundle (its last certificate is the sandbox CA, read by the host's
+/// openssl), the host file the hostile link names is untouched and mounted nowhere, and the
+/// tree is unchanged.
+#[test]
+fn an_image_with_another_distributions_trust_layout_gets_the_sandbox_ca() {
+    let network = "network_policies:\n  api:\n    endpoints:\n      - host: \"127.0.0.4\"\n        port: 443\n        allowed_ips: [127.0.0.0/8]\n        tls: terminate\n        access: read-only\n    binaries: [{ path: /bin/busybox }]\n";
+    let Some(t) = tree(
+        "an_image_with_another_distributions_trust_layout_gets_the_sandbox_ca",
+        network,
+    ) else {
+        return;
+    };
+    let etc = t.root.join("etc");
+    std::fs::create_dir_all(etc.join("pki/tls/certs")).expect("mkdir");
+    std::fs::create_dir_all(etc.join("pki/ca-trust/extracted/pem")).expect("mkdir");
+    std::fs::create_dir_all(etc.join("ssl")).expect("mkdir");
+    std::fs::write(
+        etc.join("pki/ca-trust/extracted/pem/tls-ca-bundle.pem"),
+        "IMAGE ROOTS\n",
+    )
+    .expect("bundle");
+    std::os::unix::fs::symlink(
+        "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+        etc.join("pki/tls/certs/ca-bundle.crt"),
+    )
+    .expect("link");
+    std::os::unix::fs::symlink("../pki/tls/certs", etc.join("ssl/certs")).expect("link");
+    // A hostile link: an absolute path to a file of the host's.
+    let host_file = t.root.parent().expect("parent").join("host-bundle.pem");
+    std::fs::write(&host_file, "HOST FILE\n").expect("host file");
+    std::os::unix::fs::symlink(&host_file, etc.join("ssl/cert.pem")).expect("link");
+    let before = t.snapshot();
+    let script = "cmp \"$SSL_CERT_FILE\" /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem && echo image-bundle-replaced; \
+                  cmp \"$SSL_CERT_FILE\" /etc/pki/tls/certs/ca-bundle.crt && echo link-replaced; \
+                  grep -q 'IMAGE ROOTS' \"$SSL_CERT_FILE\" || echo not-the-images; \
+                  echo \"$SSL_CERT_FILE\"; echo ---; cat \"$SSL_CERT_FILE\"";
+    for backend in backends() {
+        let out = t.run(backend, &[], &["/bin/sh", "-c", script]);
+        let text = stdout(&out);
+        let (head, bundle) = text.split_once("---\n").unwrap_or((&text, ""));
+        assert_eq!(
+            (backend, head),
+            (
+                backend,
+                "image-bundle-replaced\nlink-replaced\nnot-the-images\n/etc/ssl/certs/ca-certificates.crt\n"
+            ),
+            "{}",
+            stderr(&out)
+        );
+        // The last certificate of the bundle the workload trusts is the sandbox CA.
+        let last = bundle
+            .rsplit_once("-----BEGIN CERTIFICATE-----")
+            .map(|(_, b)| format!("-----BEGIN CERTIFICATE-----{b}"))
+            .unwrap_or_default();
+        let mut openssl = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-subject"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl");
+        use std::io::Write as _;
+        openssl
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(last.as_bytes())
+            .expect("write");
+        let subject = openssl.wait_with_output().expect("openssl");
+        let subject = String::from_utf8_lossy(&subject.stdout).into_owned();
+        assert!(
+            subject.contains("openshell sandbox CA"),
+            "{backend}: the bundle's last certificate is {subject:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&host_file).expect("host file"),
+        "HOST FILE\n"
+    );
+    assert_eq!(mounts_naming("host-bundle.pem"), Vec::<String>::new());
+    assert_eq!(t.snapshot(), before, "the tree is unchanged");
 }

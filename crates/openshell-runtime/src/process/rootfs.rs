@@ -377,7 +377,8 @@ pub fn place_trust_bundle(merged: &Path, source: &Path) -> Result<(), view::View
     })?;
     let mut tree = view::Tree::new(root, false);
     let target = Path::new(crate::TRUST_BUNDLE_PATH);
-    tree.place_read_only_file(fd.as_fd(), target, true)
+    view::place_trust_in_image(&mut tree, fd.as_fd(), target)
+        .map(drop)
         .map_err(|e| view::trust_error(target, e))
 }
 

@@ -530,6 +530,99 @@ impl Tree {
         Ok(())
     }
 
+    /// `path` (absolute) with the symbolic links of an image's tree resolved the way the
+    /// sandbox will see them: inside the tree, `..` never above its root, each link read with
+    /// `readlinkat` on a component opened without following anything (nothing is followed by
+    /// the kernel, so no race can lead outside). Components that do not exist end the
+    /// resolution: the rest is taken as written. At most [`MAX_LINKS`] links.
+    pub fn resolve_links(&self, path: &Path) -> Result<PathBuf, ViewError> {
+        let bad = |reason: String| ViewError::Path {
+            path: path.display().to_string(),
+            reason,
+        };
+        let mut pending: Vec<std::ffi::OsString> = components_of(path).into_iter().rev().collect();
+        let mut at = PathBuf::from("/");
+        let mut hops = 0usize;
+        let mut cur = Some(self.root.try_clone().map_err(|e| {
+            sys_err("duplicating the view's root")(Errno::from_raw(
+                e.raw_os_error().unwrap_or(libc::EBADF),
+            ))
+        })?);
+        while let Some(name) = pending.pop() {
+            if name == ".." {
+                at.pop();
+                cur = self.reopen(&at)?;
+                continue;
+            }
+            let Some(dir) = &cur else {
+                at.push(&name);
+                continue;
+            };
+            let st = match nix::sys::stat::fstatat(
+                dir.as_fd(),
+                name.as_os_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Ok(st) => st,
+                Err(Errno::ENOENT) => {
+                    at.push(&name);
+                    cur = None;
+                    continue;
+                }
+                Err(e) => return Err(sys_err(format!("{}", at.join(&name).display()))(e)),
+            };
+            if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFLNK {
+                at.push(&name);
+                cur = open_below(dir.as_fd(), &name, false).ok();
+                continue;
+            }
+            hops += 1;
+            if hops > MAX_LINKS {
+                return Err(bad(format!("more than {MAX_LINKS} symbolic links")));
+            }
+            let target = nix::fcntl::readlinkat(dir.as_fd(), name.as_os_str()).map_err(sys_err(
+                format!("reading the link {}", at.join(&name).display()),
+            ))?;
+            let target = PathBuf::from(target);
+            if target.is_absolute() {
+                at = PathBuf::from("/");
+                cur = self.reopen(&at)?;
+            }
+            pending.extend(components_of(&target).into_iter().rev());
+        }
+        Ok(at)
+    }
+
+    /// Whether `path` is a regular file of the view (no component a link).
+    fn is_regular_file(&self, path: &Path) -> bool {
+        let Ok((parent, name)) = split(path) else {
+            return false;
+        };
+        let Ok(Some(dir)) = self.reopen(parent) else {
+            return false;
+        };
+        open_below(dir.as_fd(), name, false)
+            .and_then(|fd| kind_of(fd.as_fd()))
+            .is_ok_and(|k| k == SFlag::S_IFREG)
+    }
+
+    /// The directory `at` of the view opened again (no link followed), `None` if it is not
+    /// one (the resolution then goes on lexically).
+    fn reopen(&self, at: &Path) -> Result<Option<OwnedFd>, ViewError> {
+        let mut cur = self.root.try_clone().map_err(|e| {
+            sys_err("duplicating the view's root")(Errno::from_raw(
+                e.raw_os_error().unwrap_or(libc::EBADF),
+            ))
+        })?;
+        for name in components_of(at) {
+            match open_below(cur.as_fd(), &name, true) {
+                Ok(fd) => cur = fd,
+                Err(_) => return Ok(None),
+            }
+        }
+        Ok(Some(cur))
+    }
+
     /// A symbolic link at `path` with the text `target` (resolved inside the view). An
     /// existing identical link is fine; where the view is a host bind, the link is already the
     /// host's.
@@ -590,6 +683,70 @@ pub fn trust_error(target: &Path, e: ViewError) -> ViewError {
             crate::error_chain(&e)
         ),
     }
+}
+
+/// Where distributions other than Debian's family keep their bundle of trusted certificates
+/// (Fedora, RHEL and UBI; openSUSE; Alpine's second name): in an image that has one (a regular
+/// file once its links are resolved in the tree), the sandbox's bundle is bound over it too.
+pub const OTHER_TRUST_PATHS: [&str; 4] = [
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// Place the sandbox's bundle (`source`, opened by [`open_file_to_place`]) in an image's
+/// per-sandbox writable view: at `primary` (created where missing), and over every one of
+/// [`OTHER_TRUST_PATHS`] the image has, each with the image's links resolved inside the tree
+/// ([`Tree::resolve_links`]), so that an image whose `/etc/ssl/certs` is a link (Fedora's)
+/// gets its bundle where the link leads. Returns the paths placed, as the tree names them.
+pub fn place_trust_in_image(
+    tree: &mut Tree,
+    source: BorrowedFd<'_>,
+    primary: &Path,
+) -> Result<Vec<PathBuf>, ViewError> {
+    let paths = trust_paths(tree, primary)?;
+    for (i, path) in paths.iter().enumerate() {
+        // The first is created where missing; the others exist.
+        tree.place_read_only_file(source, path, i == 0)?;
+    }
+    Ok(paths)
+}
+
+/// Where [`place_trust_in_image`] places the bundle in `tree`: `primary` resolved, then each
+/// of [`OTHER_TRUST_PATHS`] that resolves to another regular file.
+pub fn trust_paths(tree: &Tree, primary: &Path) -> Result<Vec<PathBuf>, ViewError> {
+    let mut paths = vec![tree.resolve_links(primary)?];
+    for other in OTHER_TRUST_PATHS {
+        let Ok(resolved) = tree.resolve_links(Path::new(other)) else {
+            continue;
+        };
+        if !paths.contains(&resolved) && tree.is_regular_file(&resolved) {
+            paths.push(resolved);
+        }
+    }
+    Ok(paths)
+}
+
+/// [`trust_paths`] in the image tree at `lower` (read only: nothing is created), as the
+/// sandbox's view of it will have them.
+pub fn image_trust_paths(lower: &Path, primary: &Path) -> Result<Vec<PathBuf>, ViewError> {
+    let root = open_host(lower).map_err(sys_err(format!("opening {}", lower.display())))?;
+    trust_paths(&Tree::new(root, false), primary)
+}
+
+/// Most symbolic links [`Tree::resolve_links`] follows in one path (the kernel's limit).
+pub const MAX_LINKS: usize = 40;
+
+/// The normal components of `path` and its `..`s, in order (`.` and `/` dropped).
+fn components_of(path: &Path) -> Vec<std::ffi::OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn split(path: &Path) -> Result<(&Path, &OsStr), ViewError> {
@@ -804,6 +961,57 @@ mod tests {
 
     fn p(list: &[&str]) -> Vec<PathBuf> {
         list.iter().map(PathBuf::from).collect()
+    }
+
+    /// Links in an image's tree resolve inside it: `..` stops at its root, an absolute link
+    /// starts again at its root, a missing component ends the resolution, and a loop is an
+    /// error rather than a hang.
+    #[test]
+    fn image_links_resolve_inside_the_tree() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let root = dir.path();
+        let link = |target: &str, at: &str| {
+            std::os::unix::fs::symlink(target, root.join(at)).unwrap_or_else(|e| panic!("{e}"))
+        };
+        std::fs::create_dir_all(root.join("etc/pki/tls/certs")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(root.join("etc/ssl")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(root.join("etc/pki/tls/certs/ca-bundle.crt"), "x")
+            .unwrap_or_else(|e| panic!("{e}"));
+        link("../pki/tls/certs", "etc/ssl/certs");
+        link("../../../../../../../../etc/shadow", "etc/ssl/up");
+        link("/etc/ssl/certs/ca-bundle.crt", "etc/ssl/abs");
+        link("loop-b", "etc/ssl/loop-a");
+        link("loop-a", "etc/ssl/loop-b");
+        let tree = Tree::new(open_host(root).unwrap_or_else(|e| panic!("{e}")), false);
+        let resolve = |path: &str| {
+            tree.resolve_links(Path::new(path))
+                .map(|p| p.display().to_string())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            [
+                "/etc/ssl/certs/ca-certificates.crt",
+                "/etc/ssl/up",
+                "/etc/ssl/abs",
+                "/etc/ssl/missing/more",
+            ]
+            .map(resolve),
+            [
+                Ok("/etc/pki/tls/certs/ca-certificates.crt".to_string()),
+                Ok("/etc/shadow".to_string()),
+                Ok("/etc/pki/tls/certs/ca-bundle.crt".to_string()),
+                Ok("/etc/ssl/missing/more".to_string()),
+            ]
+        );
+        assert!(resolve("/etc/ssl/loop-a").is_err_and(|e| e.contains("symbolic links")));
+        assert_eq!(
+            trust_paths(&tree, Path::new("/etc/ssl/certs/ca-certificates.crt"))
+                .map_err(|e| e.to_string()),
+            Ok(p(&[
+                "/etc/pki/tls/certs/ca-certificates.crt",
+                "/etc/pki/tls/certs/ca-bundle.crt"
+            ]))
+        );
     }
 
     #[test]

@@ -101,7 +101,11 @@ pub(crate) fn build_tree(plan: &GuestTree) -> Result<(), MountFailure> {
         // ours (the default root's tmpfs, an image's writable view).
         let target = Path::new(crate::TRUST_BUNDLE_PATH);
         view::open_file_to_place(source)
-            .and_then(|fd| tree.place_read_only_file(fd.as_fd(), target, plan.root_view.is_some()))
+            .and_then(|fd| match plan.root_view {
+                // An image: its own links resolved in the tree, its other bundles covered.
+                Some(_) => view::place_trust_in_image(&mut tree, fd.as_fd(), target).map(drop),
+                None => tree.place_read_only_file(fd.as_fd(), target, false),
+            })
             .map_err(|e| view::trust_error(target, e))
             .map_err(|e| (crate::error_chain(&e), nix::Error::EINVAL))?;
     }

@@ -918,17 +918,29 @@ impl VmSandbox {
                 keep: Vec::new(),
             }),
         };
+        let trust_guest_paths: Vec<String> = match (&trust_bundle, &config.root) {
+            (None, _) => Vec::new(),
+            (Some(_), None) => vec![crate::TRUST_BUNDLE_PATH.to_owned()],
+            (Some(_), Some(root)) => crate::process::view::image_trust_paths(
+                &root.lower,
+                Path::new(crate::TRUST_BUNDLE_PATH),
+            )
+            .map_err(|e| VmError::Share {
+                path: crate::TRUST_BUNDLE_PATH.into(),
+                reason: crate::error_chain(&e),
+            })?
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        };
         let read_only = shares
             .iter()
             .skip(1)
             .filter(|s| s.readonly && decision.engine == Engine::Qemu)
             .map(|s| s.guest_path.clone())
-            // The CA bundle is bound read-only in the tree; the guest binds it read-only too.
-            .chain(
-                trust_bundle
-                    .iter()
-                    .map(|_| crate::TRUST_BUNDLE_PATH.to_owned()),
-            )
+            // The CA bundle is bound read-only in the tree; the guest binds it read-only too,
+            // where the image's links lead.
+            .chain(trust_guest_paths)
             .collect();
         let setup = Request::Setup {
             hostname: config.hostname.clone(),
