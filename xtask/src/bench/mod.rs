@@ -5,10 +5,13 @@
 //! `openshell-sandbox` is built. A benchmark measures with hyperfine ([`hyperfine`]) or with an
 //! in-process `harness = false` bench target (the proxy benchmarks, [`proxy`]), prints a table,
 //! writes its figures to `target/bench/<name>.json` and says whether its targets hold. Missing a
-//! target never fails the command; a command that cannot run does.
+//! target never fails the command; a command that cannot run does. After the run the published
+//! numbers (`docs/benchmarks.{md,json}`, the README's headline block) are rewritten
+//! ([`publish`]), with the reports of the benchmarks that ran replacing theirs.
 
 mod image;
 mod proxy;
+mod publish;
 mod rootfs;
 mod spawn;
 mod ssh;
@@ -223,11 +226,23 @@ pub fn run(opts: &Opts) -> Result<()> {
         runs_given: opts.runs,
         warmup: DEFAULT_WARMUP,
     };
-    for b in selected {
+    for b in &selected {
         println!("\n=== bench {}: {} ===", b.name, b.about);
+        // A stale report must not be published as this run's.
+        let _ = std::fs::remove_file(
+            ctx.root
+                .join("target/bench")
+                .join(format!("{}.json", b.name)),
+        );
         (b.run)(&ctx).with_context(|| format!("bench {}", b.name))?;
     }
-    Ok(())
+    // Only the benchmarks that ran replace their published reports.
+    let ran: Vec<&str> = selected.iter().map(|b| b.name).collect();
+    publish::publish(
+        &ctx.root,
+        &BENCHES.iter().map(|b| b.name).collect::<Vec<_>>(),
+        &ran,
+    )
 }
 
 /// One command for hyperfine: a short name and the command line (split into words by hyperfine,
@@ -286,7 +301,28 @@ fn machine() -> Value {
         .take(3)
         .filter_map(|x| x.parse().ok())
         .collect();
-    serde_json::json!({ "cpus": cpus, "loadavg": load })
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let kvm = if !Path::new("/dev/kvm").exists() {
+        "none (TCG only)"
+    } else if Path::new("/sys/module/kvm_pvm").exists() {
+        "kvm-pvm (nested; standard guests run under TCG)"
+    } else if Path::new("/sys/module/kvm_intel").exists()
+        || Path::new("/sys/module/kvm_amd").exists()
+    {
+        "kvm (hardware)"
+    } else {
+        "kvm (unknown kind)"
+    };
+    serde_json::json!({ "cpus": cpus, "cpu": cpu, "kernel": kernel, "kvm": kvm, "loadavg": load })
 }
 
 fn verdict(ok: bool) -> &'static str {
