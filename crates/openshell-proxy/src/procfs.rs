@@ -514,6 +514,17 @@ impl Inner {
         if let Some(name) = loader_variable(&environ) {
             return Ok(Some(format!("its environment sets {name}")));
         }
+        if environ.is_empty() {
+            // Empty, or not laid out yet: a process caught inside its execve has no
+            // environment to read, and must not pass as clean for that.
+            let path = self.proc_path(pid, "stat");
+            let stat = std::fs::read_to_string(&path).map_err(proc_io(path))?;
+            if environment_laid_out(&stat) != Some(true) {
+                return Ok(Some(
+                    "it is still starting (its environment is not laid out yet)".into(),
+                ));
+            }
+        }
         let path = self.proc_path(pid, "maps");
         let Some(maps) = read_bounded(&path, MAX_MAPS).map_err(proc_io(path))? else {
             return Ok(Some(format!(
@@ -651,6 +662,15 @@ fn foreign_code(maps: &str, exe: &Path, writable: &[PathBuf]) -> Option<String> 
         }
     }
     None
+}
+
+/// Whether a /proc/PID/stat text shows the process's environment laid out (`env_start`, field
+/// 51, not 0). While an `execve` is under way the new executable is already visible but its
+/// environment is not: reading `environ` then gives nothing.
+fn environment_laid_out(text: &str) -> Option<bool> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let env_start: u64 = rest.split_whitespace().nth(48)?.parse().ok()?;
+    Some(env_start != 0)
 }
 
 /// `(start time, parent pid)` of a /proc/PID/stat text.
@@ -830,6 +850,15 @@ mod tests {
     }
 
     #[test]
+    fn an_environment_not_laid_out_is_seen_in_stat() {
+        let me = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        assert_eq!(environment_laid_out(&me), Some(true));
+        let mid_exec = format!("10 (x y) R {}", vec!["0"; 60].join(" "));
+        assert_eq!(environment_laid_out(&mid_exec), Some(false));
+        assert_eq!(environment_laid_out("10 (x) S 1"), None);
+    }
+
+    #[test]
     fn loader_variables_and_foreign_code() {
         assert_eq!(
             loader_variable(b"PATH=/bin\0LD_PRELOAD=/tmp/x.so\0"),
@@ -950,13 +979,17 @@ mod tests {
                 .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(held)))
                 .spawn()
                 .unwrap_or_else(|e| panic!("{program}: {e}"));
-            // Wait until it runs the program (not the forked test binary any more).
+            // Wait until it runs the program (not the forked test binary any more), its exec
+            // finished (its environment laid out).
             let want = std::fs::canonicalize(program).unwrap_or_default();
             for _ in 0..200 {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))
+                    .unwrap_or_default();
                 if std::fs::read_link(format!("/proc/{}/exe", child.id()))
                     .ok()
                     .as_ref()
                     == Some(&want)
+                    && environment_laid_out(&stat) == Some(true)
                 {
                     break;
                 }
