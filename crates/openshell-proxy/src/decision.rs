@@ -1,4 +1,4 @@
-//! Decisions: the Rego call with the CONNECT cache ([`Decider`]), the
+//! Decisions: the Rego call with its decision cache ([`Decider`]), the
 //! structured event and the audit log line.
 
 use std::collections::HashMap;
@@ -23,11 +23,14 @@ pub(crate) struct CacheKey {
     pub(crate) ancestors: Vec<PathBuf>,
     pub(crate) host: String,
     pub(crate) port: u16,
+    /// The request's method and (normalised) path; `None` for a CONNECT.
+    pub(crate) request: Option<(String, String)>,
     pub(crate) generation: u64,
 }
 
-/// Rego answers for CONNECT (no L7 input), keyed by caller, destination and
-/// policy generation.
+/// Rego answers, keyed by everything the engine is given (caller, destination, the request's
+/// method and normalised path) and the policy generation: the engine is a function of its
+/// input and the policy, so a hit is the answer Rego would give.
 #[derive(Default)]
 pub(crate) struct DecisionCache {
     map: Mutex<HashMap<CacheKey, Decision>>,
@@ -61,7 +64,7 @@ pub struct Decider {
 pub struct Decided {
     /// The engine's answer, or why evaluation failed.
     pub decision: Result<Decision, RegoError>,
-    /// The answer came from the CONNECT cache.
+    /// The answer came from the decision cache.
     pub cached: bool,
     /// Policy generation the decision was made with.
     pub generation: u64,
@@ -94,9 +97,8 @@ impl Decider {
 
     /// Decide `caller` reaching `host:port` with the policy in force.
     /// `host` must already be normalised
-    /// ([`openshell_policy::types::normalise_host`]). Without `request` (a
-    /// CONNECT tunnel) the answer is cached per caller, destination and
-    /// policy generation; requests with L7 input always run Rego.
+    /// ([`openshell_policy::types::normalise_host`]), and a request's path too. The answer is
+    /// cached per caller, destination, request (method and path) and policy generation.
     pub fn decide(
         &self,
         caller: &Caller,
@@ -106,20 +108,21 @@ impl Decider {
     ) -> Decided {
         let snapshot = self.policy.snapshot();
         let generation = snapshot.generation;
-        let key = request.is_none().then(|| CacheKey {
+        let key = CacheKey {
             binary: caller.exe.clone(),
             ancestors: caller.ancestors.clone(),
             host: host.to_string(),
             port,
+            request: request.as_ref().map(|r| (r.method.clone(), r.path.clone())),
             generation,
-        });
+        };
         let asked = |d: &Decision| match (d.allow, d.enforcement, &d.policy, d.endpoint) {
             (true, Enforcement::Ask, Some(key), Some(index)) => {
                 snapshot.endpoint(key, index).cloned()
             }
             _ => None,
         };
-        if let Some(decision) = key.as_ref().and_then(|k| self.cache.get(k)) {
+        if let Some(decision) = self.cache.get(&key) {
             return Decided {
                 asked: asked(&decision),
                 decision: Ok(decision),
@@ -143,8 +146,8 @@ impl Decider {
             request,
         };
         let decision = snapshot.decide(&input);
-        if let (Ok(d), Some(k)) = (&decision, key) {
-            self.cache.insert(k, d.clone());
+        if let Ok(d) = &decision {
+            self.cache.insert(key, d.clone());
         }
         Decided {
             asked: decision.as_ref().ok().and_then(asked),

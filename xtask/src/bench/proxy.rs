@@ -116,7 +116,10 @@ pub fn decision(ctx: &Ctx) -> Result<()> {
         ("  of which allowed", "uncached_allowed"),
         ("  of which denied", "uncached_denied"),
         ("cached (proxy CONNECT path)", "cached"),
-        ("forward, L7 input (never cached)", "forward_uncached"),
+        (
+            "forward, L7 input (cached per method and path)",
+            "forward_cached",
+        ),
     ] {
         latency_row(label, &out[key])?;
     }
