@@ -447,6 +447,56 @@ mod tests {
     use pretty_assertions::assert_eq;
     use std::os::unix::fs::PermissionsExt;
 
+    /// A cached answer is the one Rego gives for that exact request: another path, method or
+    /// policy generation is decided afresh.
+    #[test]
+    fn requests_are_cached_per_method_path_and_generation() {
+        let text = "version: 1\nnetwork_policies:\n  api:\n    endpoints:\n      - host: api.example\n        port: 80\n        rules:\n          - allow: { method: GET, path: \"/public/**\" }\n    binaries: [{ path: /usr/bin/curl }]\n";
+        let policy =
+            openshell_policy::Policy::from_yaml("p.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+        let handle = PolicyHandle::new(policy).unwrap_or_else(|e| panic!("{e}"));
+        let decider = Decider::new(handle.clone());
+        let curl = Caller {
+            pid: 1,
+            exe: "/usr/bin/curl".into(),
+            ancestors: Vec::new(),
+        };
+        let ask = |method: &str, path: &str| {
+            let d = decider.decide(
+                &curl,
+                "api.example",
+                80,
+                Some(HttpRequest {
+                    method: method.into(),
+                    path: path.into(),
+                }),
+            );
+            (d.decision.map(|d| d.allow).unwrap_or(false), d.cached)
+        };
+        let first = [
+            ask("GET", "/public/a"),
+            ask("GET", "/private"),
+            ask("POST", "/public/a"),
+        ];
+        let again = [
+            ask("GET", "/public/a"),
+            ask("GET", "/private"),
+            ask("POST", "/public/a"),
+        ];
+        assert_eq!(
+            (first, again),
+            (
+                [(true, false), (false, false), (false, false)],
+                [(true, true), (false, true), (false, true)]
+            )
+        );
+        let closed = text.replace("/public/**", "/nothing");
+        handle
+            .update_yaml("p.yaml", &closed)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ask("GET", "/public/a"), (false, false));
+    }
+
     #[test]
     fn the_audit_log_is_a_regular_file_never_reached_through_a_symlink() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
