@@ -9,6 +9,7 @@
 //! numbers (`docs/benchmarks.{md,json}`, the README's headline block) are rewritten
 //! ([`publish`]), with the reports of the benchmarks that ran replacing theirs.
 
+mod exec;
 mod image;
 mod proxy;
 mod publish;
@@ -79,6 +80,12 @@ const BENCHES: &[Bench] = &[
         about: "exec round trip over a reused ssh connection (ControlMaster): ours vs OpenSSH sshd",
         needs_sandbox: true,
         run: ssh::run,
+    },
+    Bench {
+        name: "exec",
+        about: "exec round trip through the runtime API, each backend, vs the host's fork + exec",
+        needs_sandbox: true,
+        run: exec::run,
     },
     Bench {
         name: "image",

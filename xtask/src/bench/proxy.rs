@@ -29,18 +29,30 @@ const TARGET_UPDATE_P99_US: f64 = 1_000_000.0;
 /// Builds and runs `cargo bench -p openshell-proxy --bench NAME` (in the workspace's target
 /// directory, like the spawn benchmark's binary) and returns the JSON it printed last.
 fn cargo_bench(ctx: &Ctx, name: &str) -> Result<Value> {
+    cargo_bench_in(ctx, "openshell-proxy", &[], name)
+}
+
+/// [`cargo_bench`] for the bench target `name` of `package` built with `features`; the
+/// runtime's helpers are the release CLI the benchmarks measure.
+pub(super) fn cargo_bench_in(
+    ctx: &Ctx,
+    package: &str,
+    features: &[&str],
+    name: &str,
+) -> Result<Value> {
     let mut cmd = util::cargo();
-    cmd.args([
-        "bench",
-        "-p",
-        "openshell-proxy",
-        "--bench",
-        name,
-        "--target-dir",
-    ])
-    .arg(ctx.root.join("target"))
-    .stdin(Stdio::null())
-    .stderr(Stdio::inherit());
+    cmd.args(["bench", "-p", package, "--bench", name]);
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
+    cmd.arg("--target-dir")
+        .arg(ctx.root.join("target"))
+        .env(
+            "OPENSHELL_HELPER_EXE",
+            ctx.root.join("target/release/openshell-sandbox"),
+        )
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
     let shown = util::display(&cmd);
     println!("$ {shown}");
     let out = cmd
