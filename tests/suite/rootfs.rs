@@ -269,6 +269,37 @@ fn mounts_naming(needle: &str) -> Vec<String> {
     found
 }
 
+/// The processes whose mount namespace has a mount naming `needle`: pid, name, state and
+/// parent (what a failure names, to tell who kept a view alive).
+fn mount_holders(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        if e.file_name().to_string_lossy().parse::<u32>().is_err() {
+            continue;
+        }
+        let holds = std::fs::read_to_string(e.path().join("mountinfo"))
+            .is_ok_and(|text| text.contains(needle));
+        if holds {
+            let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            found.push(format!(
+                "pid {} {} state {} ppid {}",
+                e.file_name().to_string_lossy(),
+                field("Name:"),
+                field("State:"),
+                field("PPid:")
+            ));
+        }
+    }
+    found
+}
+
 #[test]
 fn the_tree_is_the_root_and_is_never_modified() {
     let Some(t) = tree("the_tree_is_the_root_and_is_never_modified", "") else {
@@ -553,8 +584,9 @@ fn rootfs_sandboxes_leave_no_mounts_or_directories() {
         assert!(
             wait_until(Duration::from_secs(15), || mounts_naming(&marker)
                 .is_empty()),
-            "{backend}: no mount of the sandbox's view is left: {:?}",
-            mounts_naming(&marker)
+            "{backend}: no mount of the sandbox's view is left: {:?}, held by {:?}",
+            mounts_naming(&marker),
+            mount_holders(&marker)
         );
         if backend == "vm" {
             // The vm backend's box directory is collected by the next start (as without a

@@ -23,7 +23,7 @@
 //! the workload never runs unrestricted.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -91,6 +91,17 @@ impl Control {
         });
         std::process::exit(code);
     }
+}
+
+/// Whether the other end of `fd` (a socket, or a pipe's read end) is gone, right now: what a
+/// helper checks after setting its parent-death signal, which does not fire for a parent that
+/// died before it was set (the helper would then outlive the supervisor, unwaited for).
+pub(crate) fn hung_up(fd: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::empty())];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
 }
 
 pub(crate) fn take_fd(fd: RawFd) -> OwnedFd {
@@ -847,12 +858,7 @@ fn restrict(
     // hangs up when the launcher is gone.)
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(|e| ("pdeathsig".to_owned(), errno_text(e)))?;
-    let mut fds = [PollFd::new(parent.as_fd(), PollFlags::empty())];
-    let gone = poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
-        && fds[0]
-            .revents()
-            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR));
-    if gone {
+    if hung_up(parent.as_fd()) {
         return Err(("pdeathsig".to_owned(), "the launcher is gone".to_owned()).into());
     }
     nix::sys::prctl::set_no_new_privs().map_err(|e| ("no_new_privs".to_owned(), errno_text(e)))?;

@@ -34,9 +34,10 @@ use nix::unistd::User;
 use tokio::process::Child;
 
 use super::VmError;
-use crate::process::child::Control;
+use crate::process::child::{hung_up, take_fd, Control};
 use crate::process::protocol::{
     FromHelper, JailPlan, JailTree, LandlockPlan, LaunchPlan, ToHelper, UsernsMap, WaitReport,
+    LIFELINE_FD,
 };
 use crate::process::{rootfs, seccomp, start_helper, view};
 use crate::StdioMode;
@@ -345,10 +346,19 @@ pub async fn start(spec: JailSpec) -> Result<Child, VmError> {
 /// The helper side: build the root, pivot into it, launch the program, wait for it and exit
 /// with its status. Runs single-threaded in the namespaces the supervisor unshared for it.
 pub(crate) fn main(mut ctl: Control, plan: JailPlan) -> ! {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsFd, AsRawFd};
+    // The supervisor may have died between sending the plan and this point, when the signal
+    // would not fire: then its end of the lifeline is closed already, and nobody waits for
+    // this jail (found by `rootfs_sandboxes_leave_no_mounts_or_directories`: a virtiofsd and
+    // its view outlived a supervisor killed during the start).
+    let lifeline = take_fd(LIFELINE_FD);
     if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
         ctl.fail("pdeathsig", e.to_string());
     }
+    if hung_up(lifeline.as_fd()) {
+        ctl.fail("pdeathsig", "the supervisor is gone".to_owned());
+    }
+    drop(lifeline);
     let none: Option<&str> = None;
     if let Err(e) = nix::mount::mount(
         none,
