@@ -9,6 +9,7 @@
 mod bench;
 mod ci;
 mod deps;
+mod escape;
 mod guest;
 mod images;
 mod readme;
@@ -37,6 +38,9 @@ commands:
                            vm: 20)
   test [ARGS...]           deps (with --vm), the guest, the test images, then
                            `cargo test --workspace --all-features [ARGS...]` (the README's command)
+  escape [ARGS...]         deps (with --vm) and the guest, then the escape suite
+                           (tests/escape/, both backends); writes docs/security.md from the
+                           run and fails if a probe escaped
   readme                   run README.md's two set-up commands as written there (marked
                            `<!-- fresh-machine: ... -->`); fails unless the first prints what
                            the README says it prints
@@ -84,6 +88,11 @@ fn run() -> Result<()> {
             guest::run(&guest::Opts::parse(&[])?)?;
             images::run_images(false)?;
             ci::test(&rest)
+        }
+        "escape" => {
+            deps::ensure_with(true)?;
+            guest::run(&guest::Opts::parse(&[])?)?;
+            escape::run_escape(&rest)
         }
         "readme" => {
             no_args("readme", &rest)?;

@@ -56,7 +56,10 @@ impl Arg {
     /// (compiling such a row fails).
     pub fn width(&self) -> Option<Width> {
         match self.decl.rsplit_once(' ')?.0 {
-            "int" | "unsigned int" => Some(Width::Bits32),
+            // `umode_t` is an `unsigned short`: the kernel keeps the low 16 bits. Compared on
+            // 32, which answers as the kernel does for the only rows that read one: bit tests
+            // below bit 16 (`every_mode_row_tests_bits_the_kernel_keeps`).
+            "int" | "unsigned int" | "umode_t" => Some(Width::Bits32),
             "unsigned long" => Some(Width::Bits64),
             _ => None,
         }
@@ -273,6 +276,17 @@ const PERSONALITY: Arg = Arg {
     index: 0,
     decl: "unsigned int personality",
 };
+/// The `umode_t mode` argument at `index`: `chmod`, `creat` (1); `fchmod` (1); `fchmodat`,
+/// `fchmodat2`, `open`, `mknodat` (2); `openat` (3); `mknod` (1).
+const fn mode(index: u8) -> Arg {
+    Arg {
+        index,
+        decl: "umode_t mode",
+    }
+}
+/// `S_ISUID | S_ISGID`: a file in a host path (the workdir, a read-write share) with either
+/// bit would run as the workload's ids for any host user who executes it.
+const SET_ID: u64 = (libc::S_ISUID | libc::S_ISGID) as u64;
 /// `SYSCALL_DEFINE1(unshare, unsigned long, unshare_flags)`.
 const UNSHARE_FLAGS: Arg = Arg {
     index: 0,
@@ -310,6 +324,15 @@ macro_rules! cond {
             value_name: stringify!($value),
         }
     };
+}
+
+/// Calls whose mode argument at `index` has a set-ID bit.
+const fn set_id(index: u8) -> Match {
+    Match::AnyBit {
+        arg: mode(index),
+        mask: SET_ID,
+        names: "S_ISUID|S_ISGID",
+    }
 }
 
 macro_rules! deny {
@@ -404,6 +427,12 @@ pub const DENIED: &[Denied] = &[
         SYS_io_uring_register,
         Match::Always,
         "io_uring bypasses seccomp for the calls it performs"
+    ),
+    deny!(
+        SYS_memfd_secret,
+        Match::Always,
+        "each secret page is taken out of the kernel's direct map, splitting it for the whole \
+         machine"
     ),
     deny!(
         SYS_fanotify_init,
@@ -517,6 +546,59 @@ pub const DENIED: &[Denied] = &[
     deny!(SYS_vhangup, Match::Always, "hanging up terminals"),
     deny!(SYS_iopl, Match::Always, "raw I/O port access"),
     deny!(SYS_ioperm, Match::Always, "raw I/O port access"),
+    // Set-user-ID and set-group-ID files: the workload's writes land in host paths, where such
+    // a file would lend the workload's ids to whoever runs it (creating one with the bits set
+    // included: the kernel keeps them from `open`'s and `mknod`'s mode).
+    deny!(
+        SYS_chmod,
+        set_id(1),
+        "making a set-user-ID or set-group-ID file"
+    ),
+    deny!(
+        SYS_fchmod,
+        set_id(1),
+        "making a set-user-ID or set-group-ID file"
+    ),
+    deny!(
+        SYS_fchmodat,
+        set_id(2),
+        "making a set-user-ID or set-group-ID file"
+    ),
+    deny!(
+        SYS_fchmodat2,
+        set_id(2),
+        "making a set-user-ID or set-group-ID file"
+    ),
+    deny!(
+        SYS_creat,
+        set_id(1),
+        "creating a set-user-ID or set-group-ID file"
+    ),
+    deny!(
+        SYS_open,
+        set_id(2),
+        "creating a set-user-ID or set-group-ID file"
+    ),
+    deny!(
+        SYS_openat,
+        set_id(3),
+        "creating a set-user-ID or set-group-ID file"
+    ),
+    deny!(
+        SYS_mknod,
+        set_id(1),
+        "creating a set-user-ID or set-group-ID file"
+    ),
+    deny!(
+        SYS_mknodat,
+        set_id(2),
+        "creating a set-user-ID or set-group-ID file"
+    ),
+    deny!(
+        SYS_openat2,
+        Match::Always,
+        "its mode sits behind a pointer the filter cannot read (set-ID files); libc uses openat"
+    ),
     // File handles bypass path-based checks (the "shocker" escape).
     deny!(
         SYS_open_by_handle_at,
@@ -1083,7 +1165,16 @@ mod tests {
         assert_eq!(
             got,
             vec![
+                ("SYS_chmod", "umode_t mode", b32),
                 ("SYS_clone", "unsigned long clone_flags", b64),
+                ("SYS_creat", "umode_t mode", b32),
+                ("SYS_fchmod", "umode_t mode", b32),
+                ("SYS_fchmodat", "umode_t mode", b32),
+                ("SYS_fchmodat2", "umode_t mode", b32),
+                ("SYS_mknod", "umode_t mode", b32),
+                ("SYS_mknodat", "umode_t mode", b32),
+                ("SYS_open", "umode_t mode", b32),
+                ("SYS_openat", "umode_t mode", b32),
                 ("SYS_personality", "unsigned int personality", b32),
                 ("SYS_socket", "int family", b32),
                 ("SYS_socket", "int protocol", b32),
@@ -1092,6 +1183,37 @@ mod tests {
                 ("SYS_socketpair", "int type", b32),
                 ("SYS_unshare", "unsigned long unshare_flags", b64),
             ]
+        );
+    }
+
+    /// A `umode_t` keeps 16 bits in the kernel: a row may only test bits below 16 of one (on
+    /// 32 bits that answers as the kernel does, dirty high bits or not).
+    #[test]
+    fn every_mode_row_tests_bits_the_kernel_keeps() {
+        let mut rows = 0;
+        for row in DENIED {
+            for arg in row.matches.args() {
+                if arg.decl.starts_with("umode_t ") {
+                    rows += 1;
+                    match row.matches {
+                        Match::AnyBit { mask, .. } => assert_eq!(mask & !0xffff, 0, "{}", row.name),
+                        other => panic!("{}: a mode compared by {other:?}", row.name),
+                    }
+                }
+            }
+        }
+        assert_eq!(rows, 9);
+        let chmod = DENIED
+            .iter()
+            .find(|r| r.name == "SYS_fchmodat")
+            .expect("row");
+        let dirty = 0xdead_0000_0000_0000u64 | 0xffff_0000;
+        assert!(chmod.matches.hits(&[0, 0, 0o4755, 0, 0, 0]));
+        assert!(chmod.matches.hits(&[0, 0, dirty | 0o2755, 0, 0, 0]));
+        assert!(!chmod.matches.hits(&[0, 0, 0o755, 0, 0, 0]));
+        assert!(
+            !chmod.matches.hits(&[0, 0, 0o1777, 0, 0, 0]),
+            "the sticky bit is fine"
         );
     }
 

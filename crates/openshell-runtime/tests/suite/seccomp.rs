@@ -24,6 +24,8 @@ const HIGH: u64 = 1 << 32;
 const X32_SYSCALL_BIT: u64 = 0x4000_0000;
 /// Nobody has this pid (the kernel's limit is 2^22).
 const NO_PID: u64 = 0x7fff_ffff;
+/// A descriptor nobody has open.
+const NO_FD: u64 = 0x7fff_0000;
 const ALL_FLAGS: u64 = 0xffff_ffff;
 /// i386 `getpid`.
 const I386_GETPID: u32 = 20;
@@ -71,13 +73,14 @@ fn everyday(name: &'static str, call: Call) -> Probe {
 }
 
 /// Every probe. `pair` is where socketpair writes its two descriptors; `no_file` a path that
-/// does not exist.
-fn probes(pair: u64, no_file: u64) -> Vec<Probe> {
+/// does not exist; `own_file` one the test made.
+fn probes(pair: u64, no_file: u64, own_file: u64) -> Vec<Probe> {
     use libc::*;
     let einval: &'static [Outcome] = &[Errno(EINVAL)];
     let efault: &'static [Outcome] = &[Errno(EFAULT)];
     let ebadf: &'static [Outcome] = &[Errno(EBADF)];
     let esrch: &'static [Outcome] = &[Errno(ESRCH)];
+    let enoent: &'static [Outcome] = &[Errno(ENOENT)];
     let (unix, inet, inet6, netlink) = (u(AF_UNIX), u(AF_INET), u(AF_INET6), u(AF_NETLINK));
     let (stream, dgram, raw_, seqpacket) = (
         u(SOCK_STREAM),
@@ -660,6 +663,74 @@ fn probes(pair: u64, no_file: u64) -> Vec<Probe> {
             "socketpair(high | AF_UNIX, SOCK_STREAM)",
             raw(SYS_socketpair, &[HIGH | unix, stream, 0, pair]),
         ),
+        // Set-ID modes: on a path that does not exist (or a closed descriptor), so only the
+        // filter decides; dirty bits above the mode's 16 change no answer.
+        denied("chmod(S_ISUID)", raw(SYS_chmod, &[no_file, 0o4755]), enoent),
+        denied(
+            "chmod(high | S_ISGID)",
+            raw(SYS_chmod, &[no_file, HIGH | 0xffff_0000 | 0o2755]),
+            enoent,
+        ),
+        denied("fchmod(S_ISUID)", raw(SYS_fchmod, &[NO_FD, 0o4755]), ebadf),
+        denied(
+            "fchmodat(S_ISGID)",
+            raw(SYS_fchmodat, &[AT_FDCWD as u64, no_file, 0o2711]),
+            enoent,
+        ),
+        denied(
+            "fchmodat2(S_ISUID)",
+            raw(SYS_fchmodat2, &[AT_FDCWD as u64, no_file, 0o4711, 0]),
+            &[Errno(ENOENT), Errno(ENOSYS)],
+        ),
+        denied("creat(S_ISUID)", raw(SYS_creat, &[no_file, 0o4755]), enoent),
+        denied(
+            "open(O_CREAT, S_ISUID)",
+            raw(SYS_open, &[no_file, u(O_CREAT | O_WRONLY), 0o4755]),
+            enoent,
+        ),
+        denied(
+            "openat(O_CREAT, S_ISGID)",
+            raw(
+                SYS_openat,
+                &[AT_FDCWD as u64, no_file, u(O_CREAT | O_WRONLY), 0o2755],
+            ),
+            enoent,
+        ),
+        denied(
+            "mknod(S_IFREG | S_ISUID)",
+            raw(SYS_mknod, &[no_file, u(S_IFREG as i32) | 0o4755, 0]),
+            enoent,
+        ),
+        denied(
+            "mknodat(S_IFREG | S_ISGID)",
+            raw(
+                SYS_mknodat,
+                &[AT_FDCWD as u64, no_file, u(S_IFREG as i32) | 0o2755, 0],
+            ),
+            enoent,
+        ),
+        denied(
+            "memfd_secret(0)",
+            raw(SYS_memfd_secret, &[0]),
+            // ENOSYS: a kernel without secret memory (secretmem.enable=0).
+            &[OK, Errno(ENOSYS)],
+        ),
+        denied(
+            "openat2(NULL how)",
+            raw(SYS_openat2, &[AT_FDCWD as u64, no_file, 0, 24]),
+            efault,
+        ),
+        everyday(
+            "chmod(0o1777): the sticky bit",
+            raw(SYS_chmod, &[own_file, 0o1777]),
+        ),
+        everyday(
+            "openat(O_CREAT, 0o644)",
+            raw(
+                SYS_openat,
+                &[AT_FDCWD as u64, own_file, u(O_CREAT | O_WRONLY), 0o644],
+            ),
+        ),
         // Everyday process calls.
         everyday("getpid", raw(SYS_getpid, &[])),
         everyday("clone(SIGCHLD): fork", raw(SYS_clone, &[u(SIGCHLD)])),
@@ -688,7 +759,15 @@ fn every_row_bites_with_the_filter_as_the_only_restriction() {
     let filter = Filter::new(&compiled.program);
     let mut pair = [0i32; 2];
     let no_file = c"/nonexistent/openshell-seccomp-test";
-    let probes = probes(pair.as_mut_ptr() as u64, no_file.as_ptr() as u64);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let own = dir.path().join("own");
+    std::fs::write(&own, "").expect("own file");
+    let own = std::ffi::CString::new(own.as_os_str().as_encoded_bytes()).expect("path");
+    let probes = probes(
+        pair.as_mut_ptr() as u64,
+        no_file.as_ptr() as u64,
+        own.as_ptr() as u64,
+    );
     let mut got = Vec::new();
     let mut want = Vec::new();
     for p in &probes {
@@ -710,7 +789,7 @@ fn every_row_bites_with_the_filter_as_the_only_restriction() {
 /// of its arguments, widths included); an everyday probe matches no row.
 #[test]
 fn every_row_is_proved() {
-    let probes = probes(0, 0);
+    let probes = probes(0, 0, 0);
     let undecidable: Vec<&str> = probes
         .iter()
         .filter(|p| p.with != OK && p.without.contains(&p.with))

@@ -46,6 +46,41 @@ use Stance::{Allowed, Denied, Partly};
 /// Every difference between our table and either peer.
 pub const DIFFERENCES: &[Difference] = &[
     Difference {
+        calls: &[
+            "chmod",
+            "fchmod",
+            "fchmodat",
+            "fchmodat2",
+            "creat",
+            "open",
+            "openat",
+            "mknod",
+            "mknodat",
+        ],
+        docker: Allowed,
+        openshell: Allowed,
+        ours: Partly("a mode with S_ISUID or S_ISGID denied"),
+        why: "the workload's files land in host paths, where a set-ID file would run as the \
+              workload's ids for any host user (the escape suite found one on both backends)",
+    },
+    Difference {
+        calls: &["memfd_secret"],
+        docker: Allowed,
+        openshell: Allowed,
+        ours: Denied,
+        why: "secret memory is removed from the kernel's direct map, which splits it and slows \
+              the whole machine (why the kernel first kept it off by default); no workload \
+              needs it (the escape suite's probe held it on the process backend)",
+    },
+    Difference {
+        calls: &["openat2"],
+        docker: Allowed,
+        openshell: Allowed,
+        ours: Denied,
+        why: "its mode sits behind a pointer, so the set-ID rows above cannot see it; libc's \
+              open and openat do not use it",
+    },
+    Difference {
         calls: &["ptrace", "process_vm_readv", "process_vm_writev"],
         docker: Allowed,
         openshell: Denied,
