@@ -1347,6 +1347,290 @@ while time.time() < end and not os.path.exists("done"):
     f.verdict()
 }
 
+fn resources_daemon_outlives_the_sandbox(backend: &'static str) -> Verdict {
+    let s = Scratch::new("");
+    let tag = token("daemon");
+    let body = r#"
+import signal
+for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
+    signal.signal(sig, signal.SIG_IGN)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        for fd in range(0, 3):
+            os.close(fd)
+        for p in ["/sys/fs/cgroup/cgroup.procs", "/proc/self/cgroup"]:
+            try:
+                open(p, "w").write("0")
+            except OSError:
+                pass
+        time.sleep(300)
+    os._exit(0)
+time.sleep(0.5)
+"#;
+    let out = python(&s, backend, &script(body), &[&tag]);
+    let mut f = Findings::default();
+    ran(&mut f, &out, &started(&s));
+    let left = || common::pids_with_cmdline(&tag);
+    f.expect(
+        common::wait_until(Duration::from_secs(15), || left().is_empty()),
+        || format!("the daemon outlived its sandbox on the host: {:?}", left()),
+    );
+    f.verdict()
+}
+
+/// What the kernel calls a socket's protocol (`system.sockprotoname` of the socket a
+/// `/proc/<pid>/fd/<n>` link names), as the host reads it.
+fn socket_protocol(fd_link: &Path) -> Option<String> {
+    let path = std::ffi::CString::new(fd_link.as_os_str().as_encoded_bytes()).ok()?;
+    let mut buf = [0u8; 64];
+    // SAFETY: both strings are NUL-terminated and live across the call; the kernel writes at
+    // most `buf.len()` bytes into `buf`.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"system.sockprotoname".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    Some(
+        String::from_utf8_lossy(&buf[..n])
+            .trim_end_matches('\0')
+            .to_owned(),
+    )
+}
+
+/// The socket protocols a sandbox may hold: TCP, UDP and ping sockets of both families, UNIX
+/// (stream, and the name the kernel shares between seqpacket and datagram sockets; datagram
+/// ones are refused by the table) and NETLINK (the table lets NETLINK_ROUTE alone through).
+const ALLOWED_SOCKETS: [&str; 9] = [
+    "TCP",
+    "TCPv6",
+    "UDP",
+    "UDPv6",
+    "PING",
+    "PINGv6",
+    "UNIX-STREAM",
+    "UNIX",
+    "NETLINK",
+];
+
+/// Every socket a host process of the sandbox holds is of an allowed protocol.
+fn check_socket_families(supervisor: u32, f: &mut Findings) {
+    for pid in descendants(supervisor) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let is_socket = std::fs::read_link(fd.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+            if !is_socket {
+                continue;
+            }
+            let proto = socket_protocol(&fd.path());
+            if !proto
+                .as_deref()
+                .is_some_and(|p| ALLOWED_SOCKETS.contains(&p))
+            {
+                let name = status_field(pid, "Name").unwrap_or_default();
+                f.add(format!("host pid {pid} ({name}) holds a {proto:?} socket"));
+            }
+        }
+    }
+}
+
+fn network_socket_families(backend: &'static str) -> Verdict {
+    let s = Scratch::new("");
+    let body = r#"
+held = []
+HIGH = 1 << 32
+for fam in range(1, 46):
+    for typ in (1, 2, 3, 5, 10):
+        for proto in (0, 1, 6, 9, 17, 255, 768):
+            for high in (0, HIGH):
+                fd = sc(41, fam | high, typ, proto)
+                if fd >= 0:
+                    held.append(fd)
+# The x32 entry (number | 0x40000000) and the i386 one (int 0x80, socketcall), in a child:
+# the filter kills a process that uses the i386 table.
+for fam, typ, proto in ((17, 3, 0x300), (40, 1, 0), (2, 3, 1)):
+    fd = sc(41 | 0x40000000, fam, typ, proto)
+    if fd >= 0:
+        held.append(fd)
+pid = os.fork()
+if pid == 0:
+    import mmap
+    page = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40, prot=7)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    args = base + 64
+    struct.pack_into("III", page, 64, 17, 3, 0x300)  # AF_PACKET, SOCK_RAW, ETH_P_ALL
+    code = b"\xb8\x66\x00\x00\x00" + b"\xbb\x01\x00\x00\x00" + b"\xb9" + struct.pack("<I", args) + b"\xcd\x80\xc3"
+    page[0:len(code)] = code
+    fd = ctypes.CFUNCTYPE(ctypes.c_int)(base)()
+    print("int 0x80 socket", fd, flush=True)
+    hold()
+    os._exit(0)
+print("held", len(held), flush=True)
+hold()
+os.waitpid(pid, 0)
+"#;
+    let body = format!("{HOLD}\n{body}");
+    let mut f = Findings::default();
+    let out = python_holding(
+        &s,
+        backend,
+        &script(&body),
+        &[],
+        check_socket_families,
+        &mut f,
+    );
+    ran(&mut f, &out, &started(&s));
+    f.verdict()
+}
+
+/// The namespaces (user, mount, network, UTS, IPC, cgroup, pid) a process is in.
+fn namespaces_of(pid: u32) -> Vec<String> {
+    ["user", "mnt", "net", "uts", "ipc", "cgroup", "pid"]
+        .iter()
+        .map(|ns| {
+            std::fs::read_link(format!("/proc/{pid}/ns/{ns}"))
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn kernel_new_namespaces(backend: &'static str) -> Verdict {
+    let s = Scratch::new("");
+    let body = r#"
+CLONE = {"user": 0x10000000, "mnt": 0x20000, "net": 0x40000000, "uts": 0x4000000, "ipc": 0x8000000,
+         "cgroup": 0x02000000, "pid": 0x20000000, "time": 0x80}
+for name, flag in CLONE.items():
+    print("unshare", name, sc(272, flag), sc(272, flag | (1 << 32)))
+args = ctypes.create_string_buffer(88)
+struct.pack_into("Q", args, 0, 0x10000000 | 0x20000)  # CLONE_NEWUSER | CLONE_NEWNS
+struct.pack_into("Q", args, 32, 17)  # exit_signal SIGCHLD
+r = sc(435, args, 88)
+if r == 0:
+    hold()
+    os._exit(0)
+print("clone3", r)
+for ns in ["user", "mnt", "net", "pid", "uts", "ipc", "cgroup"]:
+    try:
+        print("setns", ns, sc(308, os.open("/proc/self/ns/" + ns, os.O_RDONLY), 0))
+    except OSError as e:
+        print("open ns", ns, e)
+hold()
+"#;
+    let body = format!("{HOLD}\n{body}");
+    let ours = std::fs::canonicalize(common::SANDBOX).expect("the supervisor binary");
+    let host = namespaces_of(1);
+    let mut f = Findings::default();
+    let out = python_holding(
+        &s,
+        backend,
+        &script(&body),
+        &[],
+        |supervisor, f| {
+            let mut workload: Vec<(u32, Vec<String>)> = Vec::new();
+            for pid in descendants(supervisor) {
+                let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+                if exe.as_deref() == Some(ours.as_path()) {
+                    continue;
+                }
+                let ns = namespaces_of(pid);
+                // No process of the sandbox shares any namespace with the host's init.
+                for (kind, (mine, theirs)) in ["user", "mnt", "net", "uts", "ipc", "cgroup", "pid"]
+                    .iter()
+                    .zip(ns.iter().zip(&host))
+                {
+                    if kind != &"cgroup" && kind != &"user" && mine == theirs {
+                        f.add(format!("host pid {pid} is in the host's {kind} namespace"));
+                    }
+                }
+                workload.push((pid, ns));
+            }
+            // On the process backend every workload process shares one set of namespaces
+            // (none made a new one); the vm backend's host processes are its jailed VMM
+            // programs, each in namespaces of its own.
+            if backend == "process" {
+                if let Some((_, first)) = workload.first() {
+                    for (pid, ns) in &workload {
+                        if ns != first {
+                            f.add(format!(
+                                "host pid {pid} left the sandbox's namespaces: {ns:?} vs {first:?}"
+                            ));
+                        }
+                    }
+                }
+            }
+            f.expect(!workload.is_empty(), || {
+                "no host process of the sandbox to inspect".to_owned()
+            });
+        },
+        &mut f,
+    );
+    ran(&mut f, &out, &started(&s));
+    f.verdict()
+}
+
+/// The cloud metadata address, on the host's loopback device for the probe's duration.
+struct MetadataAddress;
+
+const METADATA: &str = "169.254.169.254";
+
+impl MetadataAddress {
+    fn add() -> Option<MetadataAddress> {
+        let ok = std::process::Command::new("ip")
+            .args(["addr", "add", &format!("{METADATA}/32"), "dev", "lo"])
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(MetadataAddress)
+    }
+}
+
+impl Drop for MetadataAddress {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "del", &format!("{METADATA}/32"), "dev", "lo"])
+            .status();
+    }
+}
+
+fn network_cloud_metadata(backend: &'static str) -> Verdict {
+    let mut f = Findings::default();
+    let Some(_address) = MetadataAddress::add() else {
+        f.add("could not put the metadata address on the host's lo (the probe proves nothing)");
+        return f.verdict();
+    };
+    let (addr, got) = tcp_listener(SocketAddr::new(METADATA.parse().expect("ip"), 0));
+    // The policy even names it: the proxy still refuses a link-local destination.
+    let s = Scratch::new(&format!(
+        "network_policies:\n  metadata:\n    endpoints:\n      - host: \"{METADATA}\"\n        port: {}\n    binaries: [{{ path: /usr/bin/python3.11 }}]\n",
+        addr.port()
+    ));
+    let port = addr.port().to_string();
+    let out = python(
+        &s,
+        backend,
+        &script(CONNECT_EVERY_WAY),
+        &[
+            &port,
+            METADATA,
+            "2852039166",
+            "0xa9fea9fe",
+            "169.254.43518",
+            "::ffff:169.254.169.254",
+            "169.254.169.254.",
+        ],
+    );
+    ran(&mut f, &out, &started(&s));
+    got.check_nothing(&mut f, "the metadata listener");
+    f.verdict()
+}
+
 // ---------------------------------------------------------------------------------------------
 
 macro_rules! probes {
@@ -1418,9 +1702,12 @@ mod tests {
         kernel_keyrings, "kernel",
             "add_key to the user, session and group keyrings, join a named session keyring, request_key",
             "no such key in the host's /proc/keys; nobody's key count unchanged";
+        kernel_new_namespaces, "kernel",
+            "unshare every namespace (and with bit 32 set), clone3 with CLONE_NEWUSER|CLONE_NEWNS, setns into its own namespaces",
+            "while it holds: on process every workload process is in the same namespaces, none the host's (mount, network, UTS, IPC, pid); on vm no VMM process is in the host's";
         kernel_bpf, "kernel",
             "create a BPF map and load a socket-filter program",
-            "no host process of the sandbox holds a BPF object (its descriptors, read on the host while the probe holds)";
+            "no host process of the sandbox holds a BPF object (its descriptors, read on the host while the probe holds; on vm the host processes are the VMM's, the guest kernel being the boundary)";
         kernel_perf_events, "kernel",
             "perf_event_open on itself, on a CPU, and a tracepoint",
             "no host process of the sandbox holds a perf event";
@@ -1435,7 +1722,7 @@ mod tests {
             "no host process of the sandbox holds a fanotify group or secret memory";
         privilege_setuid_programs, "privilege",
             "run passwd, chfn, chsh, su, newgrp, gpasswd, mount, chage and expiry (set-ID root) and keep them waiting on input",
-            "every host process of the sandbox but its helpers: no uid 0, no_new_privs set, no capability in the host's user namespace";
+            "every host process of the sandbox but its helpers (on vm: the VMM's) has no uid 0, no_new_privs set, no capability in the host's user namespace";
         privilege_uid_0_setuid_programs, "privilege",
             "the same as the policy's uid 0 (`run_as_user: root`)",
             "the same";
@@ -1448,6 +1735,15 @@ mod tests {
         resources_descriptor_exhaustion, "resources",
             "raise RLIMIT_NOFILE, open 200,000 files and 100,000 sockets",
             "the host answered within 5 s; its open file count came back";
+        resources_daemon_outlives_the_sandbox, "resources",
+            "double-fork, setsid, ignore every catchable signal, close its descriptors, try to leave its cgroup, sleep",
+            "no process of the daemon is left on the host 15 s after the sandbox ended";
+        network_socket_families, "network",
+            "socket() for every family 1-45 with five types and seven protocols, with and without bit 32 set; AF_PACKET, AF_VSOCK and raw sockets through the x32 entry and through int 0x80 (i386 socketcall); keep what it got",
+            "every socket a host process of the sandbox holds is TCP, UDP, ping, UNIX or NETLINK by the kernel's name for it (`system.sockprotoname`, read on the host while the probe holds; on vm: the VMM's processes)";
+        network_cloud_metadata, "network",
+            "169.254.169.254 (put on the host's lo for the probe) in five spellings, directly and through the proxy, with a policy that names it",
+            "the listener on the metadata address received nothing";
         network_host_loopback, "network",
             "TCP (direct and through the proxy's CONNECT, absolute-URL and Host forms) and UDP to the host's loopback as 127.0.0.1, 127.1, decimal, hex, octal, trailing dot, localhost, ::1, ::ffff:127.0.0.1, 0.0.0.0",
             "the host's 127.0.0.1 and ::1 listeners and UDP socket received nothing";
