@@ -254,7 +254,8 @@ fn ssrf_targets_are_refused_without_allowed_ips() {
     }
 }
 
-/// Rewrite the policy while a sandbox runs; the workload waits for `go-N` files between phases.
+/// Rewrite the policy while a sandbox runs (replace it, break it, delete it, write it again);
+/// the workload waits for `go-N` files between phases.
 #[test]
 fn live_update_from_the_policy_file() {
     if !can_run("live_update_from_the_policy_file") {
@@ -264,7 +265,7 @@ fn live_update_from_the_policy_file() {
     for backend in backends() {
         let s = Scratch::new("");
         let script = format!(
-            "for phase in 1 2 3; do while [ ! -e go-$phase ]; do sleep 0.05; done; \
+            "for phase in 1 2 3 4 5; do while [ ! -e go-$phase ]; do sleep 0.05; done; \
              {CURL_CODE} {url} > result-$phase; touch done-$phase; done",
             url = up.url("/live")
         );
@@ -297,14 +298,30 @@ fn live_update_from_the_policy_file() {
         std::fs::write(&s.policy, allowing.replace("port:", "port: -1 #")).expect("write");
         std::thread::sleep(Duration::from_millis(1000));
         let third = phase(3);
+        // 4: the file deleted: the last good policy stays.
+        let without = std::fs::read_to_string(&s.policy).expect("read");
+        std::fs::remove_file(&s.policy).expect("delete the policy");
+        std::thread::sleep(Duration::from_millis(1000));
+        let fourth = phase(4);
+        // 5: a file at the path again (without the network section) is applied.
+        let none = without.replace(
+            &network_section(&endpoint_policy("upstream", &up, "/usr/bin/curl", ""))
+                .replace("port:", "port: -1 #"),
+            "",
+        );
+        std::fs::write(&s.policy, none).expect("write");
+        std::thread::sleep(Duration::from_millis(1000));
+        let fifth = phase(5);
         let status = child.wait().expect("wait");
         assert_eq!(
-            (backend, first, second, third, status.code()),
+            (backend, first, second, third, fourth, fifth, status.code()),
             (
                 backend,
                 "403".to_owned(),
                 "200".to_owned(),
                 "200".to_owned(),
+                "200".to_owned(),
+                "403".to_owned(),
                 Some(0)
             )
         );
